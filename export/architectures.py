@@ -1,0 +1,74 @@
+"""How each architecture is exported, keyed by ``config.model_type``.
+
+Model facts (pooling, prompts, ...) are NOT here: they live in cards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from toolkit.cards import PaddingSide
+from toolkit.errors import UnsupportedArchitectureError
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "get_arch"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Export facts for one ``model_type``.
+
+    ``ort_fusion`` names the onnxruntime.transformers optimizer model type
+    whose fusions apply (None: none do); ``decoder`` models are causal and
+    default to left padding and last-token pooling.
+    """
+
+    model_type: str
+    token_type_ids: bool = False
+    decoder: bool = False
+    ort_fusion: str | None = None
+    attn_implementation: str = "eager"
+    splade: bool = False  # has a masked-LM head usable for SPLADE
+    config_overrides: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def padding_side(self) -> PaddingSide:
+        return PaddingSide.LEFT if self.decoder else PaddingSide.RIGHT
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        base = ("input_ids", "attention_mask")
+        return (*base, "token_type_ids") if self.token_type_ids else base
+
+
+_DECODER = {"use_cache": False}
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("bert", token_type_ids=True, ort_fusion="bert", splade=True),
+        ArchSpec("roberta", ort_fusion="bert", splade=True),
+        ArchSpec("xlm-roberta", ort_fusion="bert", splade=True),
+        ArchSpec("mpnet"),
+        ArchSpec("modernbert"),
+        ArchSpec("nomic_bert", token_type_ids=True),
+        ArchSpec("gte", token_type_ids=True),
+        ArchSpec("qwen2", decoder=True, config_overrides=_DECODER),
+        ArchSpec("qwen3", decoder=True, config_overrides=_DECODER),
+        ArchSpec("llama", decoder=True, config_overrides=_DECODER),
+        ArchSpec("mistral", decoder=True, config_overrides=_DECODER),
+        # embeddinggemma: the Gemma3 text stack with bidirectional attention,
+        # which its config.json turns on (use_bidirectional_attention).
+        ArchSpec("gemma3_text", config_overrides=_DECODER),
+    )
+}
+
+
+def get_arch(model_type: str) -> ArchSpec:
+    """The spec for ``model_type``; an unknown one lists the supported ones."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitectureError(
+            f"architecture '{model_type}' is not supported; supported: {supported}"
+        ) from None

@@ -1,0 +1,105 @@
+"""Step 2b and 6: torch -> ONNX with the dynamo exporter, and writing the one-file artifact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from toolkit.cards import PaddingSide
+from toolkit.errors import ExportError
+from toolkit.export.graph import EmbeddingModule, output_names
+from toolkit.export.resolve import ResolvedModel
+from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, encode_manifest
+
+__all__ = ["export_graph", "fused_op_counts", "tokenizer_json", "write_artifact"]
+
+_TWO_GB = 2**31 - 1
+
+
+def _example_inputs(resolved: ResolvedModel, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """A padded (2, 8) batch: dynamic axes must not specialize on 1 or on equal lengths."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, min(vocab_size, 1000), (2, 8), generator=gen)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    if resolved.card.padding_side == PaddingSide.LEFT:
+        mask[1, :3] = 0
+    else:
+        mask[1, 5:] = 0
+    inputs = [ids, mask]
+    if resolved.arch.token_type_ids:
+        inputs.append(torch.zeros(2, 8, dtype=torch.int64))
+    return tuple(inputs)
+
+
+def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int, path: Path) -> Path:
+    """Export ``module`` with dynamic (batch, sequence) axes; returns ``path``.
+
+    Inputs are passed positionally: ``input_names`` renames graph inputs by
+    position, and keyword inputs would come out in dict order, silently
+    swapping attention_mask and token_type_ids.
+    """
+    inputs = _example_inputs(resolved, int(resolved.config.get("vocab_size", 1000)))
+    names = list(resolved.arch.inputs)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    if resolved.arch.token_type_ids:
+        dynamic["token_type_ids"] = {0: batch, 1: seq}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module, inputs, input_names=names, output_names=output_names(resolved.card),
+                dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False,
+                external_data=True,
+            )
+            program.save(str(path), external_data=True)
+        except Exception as exc:  # noqa: BLE001 - torch.onnx's one boundary
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}") from None
+    return path
+
+
+def tokenizer_json(resolved: ResolvedModel) -> str:
+    """The model's tokenizer.json, converted from a slow tokenizer when the folder has none."""
+    for folder in (resolved.transformer_dir, resolved.model_dir):
+        if (folder / "tokenizer.json").is_file():
+            return (folder / "tokenizer.json").read_text()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved.transformer_dir)
+    if not getattr(tok, "is_fast", False):
+        raise ExportError(f"{resolved.transformer_dir}: no tokenizer.json and no fast tokenizer to convert")
+    return tok.backend_tokenizer.to_str()
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str) -> Path:
+    """ONE file: graph + weights + manifest + tokenizer; external data only past 2 GB."""
+    model = onnx.load(str(graph_path), load_external_data=True)
+    del model.metadata_props[:]
+    for key, value in ((MANIFEST_KEY, encode_manifest(manifest)), (TOKENIZER_KEY, tokenizer), (MODEL_CARD_KEY, model_card)):
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "onnx-embed-toolkit"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > _TWO_GB
+    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=out.name + ".data" if large else None)
+    return out
+
+
+def read_model_card(resolved: ResolvedModel) -> str:
+    for folder in (resolved.model_dir, resolved.transformer_dir):
+        if (folder / "README.md").is_file():
+            return (folder / "README.md").read_text(errors="replace")
+    return json.dumps({"name": resolved.card.name, "source": resolved.card.source})

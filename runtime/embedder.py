@@ -1,0 +1,228 @@
+"""The embedded engine: ``Embedder`` with offline embed / encode / score (vLLM-style)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from toolkit.cards import PaddingSide
+from toolkit.errors import RequestError, UnsupportedDimensionError
+from toolkit.runtime.artifact import open_artifact
+from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
+from toolkit.settings import Device, RuntimeOptions
+
+__all__ = ["Embedder", "Inputs", "OutputPlan"]
+
+Inputs = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Which graph output to fetch and what numpy does after it."""
+
+    output: str
+    dims: int | None = None  # slice to this many dims (Matryoshka "any")
+    normalize: bool = False  # L2-normalize after slicing
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
+    """Normalize the four accepted input forms; reject empties and mixed lists."""
+    if isinstance(inputs, str):
+        return [inputs]
+    items = list(inputs)
+    if not items:
+        raise RequestError("input must not be empty", param="input")
+    if all(isinstance(x, str) for x in items):
+        return items
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        return [items]
+    if all(isinstance(x, (list, tuple)) for x in items):
+        return [list(x) for x in items]
+    raise RequestError("input must be a string, a list of strings, a list of token ids or a list of such lists", param="input")
+
+
+class Embedder:
+    """Embeds text with one artifact.
+
+    >>> emb = Embedder("all-MiniLM-L6-v2.onnx")
+    >>> emb.embed(["a", "b"]).shape
+    (2, 384)
+    """
+
+    def __init__(self, artifact: str | Path, *, device: str | Device = "auto", options: RuntimeOptions | None = None, **overrides) -> None:
+        import msgspec
+
+        base = options or RuntimeOptions()
+        self.options = msgspec.structs.replace(base, device=Device(device), **overrides)
+        loaded = open_artifact(artifact, self.options)
+        self.path = loaded.path
+        self.session = loaded.session
+        self.manifest = manifest = loaded.manifest
+        self.model_card = loaded.model_card
+        self.card = manifest.card
+        self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
+        self._type_ids = "token_type_ids" in self.session.input_names
+        self._padding = PaddingSide(self.card.padding_side)
+
+    # ---------------------------------------------------------------- inputs
+    @property
+    def device(self) -> Device:
+        return self.session.device
+
+    @property
+    def dimensions(self) -> int:
+        return self.manifest.embedding_dim
+
+    def prompt_text(self, prompt_name: str | None, prompt: str | None) -> str:
+        if prompt is not None and prompt_name is not None:
+            raise RequestError("give prompt or prompt_name, not both", param="prompt_name")
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.card.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.card.prompts:
+            valid = ", ".join(self.card.prompts) or "(this model has no prompts)"
+            raise RequestError(f"prompt_name '{name}' is not one of: {valid}", param="prompt_name")
+        return self.card.prompts[name]
+
+    def tokenize_inputs(
+        self,
+        inputs: Inputs,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: str = "right",
+        add_special_tokens: bool = True,
+    ) -> list[Tokenized]:
+        """Inputs in any accepted form -> validated token sequences."""
+        if truncation_side not in ("right", "left"):
+            raise RequestError(f"truncation_side '{truncation_side}' is not one of: right, left", param="truncation_side")
+        items = as_input_list(inputs)
+        if isinstance(items[0], str):
+            if any(not t for t in items):
+                raise RequestError("input strings must not be empty", param="input")
+            prefix = self.prompt_text(prompt_name, prompt)
+            texts = [prefix + t for t in items] if prefix else items
+            return self.tokenizer.encode(texts, add_special_tokens=add_special_tokens,
+                                         truncate=truncate_prompt_tokens, side=truncation_side)
+        return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side) for ids in items]
+
+    # ---------------------------------------------------------------- engine
+    def run_batch(self, items: Sequence[Tokenized], outputs: Sequence[str]) -> list[np.ndarray]:
+        """One padded batch through the graph: (batch, ...) arrays in ``outputs`` order."""
+        feeds = pad_batch(items, pad_id=self.manifest.pad_token_id, side=self._padding, type_ids=self._type_ids)
+        return self.session.run(outputs, feeds)
+
+    def run(self, items: Sequence[Tokenized], output: str) -> list[np.ndarray]:
+        """Length-sorted token-budget batches; one array per input, in input order."""
+        results: list[np.ndarray | None] = [None] * len(items)
+        batches = plan_batches([len(t) for t in items], max_batch_tokens=self.options.max_batch_tokens,
+                               max_batch_size=self.options.max_batch_size)
+        for batch in batches:
+            (out,) = self.run_batch([items[i] for i in batch], [output])
+            for row, index in enumerate(batch):
+                results[index] = out[row]
+        return results  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- outputs
+    def allowed_dimensions(self) -> list[int]:
+        dims = sorted({*self.card.matryoshka_dims, self.dimensions})
+        return dims
+
+    def plan_output(self, dimensions: int | None, normalize: bool | None) -> OutputPlan:
+        """Map (dimensions, normalize) to a graph output; UnsupportedDimensionError lists the valid sizes."""
+        if self.manifest.sparse:
+            raise RequestError("this is a sparse (SPLADE) model: use embed_sparse", param="model")
+        norm = self.card.normalize if normalize is None else normalize
+        native = self.dimensions
+        if dimensions is None or dimensions == native:
+            if norm == self.card.normalize:
+                return OutputPlan("sentence_embedding")
+            return OutputPlan("sentence_embedding_raw", normalize=norm)
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int):
+            raise UnsupportedDimensionError(f"dimensions must be an integer, got {dimensions!r}")
+        if dimensions in self.card.matryoshka_dims:
+            if norm == self.card.normalize:
+                return OutputPlan(f"sentence_embedding_{dimensions}")
+            return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
+        if self.card.matryoshka_any and 1 <= dimensions < native:
+            return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
+        allowed = f"any of 1..{native}" if self.card.matryoshka_any else ", ".join(map(str, self.allowed_dimensions()))
+        raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; allowed: {allowed}")
+
+    @staticmethod
+    def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
+        if plan.dims is not None:
+            vectors = vectors[..., : plan.dims]
+        if plan.normalize:
+            vectors = _l2(vectors)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    # ---------------------------------------------------------------- public API
+    def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
+        """(n, dimensions) float32 sentence embeddings."""
+        plan = self.plan_output(dimensions, normalize)
+        items = self.tokenize_inputs(inputs, **tokenize)
+        return self.finish(np.stack(self.run(items, plan.output)), plan)
+
+    def encode(self, inputs: Inputs, *, pooling_task: str = "embed", **kwargs) -> np.ndarray | list[np.ndarray]:
+        """``embed`` (pooling_task="embed") or per-token states (``token_embed``)."""
+        match pooling_task:
+            case "embed":
+                return self.embed(inputs, **kwargs)
+            case "token_embed":
+                if self.manifest.sparse:
+                    raise RequestError("sparse models have no token embeddings", param="pooling_task")
+                items = self.tokenize_inputs(inputs, **kwargs)
+                states = self.run(items, "token_embeddings")
+                return [self._unpad(s, len(t)) for s, t in zip(states, items)]
+            case _:
+                raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
+
+    def _unpad(self, states: np.ndarray, length: int) -> np.ndarray:
+        # (seq, hidden) padded to its batch -> (length, hidden)
+        return states[:length] if self._padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], **kwargs) -> np.ndarray:
+        """Cosine scores, vLLM's pairing: 1-1, 1-N and N-N (equal lengths)."""
+        left = [text_1] if isinstance(text_1, str) else list(text_1)
+        right = [text_2] if isinstance(text_2, str) else list(text_2)
+        if not left or not right:
+            raise RequestError("text_1 and text_2 must not be empty", param="text_1")
+        if len(left) not in (1, len(right)):
+            raise RequestError(f"text_1 has {len(left)} inputs and text_2 {len(right)}: give 1 or {len(right)}", param="text_1")
+        vectors = self.embed(left + right, normalize=True, **kwargs)
+        a, b = vectors[: len(left)], vectors[len(left):]
+        return (a * b).sum(-1) if len(left) > 1 else b @ a[0]
+
+    def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
+        if not self.manifest.sparse:
+            raise RequestError("this is a dense model: use embed", param="model")
+        items = self.tokenize_inputs(inputs, **tokenize)
+        out = []
+        for row in self.run(items, "sparse_embedding"):
+            idx = np.flatnonzero(row > 0)
+            out.append((idx.astype(np.int64), row[idx].astype(np.float32)))
+        return out
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        return self.tokenize_inputs([text], add_special_tokens=add_special_tokens, **kwargs)[0].ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        self.tokenizer.from_ids(ids, truncate=-1)
+        return self.tokenizer.decode(ids)
+
+    def count_tokens(self, inputs: Inputs, **kwargs) -> int:
+        return sum(len(t) for t in self.tokenize_inputs(inputs, truncate_prompt_tokens=-1, **kwargs))

@@ -1,0 +1,103 @@
+"""Model cards: what a model IS (pooling, normalization, prompts, dimensions).
+
+Cards live in ``model_cards/*.toml`` and inside each artifact's manifest.
+Decoding is strict: an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from importlib import resources
+from pathlib import Path
+
+import msgspec
+
+from toolkit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["ModelCard", "PaddingSide", "Pooling", "list_cards", "load_card", "parse_pooling"]
+
+
+class Pooling(str, enum.Enum):
+    """How token states become one vector (vLLM's pooling methods)."""
+
+    CLS = "cls"
+    MEAN = "mean"
+    LAST_TOKEN = "last_token"
+    SPLADE = "splade"
+
+
+class PaddingSide(str, enum.Enum):
+    RIGHT = "right"
+    LEFT = "left"
+
+
+def parse_pooling(value: str) -> Pooling:
+    """Parse a pooling name, listing the valid ones when it is not one."""
+    try:
+        return Pooling(value)
+    except ValueError:
+        valid = ", ".join(p.value for p in Pooling)
+        raise ConfigError(f"pooling '{value}' is not one of: {valid}") from None
+
+
+class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The facts about a model that a user would otherwise pass by flag."""
+
+    name: str
+    source: str | None = None  # Hugging Face Hub id
+    pooling: Pooling | None = None
+    normalize: bool = True
+    max_seq_len: int | None = None
+    padding_side: PaddingSide = PaddingSide.RIGHT
+    prompts: dict[str, str] = {}
+    default_prompt_name: str | None = None
+    matryoshka_dims: list[int] = []
+    matryoshka_any: bool = False
+    description: str = ""
+
+
+def _cards_dir() -> Path:
+    return Path(str(resources.files("toolkit.model_cards")))
+
+
+def list_cards() -> dict[str, Path]:
+    """Every bundled card, keyed by its file stem."""
+    return {p.stem: p for p in sorted(_cards_dir().glob("*.toml"))}
+
+
+def load_card(name_or_path: str | Path) -> ModelCard:
+    """Load a card by bundled name, Hub id (``source``) or TOML path.
+
+    Raises ConfigError naming the bundled cards when none matches.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml" or not path.is_file():
+        cards = list_cards()
+        key = str(name_or_path)
+        path = cards.get(key) or cards.get(key.rsplit("/", 1)[-1])
+        if path is None:
+            raise ConfigError(f"no model card '{name_or_path}'; bundled: {', '.join(cards)}")
+    try:
+        data = tomllib.loads(path.read_text())
+        return msgspec.convert(data, ModelCard)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"model card {path.name}: {exc}") from None
+
+
+def find_card(name: str) -> ModelCard | None:
+    """The bundled card whose stem or ``source`` matches ``name``, if any."""
+    short = name.rstrip("/").rsplit("/", 1)[-1]
+    for stem, path in list_cards().items():
+        if stem in (name, short):
+            return load_card(path)
+    for path in list_cards().values():
+        card = load_card(path)
+        if card.source and (card.source == name or card.source.rsplit("/", 1)[-1] == short):
+            return card
+    return None

@@ -1,0 +1,143 @@
+"""The toolkit's one error tree.
+
+::
+
+    ToolkitError                          500
+    ├── ConfigError                       CLI exit 2; server refuses to start
+    │   └── UnsupportedArchitectureError
+    ├── ExportError
+    │   └── ParityError                   carries the min cosine per output
+    ├── RequestError                      400 invalid_request_error
+    │   ├── InputTooLongError
+    │   ├── UnsupportedDimensionError     param="dimensions"
+    │   ├── AuthenticationError           401
+    │   ├── PayloadTooLargeError          413
+    │   └── ModelNotFoundError            404
+    ├── OverloadedError                   429
+    └── BackendError                      500
+        └── NotReadyError                 503
+
+Subclasses override class attributes only; each API renders the same
+exception in its own shape (see ``toolkit.server``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "BackendError",
+    "ConfigError",
+    "ExportError",
+    "InputTooLongError",
+    "ModelNotFoundError",
+    "NotReadyError",
+    "OverloadedError",
+    "ParityError",
+    "PayloadTooLargeError",
+    "RequestError",
+    "ToolkitError",
+    "UnsupportedArchitectureError",
+    "UnsupportedDimensionError",
+]
+
+
+class ToolkitError(Exception):
+    """Base of every error the toolkit raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    param: str | None = None
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+
+
+class ConfigError(ToolkitError):
+    """A bad model, artifact, card or option: the CLI exits 2, the server does not start."""
+
+    exit_code = 2
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """``config.model_type`` is not in the export registry."""
+
+
+class ExportError(ToolkitError):
+    """The export pipeline failed."""
+
+
+class ParityError(ExportError):
+    """The exported graph does not match the PyTorch reference.
+
+    ``report`` maps each checked output to its min cosine similarity.
+    """
+
+    def __init__(self, message: str, report: dict[str, float]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class RequestError(ToolkitError):
+    """The caller's input is invalid: 400 ``invalid_request_error``."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InputTooLongError(RequestError):
+    """An input has more tokens than the model accepts and truncation is off."""
+
+    param = "input"
+
+
+class UnsupportedDimensionError(RequestError):
+    """``dimensions`` is not one the artifact can produce."""
+
+    param = "dimensions"
+
+
+class AuthenticationError(RequestError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PayloadTooLargeError(RequestError):
+    """The request body is over the server's payload limit."""
+
+    status_code = 413
+
+
+class ModelNotFoundError(RequestError):
+    """The request names a model the server does not serve."""
+
+    status_code = 404
+    error_type = "not_found_error"
+    param = "model"
+
+
+class OverloadedError(ToolkitError):
+    """The queue is full: 429 with ``Retry-After``."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    retry_after_s: int = 1
+
+
+class BackendError(ToolkitError):
+    """onnxruntime failed while running a batch."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
+class NotReadyError(BackendError):
+    """The model is loading or its backend stopped working."""
+
+    status_code = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,103 @@
+"""The artifact manifest: everything the runtime needs, stored in the ONNX file.
+
+The manifest is JSON under the ``metadata_props`` key ``toolkit.manifest``;
+the tokenizer (``tokenizer.json``) and the model card text sit beside it
+under ``toolkit.tokenizer`` and ``toolkit.model_card``. Decoding is strict.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from toolkit.cards import ModelCard
+from toolkit.errors import ConfigError
+
+__all__ = [
+    "MANIFEST_KEY",
+    "MANIFEST_VERSION",
+    "MODEL_CARD_KEY",
+    "TOKENIZER_KEY",
+    "Manifest",
+    "ParityCase",
+    "ParityReport",
+    "decode_manifest",
+    "encode_manifest",
+]
+
+MANIFEST_KEY = "toolkit.manifest"
+TOKENIZER_KEY = "toolkit.tokenizer"
+MODEL_CARD_KEY = "toolkit.model_card"
+MANIFEST_VERSION = 1
+
+
+class ParityCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One parity probe: a batch shape compared against the reference."""
+
+    output: str
+    batch: int
+    seq_len: int
+    padded: bool
+    padding_side: str
+    min_cosine: float
+    max_abs_diff: float
+
+
+class ParityReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What the export's verification measured; ``skipped`` marks an unverified artifact."""
+
+    reference: str  # "sentence-transformers" | "torch"
+    threshold: float
+    min_cosine: dict[str, float] = {}
+    cases: list[ParityCase] = []
+    retrieval_top10_overlap: float | None = None
+    vs_fp32_min_cosine: float | None = None
+    skipped: bool = False
+    passed: bool = True
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The versioned description of one artifact."""
+
+    format_version: int = MANIFEST_VERSION
+    card: ModelCard
+    model_type: str
+    inputs: list[str]
+    outputs: list[str]
+    embedding_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_seq_len: int
+    pad_token_id: int
+    special_tokens: dict[str, str] = {}
+    precision: str = "fp32"
+    target: str = "cpu"
+    opset: int = 18
+    export_options: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    fused_ops: dict[str, int] = {}
+    optimization: dict[str, str] = {}
+    quantization_range: list[float] | None = None  # [lo, hi] of native unit-vector components
+    parity: ParityReport
+    warnings: list[str] = []
+
+    @property
+    def sparse(self) -> bool:
+        return "sparse_embedding" in self.outputs
+
+
+def encode_manifest(manifest: Manifest) -> str:
+    return msgspec.json.encode(manifest).decode()
+
+
+def decode_manifest(text: str, *, source: str = "artifact") -> Manifest:
+    """Decode a manifest, refusing unknown keys and newer format versions."""
+    try:
+        manifest = msgspec.json.decode(text, type=Manifest)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: invalid toolkit manifest: {exc}") from None
+    if manifest.format_version > MANIFEST_VERSION:
+        raise ConfigError(
+            f"{source}: manifest format {manifest.format_version} is newer than this toolkit "
+            f"reads ({MANIFEST_VERSION}); upgrade onnx-embed-toolkit"
+        )
+    return manifest

@@ -1,0 +1,78 @@
+"""Frozen option sets, built once at the edge (CLI or server start-up) and passed down."""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+import msgspec
+
+from toolkit.cards import Pooling
+
+__all__ = ["Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target", "default_threads"]
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Target(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class ExportOptions(msgspec.Struct, frozen=True, kw_only=True):
+    output: Path | None = None
+    precision: Precision = Precision.FP32
+    target: Target = Target.CPU
+    opset: int = 18
+    max_seq_len: int | None = None
+    pooling: Pooling | None = None
+    normalize: bool | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_any: bool = False
+    trust_remote_code: bool = False
+    skip_parity: bool = False
+    allow_low_accuracy: bool = False
+    optimize: bool = True
+
+
+class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
+    device: Device = Device.AUTO
+    intra_op_threads: int | None = None  # None: the cores available
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    enable_mem_arena: bool = True
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 256
+    io_binding: bool | None = None  # None: on for CUDA, off for CPU (measured no gain)
+    max_queue: int = 4096  # AsyncEmbedder: queued inputs before OverloadedError
+
+
+class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_concurrent_requests: int = 512
+    max_client_batch_size: int = 2048
+    max_request_tokens: int = 300_000
+    payload_limit: int = 32 * 1024 * 1024
+    log_level: str = "info"
