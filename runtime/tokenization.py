@@ -103,8 +103,9 @@ class Tokenizer:
             enc = self._tok.post_process(enc, add_special_tokens=True)
         return enc
 
-    def count(self, text: str, add_special_tokens: bool = True) -> int:
-        return len(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+    def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """All token ids of ``text``, with no length limit."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

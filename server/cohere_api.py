@@ -1,0 +1,122 @@
+"""Cohere Embed v2: ``POST /v2/embed``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import numpy as np
+from litestar import Controller, Request, Response, post
+
+from toolkit.errors import RequestError
+from toolkit.runtime.async_embedder import Timings
+from toolkit.runtime.encoding import quantize, to_base64
+from toolkit.server.limits import check_choice, check_limits
+from toolkit.server.openai_api import timing_headers
+
+__all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest"]
+
+# Cohere's input types -> the card prompt names tried, in order
+COHERE_INPUT_TYPES = {
+    "search_query": ("query", "search_query"),
+    "search_document": ("document", "passage", "search_document"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+TRUNCATE = {"END": "right", "START": "left", "NONE": None}
+
+
+class CohereEmbedRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    texts: list[Any] | None = None
+    inputs: list[Any] | None = None
+    images: list[Any] | None = None
+    input_type: str | None = None
+    embedding_types: list[str] | None = None
+    output_dimension: int | None = None
+    truncate: str = "END"
+    max_tokens: int | None = None
+
+
+def _texts(data: CohereEmbedRequest) -> list[str]:
+    if data.images:
+        raise RequestError("image inputs are not supported: this server serves text embedding models")
+    if data.texts is not None and data.inputs is not None:
+        raise RequestError("give texts or inputs, not both")
+    if data.texts is not None:
+        if not all(isinstance(t, str) for t in data.texts):
+            raise RequestError("texts must be a list of strings")
+        return data.texts
+    if data.inputs is None:
+        raise RequestError("texts or inputs is required")
+    texts = []
+    for i, item in enumerate(data.inputs):
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(content, list):
+            raise RequestError(f"inputs[{i}] must be an object with a content list")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind == "image_url":
+                raise RequestError(f"inputs[{i}]: image content is not supported by text embedding models")
+            else:
+                raise RequestError(f"inputs[{i}]: content items must be {{'type': 'text', 'text': ...}}")
+        texts.append(" ".join(parts))
+    return texts
+
+
+def _prompt_name(input_type: str | None, prompts: dict[str, str]) -> str | None:
+    if input_type is None:
+        return None
+    if input_type in prompts:
+        return input_type
+    if input_type not in COHERE_INPUT_TYPES:
+        valid = sorted({*COHERE_INPUT_TYPES, *prompts})
+        raise RequestError(f"input_type '{input_type}' is not one of: {', '.join(valid)}", param="input_type")
+    return next((name for name in COHERE_INPUT_TYPES[input_type] if name in prompts), None)
+
+
+class CohereController(Controller):
+    path = "/v2"
+    tags = ["Cohere"]
+
+    @post("/embed", status_code=200, summary="Embed (Cohere v2)")
+    async def embed(self, request: Request, data: CohereEmbedRequest) -> Response:
+        started = time.perf_counter()
+        served = request.app.state.registry.get(data.model)
+        emb = served.embedder
+        texts = _texts(data)
+        check_limits(len(texts), request.app.state.options, param="texts")
+        types = data.embedding_types or ["float"]
+        for kind in types:
+            check_choice(kind, EMBEDDING_TYPES, "embedding_types")
+        check_choice(data.truncate, tuple(TRUNCATE), "truncate")
+        side = TRUNCATE[data.truncate]
+        if data.max_tokens is not None and data.max_tokens < 1:
+            raise RequestError("max_tokens must be >= 1", param="max_tokens")
+        truncate = data.max_tokens if data.max_tokens is not None else (None if side is None else -1)
+        timings = Timings()
+        vectors, tokens = await served.engine.embed(
+            texts, dimensions=data.output_dimension, normalize=True, timings=timings,
+            max_tokens=request.app.state.options.max_request_tokens,
+            prompt_name=_prompt_name(data.input_type, emb.card.prompts),
+            truncate_prompt_tokens=truncate, truncation_side=side or "right")
+        request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
+        value_range = tuple(emb.manifest.quantization_range or (-1.0, 1.0))
+        embeddings: dict[str, list] = {}
+        for kind in dict.fromkeys(types):
+            match kind:
+                case "float":
+                    embeddings[kind] = vectors.tolist()
+                case "base64":
+                    embeddings[kind] = to_base64(vectors, "float32", "little")
+                case _:
+                    embeddings[kind] = np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist()
+        body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "texts": texts, "response_type": "embeddings_by_type",
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}}
+        return Response(body, headers=timing_headers(timings, started))

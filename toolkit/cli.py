@@ -1,0 +1,253 @@
+"""The ``toolkit`` command: export, inspect, serve, bench, cards."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.errors import ToolkitError
+
+app = typer.Typer(help="Export Hugging Face embedding models to one verified ONNX artifact, and serve it.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+def _fail(exc: ToolkitError) -> None:
+    console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def _errors():
+    try:
+        yield
+    except ToolkitError as exc:
+        _fail(exc)
+
+
+def _step(title: str):
+    @contextlib.contextmanager
+    def run():
+        started = time.perf_counter()
+        with console.status(f"{title}..."):
+            yield
+        console.print(f"[green]✓[/] {title} [dim]({time.perf_counter() - started:.1f} s)[/]")
+    return run()
+
+
+def _int_list(value: str | None, option: str) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        _fail(ToolkitError(f"{option} expects comma-separated integers like 64,128,256, got '{value}'"))
+        raise
+
+
+@app.command()
+def export(
+    model: Annotated[Optional[str], typer.Argument(help="Hub id, local model directory or bundled card name (default: all-MiniLM-L6-v2).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact path [default: <model>[-<precision>].onnx]")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 (cuda/tensorrt) | int8 (cpu)")] = "fp32",
+    target: Annotated[str, typer.Option(help="cpu | cuda | tensorrt: which fusions and precision suit it")] = "cpu",
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    max_seq_len: Annotated[Optional[int], typer.Option(help="Override the card's max tokens per input")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Override pooling: cls | mean | last_token | splade")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalize sentence_embedding")] = False,
+    matryoshka_dims: Annotated[Optional[str], typer.Option(help="Matryoshka heads to fuse, e.g. 64,128,256")] = None,
+    matryoshka: Annotated[Optional[str], typer.Option(help="'any': accept any dimensions 1..dim at run time")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run model code from the model's folder / Hub repo")] = False,
+    skip_parity: Annotated[bool, typer.Option(help="Skip verification (recorded in the manifest as UNVERIFIED)")] = False,
+    allow_low_accuracy: Annotated[bool, typer.Option(help="Write an int8 artifact that misses its accuracy gate")] = False,
+    no_optimize: Annotated[bool, typer.Option("--no-optimize", help="Skip onnxruntime transformer fusions")] = False,
+) -> None:
+    """Export MODEL to ONE self-contained ONNX artifact, verified against PyTorch."""
+    from toolkit.cards import parse_pooling
+    from toolkit.settings import ExportOptions, Precision, Target
+
+    with _errors():
+        try:
+            prec, tgt = Precision(precision), Target(target)
+        except ValueError:
+            raise ToolkitError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
+                               f"(got {precision}, {target})") from None
+        if matryoshka not in (None, "any"):
+            raise ToolkitError(f"--matryoshka accepts only 'any', got '{matryoshka}'")
+        options = ExportOptions(
+            output=output, precision=prec, target=tgt, opset=opset, max_seq_len=max_seq_len,
+            pooling=parse_pooling(pooling) if pooling else None, normalize=False if no_normalize else None,
+            matryoshka_dims=_int_list(matryoshka_dims, "--matryoshka-dims"), matryoshka_any=matryoshka == "any",
+            trust_remote_code=trust_remote_code, skip_parity=skip_parity, allow_low_accuracy=allow_low_accuracy,
+            optimize=not no_optimize,
+        )
+        if skip_parity:
+            console.print("[bold yellow]WARNING: --skip-parity: the artifact will NOT be checked against PyTorch; "
+                          "the manifest records it as unverified.[/]")
+        from toolkit.export import export_model
+
+        result = export_model(model, options, step=_step)
+    parity = result.manifest.parity
+    worst = min(parity.min_cosine.values()) if parity.min_cosine else float("nan")
+    console.print(f"[bold]{result.path}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; "
+                  f"min cosine vs {parity.reference} {worst:.7f}"
+                  + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else ""))
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="An artifact made by `toolkit export`")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+) -> None:
+    """Print an artifact's manifest: card, outputs, versions, fusions and parity report."""
+    import msgspec
+
+    from toolkit.runtime.artifact import open_artifact
+    from toolkit.settings import RuntimeOptions
+
+    with _errors():
+        manifest = open_artifact(artifact, RuntimeOptions(device="cpu", graph_optimization="disable")).manifest
+    if as_json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(manifest)).decode() + "\n")
+        return
+    table = Table(title=str(artifact), show_header=False)
+    card = manifest.card
+    rows = [
+        ("model", f"{card.name} ({card.source or 'local'})"), ("architecture", manifest.model_type),
+        ("precision / target", f"{manifest.precision} / {manifest.target}"), ("opset", str(manifest.opset)),
+        ("pooling", f"{card.pooling.value if card.pooling else '?'}; normalize={card.normalize}"),
+        ("dimensions", str(manifest.embedding_dim)),
+        ("matryoshka", ", ".join(map(str, card.matryoshka_dims)) + (" (any)" if card.matryoshka_any else "") or "-"),
+        ("max tokens / padding", f"{manifest.max_seq_len} / {card.padding_side.value}"),
+        ("prompts", ", ".join(card.prompts) or "-"), ("inputs", ", ".join(manifest.inputs)),
+        ("outputs", ", ".join(manifest.outputs)), ("fused ops", json.dumps(manifest.fused_ops)),
+        ("optimization", json.dumps(manifest.optimization)),
+        ("parity", "SKIPPED (unverified)" if manifest.parity.skipped else
+         f"vs {manifest.parity.reference}: " + ", ".join(f"{k} {v:.7f}" for k, v in manifest.parity.min_cosine.items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in manifest.versions.items())),
+    ]
+    if manifest.parity.retrieval_top10_overlap is not None:
+        rows.append(("top-10 overlap vs fp32", f"{manifest.parity.retrieval_top10_overlap:.3f}"))
+    for warning in manifest.warnings:
+        rows.append(("WARNING", warning))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@app.command()
+def cards() -> None:
+    """List the bundled model cards."""
+    from toolkit.cards import list_cards, load_card
+
+    table = Table("card", "source", "pooling", "normalize", "max", "prompts", "matryoshka")
+    for name in list_cards():
+        c = load_card(name)
+        table.add_row(name, c.source or "", c.pooling.value if c.pooling else "", str(c.normalize), str(c.max_seq_len),
+                      ", ".join(c.prompts), ", ".join(map(str, c.matryoshka_dims)) + (" any" if c.matryoshka_any else ""))
+    Console().print(table)
+
+
+@app.command()
+def serve(
+    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Artifacts to serve [default: the bundled model, exported on first use]")] = None,
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    served_model_name: Annotated[Optional[list[str]], typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
+    api_key: Annotated[Optional[str], typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY'")] = None,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per inference batch")] = 16384,
+    max_concurrent_requests: Annotated[int, typer.Option(help="Requests in flight before 429")] = 512,
+    max_client_batch_size: Annotated[int, typer.Option(help="Inputs per request")] = 2048,
+    max_request_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 300_000,
+    payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413")] = 32 * 1024 * 1024,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
+    from toolkit.settings import Device, RuntimeOptions, ServerOptions
+
+    with _errors():
+        try:
+            dev = Device(device)
+        except ValueError:
+            raise ToolkitError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
+        paths = list(artifacts or [])
+        if not paths:
+            paths = [_default_artifact()]
+        server = ServerOptions(host=host, port=port, api_key=api_key or None,
+                               max_concurrent_requests=max_concurrent_requests,
+                               max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
+                               payload_limit=payload_limit, log_level=log_level)
+        runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads)
+        from toolkit.server.app import run_server
+
+        code = run_server(paths, served_model_name or [], server, runtime)
+    raise typer.Exit(code)
+
+
+def _default_artifact() -> Path:
+    """The bundled model's artifact in the user cache, exported on first use."""
+    cache = Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "onnx-embed-toolkit"))
+    path = cache / "all-MiniLM-L6-v2.onnx"
+    if not path.is_file():
+        console.print(f"No artifact given: exporting the bundled all-MiniLM-L6-v2 to {path} (once)")
+        from toolkit.export import export_model
+        from toolkit.settings import ExportOptions
+
+        export_model(None, ExportOptions(output=path), step=_step)
+    return path
+
+
+@app.command()
+def bench(
+    artifact: Annotated[Optional[Path], typer.Argument(help="Artifact to measure in-process")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="JSON lines with a 'text' field [default: bundled corpus]")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,8,32",
+    repeats: Annotated[int, typer.Option(help="Repeats per measurement (median and spread reported)")] = 3,
+    texts: Annotated[int, typer.Option(help="Corpus texts per measurement")] = 512,
+    against: Annotated[Optional[str], typer.Option(help="'sentence-transformers' (the artifact's model) or a model directory")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of throughput vs batch size")] = None,
+    server: Annotated[Optional[str], typer.Option(help="URL of a running server to drive instead (loopback only)")] = None,
+    concurrency: Annotated[str, typer.Option(help="With --server: client counts")] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="With --server: requests per concurrency level")] = 512,
+    inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for both engines [default: the cores available]")] = None,
+) -> None:
+    """Measure throughput, side by side with sentence-transformers, or drive a running server."""
+    from toolkit import bench as bench_mod
+
+    with _errors():
+        sizes = _int_list(batch_sizes, "--batch-sizes")
+        if server:
+            result = bench_mod.bench_server(server, artifact=artifact, corpus=corpus,
+                                            concurrency=_int_list(concurrency, "--concurrency"),
+                                            requests=requests, inputs_per_request=inputs_per_request, threads=threads)
+        else:
+            if artifact is None:
+                raise ToolkitError("give an ARTIFACT to measure (or --server URL)")
+            result = bench_mod.bench_inprocess(artifact, corpus=corpus, batch_sizes=sizes, repeats=repeats,
+                                               n_texts=texts, against=against, threads=threads)
+        bench_mod.print_result(result)
+        if json_out:
+            json_out.write_text(json.dumps(result, indent=2))
+        if plot:
+            bench_mod.plot_result(result, plot)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
