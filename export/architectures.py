@@ -28,6 +28,7 @@ class ArchSpec:
     ort_fusion: str | None = None
     attn_implementation: str = "eager"
     splade: bool = False  # has a masked-LM head usable for SPLADE
+    position_offset: int = 0  # positions start after the padding index (RoBERTa family)
     config_overrides: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -46,9 +47,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("bert", token_type_ids=True, ort_fusion="bert", splade=True),
-        ArchSpec("roberta", ort_fusion="bert", splade=True),
-        ArchSpec("xlm-roberta", ort_fusion="bert", splade=True),
-        ArchSpec("mpnet"),
+        ArchSpec("roberta", ort_fusion="bert", splade=True, position_offset=2),
+        ArchSpec("xlm-roberta", ort_fusion="bert", splade=True, position_offset=2),
+        ArchSpec("mpnet", position_offset=2),
         ArchSpec("modernbert"),
         ArchSpec("nomic_bert", token_type_ids=True),
         ArchSpec("gte", token_type_ids=True),

@@ -133,6 +133,10 @@ def _read_sentence_transformers(model_dir: Path) -> tuple[dict, Path, tuple[Dens
                 if bert_cfg.is_file():
                     if (max_len := _read_json(bert_cfg).get("max_seq_length")) is not None:
                         fields["max_seq_len"] = int(max_len)
+                tok_cfg = sub / "tokenizer_config.json"
+                if "max_seq_len" not in fields and tok_cfg.is_file():  # sentence-transformers 6 keeps it here
+                    if (max_len := _read_json(tok_cfg).get("model_max_length")) and int(max_len) < 1_000_000:
+                        fields["max_seq_len"] = int(max_len)
             case "Pooling":
                 pool_cfg = _read_json(sub / "config.json")
                 if (pooling := _st_pooling(pool_cfg)) is None:
@@ -181,7 +185,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if card is None and tok_cfg.is_file() and (side := _read_json(tok_cfg).get("padding_side")):
         merged["padding_side"] = PaddingSide(side)
     if merged.get("max_seq_len") is None:
-        merged["max_seq_len"] = _config_max_len(config)
+        merged["max_seq_len"] = _config_max_len(config, arch)
     if options.pooling is not None:
         merged["pooling"] = options.pooling
     if options.normalize is not None:
@@ -204,8 +208,6 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout)
 
 
-def _config_max_len(config: dict) -> int:
-    value = config.get("max_position_embeddings") or 512
-    if config.get("model_type") in ("roberta", "xlm-roberta"):
-        value -= 2  # positions start after the padding index
-    return int(min(value, 8192))
+def _config_max_len(config: dict, arch: ArchSpec) -> int:
+    value = int(config.get("max_position_embeddings") or 512) - arch.position_offset
+    return min(value, 8192)

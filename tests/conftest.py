@@ -1,0 +1,60 @@
+"""Session-scoped artifacts: the real MiniLM and tiny synthetic models, built offline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import add_sentence_transformers_layout, build_tiny_model  # noqa: E402
+
+from toolkit.cards import Pooling  # noqa: E402
+from toolkit.settings import ExportOptions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLADE_DIR = ROOT / ".cache" / "models" / "splade-tiny"
+
+
+def _export(model: str | None, out: Path, **options):
+    from toolkit.export import export_model
+
+    return export_model(model, ExportOptions(output=out, **options))
+
+
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory):
+    """all-MiniLM-L6-v2 (the bundled default), fp32."""
+    return _export(None, tmp_path_factory.mktemp("minilm") / "minilm.onnx")
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(minilm_export) -> Path:
+    return minilm_export.path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tmp_path_factory) -> Path:
+    """Tiny BERT in sentence-transformers layout: CLS pooling, a Dense head (32->24), Normalize, prompts."""
+    folder = build_tiny_model("bert", tmp_path_factory.mktemp("tiny-st") / "model")
+    return add_sentence_transformers_layout(folder, pooling="cls", dense_dims=[24],
+                                            prompts={"query": "query: ", "document": "passage: "})
+
+
+@pytest.fixture(scope="session")
+def tiny_st_export(tiny_st_dir, tmp_path_factory):
+    return _export(str(tiny_st_dir), tmp_path_factory.mktemp("tiny-st-art") / "tiny.onnx", matryoshka_dims=(8, 16))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_st_export) -> Path:
+    return tiny_st_export.path
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_artifact(tmp_path_factory) -> Path:
+    """Tiny Qwen3: last-token pooling, left padding, Matryoshka 'any'."""
+    folder = build_tiny_model("qwen3", tmp_path_factory.mktemp("tiny-qwen3") / "model")
+    return _export(str(folder), folder.parent / "qwen3.onnx", pooling=Pooling.LAST_TOKEN, matryoshka_any=True).path

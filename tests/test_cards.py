@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from toolkit.cards import ModelCard, Pooling, find_card, list_cards, load_card
+from toolkit.errors import ConfigError
+
+NAMED = ["all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5", "bge-large-en-v1.5", "e5-small-v2", "e5-base-v2",
+         "multilingual-e5-small", "multilingual-e5-base", "gte-base", "gte-modernbert-base", "snowflake-arctic-embed-xs",
+         "snowflake-arctic-embed-m-v1.5", "nomic-embed-text-v1.5", "Qwen3-Embedding-0.6B", "embeddinggemma-300m",
+         "bge-m3", "splade-v3", "jina-embeddings-v3"]
+
+
+@pytest.mark.parametrize("name", sorted(list_cards()))
+def test_every_card_decodes_and_is_consistent(name):
+    card = load_card(name)
+    assert isinstance(card, ModelCard) and card.name == name
+    assert card.pooling is not None and card.max_seq_len and card.source
+    assert all(d > 0 for d in card.matryoshka_dims)
+    if card.default_prompt_name:
+        assert card.default_prompt_name in card.prompts
+    if card.pooling == Pooling.SPLADE:
+        assert not card.normalize
+
+
+def test_the_seeded_cards_exist():
+    assert set(NAMED) <= set(list_cards())
+
+
+def test_cards_decode_strictly(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\npooling = "mean"\npoolling = "cls"\n')
+    with pytest.raises(ConfigError, match="poolling"):
+        load_card(bad)
+    bad.write_text('name = "x"\npooling = "average"\n')
+    with pytest.raises(ConfigError, match="pooling"):
+        load_card(bad)
+
+
+def test_find_card_by_hub_id():
+    assert find_card("BAAI/bge-small-en-v1.5").pooling == Pooling.CLS
+    assert find_card("nobody/nothing") is None

@@ -1,0 +1,145 @@
+"""Export: every registered architecture, the real checkpoints, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SPLADE_DIR, _export
+from tiny_models import TINY_CONFIGS, build_tiny_model
+
+from toolkit.cards import Pooling
+from toolkit.errors import ConfigError, ParityError, UnsupportedArchitectureError
+from toolkit.export.architectures import ARCHITECTURES, get_arch
+from toolkit.runtime import Embedder
+
+
+def test_every_registry_key_has_a_tiny_model():
+    assert set(TINY_CONFIGS) == set(ARCHITECTURES), "add a tiny config (tests/tiny_models.py) for each architecture"
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_architecture_exports_with_fp32_parity(model_type, tmp_path):
+    folder = build_tiny_model(model_type, tmp_path / "model")
+    arch = get_arch(model_type)
+    pooling = Pooling.LAST_TOKEN if arch.decoder else Pooling.MEAN
+    result = _export(str(folder), tmp_path / "a.onnx", pooling=pooling)
+    parity = result.manifest.parity
+    assert parity.passed and not parity.skipped
+    assert set(parity.min_cosine) == {"sentence_embedding", "token_embeddings", "sentence_embedding_raw"}
+    assert min(parity.min_cosine.values()) >= 0.99999, parity.min_cosine
+    shapes = {(c.batch, c.padded) for c in parity.cases}
+    assert {(1, False), (4, True), (4, False)} <= shapes
+    assert result.manifest.card.padding_side.value == ("left" if arch.decoder else "right")
+    assert result.manifest.inputs == list(arch.inputs)
+    emb = Embedder(result.path, device="cpu")
+    batch = emb.embed(["a short one", "a somewhat longer sentence about tokenizers and padding"])
+    single = emb.embed(["a somewhat longer sentence about tokenizers and padding"])
+    np.testing.assert_allclose(batch[1], single[0], atol=1e-5)
+
+
+def test_sentence_transformers_layout_cls_dense_prompts(tiny_st_export, tiny_st_dir):
+    manifest = tiny_st_export.manifest
+    assert manifest.parity.reference == "sentence-transformers"
+    assert manifest.parity.min_cosine["sentence_embedding"] >= 0.99999
+    assert manifest.card.pooling == Pooling.CLS and manifest.card.normalize
+    assert manifest.embedding_dim == 24  # the Dense head 32 -> 24
+    assert manifest.card.prompts == {"query": "query: ", "document": "passage: "}
+    assert manifest.outputs == ["sentence_embedding", "token_embeddings", "sentence_embedding_raw",
+                                "sentence_embedding_8", "sentence_embedding_16"]
+    assert manifest.parity.min_cosine["sentence_embedding_8"] >= 0.99999
+
+
+def test_minilm_fp32_matches_sentence_transformers(minilm_export):
+    m = minilm_export.manifest
+    assert m.parity.reference == "sentence-transformers" and m.parity.passed
+    assert min(m.parity.min_cosine.values()) >= 0.99999
+    assert (m.embedding_dim, m.max_seq_len, m.card.pooling) == (384, 256, Pooling.MEAN)
+    assert m.versions["torch"].startswith("2.") and m.opset == 18
+    assert minilm_export.path.stat().st_size > 80e6  # weights inside, one file
+    assert not list(minilm_export.path.parent.glob("*.data"))
+
+
+@pytest.mark.slow
+def test_minilm_int8_gate_is_measured_and_enforced(tmp_path, minilm_export):
+    result = _export(None, tmp_path / "int8.onnx", precision="int8", allow_low_accuracy=True)
+    parity = result.manifest.parity
+    assert parity.retrieval_top10_overlap is not None and 0 < parity.retrieval_top10_overlap <= 1
+    assert parity.vs_fp32_min_cosine is not None
+    assert result.size_bytes < minilm_export.size_bytes / 2
+    gate = parity.min_cosine["sentence_embedding"] >= 0.99 and parity.retrieval_top10_overlap >= 0.95
+    assert parity.passed == gate
+    if not gate:
+        assert any("accuracy gate" in w for w in result.manifest.warnings)
+        with pytest.raises(ParityError):
+            _export(None, tmp_path / "refused.onnx", precision="int8")
+        assert not (tmp_path / "refused.onnx").exists()
+
+
+@pytest.mark.skipif(not SPLADE_DIR.is_dir(), reason="SPLADE-tiny not unpacked (run scripts/setup.sh)")
+def test_real_splade_tiny(tmp_path):
+    result = _export(str(SPLADE_DIR), tmp_path / "splade.onnx", pooling=Pooling.SPLADE)
+    m = result.manifest
+    assert m.outputs == ["sparse_embedding"] and m.embedding_dim == 30522
+    assert m.parity.min_cosine["sparse_embedding"] >= 0.99999
+    emb = Embedder(result.path, device="cpu")
+    (indices, values), = emb.embed_sparse("what is a sparse retrieval model")
+    assert len(indices) > 0 and (values > 0).all() and indices.max() < 30522
+    with pytest.raises(Exception, match="embed_sparse"):
+        emb.embed("x")
+
+
+def test_unknown_architecture_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(UnsupportedArchitectureError, match="supported: bert, gemma3_text"):
+        _export(str(tmp_path), tmp_path / "x.onnx", pooling=Pooling.MEAN)
+
+
+def test_pooling_must_be_known(tmp_path):
+    folder = build_tiny_model("bert", tmp_path / "m")
+    with pytest.raises(ConfigError, match="--pooling"):
+        _export(str(folder), tmp_path / "x.onnx")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_model_path_is_one_readable_line(tmp_path):
+    done = _cli("export", str(tmp_path / "missing-model"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "error:" in done.stderr
+
+
+def test_cli_inspect_json_and_bad_artifact(minilm_artifact, tmp_path):
+    done = _cli("inspect", "--json", str(minilm_artifact))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["card"]["name"] == "all-MiniLM-L6-v2" and manifest["parity"]["passed"]
+    table = _cli("inspect", str(minilm_artifact))
+    assert "sentence_embedding" in table.stdout
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    done = _cli("inspect", str(junk))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "cannot load" in done.stderr
+
+
+def test_artifact_runs_with_plain_onnxruntime(minilm_artifact):
+    """The README's no-toolkit snippet: onnxruntime + tokenizers only."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    session = ort.InferenceSession(str(minilm_artifact), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    tok = Tokenizer.from_str(meta["toolkit.tokenizer"])
+    tok.no_padding()
+    tok.no_truncation()
+    enc = tok.encode("hello world")
+    feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask]),
+             "token_type_ids": np.array([enc.type_ids])}
+    (vec,) = session.run(["sentence_embedding"], feeds)
+    assert vec.shape == (1, 384) and abs(np.linalg.norm(vec) - 1) < 1e-5
+    assert json.loads(meta["toolkit.manifest"])["card"]["pooling"] == "mean"

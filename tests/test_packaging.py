@@ -1,0 +1,42 @@
+"""Layout guards: one namespace, every subpackage shipped, serving without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_subpackage_is_mapped():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    mapping = project["tool"]["setuptools"]["package-dir"]
+    packages = set(project["tool"]["setuptools"]["packages"])
+    for package, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            name = ".".join([package, *rel.parts]) if rel.parts else package
+            assert name in packages, f"{name} ({init.parent}) is missing from [tool.setuptools] packages"
+
+
+def test_runtime_and_server_import_without_torch():
+    code = ("import sys, toolkit.runtime, toolkit.server.app, toolkit.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers', 'onnx') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"serving imports pulled in {done.stdout} {done.stderr[-500:]}"
+
+
+def test_no_bare_folder_imports():
+    for path in ROOT.glob("*/*.py"):
+        if path.parts[-2] in (".venv", "tests"):
+            continue
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            for bare in ("server", "runtime", "export"):
+                assert not stripped.startswith((f"import {bare}", f"from {bare} ", f"from {bare}.")), f"{path}: {line}"

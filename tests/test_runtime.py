@@ -1,0 +1,206 @@
+"""Embedder and AsyncEmbedder: options, validation, batching, output encodings."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+
+from toolkit.errors import BackendError, InputTooLongError, OverloadedError, RequestError, UnsupportedDimensionError
+from toolkit.runtime import AsyncEmbedder, Embedder
+from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.encoding import pack_bits, quantize, to_base64, to_bytes, to_dtype
+from toolkit.settings import Device
+
+TEXTS = ["The cat sat on the mat.", "Tokenizers split text into pieces.",
+         "A much longer sentence, written to make the padding in a mixed batch matter quite a lot more than the rest.", "x"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_artifact) -> Embedder:
+    return Embedder(tiny_artifact, device="cpu")
+
+
+def test_padding_invariance_and_batching(tiny):
+    together = tiny.embed(TEXTS)
+    alone = np.stack([tiny.embed(t)[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    small_budget = Embedder(tiny.path, device="cpu", max_batch_tokens=32, max_batch_size=2)
+    np.testing.assert_allclose(small_budget.embed(TEXTS), together, atol=1e-5)
+
+
+def test_left_padding_decoder_invariance(tiny_decoder_artifact):
+    emb = Embedder(tiny_decoder_artifact, device="cpu")
+    assert emb.card.padding_side.value == "left"
+    together = emb.embed(TEXTS)
+    alone = np.stack([emb.embed(t)[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    # Matryoshka "any": slice then renormalize, any size below native
+    v = emb.embed(TEXTS[:1], dimensions=5)
+    raw = emb.embed(TEXTS[:1], normalize=False)
+    np.testing.assert_allclose(v[0], raw[0, :5] / np.linalg.norm(raw[0, :5]), atol=1e-5)
+    with pytest.raises(UnsupportedDimensionError, match="1..32"):
+        emb.embed("x", dimensions=33)
+
+
+def test_plan_batches_budget_and_order():
+    lengths = [5, 100, 7, 6, 90, 8]
+    batches = plan_batches(lengths, max_batch_tokens=200, max_batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) <= 3 and len(batch) * max(lengths[i] for i in batch) <= 200 or len(batch) == 1
+    assert batches[0] == [0, 3, 2]  # shortest first, grouped
+
+
+def test_dimensions_and_normalize(tiny):
+    full = tiny.embed(TEXTS, normalize=False)
+    assert full.shape == (4, 24)
+    np.testing.assert_allclose(tiny.embed(TEXTS), full / np.linalg.norm(full, axis=1, keepdims=True), atol=1e-5)
+    head = tiny.embed(TEXTS, dimensions=8)  # fused head: slice, then normalize
+    np.testing.assert_allclose(head, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(tiny.embed(TEXTS, dimensions=16, normalize=False), full[:, :16], atol=1e-5)
+    assert tiny.embed(TEXTS, dimensions=24).shape == (4, 24)
+    with pytest.raises(UnsupportedDimensionError, match="8, 16, 24"):
+        tiny.embed(TEXTS, dimensions=12)
+
+
+def test_prompts(tiny):
+    np.testing.assert_allclose(tiny.embed("hello", prompt_name="query"), tiny.embed("query: hello"), atol=1e-6)
+    np.testing.assert_allclose(tiny.embed("hello", prompt="passage: "), tiny.embed("passage: hello"), atol=1e-6)
+    with pytest.raises(RequestError, match="not one of: (query, document|document, query)"):
+        tiny.embed("hello", prompt_name="qury")
+
+
+def test_truncation(tiny):
+    long = " ".join(["word"] * 500)
+    with pytest.raises(InputTooLongError, match="maximum of 96"):
+        tiny.embed(long)
+    ids_right = tiny.tokenize(long + " end", truncate_prompt_tokens=10)
+    ids_left = tiny.tokenize("start " + long, truncate_prompt_tokens=10, truncation_side="left")
+    assert len(ids_right) == len(ids_left) == 10
+    cls, sep = tiny.tokenize("a")[0], tiny.tokenize("a")[-1]
+    assert ids_right[0] == cls and ids_right[-1] == sep and ids_left[0] == cls and ids_left[-1] == sep
+    assert tiny.embed(long, truncate_prompt_tokens=-1).shape == (1, 24)
+    no_special = tiny.tokenize("hello world", add_special_tokens=False)
+    assert len(no_special) == len(tiny.tokenize("hello world")) - 2
+
+
+def test_token_id_inputs_are_validated(tiny):
+    ids = tiny.tokenize("hello world")
+    np.testing.assert_allclose(tiny.embed(ids), tiny.embed("hello world"), atol=1e-6)
+    np.testing.assert_allclose(tiny.embed([ids, ids])[1], tiny.embed("hello world")[0], atol=1e-6)
+    for bad in ([10**6], [-1], [[]]):
+        with pytest.raises(RequestError):
+            tiny.embed(bad)
+    with pytest.raises(RequestError, match="must not be empty"):
+        tiny.embed([])
+    with pytest.raises(RequestError):
+        tiny.embed(["ok", ""])
+
+
+def test_encode_token_embed_and_score(tiny):
+    states = tiny.encode(TEXTS[:2], pooling_task="token_embed")
+    assert [s.shape[0] for s in states] == [len(tiny.tokenize(t)) for t in TEXTS[:2]]
+    np.testing.assert_allclose(tiny.encode(TEXTS, pooling_task="embed"), tiny.embed(TEXTS))
+    with pytest.raises(RequestError, match="embed, token_embed"):
+        tiny.encode("x", pooling_task="classify")
+    one_to_n = tiny.score(TEXTS[0], TEXTS)
+    assert one_to_n.shape == (4,) and abs(one_to_n[0] - 1) < 1e-5
+    n_to_n = tiny.score(TEXTS, TEXTS)
+    np.testing.assert_allclose(n_to_n, 1, atol=1e-5)
+    with pytest.raises(RequestError):
+        tiny.score(TEXTS[:2], TEXTS)
+
+
+def test_tokenize_detokenize_count(tiny):
+    ids = tiny.tokenize("hello world")
+    assert "hello" in tiny.detokenize(ids)
+    assert tiny.count_tokens(["hello world", "hello world"]) == 2 * len(ids)
+
+
+def test_output_encodings():
+    v = np.array([[0.5, -0.25, 1.0, -2.0, 0.0, 3.0, -1.0, 0.125, 0.375]], dtype=np.float32)
+    assert np.frombuffer(base64.b64decode(to_base64(v)[0]), dtype=np.float32).tolist() == v[0].tolist()
+    assert np.frombuffer(to_bytes(v, "float16", "big"), dtype=">f2").astype(np.float32).tolist() == v[0].tolist()
+    bf = to_dtype(v, "bfloat16", "little")
+    assert ((bf.astype(np.uint32) << 16).view(np.float32) == v).all()  # these values are exact in bfloat16
+    bits = pack_bits(v)
+    assert bits.tolist() == [[0b10100101, 0b10000000]]  # MSB first, bit = value > 0
+    assert (quantize(v, "binary", (-1, 1), 9).astype(np.int16) == bits.astype(np.int16) - 128).all()
+    u8 = quantize(v, "uint8", (-1.0, 1.0), 9)
+    i8 = quantize(v, "int8", (-1.0, 1.0), 9)
+    assert u8.dtype == np.uint8 and i8.dtype == np.int8
+    assert (u8.astype(np.int16) - 128 == i8).all() and u8[0, 3] == 0 and u8[0, 5] == 255
+    with pytest.raises(RequestError, match="float32, float16, bfloat16"):
+        to_dtype(v, "fp64")
+
+
+def test_provider_choice_is_explicit(tiny_artifact):
+    from toolkit.errors import ConfigError
+    from toolkit.runtime.session import usable_devices
+
+    usable = usable_devices()
+    assert Device.CPU in usable
+    if Device.CUDA not in usable:
+        with pytest.raises(ConfigError, match="available: cpu"):
+            Embedder(tiny_artifact, device="cuda")
+
+
+async def _gather(engine, texts, priority=0):
+    return await asyncio.gather(*(engine.embed(t, priority=priority) for t in texts))
+
+
+def test_async_embedder_coalesces_and_matches_solo(tiny):
+    batches = []
+    engine = AsyncEmbedder(tiny, on_batch=batches.append)
+    try:
+        texts = [TEXTS[i % 4] + f" number {i}" for i in range(64)]
+        results = asyncio.run(_gather(engine, texts))
+        for text, (vec, tokens) in zip(texts, results):
+            np.testing.assert_allclose(vec[0], tiny.embed(text)[0], atol=1e-5)
+            assert tokens == len(tiny.tokenize(text))
+        assert max(b.size for b in batches) > 1, "concurrent callers were never batched together"
+    finally:
+        engine.close()
+
+
+def test_async_embedder_bounded_queue_priority_and_cancel(tiny):
+    engine = AsyncEmbedder(tiny, max_queue=8)
+
+    async def scenario():
+        with pytest.raises(OverloadedError):
+            await engine.embed(["a"] * 9)
+        task = asyncio.create_task(engine.embed(["cancel me"] * 4))
+        await asyncio.sleep(0)
+        task.cancel()
+        ok = await engine.embed(TEXTS, priority=-5)
+        return ok
+
+    try:
+        vectors, _ = asyncio.run(scenario())
+        np.testing.assert_allclose(vectors, tiny.embed(TEXTS), atol=1e-5)
+        assert engine.alive
+    finally:
+        engine.close()
+
+
+def test_failing_batch_fails_only_its_callers(tiny, monkeypatch):
+    engine = AsyncEmbedder(tiny)
+    real = tiny.run_batch
+
+    def flaky(items, outputs):
+        if any(len(t) == 3 for t in items):  # the one-word input
+            raise BackendError("boom")
+        return real(items, outputs)
+
+    monkeypatch.setattr(tiny, "run_batch", flaky)
+
+    try:
+        with pytest.raises(BackendError, match="boom"):
+            asyncio.run(engine.embed(["x"]))
+        vec, _ = asyncio.run(engine.embed([TEXTS[1]]))
+        assert vec.shape == (1, 24) and engine.alive
+    finally:
+        engine.close()
