@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -162,6 +163,10 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
         log.info("serving %s (%s, %s) on %s", name, served.embedder.path.name, served.embedder.device.value,
                  f"http://{options.host}:{options.port}")
     log.info("models loaded in %.2f s", time.perf_counter() - started)
+    # uvicorn finishes in-flight requests on SIGTERM / SIGINT, then re-raises the signal
+    # to the previous handler: make that a no-op so a graceful stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level, access_log=False,
                 timeout_graceful_shutdown=30)
     return 0

@@ -36,11 +36,11 @@ def error_response(path: str, status: int, message: str, error_type: str | None 
                     media_type="application/json", headers=headers)
 
 
-def _validation_message(exc: ValidationException) -> str:
+def _bad_request_message(exc: HTTPException) -> str:
     extra = exc.extra if isinstance(exc.extra, list) else []
     parts = [str(e.get("message", "")) + (f" (at {e['key']})" if e.get("key") else "") for e in extra if isinstance(e, dict)]
     detail = "; ".join(p for p in parts if p) or exc.detail
-    if "JSON" in detail or "Unexpected character" in detail or "Input data was truncated" in detail:
+    if any(s in detail for s in ("JSON", "Unexpected character", "Input data was truncated", "Invalid character")):
         return f"the body is not valid JSON: {detail}"
     return f"invalid request: {detail}"
 
@@ -52,8 +52,8 @@ def handle_exception(request: Request, exc: Exception) -> Response:
         if exc.status_code >= 500:
             log.error("%s %s: %s", request.method, path, exc.message)
         return error_response(path, exc.status_code, exc.message, exc.error_type, exc.param, headers)
-    if isinstance(exc, ValidationException):
-        return error_response(path, 400, _validation_message(exc))
+    if isinstance(exc, ValidationException) or (isinstance(exc, HTTPException) and exc.status_code == 400):
+        return error_response(path, 400, _bad_request_message(exc))
     if isinstance(exc, HTTPException):
         message = exc.detail
         if exc.status_code == 413:

@@ -18,7 +18,7 @@ from toolkit.errors import ToolkitError
 
 app = typer.Typer(help="Export Hugging Face embedding models to one verified ONNX artifact, and serve it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: ToolkitError) -> None:

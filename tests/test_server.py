@@ -1,0 +1,274 @@
+"""Server: routes through Litestar's test client, then a real `toolkit serve` driven by the openai and cohere clients."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from toolkit.runtime import Embedder
+from toolkit.server.app import create_app, load_models
+from toolkit.server.metrics import Metrics
+from toolkit.settings import RuntimeOptions, ServerOptions
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact):
+    metrics = Metrics()
+    registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
+    options = ServerOptions(max_client_batch_size=8, max_request_tokens=400, payload_limit=20_000)
+    with TestClient(create_app(registry, options, metrics)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_artifact):
+    return Embedder(tiny_artifact, device="cpu")
+
+
+def test_openai_float_base64_bytes(client, tiny):
+    texts = ["hello there", "general kenobi"]
+    r = client.post("/v1/embeddings", json={"input": texts, "model": "tiny", "additional_data": {"k": 1}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["id"].startswith("embd-") and body["additional_data"] == {"k": 1}
+    got = np.array([d["embedding"] for d in body["data"]])
+    np.testing.assert_allclose(got, tiny.embed(texts), atol=1e-6)
+    assert body["usage"]["prompt_tokens"] == tiny.count_tokens(texts)
+    assert float(r.headers["x-total-time"]) >= 0 and "x-inference-time" in r.headers
+    r = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64", "dimensions": 8})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][1]["embedding"]), dtype=np.float32)
+    np.testing.assert_allclose(vec, tiny.embed(texts[1], dimensions=8)[0], atol=1e-6)
+    r = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "bytes", "embed_dtype": "float16",
+                                            "endianness": "little"})
+    assert r.headers["content-type"] == "application/octet-stream"
+    meta = __import__("json").loads(r.headers["metadata"])
+    assert meta["shape"] == [2, 24] and meta["data"][1]["start"] == 48
+    np.testing.assert_allclose(np.frombuffer(r.content, dtype="<f2").reshape(2, 24), tiny.embed(texts), atol=1e-3)
+    r = client.post("/v1/embeddings", json={"input": tiny.tokenize("hello there"), "use_activation": False})
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny.embed("hello there", normalize=False)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": []}, 400, "input"),
+    ({"input": ""}, 400, "input"),
+    ({"input": ["ok", 3]}, 400, "input"),
+    ({"input": "x", "encoding_format": "floats"}, 400, "encoding_format"),
+    ({"input": "x", "dimensions": 7}, 400, "dimensions"),
+    ({"input": "x", "model": "nope"}, 404, "model"),
+    ({"input": ["x"] * 9}, 400, "input"),
+    ({"input": "word " * 300}, 400, "input"),
+    ({"input": ["word " * 90] * 5, "truncate_prompt_tokens": -1}, 400, "input"),
+    ({"input": [[1, 2, 10**7]]}, 400, "input"),
+    ({"input": "x", "truncation_side": "middle"}, 400, "truncation_side"),
+    ({"input": "x", "embed_dtype": "int4"}, 400, "embed_dtype"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),
+    ({"input": "x", "dimensions": "eight"}, 400, None),
+])
+def test_openai_errors_have_openai_shape(client, body, status, param):
+    r = client.post("/v1/embeddings", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["code"] == status
+    if param:
+        assert error["param"] == param
+
+
+def test_malformed_and_oversized_bodies(client):
+    r = client.post("/v1/embeddings", content=b'{"input": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = client.post("/v2/embed", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()) == {"message"}
+    r = client.post("/v1/embeddings", json={"input": "x" * 30_000})
+    assert r.status_code == 413 and "payload limit" in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 200  # still alive
+
+
+def test_cohere_embed_types_and_input_type(client, tiny):
+    r = client.post("/v2/embed", json={"texts": ["hello there"], "input_type": "search_query",
+                                       "embedding_types": ["float", "int8", "uint8", "binary", "ubinary", "base64"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["response_type"] == "embeddings_by_type" and body["meta"]["api_version"]["version"] == "2"
+    expected = tiny.embed("hello there", prompt_name="query")[0]  # search_query -> the card's query prompt
+    np.testing.assert_allclose(body["embeddings"]["float"][0], expected, atol=1e-6)
+    ubinary = np.array(body["embeddings"]["ubinary"][0])
+    assert ubinary.tolist() == np.packbits(expected > 0).tolist()
+    assert (np.array(body["embeddings"]["binary"][0]) == ubinary - 128).all()
+    assert (np.array(body["embeddings"]["int8"][0]) == np.array(body["embeddings"]["uint8"][0]) - 128).all()
+    assert body["meta"]["billed_units"]["input_tokens"] == tiny.count_tokens("hello there", prompt_name="query")
+    r = client.post("/v2/embed", json={"inputs": [{"content": [{"type": "text", "text": "hello there"}]}],
+                                       "output_dimension": 16})
+    assert len(r.json()["embeddings"]["float"][0]) == 16
+
+
+@pytest.mark.parametrize("body", [
+    {"texts": ["x"], "input_type": "qury"},
+    {"texts": ["x"], "embedding_types": ["int4"]},
+    {"texts": ["x"], "truncate": "MIDDLE"},
+    {"texts": ["word " * 300], "truncate": "NONE"},
+    {"texts": []},
+    {"inputs": [{"content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]},
+    {"images": ["data:image/png;base64,AAAA"]},
+    {"texts": ["x"], "model": "nope"},
+])
+def test_cohere_errors_have_cohere_shape(client, body):
+    r = client.post("/v2/embed", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert set(r.json()) == {"message"} and r.json()["message"]
+
+
+def test_score_tokenize_models_metrics(client, tiny):
+    r = client.post("/v1/score", json={"text_1": "hello", "text_2": ["hello", "bye"]})
+    scores = [d["score"] for d in r.json()["data"]]
+    np.testing.assert_allclose(scores, tiny.score("hello", ["hello", "bye"]), atol=1e-5)
+    assert client.post("/score", json={"text_1": ["a", "b"], "text_2": ["a", "b"]}).status_code == 200
+    assert client.post("/v1/score", json={"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}).status_code == 400
+    r = client.post("/tokenize", json={"prompt": "hello world", "return_token_strs": True})
+    assert r.json()["tokens"] == tiny.tokenize("hello world") and r.json()["count"] == len(r.json()["token_strs"])
+    r = client.post("/detokenize", json={"tokens": r.json()["tokens"]})
+    assert "hello" in r.json()["prompt"]
+    assert client.post("/detokenize", json={"tokens": [10**8]}).status_code == 400
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == "tiny" and model["dimensions"] == 24 and model["matryoshka_dimensions"] == [8, 16]
+    assert client.get("/ready").json()["status"] == "ready"
+    text = client.get("/metrics").text
+    for name in ("toolkit_requests_total", "toolkit_queue_depth", "toolkit_batch_size_bucket",
+                 "toolkit_inference_duration_seconds_bucket", "toolkit_input_tokens_total"):
+        assert name in text
+    assert client.get("/docs/openapi.json").json()["paths"]["/v1/embeddings"]
+
+
+def test_ready_notices_a_dead_backend(tiny_artifact):
+    metrics = Metrics()
+    registry = load_models([tiny_artifact], [], RuntimeOptions(device="cpu"), metrics)
+    with TestClient(create_app(registry, ServerOptions(), metrics)) as c:
+        assert c.get("/ready").status_code == 200
+        next(iter(registry.models.values())).engine.close()
+        r = c.get("/ready")
+        assert r.status_code == 503 and "not ready" in r.json()["error"]["message"]
+        assert c.post("/v1/embeddings", json={"input": "x"}).status_code == 503
+        assert c.get("/health").status_code == 200
+
+
+def test_api_key(tiny_artifact):
+    registry = load_models([tiny_artifact], [], RuntimeOptions(device="cpu"), Metrics())
+    with TestClient(create_app(registry, ServerOptions(api_key="s3cret"))) as c:
+        assert c.post("/v1/embeddings", json={"input": "x"}).status_code == 401
+        assert c.post("/v2/embed", json={"texts": ["x"]}, headers={"Authorization": "Bearer nope"}).json().keys() == {"message"}
+        assert c.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+# ------------------------------------------------------------------ end to end, real process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(minilm_artifact):
+    port = _free_port()
+    env = {**os.environ, "TOOLKIT_API_KEY": "e2e-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(minilm_artifact), "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not become ready: {proc.stdout.read().decode()[-2000:]}")
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_artifact):
+    return Embedder(minilm_artifact, device="cpu")
+
+
+def test_openai_client_float_and_base64(live_server, minilm):
+    from openai import OpenAI
+
+    url, _ = live_server
+    client = OpenAI(base_url=url + "/v1", api_key="e2e-key")
+    texts = ["How do I export a model?", "ONNX Runtime runs it fast."]
+    default = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
+    as_float = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, encoding_format="float")
+    expected = minilm.embed(texts)
+    for response in (default, as_float):
+        np.testing.assert_allclose(np.array([d.embedding for d in response.data]), expected, atol=1e-5)
+    assert as_float.usage.prompt_tokens == minilm.count_tokens(texts)
+    from openai import AuthenticationError, BadRequestError, NotFoundError
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=url + "/v1", api_key="wrong").embeddings.create(model="all-MiniLM-L6-v2", input="x")
+    with pytest.raises(NotFoundError, match="served: all-MiniLM-L6-v2"):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(BadRequestError, match="dimensions"):
+        client.embeddings.create(model="all-MiniLM-L6-v2", input="x", dimensions=100)
+
+
+def test_cohere_client(live_server, minilm):
+    import cohere
+
+    url, _ = live_server
+    co = cohere.ClientV2(api_key="e2e-key", base_url=url)
+    texts = ["a document about ONNX", "another one"]
+    response = co.embed(texts=texts, model="all-MiniLM-L6-v2", input_type="search_document",
+                        embedding_types=["float", "int8", "ubinary"])
+    np.testing.assert_allclose(np.array(response.embeddings.float_), minilm.embed(texts), atol=1e-5)
+    assert len(response.embeddings.int8[0]) == 384 and len(response.embeddings.ubinary[0]) == 48
+    with pytest.raises(Exception, match="input_type"):
+        co.embed(texts=texts, model="all-MiniLM-L6-v2", input_type="querry", embedding_types=["float"])
+
+
+def test_concurrent_clients_match_solo(live_server, minilm):
+    """32 clients x 8 requests (bounded), every response equal to its solo embedding."""
+    url, _ = live_server
+    texts = [f"sentence number {i} about batching and padding" + " more" * (i % 7) for i in range(256)]
+    expected = minilm.embed(texts)
+    headers = {"Authorization": "Bearer e2e-key"}
+
+    def worker(k: int) -> list[tuple[int, int, list[float]]]:
+        out = []
+        with httpx.Client(timeout=60) as http:
+            for i in range(k * 8, k * 8 + 8):
+                r = http.post(url + "/v1/embeddings", json={"input": texts[i], "encoding_format": "float"}, headers=headers)
+                out.append((i, r.status_code, r.json()["data"][0]["embedding"] if r.status_code == 200 else None))
+        return out
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [row for rows in pool.map(worker, range(32)) for row in rows]
+    assert all(status == 200 for _, status, _ in results)
+    for i, _, vector in results:
+        np.testing.assert_allclose(vector, expected[i], atol=1e-5)
+
+
+def test_sigterm_exits_cleanly(live_server):
+    url, proc = live_server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_serve_bad_artifact_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "toolkit.cli", "serve", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "no such artifact" in done.stderr
