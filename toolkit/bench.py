@@ -1,0 +1,226 @@
+"""``toolkit bench``: in-process throughput side by side with sentence-transformers, or a server under load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.corpus import load_corpus
+from toolkit.errors import ConfigError
+from toolkit.settings import default_threads
+
+__all__ = ["bench_inprocess", "bench_server", "machine_info", "plot_result", "print_result"]
+
+
+def machine_info() -> dict:
+    flags: set[str] = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx", "avx2")))
+    return {"cpu": model, "cores": default_threads(), "isa": isa, "python": platform.python_version()}
+
+
+def _lengths(emb, texts: list[str]) -> dict:
+    n = np.array([len(t) for t in emb.tokenize_inputs(texts, truncate_prompt_tokens=-1)])
+    return {"n": int(n.size), "mean": float(n.mean()), "p50": float(np.percentile(n, 50)),
+            "p90": float(np.percentile(n, 90)), "max": int(n.max()), "total": int(n.sum())}
+
+
+def _reference_dir(emb, against: str) -> str:
+    if against != "sentence-transformers":
+        return against
+    from toolkit.export.resolve import DEFAULT_MODEL, default_model_dir
+
+    if emb.card.name == DEFAULT_MODEL:
+        return str(default_model_dir())
+    if emb.card.source:
+        return emb.card.source
+    raise ConfigError("cannot tell which model to load in sentence-transformers: pass --against MODEL_DIR")
+
+
+def _time(fn, chunks) -> float:
+    start = time.perf_counter()
+    for chunk in chunks:
+        fn(chunk)
+    return time.perf_counter() - start
+
+
+def bench_inprocess(artifact: Path, *, corpus: Path | None, batch_sizes: tuple[int, ...], repeats: int, n_texts: int,
+                    against: str | None, threads: int | None) -> dict:
+    """Interleaved repeats of Embedder (and sentence-transformers) over the same texts per batch size."""
+    from toolkit.runtime import Embedder
+
+    threads = threads or default_threads()
+    emb = Embedder(artifact, device="auto", intra_op_threads=threads)
+    texts = load_corpus(corpus, limit=n_texts)
+    lengths = _lengths(emb, texts)
+    st = None
+    if against:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        st = SentenceTransformer(_reference_dir(emb, against), device="cuda" if emb.device.value != "cpu" else "cpu")
+        st.max_seq_length = emb.manifest.max_seq_len
+    engines = {"toolkit": lambda c: emb.embed(c, truncate_prompt_tokens=-1)}
+    if st is not None:
+        engines["sentence-transformers"] = lambda c: st.encode(c, batch_size=len(c), convert_to_numpy=True)
+    rows = []
+    for bs in batch_sizes:
+        chunks = [texts[i:i + bs] for i in range(0, len(texts), bs)]
+        if bs == 1:
+            chunks = chunks[:128]  # bs1 is latency-bound: fewer calls give a stable median
+        n_sent = sum(len(c) for c in chunks)
+        n_tok = sum(len(t) for c in chunks[:] for t in emb.tokenize_inputs(c, truncate_prompt_tokens=-1))
+        for fn in engines.values():
+            fn(chunks[0])  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(repeats):
+            for name, fn in engines.items():  # interleaved
+                times[name].append(_time(fn, chunks))
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append({"engine": name, "batch_size": bs, "sentences_per_s": n_sent / med, "tokens_per_s": n_tok / med,
+                         "ms_per_batch": med / len(chunks) * 1e3, "spread_pct": (max(ts) - min(ts)) / med * 100})
+    for row in rows:
+        ref = next((r for r in rows if r["engine"] == "sentence-transformers" and r["batch_size"] == row["batch_size"]), None)
+        row["ratio_vs_reference"] = row["sentences_per_s"] / ref["sentences_per_s"] if ref else None
+    min_cos = None
+    if st is not None:
+        a = emb.embed(texts, truncate_prompt_tokens=-1, normalize=True)
+        b = st.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+        min_cos = float((a * b).sum(-1).min())
+    return {"mode": "in-process", "artifact": str(artifact), "model": emb.card.name, "precision": emb.manifest.precision,
+            "device": emb.device.value, "threads": threads, "machine": machine_info(), "corpus_tokens": lengths,
+            "repeats": repeats, "rows": rows, "min_cosine_vs_reference": min_cos}
+
+
+def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concurrency: tuple[int, ...], requests: int,
+                 inputs_per_request: int, threads: int | None) -> dict:
+    """Bounded load (count and time) against a loopback server."""
+    import httpx
+
+    host = httpx.URL(url).host
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        raise ConfigError(f"--server must be a loopback address (127.0.0.1 / localhost), got {host}")
+    texts = load_corpus(corpus, limit=max(requests * inputs_per_request, 64))
+    headers = {"Authorization": f"Bearer {os.environ['TOOLKIT_API_KEY']}"} if os.environ.get("TOOLKIT_API_KEY") else {}
+    rows = []
+    for clients in concurrency:
+        latencies: list[float] = []
+        errors = 0
+        deadline = time.monotonic() + 300
+
+        def worker(k: int) -> tuple[list[float], int]:
+            lat, err = [], 0
+            with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
+                for i in range(k, requests, clients):
+                    if time.monotonic() > deadline:
+                        break
+                    batch = [texts[(i * inputs_per_request + j) % len(texts)] for j in range(inputs_per_request)]
+                    start = time.perf_counter()
+                    r = http.post("/v1/embeddings", json={"input": batch, "encoding_format": "base64"})
+                    lat.append(time.perf_counter() - start)
+                    err += r.status_code != 200
+            return lat, err
+
+        with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
+            http.post("/v1/embeddings", json={"input": texts[:4]})  # warm-up
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            for lat, err in pool.map(worker, range(clients)):
+                latencies += lat
+                errors += err
+        wall = time.perf_counter() - start
+        ms = np.array(latencies) * 1e3
+        rows.append({"concurrency": clients, "requests": len(latencies), "errors": errors,
+                     "requests_per_s": len(latencies) / wall, "sentences_per_s": len(latencies) * inputs_per_request / wall,
+                     "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                     "p99_ms": float(np.percentile(ms, 99))})
+    result = {"mode": "server", "url": url, "inputs_per_request": inputs_per_request, "machine": machine_info(), "rows": rows}
+    if artifact is not None:
+        from toolkit.runtime import Embedder
+
+        emb = Embedder(artifact, device="auto", intra_op_threads=threads)
+        sample = texts[: min(len(texts), 512)]
+        emb.embed(sample[:32], truncate_prompt_tokens=-1)
+        inproc = {}
+        for bs in (1, 32):
+            chunks = [sample[i:i + bs] for i in range(0, len(sample) if bs > 1 else 128, bs)]
+            seconds = _time(lambda c: emb.embed(c, truncate_prompt_tokens=-1), chunks)
+            inproc[bs] = {"sentences_per_s": sum(map(len, chunks)) / seconds, "ms_per_call": seconds / len(chunks) * 1e3}
+        result["in_process"] = inproc
+        for row in rows:
+            row["ratio_vs_inprocess_bs32"] = row["sentences_per_s"] / inproc[32]["sentences_per_s"]
+            row["p50_vs_inprocess_bs1"] = row["p50_ms"] / inproc[1]["ms_per_call"]
+    return result
+
+
+def print_result(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = result["machine"]
+    console.print(f"[bold]{result['mode']}[/] on {m['cpu']} ({m['cores']} cores; {' '.join(m['isa'])})")
+    if result["mode"] == "in-process":
+        t = result["corpus_tokens"]
+        console.print(f"{result['model']} {result['precision']} on {result['device']}, {result['threads']} threads; corpus "
+                      f"{t['n']} texts, tokens mean {t['mean']:.1f} p50 {t['p50']:.0f} p90 {t['p90']:.0f} max {t['max']}")
+        table = Table("engine", "batch", "sentences/s", "tokens/s", "ms/batch", "spread %", "ratio vs ST")
+        for r in result["rows"]:
+            ratio = f"{r['ratio_vs_reference']:.2f}x" if r["ratio_vs_reference"] else "-"
+            table.add_row(r["engine"], str(r["batch_size"]), f"{r['sentences_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                          f"{r['ms_per_batch']:.2f}", f"{r['spread_pct']:.1f}", ratio)
+        console.print(table)
+        if result["min_cosine_vs_reference"] is not None:
+            console.print(f"min cosine vs sentence-transformers: {result['min_cosine_vs_reference']:.7f}")
+    else:
+        table = Table("clients", "requests", "errors", "req/s", "sent/s", "p50 ms", "p95 ms", "p99 ms", "vs in-proc bs32", "p50 vs bs1")
+        for r in result["rows"]:
+            table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]), f"{r['requests_per_s']:.1f}",
+                          f"{r['sentences_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                          f"{r.get('ratio_vs_inprocess_bs32', 0):.2f}", f"{r.get('p50_vs_inprocess_bs1', 0):.2f}")
+        console.print(table)
+        if "in_process" in result:
+            ip = result["in_process"]
+            console.print(f"in-process: bs1 {ip[1]['ms_per_call']:.2f} ms/call, bs32 {ip[32]['sentences_per_s']:.1f} sentences/s")
+
+
+def plot_result(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if result["mode"] == "in-process":
+        for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
+            rows = [r for r in result["rows"] if r["engine"] == engine]
+            ax.plot([r["batch_size"] for r in rows], [r["sentences_per_s"] for r in rows], marker="o", label=engine)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(f"{result['model']} ({result['precision']}, {result['machine']['cores']} cores)")
+    else:
+        rows = result["rows"]
+        ax.plot([r["concurrency"] for r in rows], [r["sentences_per_s"] for r in rows], marker="o", label="server")
+        ax.set_xlabel("concurrent clients")
+        ax.set_title("toolkit serve under load")
+    ax.set_ylabel("sentences / s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
