@@ -100,7 +100,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         resolved = resolve_model(model, options)
     card = resolved.card
     out = Path(options.output) if options.output else default_output(card.name, options.precision)
-    precision, target = options.precision, options.target
+    precision, target = Precision(options.precision), Target(options.target)
     if precision == Precision.INT8 and target != Target.CPU:
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
     if precision == Precision.FP16 and target == Target.CPU:
