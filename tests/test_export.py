@@ -69,8 +69,9 @@ def test_minilm_int8_gate_is_measured_and_enforced(tmp_path, minilm_export):
     parity = result.manifest.parity
     assert parity.retrieval_top10_overlap is not None and 0 < parity.retrieval_top10_overlap <= 1
     assert parity.vs_fp32_min_cosine is not None
-    assert result.size_bytes < minilm_export.size_bytes / 2
-    gate = parity.min_cosine["sentence_embedding"] >= 0.99 and parity.retrieval_top10_overlap >= 0.95
+    assert result.size_bytes < minilm_export.size_bytes * 0.75  # MatMul weights int8; the embedding table stays fp32
+    sentence = [v for k, v in parity.min_cosine.items() if k != "token_embeddings"]
+    gate = min(sentence) >= 0.99 and parity.vs_fp32_min_cosine >= 0.99 and parity.retrieval_top10_overlap >= 0.95
     assert parity.passed == gate
     if not gate:
         assert any("accuracy gate" in w for w in result.manifest.warnings)
