@@ -16,7 +16,7 @@ from toolkit.export.graph import EmbeddingModule, output_names
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, encode_manifest
 
-__all__ = ["export_graph", "fused_op_counts", "tokenizer_json", "write_artifact"]
+__all__ = ["export_graph", "read_model_card", "tokenizer_json", "write_artifact"]
 
 _TWO_GB = 2**31 - 1
 
@@ -75,13 +75,6 @@ def tokenizer_json(resolved: ResolvedModel) -> str:
     if not getattr(tok, "is_fast", False):
         raise ExportError(f"{resolved.transformer_dir}: no tokenizer.json and no fast tokenizer to convert")
     return tok.backend_tokenizer.to_str()
-
-
-def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str) -> Path:
