@@ -102,6 +102,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Module:
     """The Hugging Face encoder (or masked-LM for SPLADE) in eval mode, fp32."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI draws its own progress
 
     arch = resolved.arch
     config = AutoConfig.from_pretrained(resolved.transformer_dir, trust_remote_code=trust_remote_code)

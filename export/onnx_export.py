@@ -36,31 +36,38 @@ def _example_inputs(resolved: ResolvedModel, vocab_size: int) -> tuple[torch.Ten
     return tuple(inputs)
 
 
-def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int, path: Path) -> Path:
+def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int, path: Path,
+                 exporter: str = "dynamo") -> Path:
     """Export ``module`` with dynamic (batch, sequence) axes; returns ``path``.
 
-    Inputs are passed positionally: ``input_names`` renames graph inputs by
-    position, and keyword inputs would come out in dict order, silently
-    swapping attention_mask and token_type_ids.
+    ``exporter``: "dynamo" (torch.export, the default) or "legacy" (the
+    TorchScript exporter, whose graphs onnxruntime's transformer fusions match;
+    the pipeline times both). Inputs are passed positionally: ``input_names``
+    renames graph inputs by position, and keyword inputs would come out in
+    dict order, silently swapping attention_mask and token_type_ids.
     """
     inputs = _example_inputs(resolved, int(resolved.config.get("vocab_size", 1000)))
     names = list(resolved.arch.inputs)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    if resolved.arch.token_type_ids:
-        dynamic["token_type_ids"] = {0: batch, 1: seq}
+    outputs = output_names(resolved.card)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
+            if exporter == "legacy":
+                axes = {name: {0: "batch", 1: "sequence"} for name in names}
+                torch.onnx.export(module, inputs, str(path), input_names=names, output_names=outputs,
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False, verbose=False)
+                return path
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            dynamic = {name: {0: batch, 1: seq} for name in names}
             program = torch.onnx.export(
-                module, inputs, input_names=names, output_names=output_names(resolved.card),
+                module, inputs, input_names=names, output_names=outputs,
                 dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False,
                 external_data=True,
             )
             program.save(str(path), external_data=True)
         except Exception as exc:  # noqa: BLE001 - torch.onnx's one boundary
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}") from None
+            raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {str(exc)[:500]}") from None
     return path
 
 

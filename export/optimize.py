@@ -3,6 +3,9 @@ fp16 for cuda/tensorrt, int8 dynamic quantization for cpu."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import onnx
 
 from toolkit.export.resolve import ResolvedModel
 
-__all__ = ["FUSED_OPS", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graph"]
+__all__ = ["FUSED_OPS", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graphs"]
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
              "EmbedLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
@@ -38,32 +41,44 @@ def fuse_transformer(src: Path, dst: Path, resolved: ResolvedModel) -> Path | No
     from onnxruntime.transformers.optimizer import optimize_model
 
     cfg = resolved.config
-    optimized = optimize_model(
-        str(src), model_type=resolved.arch.ort_fusion,
-        num_heads=int(cfg.get("num_attention_heads", 0)), hidden_size=int(cfg.get("hidden_size", 0)),
-        opt_level=0, use_gpu=False,
-    )
+    logging.disable(logging.WARNING)  # the fuser logs and prints shape-inference chatter under many loggers
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(
+                str(src), model_type=resolved.arch.ort_fusion,
+                num_heads=int(cfg.get("num_attention_heads", 0)), hidden_size=int(cfg.get("hidden_size", 0)),
+                opt_level=0, use_gpu=False,
+            )
+    finally:
+        logging.disable(logging.NOTSET)
     optimized.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
 
 
-def time_graph(path: Path, feeds: dict[str, np.ndarray], *, repeats: int = 8) -> float:
-    """Median seconds of one run on the CPU provider (after a warm-up)."""
+def time_graphs(paths: dict[str, Path], probes: list[dict[str, np.ndarray]], *, rounds: int = 7) -> dict[str, float]:
+    """Median seconds per round (every probe once) of each graph on the CPU provider.
+
+    Rounds are interleaved across the graphs so that a noisy machine slows
+    them all alike; the probes should mix a single short input with a batch.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-    output = [session.get_outputs()[0].name]
-    session.run(output, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(output, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    sessions = {}
+    for name, path in paths.items():
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        inputs = {i.name for i in session.get_inputs()}
+        sessions[name] = (session, [session.get_outputs()[0].name], [{k: v for k, v in p.items() if k in inputs} for p in probes])
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for round_ in range(rounds + 1):
+        for name, (session, output, feeds) in sessions.items():
+            start = time.perf_counter()
+            for feed in feeds:
+                session.run(output, feed)
+            if round_:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:
@@ -76,13 +91,27 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8(src: Path, dst: Path, *, exclude: list[str] | None = None) -> Path:
-    """Dynamic int8: signed per-channel weights on MatMul (s8 measured faster than u8 here)."""
+def quantizable_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul nodes whose weight is a constant (what dynamic int8 quantizes), in graph order."""
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in constants]
+
+
+def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Path:
+    """Dynamic int8: signed per-channel weights on MatMul (s8 measured faster than u8 here).
+
+    ``nodes``: quantize only these MatMuls (None: all); the rest stay fp32.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=exclude or [],
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-    )
+    logging.disable(logging.WARNING)  # the quantizer warns about pre-processing on every call
+    try:
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes or [],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+    finally:
+        logging.disable(logging.NOTSET)
     return dst

@@ -20,13 +20,13 @@ from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.tokenization import Tokenized
 
-__all__ = ["THRESHOLDS", "check_parity", "retrieval_overlap"]
+__all__ = ["THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 _PROBE_CAP = 512  # longest probe, in tokens, whatever the model's maximum
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
@@ -74,7 +74,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
                 value = got[o][row]
                 if output == "token_embeddings":
                     value = emb._unpad(value, len(item))
-                cos_min = min(cos_min, float(_cosines(value, ref[o]).min()))
+                cos_min = min(cos_min, float(cosines(value, ref[o]).min()))
                 diff_max = max(diff_max, float(np.abs(value - ref[o]).max()))
             worst[output] = min(worst.get(output, 1.0), cos_min)
             cases.append(ParityCase(output=output, batch=len(items), seq_len=max(len(t) for t in items),
@@ -101,7 +101,18 @@ def _sentence_transformers_check(resolved: ResolvedModel, emb: Embedder, texts: 
     st.tokenizer.padding_side = emb.card.padding_side.value
     ref = st.encode(texts, convert_to_numpy=True, batch_size=len(texts))
     got = emb.embed(texts, truncate_prompt_tokens=cap)
-    return float(_cosines(got, ref).min())
+    return float(cosines(got, ref).min())
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray, *, k: int = 10) -> float:
+    """Mean overlap of each text's top-k neighbours (itself excluded) under two sets of unit vectors."""
+    overlap = []
+    for i, (sims_a, sims_b) in enumerate(zip(a @ a.T, b @ b.T)):
+        sims_a[i] = sims_b[i] = -np.inf
+        top_a = set(np.argpartition(-sims_a, k)[:k])
+        top_b = set(np.argpartition(-sims_b, k)[:k])
+        overlap.append(len(top_a & top_b) / k)
+    return float(np.mean(overlap))
 
 
 def retrieval_overlap(candidate: Embedder, reference: Embedder, *, n: int = 500, k: int = 10) -> tuple[float, float]:
@@ -109,10 +120,4 @@ def retrieval_overlap(candidate: Embedder, reference: Embedder, *, n: int = 500,
     texts = load_corpus(limit=n)
     a = candidate.embed(texts, truncate_prompt_tokens=-1, normalize=True)
     b = reference.embed(texts, truncate_prompt_tokens=-1, normalize=True)
-    overlap = []
-    for sims_a, sims_b, i in zip(a @ a.T, b @ b.T, range(len(texts))):
-        sims_a[i] = sims_b[i] = -np.inf  # a text is not its own neighbour
-        top_a = set(np.argpartition(-sims_a, k)[:k])
-        top_b = set(np.argpartition(-sims_b, k)[:k])
-        overlap.append(len(top_a & top_b) / k)
-    return float(np.mean(overlap)), float(_cosines(a, b).min())
+    return neighbour_overlap(a, b, k=k), float(cosines(a, b).min())

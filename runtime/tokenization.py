@@ -59,7 +59,10 @@ class Tokenizer:
         ``max_length``; k > 0 keeps at most k tokens (specials included).
         """
         limit = self._limit(truncate)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        if len(texts) == 1:  # encode_batch's thread pool costs more than one text takes
+            encodings = [self._tok.encode(texts[0], add_special_tokens=add_special_tokens)]
+        else:
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         out: list[Tokenized] = []
         for i, enc in enumerate(encodings):
             if len(enc.ids) > limit:

@@ -10,7 +10,7 @@ import pytest
 
 from toolkit.errors import BackendError, InputTooLongError, OverloadedError, RequestError, UnsupportedDimensionError
 from toolkit.runtime import AsyncEmbedder, Embedder
-from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.batching import plan_batches, planned_cost
 from toolkit.runtime.encoding import pack_bits, quantize, to_base64, to_bytes, to_dtype
 from toolkit.settings import Device
 
@@ -51,7 +51,37 @@ def test_plan_batches_budget_and_order():
     assert sorted(i for b in batches for i in b) == list(range(6))
     for batch in batches:
         assert len(batch) <= 3 and len(batch) * max(lengths[i] for i in batch) <= 200 or len(batch) == 1
-    assert batches[0] == [0, 3, 2]  # shortest first, grouped
+    assert batches[0][0] == 0 and set(batches[-1]) == {1}  # ascending; the long ones are not padded together with short ones
+    assert plan_batches([3000], max_batch_tokens=200, max_batch_size=3) == [[0]]  # longer than the budget: alone
+    assert plan_batches([], max_batch_tokens=200, max_batch_size=3) == []
+
+
+def _best_contiguous_cost(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> float:
+    """Brute force over every cut of the sorted lengths into contiguous, valid batches."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = float("inf")
+    for mask in range(1 << (len(order) - 1)):
+        batches, current = [], [order[0]]
+        for k in range(1, len(order)):
+            if mask >> (k - 1) & 1:
+                batches.append(current)
+                current = []
+            current.append(order[k])
+        batches.append(current)
+        if all(len(b) <= max_batch_size and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_batch_tokens)
+               for b in batches):
+            best = min(best, planned_cost(lengths, batches))
+    return best
+
+
+def test_plan_batches_finds_the_cheapest_cut():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        lengths = [int(x) for x in rng.choice([3, 5, 9, 12, 30, 64, 200], size=int(rng.integers(2, 10)))]
+        batches = plan_batches(lengths, max_batch_tokens=256, max_batch_size=4)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) <= 4 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 256) for b in batches)
+        assert planned_cost(lengths, batches) <= _best_contiguous_cost(lengths, 256, 4) + 1e-6
 
 
 def test_dimensions_and_normalize(tiny):

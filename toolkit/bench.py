@@ -58,9 +58,31 @@ def _time(fn, chunks) -> float:
     return time.perf_counter() - start
 
 
+def _measure(engines: dict, chunks: list[list[str]], label: int | str, repeats: int, emb) -> list[dict]:
+    """Interleaved repeats of every engine over the same calls; one row per engine."""
+    n_sent = sum(len(c) for c in chunks)
+    n_tok = sum(len(t) for c in chunks for t in emb.tokenize_inputs(c, truncate_prompt_tokens=-1))
+    for fn in engines.values():
+        fn(chunks[0][:32])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            times[name].append(_time(fn, chunks))
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"engine": name, "batch_size": label, "sentences_per_s": n_sent / med, "tokens_per_s": n_tok / med,
+                     "ms_per_batch": med / len(chunks) * 1e3, "spread_pct": (max(ts) - min(ts)) / med * 100})
+    return rows
+
+
 def bench_inprocess(artifact: Path, *, corpus: Path | None, batch_sizes: tuple[int, ...], repeats: int, n_texts: int,
-                    against: str | None, threads: int | None) -> dict:
-    """Interleaved repeats of Embedder (and sentence-transformers) over the same texts per batch size."""
+                    against: str | None, threads: int | None, offline: bool = True) -> dict:
+    """Interleaved repeats of Embedder (and sentence-transformers) over the same texts per batch size.
+
+    Each batch size sends the corpus as calls of that many texts (what a
+    client sends); ``offline`` adds one call with the whole corpus.
+    """
     from toolkit.runtime import Embedder
 
     threads = threads or default_threads()
@@ -70,7 +92,10 @@ def bench_inprocess(artifact: Path, *, corpus: Path | None, batch_sizes: tuple[i
     st = None
     if against:
         import torch
+        import transformers
         from sentence_transformers import SentenceTransformer
+
+        transformers.utils.logging.disable_progress_bar()
 
         torch.set_num_threads(threads)
         st = SentenceTransformer(_reference_dir(emb, against), device="cuda" if emb.device.value != "cpu" else "cpu")
@@ -83,18 +108,14 @@ def bench_inprocess(artifact: Path, *, corpus: Path | None, batch_sizes: tuple[i
         chunks = [texts[i:i + bs] for i in range(0, len(texts), bs)]
         if bs == 1:
             chunks = chunks[:128]  # bs1 is latency-bound: fewer calls give a stable median
-        n_sent = sum(len(c) for c in chunks)
-        n_tok = sum(len(t) for c in chunks[:] for t in emb.tokenize_inputs(c, truncate_prompt_tokens=-1))
-        for fn in engines.values():
-            fn(chunks[0])  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        for _ in range(repeats):
-            for name, fn in engines.items():  # interleaved
-                times[name].append(_time(fn, chunks))
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows.append({"engine": name, "batch_size": bs, "sentences_per_s": n_sent / med, "tokens_per_s": n_tok / med,
-                         "ms_per_batch": med / len(chunks) * 1e3, "spread_pct": (max(ts) - min(ts)) / med * 100})
+        rows += _measure(engines, chunks, bs, repeats, emb)
+    if offline:
+        # the whole corpus in one call: sentence-transformers sorts it by length itself and runs batches of 32;
+        # the toolkit plans its own batches. This is each engine's best offline throughput.
+        offline_engines = {"toolkit": engines["toolkit"]}
+        if st is not None:
+            offline_engines["sentence-transformers"] = lambda c: st.encode(c, batch_size=32, convert_to_numpy=True)
+        rows += _measure(offline_engines, [texts], "corpus", repeats, emb)
     for row in rows:
         ref = next((r for r in rows if r["engine"] == "sentence-transformers" and r["batch_size"] == row["batch_size"]), None)
         row["ratio_vs_reference"] = row["sentences_per_s"] / ref["sentences_per_s"] if ref else None
@@ -209,8 +230,12 @@ def plot_result(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if result["mode"] == "in-process":
         for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
-            rows = [r for r in result["rows"] if r["engine"] == engine]
-            ax.plot([r["batch_size"] for r in rows], [r["sentences_per_s"] for r in rows], marker="o", label=engine)
+            rows = [r for r in result["rows"] if r["engine"] == engine and isinstance(r["batch_size"], int)]
+            line, = ax.plot([r["batch_size"] for r in rows], [r["sentences_per_s"] for r in rows], marker="o", label=engine)
+            for r in result["rows"]:
+                if r["engine"] == engine and r["batch_size"] == "corpus":
+                    ax.axhline(r["sentences_per_s"], color=line.get_color(), linestyle="--", alpha=0.7,
+                               label=f"{engine}, whole corpus in one call")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_title(f"{result['model']} ({result['precision']}, {result['machine']['cores']} cores)")

@@ -223,6 +223,7 @@ def bench(
     requests: Annotated[int, typer.Option(help="With --server: requests per concurrency level")] = 512,
     inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="Threads for both engines [default: the cores available]")] = None,
+    offline: Annotated[bool, typer.Option(help="Also time the whole corpus in one call (each engine batching it its own way)")] = True,
 ) -> None:
     """Measure throughput, side by side with sentence-transformers, or drive a running server."""
     from toolkit import bench as bench_mod
@@ -237,7 +238,7 @@ def bench(
             if artifact is None:
                 raise ToolkitError("give an ARTIFACT to measure (or --server URL)")
             result = bench_mod.bench_inprocess(artifact, corpus=corpus, batch_sizes=sizes, repeats=repeats,
-                                               n_texts=texts, against=against, threads=threads)
+                                               n_texts=texts, against=against, threads=threads, offline=offline)
         bench_mod.print_result(result)
         if json_out:
             json_out.write_text(json.dumps(result, indent=2))
