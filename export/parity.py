@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from toolkit.corpus import load_corpus
 from toolkit.export.graph import EmbeddingModule
 from toolkit.export.resolve import ResolvedModel
-from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.tokenization import Tokenized
+
+from toolkit.corpus import load_corpus
+from toolkit.manifest import ParityCase, ParityReport
 
 __all__ = ["THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
 
@@ -54,7 +54,8 @@ def _reference(module: EmbeddingModule, item: Tokenized, uses_types: bool) -> li
 
 def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str) -> ParityReport:
     """Min cosine per output over batch sizes 1 and 4, short / medium / max lengths, padded and unpadded."""
-    emb = Embedder(artifact, device="cpu")
+    # fp16 artifacts are checked where they will run (the GPU when there is one); the rest on the CPU
+    emb = Embedder(artifact, device="auto" if precision == "fp16" else "cpu")
     outputs = emb.session.output_names
     cap = min(emb.manifest.max_seq_len, _PROBE_CAP)
     probes = _probe_texts(cap)
@@ -64,7 +65,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
     }
     cases: list[ParityCase] = []
     worst: dict[str, float] = {}
-    for name, keys in batches.items():
+    for keys in batches.values():
         items = emb.tokenize_inputs([probes[k] for k in keys], truncate_prompt_tokens=cap)
         got = emb.run_batch(items, outputs)
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in items]

@@ -13,16 +13,16 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import torch
-
-from toolkit.cards import Pooling
-from toolkit.errors import ExportError, ParityError
 from toolkit.export.graph import build_module, output_names
 from toolkit.export.onnx_export import export_graph, read_model_card, tokenizer_json, write_artifact
 from toolkit.export.optimize import convert_fp16, fuse_transformer, fused_counts, time_graphs
 from toolkit.export.parity import THRESHOLDS, check_parity, retrieval_overlap
 from toolkit.export.resolve import ResolvedModel, resolve_model
-from toolkit.manifest import Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
+
+from toolkit.cards import Pooling
+from toolkit.errors import ExportError, ParityError
+from toolkit.manifest import Manifest, ParityReport
 from toolkit.settings import ExportOptions, Precision, Target
 
 __all__ = ["ExportResult", "StepReporter", "default_output", "export_model"]
@@ -79,6 +79,24 @@ def _special_tokens(tokenizer: Tokenizer, resolved: ResolvedModel) -> tuple[dict
     if pad_id is None:
         pad_id = resolved.config.get("pad_token_id")
     return specials, int(pad_id or 0)
+
+
+def _chat_template(resolved: ResolvedModel) -> str | None:
+    """The tokenizer's chat template: chat_template.jinja, or tokenizer_config.json's (its default when named)."""
+    import json
+
+    for folder in (resolved.transformer_dir, resolved.model_dir):
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text()
+        cfg_path = folder / "tokenizer_config.json"
+        if cfg_path.is_file():
+            template = json.loads(cfg_path.read_text()).get("chat_template")
+            if isinstance(template, list):  # [{"name": ..., "template": ...}]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default") or next(iter(named.values()), None)
+            if isinstance(template, str) and template:
+                return template
+    return None
 
 
 def _probes(inputs: tuple[str, ...], vocab_size: int) -> list[dict[str, np.ndarray]]:
@@ -165,6 +183,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             outputs=output_names(card), embedding_dim=embedding_dim,
             hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
             max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=specials,
+            chat_template=_chat_template(resolved),
             precision=precision.value, target=target.value, opset=_graph_opset(final),
             export_options={k: str(v) for k, v in msgspec.structs.asdict(options).items() if v not in (None, (), False)},
             versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
@@ -195,8 +214,9 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
 
 
 def _choose_int8(fp32: Path, tmp: Path, resolved: ResolvedModel, tokenizer: Tokenizer, pad_id: int):
-    from toolkit.corpus import load_corpus
     from toolkit.export.int8 import Probe, choose_int8_nodes
+
+    from toolkit.corpus import load_corpus
 
     texts = load_corpus(limit=_INT8_GATE_TEXTS)
     common = {"pad_id": pad_id, "padding_side": resolved.card.padding_side, "type_ids": resolved.arch.token_type_ids}
@@ -236,8 +256,9 @@ def _int8_gate(report: ParityReport, candidate: Path, fp32: Path, tmp: Path, man
 
 def _quantization_range(candidate: Path) -> list[float]:
     """[lo, hi] of unit-vector components on the probe corpus, for Cohere int8 / uint8."""
-    from toolkit.corpus import load_corpus
     from toolkit.runtime.embedder import Embedder
+
+    from toolkit.corpus import load_corpus
 
     emb = Embedder(candidate, device="cpu")
     vectors = emb.embed(load_corpus(limit=256), truncate_prompt_tokens=-1, normalize=True)

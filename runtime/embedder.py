@@ -5,20 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
-
-from toolkit.cards import PaddingSide
-from toolkit.errors import RequestError, UnsupportedDimensionError
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
+
+from toolkit.cards import PaddingSide
+from toolkit.errors import RequestError, UnsupportedDimensionError
 from toolkit.settings import Device, RuntimeOptions
 
 __all__ = ["Embedder", "Inputs", "OutputPlan"]
 
-Inputs = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
+Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -216,6 +215,19 @@ class Embedder:
             idx = np.flatnonzero(row > 0)
             out.append((idx.astype(np.int64), row[idx].astype(np.float32)))
         return out
+
+    def render_chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = False,
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:
+        """One conversation -> its prompt text, with the artifact's chat template (or ``chat_template``).
+
+        Embed the result with ``add_special_tokens=False``: the template writes the special tokens itself.
+        """
+        from toolkit.runtime.chat import render_chat
+
+        return render_chat(chat_template or self.manifest.chat_template, messages,
+                           special_tokens=self.manifest.special_tokens, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
+                           model=self.card.name)
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True, **kwargs) -> list[int]:
         return self.tokenize_inputs([text], add_special_tokens=add_special_tokens, **kwargs)[0].ids

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.errors import ModelNotFoundError
 from toolkit.runtime.async_embedder import AsyncEmbedder
+
+from toolkit.errors import ModelNotFoundError
 
 __all__ = ["ModelRegistry", "ServedModel"]
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-
-from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import EMBED_DTYPES, ENDIANNESS, to_base64, to_bytes
 from toolkit.server.limits import check_choice, check_limits
+
+from toolkit.errors import RequestError
 
 __all__ = ["OpenAIController", "OpenAIEmbeddingRequest"]
 
@@ -27,7 +27,7 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "right"
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # default: True for input, False for messages (the template adds them)
     embed_dtype: str = "float32"
     endianness: str = "native"
     use_activation: bool | None = None
@@ -56,10 +56,16 @@ class OpenAIController(Controller):
     async def embeddings(self, request: Request, data: OpenAIEmbeddingRequest) -> Response:
         started = time.perf_counter()
         served = request.app.state.registry.get(data.model)
+        add_special_tokens = data.add_special_tokens
         if data.messages is not None:
-            raise RequestError(f"model '{served.name}' has no chat template: send `input`, not `messages`", param="messages")
+            if data.input is not None:
+                raise RequestError("give input or messages, not both", param="messages")
+            data.input = [served.embedder.render_chat(
+                data.messages, chat_template=data.chat_template, add_generation_prompt=data.add_generation_prompt,
+                continue_final_message=data.continue_final_message, chat_template_kwargs=data.chat_template_kwargs)]
+            add_special_tokens = False if add_special_tokens is None else add_special_tokens
         if data.input is None:
-            raise RequestError("input is required", param="input")
+            raise RequestError("input (or messages) is required", param="input")
         check_choice(data.encoding_format, ("float", "base64", "bytes"), "encoding_format")
         check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
         check_choice(data.endianness, ENDIANNESS, "endianness")
@@ -71,7 +77,7 @@ class OpenAIController(Controller):
             normalize=data.use_activation if data.use_activation is not None else data.normalize,
             priority=data.priority, timings=timings, max_tokens=request.app.state.options.max_request_tokens,
             truncate_prompt_tokens=data.truncate_prompt_tokens, truncation_side=data.truncation_side,
-            add_special_tokens=data.add_special_tokens)
+            add_special_tokens=True if add_special_tokens is None else add_special_tokens)
         request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
         head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import numpy as np
 from litestar import Controller, Request, post
+from toolkit.server.limits import check_limits
 
 from toolkit.errors import RequestError
-from toolkit.server.limits import check_limits
 
 __all__ = ["VLLMController"]
 
@@ -27,7 +27,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[Any] | None = None
-    add_special_tokens: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     return_token_strs: bool = False
 
 
@@ -61,12 +65,19 @@ class VLLMController(Controller):
     @post("/tokenize", status_code=200, summary="Token ids of a prompt")
     async def tokenize(self, request: Request, data: TokenizeRequest) -> dict:
         served = request.app.state.registry.get(data.model)
-        if data.messages is not None:
-            raise RequestError(f"model '{served.name}' has no chat template: send `prompt`", param="messages")
-        if data.prompt is None:
-            raise RequestError("prompt is required", param="prompt")
         emb = served.embedder
-        ids = emb.tokenizer.ids(data.prompt, add_special_tokens=data.add_special_tokens)
+        prompt, specials = data.prompt, data.add_special_tokens
+        if data.messages is not None:
+            if prompt is not None:
+                raise RequestError("give prompt or messages, not both", param="messages")
+            prompt = emb.render_chat(data.messages, chat_template=data.chat_template,
+                                     add_generation_prompt=data.add_generation_prompt,
+                                     continue_final_message=data.continue_final_message,
+                                     chat_template_kwargs=data.chat_template_kwargs)
+            specials = False if specials is None else specials
+        if prompt is None:
+            raise RequestError("prompt (or messages) is required", param="prompt")
+        ids = emb.tokenizer.ids(prompt, add_special_tokens=True if specials is None else specials)
         body = {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids}
         if data.return_token_strs:
             body["token_strs"] = emb.tokenizer.token_strings(ids)

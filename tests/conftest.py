@@ -26,8 +26,8 @@ def _export(model: str | None, out: Path, **options):
 
 @pytest.fixture(scope="session")
 def minilm_export(tmp_path_factory):
-    """all-MiniLM-L6-v2 (the bundled default), fp32."""
-    return _export(None, tmp_path_factory.mktemp("minilm") / "minilm.onnx")
+    """all-MiniLM-L6-v2 (the bundled default), fp32, with Matryoshka heads 128 and 256 (truncate_dim parity)."""
+    return _export(None, tmp_path_factory.mktemp("minilm") / "minilm.onnx", matryoshka_dims=(128, 256))
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,17 @@ import base64
 
 import numpy as np
 import pytest
-
-from toolkit.errors import BackendError, InputTooLongError, OverloadedError, RequestError, UnsupportedDimensionError
 from toolkit.runtime import AsyncEmbedder, Embedder
 from toolkit.runtime.batching import plan_batches, planned_cost
 from toolkit.runtime.encoding import pack_bits, quantize, to_base64, to_bytes, to_dtype
+
+from toolkit.errors import (
+    BackendError,
+    InputTooLongError,
+    OverloadedError,
+    RequestError,
+    UnsupportedDimensionError,
+)
 from toolkit.settings import Device
 
 TEXTS = ["The cat sat on the mat.", "Tokenizers split text into pieces.",
@@ -168,8 +174,9 @@ def test_output_encodings():
 
 
 def test_provider_choice_is_explicit(tiny_artifact):
-    from toolkit.errors import ConfigError
     from toolkit.runtime.session import usable_devices
+
+    from toolkit.errors import ConfigError
 
     usable = usable_devices()
     assert Device.CPU in usable
@@ -234,3 +241,60 @@ def test_failing_batch_fails_only_its_callers(tiny, monkeypatch):
         assert vec.shape == (1, 24) and engine.alive
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_pair(minilm_artifact):
+    """The MiniLM artifact and sentence-transformers on the same checkpoint, with and without its Normalize module."""
+    from sentence_transformers import SentenceTransformer
+    from toolkit.export.resolve import default_model_dir
+
+    st = SentenceTransformer(str(default_model_dir()), device="cpu")
+    raw = SentenceTransformer(modules=[st[0], st[1]], device="cpu")  # Transformer + Pooling, no Normalize
+    return Embedder(minilm_artifact, device="cpu"), st, raw
+
+
+MINILM_TEXTS = [
+    "What is the capital of France?",
+    "ONNX Runtime runs the exported graph with IO binding on CUDA.",
+    "short",
+    " ".join(["A long passage about token budgets and padding that runs past the model's maximum length."] * 30),
+]
+
+
+@pytest.mark.parametrize("prompt", [None, "query: "])
+@pytest.mark.parametrize("dims", [None, 128, 256])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_minilm_option_combinations_match_sentence_transformers(minilm_pair, prompt, dims, normalize):
+    emb, st, raw = minilm_pair
+    model = st if normalize else raw
+    expected = model.encode(MINILM_TEXTS, prompt=prompt, truncate_dim=dims, convert_to_numpy=True)
+    got = emb.embed(MINILM_TEXTS, prompt=prompt, dimensions=dims, normalize=normalize, truncate_prompt_tokens=-1)
+    assert got.shape == expected.shape == (len(MINILM_TEXTS), dims or 384)
+    cos = (got * expected).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert cos.min() >= 0.99999, cos
+    if not normalize:  # un-normalized means the same vector, not only the same direction
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    else:
+        np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)  # heads renormalize after slicing
+
+
+def test_chat_messages_render_with_the_artifacts_template(tiny_decoder_artifact, tiny):
+    emb = Embedder(tiny_decoder_artifact, device="cpu")
+    assert emb.manifest.chat_template and "messages" in emb.manifest.chat_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is ONNX?"}]
+    assert emb.render_chat(messages) == "<|system|>Be brief.</s>\n<|user|>What is ONNX?</s>\n"
+    assert emb.render_chat(messages, add_generation_prompt=True).endswith("</s>\n<|assistant|>")
+    assert emb.render_chat(messages, continue_final_message=True).endswith("<|user|>What is ONNX?")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "ONNX?"}]}]
+    assert emb.render_chat(parts) == "<|user|>What is ONNX?</s>\n"
+    with pytest.raises(RequestError, match="cannot both"):
+        emb.render_chat(messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(RequestError, match="role"):
+        emb.render_chat([{"content": "no role"}])
+    assert tiny.manifest.chat_template is None
+    with pytest.raises(RequestError, match="no chat template"):
+        tiny.render_chat(messages)
+    assert tiny.render_chat(messages, chat_template="{{ messages[-1]['content'] }}") == "What is ONNX?"
+    with pytest.raises(RequestError, match="chat template"):
+        tiny.render_chat(messages, chat_template="{% if %}")

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 from litestar.testing import TestClient
-
 from toolkit.runtime import Embedder
 from toolkit.server.app import create_app, load_models
 from toolkit.server.metrics import Metrics
+
 from toolkit.settings import RuntimeOptions, ServerOptions
 
 
@@ -72,7 +72,11 @@ def test_openai_float_base64_bytes(client, tiny):
     ({"input": [[1, 2, 10**7]]}, 400, "input"),
     ({"input": "x", "truncation_side": "middle"}, 400, "truncation_side"),
     ({"input": "x", "embed_dtype": "int4"}, 400, "embed_dtype"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),  # tiny BERT has no chat template
+    ({"messages": [{"role": "user"}], "chat_template": "{{ messages }}"}, 400, "messages"),
+    ({"messages": [], "chat_template": "{{ messages }}"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "input": "x"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% if %}"}, 400, "chat_template"),
     ({"input": "x", "dimensions": "eight"}, 400, None),
 ])
 def test_openai_errors_have_openai_shape(client, body, status, param):
@@ -82,6 +86,26 @@ def test_openai_errors_have_openai_shape(client, body, status, param):
     assert error["message"] and error["type"] and error["code"] == status
     if param:
         assert error["param"] == param
+
+
+def test_chat_messages_on_a_model_with_a_template(tiny_decoder_artifact):
+    registry = load_models([tiny_decoder_artifact], ["qwen3-tiny"], RuntimeOptions(device="cpu"), Metrics())
+    emb = Embedder(tiny_decoder_artifact, device="cpu")
+    messages = [{"role": "user", "content": "What is ONNX?"}, {"role": "assistant", "content": "A graph format."}]
+    with TestClient(create_app(registry, ServerOptions(), Metrics())) as c:
+        r = c.post("/v1/embeddings", json={"messages": messages, "add_generation_prompt": True})
+        assert r.status_code == 200, r.text
+        text = emb.render_chat(messages, add_generation_prompt=True)
+        expected = emb.embed([text], add_special_tokens=False)
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected[0], atol=1e-5)
+        assert r.json()["usage"]["prompt_tokens"] == len(emb.tokenize(text, add_special_tokens=False))
+        r = c.post("/tokenize", json={"messages": messages, "continue_final_message": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == emb.tokenize(emb.render_chat(messages, continue_final_message=True),
+                                                   add_special_tokens=False)
+        r = c.post("/v1/embeddings", json={"messages": messages, "add_generation_prompt": True,
+                                           "continue_final_message": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
 
 
 def test_malformed_and_oversized_bodies(client):

@@ -35,7 +35,15 @@ _SPECIALS = ["[PAD]", "<s>", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "</s>"]
 
 
 def _train_tokenizer(kind: str, vocab_size: int, decoder: bool):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     texts = load_corpus(limit=2000)
     if kind == "wordpiece":
@@ -65,12 +73,17 @@ def _train_tokenizer(kind: str, vocab_size: int, decoder: bool):
     return tok
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, seed: int = 0) -> Path:
     """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder``."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
-
     from toolkit.export.architectures import get_arch
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
     overrides, kind = TINY_CONFIGS[model_type]
     arch = get_arch(model_type)
@@ -84,6 +97,8 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, see
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>",
                                    padding_side="left" if arch.decoder else "right")
+    if arch.decoder:  # decoders get a small chat template, as the real ones (Qwen3, Llama) have
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["pad_token_id"] = tok.token_to_id(pad)

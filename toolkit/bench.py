@@ -145,7 +145,7 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
         errors = 0
         deadline = time.monotonic() + 300
 
-        def worker(k: int) -> tuple[list[float], int]:
+        def worker(k: int, clients: int = clients, deadline: float = deadline) -> tuple[list[float], int]:
             lat, err = [], 0
             with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
                 for i in range(k, requests, clients):

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -56,16 +56,16 @@ def _int_list(value: str | None, option: str) -> tuple[int, ...]:
 
 @app.command()
 def export(
-    model: Annotated[Optional[str], typer.Argument(help="Hub id, local model directory or bundled card name (default: all-MiniLM-L6-v2).")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact path [default: <model>[-<precision>].onnx]")] = None,
+    model: Annotated[str | None, typer.Argument(help="Hub id, local model directory or bundled card name (default: all-MiniLM-L6-v2).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact path [default: <model>[-<precision>].onnx]")] = None,
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (cuda/tensorrt) | int8 (cpu)")] = "fp32",
     target: Annotated[str, typer.Option(help="cpu | cuda | tensorrt: which fusions and precision suit it")] = "cpu",
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
-    max_seq_len: Annotated[Optional[int], typer.Option(help="Override the card's max tokens per input")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Override pooling: cls | mean | last_token | splade")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Override the card's max tokens per input")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Override pooling: cls | mean | last_token | splade")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalize sentence_embedding")] = False,
-    matryoshka_dims: Annotated[Optional[str], typer.Option(help="Matryoshka heads to fuse, e.g. 64,128,256")] = None,
-    matryoshka: Annotated[Optional[str], typer.Option(help="'any': accept any dimensions 1..dim at run time")] = None,
+    matryoshka_dims: Annotated[str | None, typer.Option(help="Matryoshka heads to fuse, e.g. 64,128,256")] = None,
+    matryoshka: Annotated[str | None, typer.Option(help="'any': accept any dimensions 1..dim at run time")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Run model code from the model's folder / Hub repo")] = False,
     skip_parity: Annotated[bool, typer.Option(help="Skip verification (recorded in the manifest as UNVERIFIED)")] = False,
     allow_low_accuracy: Annotated[bool, typer.Option(help="Write an int8 artifact that misses its accuracy gate")] = False,
@@ -159,18 +159,18 @@ def cards() -> None:
 
 @app.command()
 def serve(
-    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Artifacts to serve [default: the bundled model, exported on first use]")] = None,
+    artifacts: Annotated[list[Path] | None, typer.Argument(help="Artifacts to serve [default: the bundled model, exported on first use]")] = None,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
-    served_model_name: Annotated[Optional[list[str]], typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
+    served_model_name: Annotated[list[str] | None, typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
-    api_key: Annotated[Optional[str], typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY'")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY'")] = None,
     max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per inference batch")] = 16384,
     max_concurrent_requests: Annotated[int, typer.Option(help="Requests in flight before 429")] = 512,
     max_client_batch_size: Annotated[int, typer.Option(help="Inputs per request")] = 2048,
     max_request_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 300_000,
     payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413")] = 32 * 1024 * 1024,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
     """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
@@ -210,19 +210,19 @@ def _default_artifact() -> Path:
 
 @app.command()
 def bench(
-    artifact: Annotated[Optional[Path], typer.Argument(help="Artifact to measure in-process")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(help="JSON lines with a 'text' field [default: bundled corpus]")] = None,
+    artifact: Annotated[Path | None, typer.Argument(help="Artifact to measure in-process")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="JSON lines with a 'text' field [default: bundled corpus]")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,8,32",
     repeats: Annotated[int, typer.Option(help="Repeats per measurement (median and spread reported)")] = 3,
     texts: Annotated[int, typer.Option(help="Corpus texts per measurement")] = 512,
-    against: Annotated[Optional[str], typer.Option(help="'sentence-transformers' (the artifact's model) or a model directory")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of throughput vs batch size")] = None,
-    server: Annotated[Optional[str], typer.Option(help="URL of a running server to drive instead (loopback only)")] = None,
+    against: Annotated[str | None, typer.Option(help="'sentence-transformers' (the artifact's model) or a model directory")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of throughput vs batch size")] = None,
+    server: Annotated[str | None, typer.Option(help="URL of a running server to drive instead (loopback only)")] = None,
     concurrency: Annotated[str, typer.Option(help="With --server: client counts")] = "1,8,32",
     requests: Annotated[int, typer.Option(help="With --server: requests per concurrency level")] = 512,
     inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
-    threads: Annotated[Optional[int], typer.Option(help="Threads for both engines [default: the cores available]")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads for both engines [default: the cores available]")] = None,
     offline: Annotated[bool, typer.Option(help="Also time the whole corpus in one call (each engine batching it its own way)")] = True,
 ) -> None:
     """Measure throughput, side by side with sentence-transformers, or drive a running server."""

@@ -69,6 +69,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_seq_len: int
     pad_token_id: int
     special_tokens: dict[str, str] = {}
+    chat_template: str | None = None  # the tokenizer's Jinja chat template, when it has one
     precision: str = "fp32"
     target: str = "cpu"
     opset: int = 18
