@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/serve_footprint.py ARTIFACT [--model-dir DIR] [--port 8011]
 
 Prints: seconds from launching `toolkit serve` to /ready answering 200; the server's RSS after
-warm-up (64 requests); the RSS of a Python process that loads the model with
-sentence-transformers and encodes the same texts; and their ratio.
+warm-up (64 single-sentence requests); the RSS of a minimal sentence-transformers server (the
+standard library's http.server, the lightest Python server there is) after the same requests;
+and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,15 +22,31 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-_ST_SCRIPT = """
+_ST_SERVER = """
 import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from sentence_transformers import SentenceTransformer
-texts = json.loads(sys.argv[2])
 model = SentenceTransformer(sys.argv[1], device="cpu")
-for _ in range(8):
-    model.encode(texts, batch_size=8)
-rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-print(rss)
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        vectors = model.encode([body["input"]], convert_to_numpy=True)
+        out = json.dumps({"data": [{"embedding": v.tolist()} for v in vectors]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
 """
 
 
@@ -39,6 +55,34 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def _serve_and_measure(command: list[str], url: str, ready_path: str, texts: list[str]) -> tuple[float, int]:
+    """Start a server, wait until ``ready_path`` answers 200, send each text once; (seconds to ready, RSS KiB)."""
+    started = time.perf_counter()
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        ready = None
+        while time.perf_counter() - started < 120:
+            try:
+                if httpx.get(f"{url}{ready_path}", timeout=1).status_code == 200:
+                    ready = time.perf_counter() - started
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"{command[0]} exited: {server.stderr.read().decode()[-500:]}")
+            time.sleep(0.02)
+        if ready is None:
+            raise SystemExit(f"{url} not ready in 120 s")
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for text in texts:
+                http.post("/v1/embeddings", json={"input": text}).raise_for_status()
+        return ready, rss_kib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main() -> None:
@@ -52,36 +96,14 @@ def main() -> None:
     texts = load_corpus(limit=64)
     toolkit = [str(Path(sys.executable).with_name("toolkit")), "serve", args.artifact, "--port", str(args.port),
                "--log-level", "warning"]
-    started = time.perf_counter()
-    server = subprocess.Popen(toolkit, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        ready = None
-        while time.perf_counter() - started < 60:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    ready = time.perf_counter() - started
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        if ready is None:
-            raise SystemExit(f"server not ready in 60 s: {server.stderr.read().decode()[-500:] if server.poll() else ''}")
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for text in texts:
-                http.post("/v1/embeddings", json={"input": text}).raise_for_status()
-        serve_rss = rss_kib(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    ready, serve_rss = _serve_and_measure(toolkit, f"http://127.0.0.1:{args.port}", "/ready", texts)
     model_dir = args.model_dir
     if model_dir is None:
         from toolkit.export.resolve import default_model_dir
 
         model_dir = str(default_model_dir())
-    done = subprocess.run([sys.executable, "-c", _ST_SCRIPT, model_dir, json.dumps(texts)], capture_output=True,
-                          text=True, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    st_rss = int(done.stdout.strip().splitlines()[-1])
+    st_server = [sys.executable, "-c", _ST_SERVER, model_dir, str(args.port + 1)]
+    _, st_rss = _serve_and_measure(st_server, f"http://127.0.0.1:{args.port + 1}", "/", texts)
     print(f"toolkit serve ready in {ready:.2f} s")
     print(f"toolkit serve RSS after warm-up: {serve_rss / 1024:.0f} MiB")
     print(f"sentence-transformers process RSS: {st_rss / 1024:.0f} MiB")

@@ -59,6 +59,10 @@ class _Job:
     failed: bool = False
 
 
+_INLINE_INPUTS = 8
+_INLINE_CHARS = 4096
+
+
 class AsyncEmbedder:
     """Coalesces concurrent callers into shared batches on one worker thread."""
 
@@ -92,6 +96,10 @@ class AsyncEmbedder:
 
     # ---------------------------------------------------------------- callers
     async def tokenize(self, inputs: Inputs, **kwargs) -> list[Tokenized]:
+        """Small requests tokenize inline (a thread hop costs more, ~0.25 ms measured); big ones in a thread."""
+        items = [inputs] if isinstance(inputs, str) else inputs
+        if len(items) <= _INLINE_INPUTS and sum(len(x) for x in items if isinstance(x, str)) <= _INLINE_CHARS:
+            return self.embedder.tokenize_inputs(inputs, **kwargs)
         return await asyncio.to_thread(self.embedder.tokenize_inputs, inputs, **kwargs)
 
     async def run(self, items: Sequence[Tokenized], output: str, *, priority: int = 0,

@@ -81,6 +81,7 @@ class OrtSession:
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads or default_threads()
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             so.graph_optimization_level = _LEVELS[options.graph_optimization]

@@ -171,6 +171,7 @@ def serve(
     max_request_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 300_000,
     payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413")] = 32 * 1024 * 1024,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
+    spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
     """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
@@ -188,7 +189,7 @@ def serve(
                                max_concurrent_requests=max_concurrent_requests,
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
                                payload_limit=payload_limit, log_level=log_level)
-        runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads)
+        runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin)
         from toolkit.server.app import run_server
 
         code = run_server(paths, served_model_name or [], server, runtime)

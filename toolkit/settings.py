@@ -59,6 +59,7 @@ class ExportOptions(msgspec.Struct, frozen=True, kw_only=True):
 class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     device: Device = Device.AUTO
     intra_op_threads: int | None = None  # None: the cores available
+    spin: bool = True  # onnxruntime's intra-op threads spin between ops (lower latency; burns CPU others could use)
     graph_optimization: str = "all"  # disable | basic | extended | all
     enable_mem_arena: bool = True
     max_batch_tokens: int = 16384
