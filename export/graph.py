@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from toolkit.export.resolve import DenseSpec, ResolvedModel
 from torch import nn
 
 from toolkit.cards import ModelCard, Pooling
 from toolkit.errors import ConfigError
+from toolkit.export.resolve import DenseSpec, ResolvedModel
 
 __all__ = ["EmbeddingModule", "build_module", "output_names"]
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from toolkit.export.optimize import quantizable_matmuls, quantize_int8
 from toolkit.export.parity import cosines, neighbour_overlap
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenizer, pad_batch
-
 from toolkit.settings import RuntimeOptions
 
 __all__ = ["Int8Choice", "Probe", "choose_int8_nodes"]

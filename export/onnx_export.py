@@ -9,11 +9,11 @@ from pathlib import Path
 
 import onnx
 import torch
-from toolkit.export.graph import EmbeddingModule, output_names
-from toolkit.export.resolve import ResolvedModel
 
 from toolkit.cards import PaddingSide
 from toolkit.errors import ExportError
+from toolkit.export.graph import EmbeddingModule, output_names
+from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, encode_manifest
 
 __all__ = ["export_graph", "read_model_card", "tokenizer_json", "write_artifact"]

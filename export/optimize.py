@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from toolkit.export.resolve import ResolvedModel
 
 __all__ = ["FUSED_OPS", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graphs"]

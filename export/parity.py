@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toolkit.export.graph import EmbeddingModule
-from toolkit.export.resolve import ResolvedModel
-from toolkit.runtime.embedder import Embedder
-from toolkit.runtime.tokenization import Tokenized
 
 from toolkit.corpus import load_corpus
+from toolkit.export.graph import EmbeddingModule
+from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ParityCase, ParityReport
+from toolkit.runtime.embedder import Embedder
+from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
 

@@ -13,16 +13,16 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import torch
+
+from toolkit.cards import Pooling
+from toolkit.errors import ExportError, ParityError
 from toolkit.export.graph import build_module, output_names
 from toolkit.export.onnx_export import export_graph, read_model_card, tokenizer_json, write_artifact
 from toolkit.export.optimize import convert_fp16, fuse_transformer, fused_counts, time_graphs
 from toolkit.export.parity import THRESHOLDS, check_parity, retrieval_overlap
 from toolkit.export.resolve import ResolvedModel, resolve_model
-from toolkit.runtime.tokenization import Tokenizer
-
-from toolkit.cards import Pooling
-from toolkit.errors import ExportError, ParityError
 from toolkit.manifest import Manifest, ParityReport
+from toolkit.runtime.tokenization import Tokenizer
 from toolkit.settings import ExportOptions, Precision, Target
 
 __all__ = ["ExportResult", "StepReporter", "default_output", "export_model"]
@@ -214,9 +214,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
 
 
 def _choose_int8(fp32: Path, tmp: Path, resolved: ResolvedModel, tokenizer: Tokenizer, pad_id: int):
-    from toolkit.export.int8 import Probe, choose_int8_nodes
-
     from toolkit.corpus import load_corpus
+    from toolkit.export.int8 import Probe, choose_int8_nodes
 
     texts = load_corpus(limit=_INT8_GATE_TEXTS)
     common = {"pad_id": pad_id, "padding_side": resolved.card.padding_side, "type_ids": resolved.arch.token_type_ids}
@@ -256,9 +255,8 @@ def _int8_gate(report: ParityReport, candidate: Path, fp32: Path, tmp: Path, man
 
 def _quantization_range(candidate: Path) -> list[float]:
     """[lo, hi] of unit-vector components on the probe corpus, for Cohere int8 / uint8."""
-    from toolkit.runtime.embedder import Embedder
-
     from toolkit.corpus import load_corpus
+    from toolkit.runtime.embedder import Embedder
 
     emb = Embedder(candidate, device="cpu")
     vectors = emb.embed(load_corpus(limit=256), truncate_prompt_tokens=-1, normalize=True)

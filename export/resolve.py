@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-from toolkit.export.architectures import ArchSpec, get_arch
 
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
+from toolkit.export.architectures import ArchSpec, get_arch
 from toolkit.settings import ExportOptions
 
 __all__ = ["DEFAULT_MODEL", "DenseSpec", "ResolvedModel", "default_model_dir", "resolve_model"]

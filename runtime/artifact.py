@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.runtime.session import OrtSession
-
 from toolkit.errors import ConfigError
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, decode_manifest
+from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
 __all__ = ["Artifact", "open_artifact"]

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.embedder import Embedder, Inputs
 from toolkit.runtime.tokenization import Tokenized
-
-from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 
 __all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from toolkit.runtime.artifact import open_artifact
-from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 
 from toolkit.cards import PaddingSide
 from toolkit.errors import RequestError, UnsupportedDimensionError
+from toolkit.runtime.artifact import open_artifact
+from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
 __all__ = ["Embedder", "Inputs", "OutputPlan"]

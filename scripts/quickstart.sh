@@ -13,4 +13,4 @@ trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break; sleep 0.2; done
 curl -sS "http://127.0.0.1:$PORT/v1/embeddings" -H 'Content-Type: application/json' \
   -d '{"input": ["The quick brown fox jumps over the lazy dog."], "model": "all-MiniLM-L6-v2"}' \
-  | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); e=r["data"][0]["embedding"]; print(f"{r[\"model\"]}: {len(e)} dims, first {e[:4]}, usage {r[\"usage\"]}")'
+  | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); e=r["data"][0]["embedding"]; print(r["model"] + ":", len(e), "dims, first", e[:4], "usage", r["usage"])'

@@ -12,6 +12,8 @@ from pathlib import Path
 from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from toolkit.errors import ConfigError, NotReadyError
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
@@ -20,8 +22,6 @@ from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
 from toolkit.server.openai_api import OpenAIController
 from toolkit.server.vllm_api import VLLMController
-
-from toolkit.errors import ConfigError, NotReadyError
 from toolkit.settings import RuntimeOptions, ServerOptions
 
 __all__ = ["create_app", "load_models", "run_server"]

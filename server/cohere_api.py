@@ -9,12 +9,12 @@ from typing import Any
 import msgspec
 import numpy as np
 from litestar import Controller, Request, Response, post
+
+from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import quantize, to_base64
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.openai_api import timing_headers
-
-from toolkit.errors import RequestError
 
 __all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest"]
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.runtime.async_embedder import AsyncEmbedder
-
 from toolkit.errors import ModelNotFoundError
+from toolkit.runtime.async_embedder import AsyncEmbedder
 
 __all__ = ["ModelRegistry", "ServedModel"]
 

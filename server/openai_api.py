@@ -8,11 +8,11 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+
+from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import EMBED_DTYPES, ENDIANNESS, to_base64, to_bytes
 from toolkit.server.limits import check_choice, check_limits
-
-from toolkit.errors import RequestError
 
 __all__ = ["OpenAIController", "OpenAIEmbeddingRequest"]
 

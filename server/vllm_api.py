@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import numpy as np
 from litestar import Controller, Request, post
-from toolkit.server.limits import check_limits
 
 from toolkit.errors import RequestError
+from toolkit.server.limits import check_limits
 
 __all__ = ["VLLMController"]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import SPLADE_DIR, _export
 from tiny_models import TINY_CONFIGS, build_tiny_model
-from toolkit.export.architectures import ARCHITECTURES, get_arch
-from toolkit.runtime import Embedder
 
 from toolkit.cards import Pooling
 from toolkit.errors import ConfigError, ParityError, UnsupportedArchitectureError
+from toolkit.export.architectures import ARCHITECTURES, get_arch
+from toolkit.runtime import Embedder
 
 
 def test_every_registry_key_has_a_tiny_model():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import _export
+
 from toolkit.runtime import Embedder
 from toolkit.runtime.session import usable_devices
-
 from toolkit.settings import Device
 
 pytestmark = [

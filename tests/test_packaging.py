@@ -41,3 +41,19 @@ def test_no_bare_folder_imports():
             stripped = line.strip()
             for bare in ("server", "runtime", "export"):
                 assert not stripped.startswith((f"import {bare}", f"from {bare} ", f"from {bare}.")), f"{path}: {line}"
+
+
+def test_quickstart_response_printer_runs():
+    """scripts/quickstart.sh pipes the server's answer into an inline Python snippet: it must run on 3.10+."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh").read_text()
+    (code,) = re.findall(r"python -c '([^']+)'", script)
+    answer = {"model": "m", "data": [{"embedding": [0.1, 0.2, 0.3, 0.4, 0.5]}], "usage": {"prompt_tokens": 3}}
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(answer), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "m: 5 dims" in done.stdout

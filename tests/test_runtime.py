@@ -7,9 +7,6 @@ import base64
 
 import numpy as np
 import pytest
-from toolkit.runtime import AsyncEmbedder, Embedder
-from toolkit.runtime.batching import plan_batches, planned_cost
-from toolkit.runtime.encoding import pack_bits, quantize, to_base64, to_bytes, to_dtype
 
 from toolkit.errors import (
     BackendError,
@@ -18,6 +15,9 @@ from toolkit.errors import (
     RequestError,
     UnsupportedDimensionError,
 )
+from toolkit.runtime import AsyncEmbedder, Embedder
+from toolkit.runtime.batching import plan_batches, planned_cost
+from toolkit.runtime.encoding import pack_bits, quantize, to_base64, to_bytes, to_dtype
 from toolkit.settings import Device
 
 TEXTS = ["The cat sat on the mat.", "Tokenizers split text into pieces.",
@@ -174,9 +174,8 @@ def test_output_encodings():
 
 
 def test_provider_choice_is_explicit(tiny_artifact):
-    from toolkit.runtime.session import usable_devices
-
     from toolkit.errors import ConfigError
+    from toolkit.runtime.session import usable_devices
 
     usable = usable_devices()
     assert Device.CPU in usable
@@ -247,6 +246,7 @@ def test_failing_batch_fails_only_its_callers(tiny, monkeypatch):
 def minilm_pair(minilm_artifact):
     """The MiniLM artifact and sentence-transformers on the same checkpoint, with and without its Normalize module."""
     from sentence_transformers import SentenceTransformer
+
     from toolkit.export.resolve import default_model_dir
 
     st = SentenceTransformer(str(default_model_dir()), device="cpu")

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 from litestar.testing import TestClient
+
 from toolkit.runtime import Embedder
 from toolkit.server.app import create_app, load_models
 from toolkit.server.metrics import Metrics
-
 from toolkit.settings import RuntimeOptions, ServerOptions
 
 

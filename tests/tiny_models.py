@@ -82,8 +82,9 @@ CHAT_TEMPLATE = (
 def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, seed: int = 0) -> Path:
     """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder``."""
     import torch
-    from toolkit.export.architectures import get_arch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
+
+    from toolkit.export.architectures import get_arch
 
     overrides, kind = TINY_CONFIGS[model_type]
     arch = get_arch(model_type)

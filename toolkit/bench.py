@@ -98,6 +98,8 @@ def bench_inprocess(artifact: Path, *, corpus: Path | None, batch_sizes: tuple[i
 
         torch.set_num_threads(threads)
         st = SentenceTransformer(_reference_dir(emb, against), device="cuda" if emb.device.value != "cpu" else "cpu")
+        if emb.manifest.precision == "fp16" and emb.device.value != "cpu":
+            st = st.half()  # fp16 against fp16 on the same GPU
         st.max_seq_length = emb.manifest.max_seq_len
     engines = {"toolkit": lambda c: emb.embed(c, truncate_prompt_tokens=-1)}
     if st is not None:
