@@ -14,7 +14,7 @@ import onnx
 
 from toolkit.export.resolve import ResolvedModel
 
-__all__ = ["FUSED_OPS", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graphs"]
+__all__ = ["FUSED_OPS", "compact_embedding_table", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graphs"]
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
              "EmbedLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
@@ -31,10 +31,12 @@ def fused_counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def fuse_transformer(src: Path, dst: Path, resolved: ResolvedModel) -> Path | None:
+def fuse_transformer(src: Path, dst: Path, resolved: ResolvedModel, *, embed_layer_norm: bool = True) -> Path | None:
     """onnxruntime's transformer fusions with the head count and width from config.json.
 
-    Returns None when the architecture has no applicable fuser.
+    ``embed_layer_norm=False`` leaves the embedding lookup as plain Gather / Add / LayerNorm
+    (needed to store the word-embedding table in fp16). Returns None when the architecture has
+    no applicable fuser.
     """
     if resolved.arch.ort_fusion is None:
         return None
@@ -44,10 +46,14 @@ def fuse_transformer(src: Path, dst: Path, resolved: ResolvedModel) -> Path | No
     logging.disable(logging.WARNING)  # the fuser logs and prints shape-inference chatter under many loggers
     try:
         with contextlib.redirect_stdout(io.StringIO()):
+            from onnxruntime.transformers.fusion_options import FusionOptions
+
+            fusion = FusionOptions(resolved.arch.ort_fusion)
+            fusion.enable_embed_layer_norm = embed_layer_norm
             optimized = optimize_model(
                 str(src), model_type=resolved.arch.ort_fusion,
                 num_heads=int(cfg.get("num_attention_heads", 0)), hidden_size=int(cfg.get("hidden_size", 0)),
-                opt_level=0, use_gpu=False,
+                opt_level=0, use_gpu=False, optimization_options=fusion,
             )
     finally:
         logging.disable(logging.NOTSET)
@@ -79,6 +85,47 @@ def time_graphs(paths: dict[str, Path], probes: list[dict[str, np.ndarray]], *, 
             if round_:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+_TABLE_MIN_ELEMENTS = 1 << 20  # only real vocabularies: a 30k x 384 table is 11.7M
+
+
+def compact_embedding_table(src: Path, dst: Path) -> Path | None:
+    """Store the word-embedding table in fp16: Gather(table_fp16, input_ids) -> Cast(fp32).
+
+    The lookup is the only fp16 step; everything after it stays fp32. For all-MiniLM-L6-v2 this
+    saves 22 MiB of file and of serving RSS at no measured speed cost, and moves the sentence
+    embeddings by cosine 1e-7 (the parity check still holds them to 0.99999). The Cast cannot be
+    constant-folded back to fp32 because it follows the Gather. Tables that any other node also
+    reads (a masked-LM head tied to the embeddings) are left alone. Returns None when the graph
+    has no such table.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    changed = False
+    for node in list(model.graph.node):
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        if (table is None or node.input[1] != "input_ids" or table.data_type != onnx.TensorProto.FLOAT
+                or readers[table.name] != 1 or int(np.prod(table.dims)) < _TABLE_MIN_ELEMENTS):
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), name=f"{table.name}_fp16")
+        model.graph.initializer.remove(table)
+        model.graph.initializer.append(half)
+        looked_up = node.output[0]
+        node.input[0], node.output[0] = half.name, f"{looked_up}_fp16"
+        cast = helper.make_node("Cast", [node.output[0]], [looked_up], to=onnx.TensorProto.FLOAT, name=f"{node.name}_to_fp32")
+        model.graph.node.insert(list(model.graph.node).index(node) + 1, cast)
+        changed = True
+    if not changed:
+        return None
+    onnx.save_model(model, str(dst))
+    return dst
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:

@@ -18,7 +18,13 @@ from toolkit.cards import Pooling
 from toolkit.errors import ExportError, ParityError
 from toolkit.export.graph import build_module, output_names
 from toolkit.export.onnx_export import export_graph, read_model_card, tokenizer_json, write_artifact
-from toolkit.export.optimize import convert_fp16, fuse_transformer, fused_counts, time_graphs
+from toolkit.export.optimize import (
+    compact_embedding_table,
+    convert_fp16,
+    fuse_transformer,
+    fused_counts,
+    time_graphs,
+)
 from toolkit.export.parity import THRESHOLDS, check_parity, retrieval_overlap
 from toolkit.export.resolve import ResolvedModel, resolve_model
 from toolkit.manifest import Manifest, ParityReport
@@ -112,16 +118,18 @@ def _probes(inputs: tuple[str, ...], vocab_size: int) -> list[dict[str, np.ndarr
     return probes
 
 
-def _graph_forms(module, resolved: ResolvedModel, graph: Path, tmp: Path, opset: int) -> dict[str, Path]:
+def _graph_forms(module, resolved: ResolvedModel, graph: Path, tmp: Path, opset: int, *, compact: bool) -> dict[str, Path]:
     """The candidate graph forms: the dynamo graph, and where a fuser applies, both exporters' graphs fused."""
     forms = {"dynamo": graph}
     if resolved.arch.ort_fusion is None:
         return forms
-    forms["dynamo+fused"] = fuse_transformer(graph, tmp / "dynamo-fused.onnx", resolved)
+    # without EmbedLayerNormalization the lookup stays a Gather, whose table can be stored in fp16
+    embed_ln = not compact
+    forms["dynamo+fused"] = fuse_transformer(graph, tmp / "dynamo-fused.onnx", resolved, embed_layer_norm=embed_ln)
     try:
         # opset 17: at 18 onnxruntime's symbolic shape inference fails on this graph and nothing fuses (measured)
         legacy = export_graph(module, resolved, opset=min(opset, 17), path=tmp / "legacy.onnx", exporter="legacy")
-        forms["legacy+fused"] = fuse_transformer(legacy, tmp / "legacy-fused.onnx", resolved)
+        forms["legacy+fused"] = fuse_transformer(legacy, tmp / "legacy-fused.onnx", resolved, embed_layer_norm=embed_ln)
     except ExportError:
         pass  # the TorchScript exporter cannot trace every model; the dynamo forms remain
     return forms
@@ -159,7 +167,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         with step(f"Optimizing for {target.value} / {precision.value}"):
             fp32 = graph
             if options.optimize and card.pooling != Pooling.SPLADE:
-                forms = _graph_forms(module, resolved, graph, tmp, options.opset)
+                compact = target == Target.CPU and options.fp16_embedding_table
+                forms = _graph_forms(module, resolved, graph, tmp, options.opset, compact=compact)
                 if len(forms) > 1:
                     if target == Target.CPU:  # keep whichever form measures fastest here
                         timings = time_graphs(forms, _probes(resolved.arch.inputs, tokenizer.vocab_size))
@@ -169,6 +178,11 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                         kept = "legacy+fused" if "legacy+fused" in forms else "dynamo+fused"
                     optimization["kept"] = kept
                     fp32 = forms[kept]
+            if target == Target.CPU and options.fp16_embedding_table and card.pooling != Pooling.SPLADE:
+                compacted = compact_embedding_table(fp32, tmp / "compact.onnx")
+                if compacted is not None:
+                    fp32 = compacted
+                    optimization["embedding_table"] = "fp16"
             final = fp32
             if precision == Precision.FP16:
                 final = convert_fp16(fp32, tmp / "fp16.onnx")
