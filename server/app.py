@@ -43,7 +43,8 @@ class Gateway:
     async def _reject(self, send, path: str, status: int, message: str, headers: list | None = None) -> None:
         body = error_body(path, status, message)
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
         self.metrics.request(path, status, 0.0)
 

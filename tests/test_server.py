@@ -286,6 +286,32 @@ def test_concurrent_clients_match_solo(live_server, minilm):
         np.testing.assert_allclose(vector, expected[i], atol=1e-5)
 
 
+def test_bench_drives_the_server(live_server, minilm_artifact, monkeypatch, tmp_path):
+    from toolkit import bench
+    from toolkit.errors import ConfigError
+
+    url, _ = live_server
+    monkeypatch.setenv("TOOLKIT_API_KEY", "e2e-key")
+    result = bench.bench_server(url, artifact=minilm_artifact, corpus=None, concurrency=(1, 4), requests=24,
+                                inputs_per_request=2, threads=None)
+    assert [r["concurrency"] for r in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert row["requests"] == 24 and row["errors"] == 0
+        assert row["sentences_per_s"] == pytest.approx(2 * row["requests_per_s"])
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["ratio_vs_inprocess_bs32"] > 0 and row["p50_vs_inprocess_bs1"] > 0
+    bench.print_result(result)
+    bench.plot_result(result, tmp_path / "server.png")
+    assert (tmp_path / "server.png").stat().st_size > 1000
+    monkeypatch.setenv("TOOLKIT_API_KEY", "wrong")
+    refused = bench.bench_server(url, artifact=None, corpus=None, concurrency=(2,), requests=4,
+                                 inputs_per_request=1, threads=None)
+    assert refused["rows"][0]["errors"] == 4  # every 401 is counted, none is mistaken for a success
+    with pytest.raises(ConfigError, match="loopback"):
+        bench.bench_server("http://example.com:80", artifact=None, corpus=None, concurrency=(1,), requests=1,
+                           inputs_per_request=1, threads=None)
+
+
 def test_sigterm_exits_cleanly(live_server):
     url, proc = live_server
     proc.send_signal(signal.SIGTERM)

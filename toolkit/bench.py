@@ -148,14 +148,24 @@ class _Connection:
         self.writer.write(f"POST {path} HTTP/1.1\r\n{self.head}Content-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         status_line = await self.reader.readline()
-        length, close = 0, False
+        if not status_line.startswith(b"HTTP/"):
+            raise ConnectionError("the server closed the connection")
+        length, close, chunked = 0, False, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
                 length = int(value)
-            elif name.lower() == "connection" and value.strip().lower() == "close":
+            elif name == "connection" and value == "close":
                 close = True
-        await self.reader.readexactly(length)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+        if chunked:
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                await self.reader.readexactly(size + 2)
+            await self.reader.readline()
+        else:
+            await self.reader.readexactly(length)
         if close:
             await self.close()
         return int(status_line.split()[1])
@@ -207,8 +217,10 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
                 await conn.close()
 
         warm = _Connection(host, port, headers)
-        await warm.post("/v1/embeddings", bodies[0])
-        await warm.close()
+        try:
+            await warm.post("/v1/embeddings", bodies[0])
+        finally:
+            await warm.close()
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         return latencies, errors, time.perf_counter() - start
@@ -298,7 +310,14 @@ def plot_result(result: dict, path: Path) -> None:
     else:
         rows = result["rows"]
         ax.plot([r["concurrency"] for r in rows], [r["sentences_per_s"] for r in rows], marker="o", label="server")
-        ax.set_xlabel("concurrent clients")
+        inproc = {int(k): v for k, v in result.get("in_process", {}).items()}  # JSON turns the keys into strings
+        for bs, style in ((32, "--"), (1, ":")):
+            if bs in inproc:
+                ax.axhline(inproc[bs]["sentences_per_s"], color="gray", linestyle=style,
+                           label=f"in-process Embedder, calls of {bs}")
+        top = max([r["sentences_per_s"] for r in rows] + [v["sentences_per_s"] for v in inproc.values()])
+        ax.set_ylim(0, top * 1.12)
+        ax.set_xlabel("concurrent clients (one sentence per request)")
         ax.set_title("toolkit serve under load")
     ax.set_ylabel("sentences / s")
     ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ConfigError, ToolkitError
 
 app = typer.Typer(help="Export Hugging Face embedding models to one verified ONNX artifact, and serve it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -50,7 +50,7 @@ def _int_list(value: str | None, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
-        _fail(ToolkitError(f"{option} expects comma-separated integers like 64,128,256, got '{value}'"))
+        _fail(ConfigError(f"{option} expects comma-separated integers like 64,128,256, got '{value}'"))
         raise
 
 
@@ -80,10 +80,10 @@ def export(
         try:
             prec, tgt = Precision(precision), Target(target)
         except ValueError:
-            raise ToolkitError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
+            raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
                                f"(got {precision}, {target})") from None
         if matryoshka not in (None, "any"):
-            raise ToolkitError(f"--matryoshka accepts only 'any', got '{matryoshka}'")
+            raise ConfigError(f"--matryoshka accepts only 'any', got '{matryoshka}'")
         options = ExportOptions(
             output=output, precision=prec, target=tgt, opset=opset, max_seq_len=max_seq_len,
             pooling=parse_pooling(pooling) if pooling else None, normalize=False if no_normalize else None,
@@ -182,7 +182,7 @@ def serve(
         try:
             dev = Device(device)
         except ValueError:
-            raise ToolkitError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
+            raise ConfigError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
         paths = list(artifacts or [])
         if not paths:
             paths = [_default_artifact()]
@@ -238,7 +238,7 @@ def bench(
                                             requests=requests, inputs_per_request=inputs_per_request, threads=threads)
         else:
             if artifact is None:
-                raise ToolkitError("give an ARTIFACT to measure (or --server URL)")
+                raise ConfigError("give an ARTIFACT to measure (or --server URL)")
             result = bench_mod.bench_inprocess(artifact, corpus=corpus, batch_sizes=sizes, repeats=repeats,
                                                n_texts=texts, against=against, threads=threads, offline=offline)
         bench_mod.print_result(result)

@@ -1,0 +1,38 @@
+"""`toolkit bench` in-process: rows per batch size, the whole-corpus call, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from toolkit import bench
+
+
+def test_bench_inprocess_against_sentence_transformers(tiny_artifact, tiny_st_dir, tmp_path):
+    result = bench.bench_inprocess(tiny_artifact, corpus=None, batch_sizes=(1, 4), repeats=2, n_texts=24,
+                                   against=str(tiny_st_dir), threads=1)
+    labels = [(r["engine"], r["batch_size"]) for r in result["rows"]]
+    assert labels == [("toolkit", 1), ("sentence-transformers", 1), ("toolkit", 4), ("sentence-transformers", 4),
+                      ("toolkit", "corpus"), ("sentence-transformers", "corpus")]
+    for row in result["rows"]:
+        assert row["sentences_per_s"] > 0 and row["tokens_per_s"] > row["sentences_per_s"]
+        assert row["ratio_vs_reference"] > 0
+    assert result["min_cosine_vs_reference"] >= 0.99999  # the same model on both sides
+    assert result["corpus_tokens"]["n"] == 24 and result["machine"]["cores"] >= 1
+    bench.plot_result(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_bench_cli_writes_json(tiny_artifact, tmp_path):
+    out = tmp_path / "b.json"
+    done = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", str(tiny_artifact), "--batch-sizes", "2",
+                           "--repeats", "1", "--texts", "8", "--no-offline", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["engine"], r["batch_size"]) for r in rows] == [("toolkit", 2)]
+    assert "sentences/s" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", str(tiny_artifact), "--batch-sizes", "two"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
