@@ -164,10 +164,11 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         optimization: dict[str, str] = {}
+        # CPU: the word-embedding table in fp16 (SPLADE's masked-LM head shares it, so never there)
+        compact = target == Target.CPU and options.fp16_embedding_table and card.pooling != Pooling.SPLADE
         with step(f"Optimizing for {target.value} / {precision.value}"):
             fp32 = graph
             if options.optimize and card.pooling != Pooling.SPLADE:
-                compact = target == Target.CPU and options.fp16_embedding_table
                 forms = _graph_forms(module, resolved, graph, tmp, options.opset, compact=compact)
                 if len(forms) > 1:
                     if target == Target.CPU:  # keep whichever form measures fastest here
@@ -178,7 +179,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                         kept = "legacy+fused" if "legacy+fused" in forms else "dynamo+fused"
                     optimization["kept"] = kept
                     fp32 = forms[kept]
-            if target == Target.CPU and options.fp16_embedding_table and card.pooling != Pooling.SPLADE:
+            if compact:
                 compacted = compact_embedding_table(fp32, tmp / "compact.onnx")
                 if compacted is not None:
                     fp32 = compacted
