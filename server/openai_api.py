@@ -9,10 +9,9 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 
-from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import EMBED_DTYPES, ENDIANNESS, to_base64, to_bytes
-from toolkit.server.limits import check_choice, check_limits
+from toolkit.server.limits import check_choice, check_limits, prompt_or_chat
 
 __all__ = ["OpenAIController", "OpenAIEmbeddingRequest"]
 
@@ -56,28 +55,18 @@ class OpenAIController(Controller):
     async def embeddings(self, request: Request, data: OpenAIEmbeddingRequest) -> Response:
         started = time.perf_counter()
         served = request.app.state.registry.get(data.model)
-        add_special_tokens = data.add_special_tokens
-        if data.messages is not None:
-            if data.input is not None:
-                raise RequestError("give input or messages, not both", param="messages")
-            data.input = [served.embedder.render_chat(
-                data.messages, chat_template=data.chat_template, add_generation_prompt=data.add_generation_prompt,
-                continue_final_message=data.continue_final_message, chat_template_kwargs=data.chat_template_kwargs)]
-            add_special_tokens = False if add_special_tokens is None else add_special_tokens
-        if data.input is None:
-            raise RequestError("input (or messages) is required", param="input")
+        inputs, add_special_tokens = prompt_or_chat(served.embedder, data, data.input, "input")
         check_choice(data.encoding_format, ("float", "base64", "bytes"), "encoding_format")
         check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
         check_choice(data.endianness, ENDIANNESS, "endianness")
-        inputs = data.input if isinstance(data.input, list) else [data.input]
-        check_limits(len(inputs), request.app.state.options)
+        check_limits(len(inputs) if isinstance(inputs, list) else 1, request.app.state.options)
         timings = Timings()
         vectors, tokens = await served.engine.embed(
-            data.input, dimensions=data.dimensions,
+            inputs, dimensions=data.dimensions,
             normalize=data.use_activation if data.use_activation is not None else data.normalize,
             priority=data.priority, timings=timings, max_tokens=request.app.state.options.max_request_tokens,
             truncate_prompt_tokens=data.truncate_prompt_tokens, truncation_side=data.truncation_side,
-            add_special_tokens=True if add_special_tokens is None else add_special_tokens)
+            add_special_tokens=add_special_tokens)
         request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
         head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                 "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

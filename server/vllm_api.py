@@ -11,7 +11,7 @@ import numpy as np
 from litestar import Controller, Request, post
 
 from toolkit.errors import RequestError
-from toolkit.server.limits import check_limits
+from toolkit.server.limits import check_limits, prompt_or_chat
 
 __all__ = ["VLLMController"]
 
@@ -66,18 +66,8 @@ class VLLMController(Controller):
     async def tokenize(self, request: Request, data: TokenizeRequest) -> dict:
         served = request.app.state.registry.get(data.model)
         emb = served.embedder
-        prompt, specials = data.prompt, data.add_special_tokens
-        if data.messages is not None:
-            if prompt is not None:
-                raise RequestError("give prompt or messages, not both", param="messages")
-            prompt = emb.render_chat(data.messages, chat_template=data.chat_template,
-                                     add_generation_prompt=data.add_generation_prompt,
-                                     continue_final_message=data.continue_final_message,
-                                     chat_template_kwargs=data.chat_template_kwargs)
-            specials = False if specials is None else specials
-        if prompt is None:
-            raise RequestError("prompt (or messages) is required", param="prompt")
-        ids = emb.tokenizer.ids(prompt, add_special_tokens=True if specials is None else specials)
+        prompt, specials = prompt_or_chat(emb, data, data.prompt, "prompt")
+        ids = emb.tokenizer.ids(prompt, add_special_tokens=specials)
         body = {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids}
         if data.return_token_strs:
             body["token_strs"] = emb.tokenizer.token_strings(ids)
