@@ -4,6 +4,17 @@ The artifact runs through the real runtime (``Embedder``: its tokenizer,
 padding and batching); the reference runs each input alone, unpadded, through
 the torch module, and (for sentence-transformers layouts) through
 sentence-transformers itself on the raw texts.
+
+The gate: min cosine >= THRESHOLDS[precision] on every output, every case. Deep
+models can miss it on per-token outputs through rounding alone: PyTorch's own
+fp32 result differs from exact (float64) arithmetic by 1 - cos ~1e-5 at some
+positions of a 12-layer, 768-wide model whose attention amplifies noise
+(measured on a synthetic MPNet with weights at std 0.2), and ONNX Runtime sums
+in another order. So an fp32 output that misses the cosine threshold is judged
+against the noise floor instead: its distance from the float64 reference must
+stay within NOISE_FACTOR times PyTorch fp32's own distance from it (the same
+inputs, per position, the word-embedding table as the artifact stores it). A
+wrong graph misses by orders of magnitude; rounding does not.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from toolkit.runtime.tokenization import Tokenized
 __all__ = ["THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+NOISE_FACTOR = 10.0  # fp32: the artifact may be this many times farther from exact arithmetic than PyTorch fp32
+_NOISE_MIN = 1e-9  # a floor under the noise (1 - cosine) so an exact reference does not demand exactness
 _PROBE_CAP = 512  # longest probe, in tokens, whatever the model's maximum
 
 
@@ -43,13 +56,14 @@ def _probe_texts(max_len: int) -> dict[str, str]:
     return {"short": short, "medium": medium, "max": long, "short2": corpus[1]}
 
 
-def _reference(module: EmbeddingModule, item: Tokenized, uses_types: bool) -> list[np.ndarray]:
+def _reference(module: EmbeddingModule, item: Tokenized, uses_types: bool,
+               dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
     ids = torch.tensor([item.ids], dtype=torch.int64)
     args = [ids, torch.ones_like(ids)]
     if uses_types:
         args.append(torch.tensor([item.type_ids or [0] * len(item.ids)], dtype=torch.int64))
     with torch.no_grad():
-        return [o[0].float().numpy() for o in module(*args)]
+        return [o[0].to(dtype).numpy() for o in module(*args)]
 
 
 def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str) -> ParityReport:
@@ -65,18 +79,19 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
     }
     cases: list[ParityCase] = []
     worst: dict[str, float] = {}
+    checked: list[tuple[list[Tokenized], list[list[np.ndarray]], list[list[np.ndarray]]]] = []  # items, got, torch
     for keys in batches.values():
         items = emb.tokenize_inputs([probes[k] for k in keys], truncate_prompt_tokens=cap)
         got = emb.run_batch(items, outputs)
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in items]
+        rows = [[emb._unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
+                 for o, output in enumerate(outputs)] for row, item in enumerate(items)]
+        checked.append((items, rows, refs))
         for o, output in enumerate(outputs):
             cos_min, diff_max = 1.0, 0.0
-            for row, (item, ref) in enumerate(zip(items, refs)):
-                value = got[o][row]
-                if output == "token_embeddings":
-                    value = emb._unpad(value, len(item))
-                cos_min = min(cos_min, float(cosines(value, ref[o]).min()))
-                diff_max = max(diff_max, float(np.abs(value - ref[o]).max()))
+            for row, ref in zip(rows, refs):
+                cos_min = min(cos_min, float(cosines(row[o], ref[o]).min()))
+                diff_max = max(diff_max, float(np.abs(row[o] - ref[o]).max()))
             worst[output] = min(worst.get(output, 1.0), cos_min)
             cases.append(ParityCase(output=output, batch=len(items), seq_len=max(len(t) for t in items),
                                     padded=len({len(t) for t in items}) > 1, padding_side=str(emb.card.padding_side.value),
@@ -89,8 +104,40 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         cases.append(ParityCase(output="sentence_embedding (sentence-transformers)", batch=4, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=st_cos, max_abs_diff=-1.0))
     threshold = THRESHOLDS[precision]
-    passed = all(v >= threshold for v in worst.values())
-    return ParityReport(reference=reference, threshold=threshold, min_cosine=worst, cases=cases, passed=passed)
+    missed = [o for o, output in enumerate(outputs) if worst[output] < threshold]
+    noise: dict[str, list[float]] = {}
+    if missed and precision == "fp32":
+        compact = emb.manifest.optimization.get("embedding_table") == "fp16"
+        noise = _noise_floor(module, checked, missed, outputs, resolved.arch.token_type_ids, compact)
+    passed = all(worst[o] >= threshold or (o in noise and noise[o][0] <= NOISE_FACTOR * noise[o][1])
+                 for o in worst)
+    return ParityReport(reference=reference, threshold=threshold, min_cosine=worst, cases=cases, passed=passed,
+                        noise_floor={k: v for k, v in noise.items()})
+
+
+def _noise_floor(module: EmbeddingModule, checked, missed: list[int], outputs: list[str], uses_types: bool,
+                 compact_table: bool) -> dict[str, list[float]]:
+    """Per missed output: [max (1 - cos) of the artifact vs float64, max (1 - cos) of torch fp32 vs float64],
+    over every checked input and position (floored at _NOISE_MIN)."""
+    embeddings = module.encoder.get_input_embeddings()
+    table = embeddings.weight.data.clone()
+    artifact_err = {o: 0.0 for o in missed}
+    torch_err = {o: 0.0 for o in missed}
+    try:
+        if compact_table:  # the artifact stores its lookup table in fp16: so does the reference here
+            embeddings.weight.data = table.half().float()
+        torch32 = [[_reference(module, item, uses_types) for item in items] for items, _, _ in checked]
+        module.double()
+        for (items, rows, _), refs32 in zip(checked, torch32):
+            for item, row, ref32 in zip(items, rows, refs32):
+                exact = _reference(module, item, uses_types, dtype=torch.float64)
+                for o in missed:
+                    artifact_err[o] = max(artifact_err[o], float((1 - cosines(row[o], exact[o])).max()))
+                    torch_err[o] = max(torch_err[o], float((1 - cosines(ref32[o], exact[o])).max()))
+    finally:
+        module.float()
+        embeddings.weight.data = table
+    return {outputs[o]: [artifact_err[o], max(torch_err[o], _NOISE_MIN)] for o in missed}
 
 
 def _sentence_transformers_check(resolved: ResolvedModel, emb: Embedder, texts: list[str], cap: int) -> float:

@@ -25,7 +25,7 @@ from toolkit.export.optimize import (
     fused_counts,
     time_graphs,
 )
-from toolkit.export.parity import THRESHOLDS, check_parity, retrieval_overlap
+from toolkit.export.parity import NOISE_FACTOR, THRESHOLDS, check_parity, retrieval_overlap
 from toolkit.export.resolve import ResolvedModel, resolve_model
 from toolkit.manifest import Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
@@ -163,7 +163,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             specials, pad_id = _special_tokens(tokenizer, resolved)
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
-        optimization: dict[str, str] = {}
+        optimization: dict[str, float | int | str] = {}
         # CPU: the word-embedding table in fp16 (SPLADE's masked-LM head shares it, so never there)
         compact = target == Target.CPU and options.fp16_embedding_table and card.pooling != Pooling.SPLADE
         with step(f"Optimizing for {target.value} / {precision.value}"):
@@ -174,7 +174,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                     if target == Target.CPU:  # keep whichever form measures fastest here
                         timings = time_graphs(forms, _probes(resolved.arch.inputs, tokenizer.vocab_size))
                         kept = min(timings, key=timings.__getitem__)
-                        optimization = {f"{name}_ms": f"{t * 1e3:.2f}" for name, t in timings.items()}
+                        optimization = {f"{name}_ms": round(t * 1e3, 2) for name, t in timings.items()}
                     else:  # GPU targets: the fused attention kernels are built for them
                         kept = "legacy+fused" if "legacy+fused" in forms else "dynamo+fused"
                     optimization["kept"] = kept
@@ -200,7 +200,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=specials,
             chat_template=_chat_template(resolved),
             precision=precision.value, target=target.value, opset=_graph_opset(final),
-            export_options={k: str(v) for k, v in msgspec.structs.asdict(options).items() if v not in (None, (), False)},
+            export_options=_option_values(options),
             versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
             parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False),
         )
@@ -218,6 +218,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 if not (options.allow_low_accuracy and precision == Precision.INT8):
                     worst = ", ".join(f"{k}={v:.6f}" for k, v in report.min_cosine.items())
                     extra = "" if report.retrieval_top10_overlap is None else f", top-10 overlap={report.retrieval_top10_overlap:.3f}"
+                    extra += "".join(f"; {k}: {a:.2e} from float64 vs torch fp32's {t:.2e} (allowed x{NOISE_FACTOR:g})"
+                                     for k, (a, t) in report.noise_floor.items())
                     raise ParityError(f"parity check failed (min cosine {worst}{extra}; "
                                       f"need >= {report.threshold}); no artifact written", report.min_cosine)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
@@ -238,6 +240,12 @@ def _choose_int8(fp32: Path, tmp: Path, resolved: ResolvedModel, tokenizer: Toke
     rank = Probe(texts[:_INT8_RANK_TEXTS], tokenizer, **common)
     return choose_int8_nodes(fp32, tmp, rank_probe=rank, gate_probe=gate, min_overlap=_INT8_MIN_OVERLAP,
                              min_cosine=THRESHOLDS["int8"])
+
+
+def _option_values(options: ExportOptions) -> dict:
+    """The options that differ from off / unset, as JSON values of their own types (enums as their values)."""
+    values = msgspec.to_builtins(options, enc_hook=str)
+    return {k: v for k, v in values.items() if v not in (None, [], False)}
 
 
 def _graph_opset(path: Path) -> int:

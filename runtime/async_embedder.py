@@ -12,6 +12,7 @@ cancelled caller's inputs are skipped; a failing batch fails only its callers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
@@ -75,6 +76,7 @@ class AsyncEmbedder:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
+        self._admitted = 0  # inputs of requests between admission and their answer
         self.last_error: str | None = None
         self._worker = threading.Thread(target=self._loop, name="toolkit-batcher", daemon=True)
         self._worker.start()
@@ -95,6 +97,19 @@ class AsyncEmbedder:
         self._worker.join(timeout=5)
 
     # ---------------------------------------------------------------- callers
+    @contextlib.contextmanager
+    def admit(self, n_inputs: int):
+        """Reserve room for ``n_inputs`` before any work is done on them: OverloadedError (429) at once
+        when the inputs already admitted (tokenizing, queued or running) would pass ``max_queue``."""
+        if self._admitted + n_inputs > self.max_queue:
+            raise OverloadedError(f"the server holds {self._admitted} inputs already (limit {self.max_queue}); "
+                                  "retry shortly")
+        self._admitted += n_inputs
+        try:
+            yield
+        finally:
+            self._admitted -= n_inputs
+
     async def tokenize(self, inputs: Inputs, **kwargs) -> list[Tokenized]:
         """Small requests tokenize inline (a thread hop costs more, ~0.25 ms measured); big ones in a thread."""
         items = [inputs] if isinstance(inputs, str) else inputs
@@ -134,14 +149,16 @@ class AsyncEmbedder:
         ``max_tokens`` bounds the request's total tokens (RequestError past it).
         """
         plan = self.embedder.plan_output(dimensions, normalize)
-        started = time.perf_counter()
-        items = await self.tokenize(inputs, **tokenize)
-        total = sum(len(t) for t in items)
-        if max_tokens is not None and total > max_tokens:
-            raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="input")
-        if timings is not None:
-            timings.tokenize = time.perf_counter() - started
-        rows = await self.run(items, plan.output, priority=priority, timings=timings)
+        single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int))
+        with self.admit(1 if single else len(inputs)):
+            started = time.perf_counter()
+            items = await self.tokenize(inputs, **tokenize)
+            total = sum(len(t) for t in items)
+            if max_tokens is not None and total > max_tokens:
+                raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="input")
+            if timings is not None:
+                timings.tokenize = time.perf_counter() - started
+            rows = await self.run(items, plan.output, priority=priority, timings=timings)
         return self.embedder.finish(np.stack(rows), plan), total
 
     # ---------------------------------------------------------------- worker

@@ -10,13 +10,35 @@ request is refused with a message that says so.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 from toolkit.errors import RequestError
 
-__all__ = ["render_chat"]
+__all__ = ["MAX_OUTPUT_CHARS", "MAX_RENDER_S", "render_chat"]
+
+# Limits on one render, whoever wrote the template: output size, `*` / `**` on sequences and numbers,
+# `range` iterations (nested ones included) and time (checked per output chunk and per range step).
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_RANGE_STEPS = 1_000_000
+MAX_RENDER_S = 4.0
+_budget = threading.local()
+
+
+def _spend() -> None:
+    _budget.steps -= 1
+    if _budget.steps < 0 or (_budget.steps % 1024 == 0 and time.monotonic() > _budget.deadline):
+        raise RequestError("chat template: too much work (range loops or render time past their limits)",
+                           param="chat_template")
+
+
+def _limited_range(*args):
+    for i in range(*args):
+        _spend()
+        yield i
 
 
 def _raise(message: str):
@@ -31,8 +53,21 @@ def _compile(template: str):
     except ImportError:
         raise RequestError("chat messages need Jinja2 on the server: pip install 'onnx-embed-toolkit[chat]'",
                            param="messages") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and (abs(right) > 64 if isinstance(right, (int, float)) else True):
+                _raise("`**` with an exponent past 64 is not allowed")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT_CHARS:
+                        _raise(f"repeating a sequence past {MAX_OUTPUT_CHARS} items is not allowed")
+            return super().call_binop(context, operator, left, right)
+
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
+    env.globals["range"] = _limited_range
     try:
         return env.from_string(template)
     except TemplateError as exc:
@@ -74,8 +109,16 @@ def render_chat(template: str | None, messages: Sequence[Any], *, special_tokens
     from jinja2 import TemplateError
 
     variables = {**special_tokens, **(chat_template_kwargs or {})}
+    _budget.steps, _budget.deadline = MAX_RANGE_STEPS, time.monotonic() + MAX_RENDER_S
     try:
-        text = compiled.render(messages=conversation, add_generation_prompt=add_generation_prompt, **variables)
+        chunks, size = [], 0
+        for chunk in compiled.generate(messages=conversation, add_generation_prompt=add_generation_prompt, **variables):
+            size += len(chunk)
+            if size > MAX_OUTPUT_CHARS:
+                _raise(f"the rendered prompt is longer than {MAX_OUTPUT_CHARS} characters")
+            _spend()
+            chunks.append(chunk)
+        text = "".join(chunks)
     except RequestError:
         raise
     except TemplateError as exc:

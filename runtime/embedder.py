@@ -57,11 +57,15 @@ class Embedder:
     (2, 384)
     """
 
-    def __init__(self, artifact: str | Path, *, device: str | Device = "auto", options: RuntimeOptions | None = None, **overrides) -> None:
+    def __init__(self, artifact: str | Path, *, device: str | Device | None = None, options: RuntimeOptions | None = None,
+                 **overrides) -> None:
+        """``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto")."""
         import msgspec
 
         base = options or RuntimeOptions()
-        self.options = msgspec.structs.replace(base, device=Device(device), **overrides)
+        if device is not None:
+            overrides["device"] = Device(device)
+        self.options = msgspec.structs.replace(base, **overrides)
         loaded = open_artifact(artifact, self.options)
         self.path = loaded.path
         self.session = loaded.session

@@ -17,10 +17,45 @@ import numpy as np
 
 from toolkit.errors import RequestError
 
-__all__ = ["EMBED_DTYPES", "ENDIANNESS", "pack_bits", "quantize", "to_base64", "to_bytes", "to_dtype"]
+__all__ = ["EMBED_DTYPES", "ENCODING_FORMATS", "ENDIANNESS", "dtype_width", "pack_bits", "quantize", "to_base64",
+           "to_bytes", "to_dtype", "to_fp8"]
 
-EMBED_DTYPES = ("float32", "float16", "bfloat16")
+EMBED_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 ENDIANNESS = ("native", "little", "big")
+ENCODING_FORMATS = ("float", "base64", "bytes", "bytes_only")
+_WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def dtype_width(embed_dtype: str) -> int:
+    """Bytes per component of ``embed_dtype``."""
+    return _WIDTH[embed_dtype]
+
+
+def _fp8_grid(man_bits: int, bias: int, finite_codes: int) -> np.ndarray:
+    """Values of the non-negative fp8 codes 0..finite_codes, the last being the first one past the maximum."""
+    codes = np.arange(finite_codes + 1)
+    exponent, mantissa = codes >> man_bits, codes & ((1 << man_bits) - 1)
+    fraction = mantissa / (1 << man_bits)
+    return np.where(exponent == 0, fraction * 2.0 ** (1 - bias), (1 + fraction) * 2.0 ** (exponent - bias))
+
+
+# (grid, code past the maximum, code for NaN): e4m3fn has no infinity and saturates at 448 (as torch casts);
+# e5m2 overflows to inf
+_FP8 = {"fp8_e4m3": (_fp8_grid(3, 7, 127), 0x7E, 0x7F), "fp8_e5m2": (_fp8_grid(2, 15, 124), 0x7C, 0x7F)}
+
+
+def to_fp8(vectors: np.ndarray, embed_dtype: str) -> np.ndarray:
+    """float32 -> fp8 bit patterns (uint8), round to nearest, ties to even, as torch's float8 casts."""
+    grid, overflow_code, nan_code = _FP8[embed_dtype]
+    x = np.asarray(vectors, dtype=np.float64)
+    a = np.abs(x)
+    hi = np.clip(np.searchsorted(grid, a, side="left"), 1, len(grid) - 1)
+    lo = hi - 1
+    up, down = grid[hi] - a, a - grid[lo]
+    code = np.where((up < down) | ((up == down) & (hi % 2 == 0)), hi, lo)
+    code = np.where((a > grid[-1]) | (code == len(grid) - 1), overflow_code, code)
+    code = np.where(np.isnan(x), nan_code, code).astype(np.uint8)
+    return code | (np.signbit(x).astype(np.uint8) << 7)
 
 
 def to_dtype(vectors: np.ndarray, embed_dtype: str = "float32", endianness: str = "native") -> np.ndarray:
@@ -33,6 +68,8 @@ def to_dtype(vectors: np.ndarray, embed_dtype: str = "float32", endianness: str 
         case "bfloat16":  # round-to-nearest-even on the top 16 bits of float32
             bits = np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint32)
             out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        case "fp8_e4m3" | "fp8_e5m2":  # one byte: endianness does not apply
+            return to_fp8(vectors, embed_dtype)
         case _:
             raise RequestError(f"embed_dtype '{embed_dtype}' is not one of: {', '.join(EMBED_DTYPES)}", param="embed_dtype")
     match endianness:

@@ -6,6 +6,7 @@ on the side the caller asks for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,34 @@ from tokenizers import Tokenizer as HFTokenizer
 from toolkit.cards import PaddingSide
 from toolkit.errors import ConfigError, InputTooLongError, RequestError
 
-__all__ = ["Tokenized", "Tokenizer", "pad_batch"]
+__all__ = ["Tokenized", "Tokenizer", "pad_batch", "window"]
+
+_CHARS_PER_TOKEN = 8  # a first window of 8 characters per token holds the limit for ordinary text
+_INLINE_CHARS = 4096
+_WORD_END = re.compile(r"\S(?=\s)")  # the last character of a word followed by whitespace
+_WORD_START = re.compile(r"\s(?=\S)")  # the whitespace right before a word
+
+
+def window(text: str, chars: int, side: str) -> str:
+    """At most ~``chars`` characters of ``text`` from the side that truncation keeps, cut at a word boundary.
+
+    Right: the prefix ending at the last word end inside the first ``chars`` characters.
+    Left: the suffix starting at the whitespace before the first word inside the last ``chars``.
+    Pre-tokenizers split at whitespace (WordPiece, byte-level BPE, Metaspace), so the window's tokens
+    are the text's own first (or last) tokens. A text with no whitespace in the window is cut at the
+    character: its token at the cut may differ from the full text's.
+    """
+    if len(text) <= chars:
+        return text
+    if side == "right":
+        head = text[:chars]
+        last = None
+        for last in _WORD_END.finditer(head, chars // 2):  # the cut stays in the window's second half
+            pass
+        return head[: last.end()] if last is not None else head
+    tail = text[len(text) - chars:]
+    first = _WORD_START.search(tail, 0, chars // 2)
+    return tail[first.start():] if first is not None else tail
 
 
 class Tokenized:
@@ -53,27 +81,62 @@ class Tokenizer:
         truncate: int | None = None,
         side: str = "right",
     ) -> list[Tokenized]:
-        """Tokenize ``texts``.
+        """Tokenize ``texts``, one tokenization pass each, with work bounded by what the model can use.
 
         ``truncate``: None raises InputTooLongError past ``max_length``; -1 cuts to
-        ``max_length``; k > 0 keeps at most k tokens (specials included).
+        ``max_length``; k > 0 keeps at most k tokens (specials included). A text far
+        longer than the limit is tokenized only over a window of it (see ``window``),
+        so a 10 MB text costs what a few thousand characters cost.
         """
         limit = self._limit(truncate)
-        if len(texts) == 1:  # encode_batch's thread pool costs more than one text takes
-            encodings = [self._tok.encode(texts[0], add_special_tokens=add_special_tokens)]
-        else:
-            encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        specials = self._n_special if add_special_tokens else 0
+        content = max(limit - specials, 1)
+        encodings = self._encode_windows(texts, content, side)
         out: list[Tokenized] = []
-        for i, enc in enumerate(encodings):
-            if len(enc.ids) > limit:
+        for i, (enc, cut) in enumerate(encodings):
+            if len(enc.ids) > content:
                 if truncate is None:
+                    count = "more tokens than" if cut else f"{len(enc.ids) + specials} tokens, more than"
                     raise InputTooLongError(
-                        f"input {i} has {len(enc.ids)} tokens, more than the model's maximum of "
-                        f"{self.max_length}; shorten it or set truncate_prompt_tokens"
+                        f"input {i} has {count} the model's maximum of {self.max_length}; "
+                        "shorten it or set truncate_prompt_tokens"
                     )
-                enc = self._truncate(texts[i], limit, side, add_special_tokens)
+                enc.truncate(content, direction=side)
+            if add_special_tokens:
+                enc = self._tok.post_process(enc, add_special_tokens=True)
             out.append(Tokenized(enc.ids, enc.type_ids))
         return out
+
+    def _encode_windows(self, texts: Sequence[str], content: int, side: str) -> list[tuple[Encoding, bool]]:
+        """Each text's content tokens (no specials), over a window big enough to hold ``content`` + 1 tokens.
+
+        The window starts at ``(content + 8) * 8`` characters and doubles while a cut window
+        yields too few tokens (whitespace-heavy text), up to the whole text. Returns
+        (encoding, whether the text was cut).
+        """
+        chars = [(content + 8) * _CHARS_PER_TOKEN] * len(texts)
+        pending = list(range(len(texts)))
+        done: list[tuple[Encoding, bool] | None] = [None] * len(texts)
+        while pending:
+            windows = [window(texts[i], chars[i], side) for i in pending]
+            encodings = self._encode_many(windows)
+            retry = []
+            for i, win, enc in zip(pending, windows, encodings):
+                cut = len(win) < len(texts[i])
+                if cut and len(enc.ids) <= content:
+                    chars[i] *= 2
+                    retry.append(i)
+                else:
+                    done[i] = (enc, cut)
+            pending = retry
+        return done  # type: ignore[return-value]
+
+    def _encode_many(self, texts: list[str]) -> list[Encoding]:
+        # encode_batch releases the GIL (the event loop keeps running); for one short text
+        # its thread pool costs more than the text takes
+        if len(texts) == 1 and len(texts[0]) <= _INLINE_CHARS:
+            return [self._tok.encode(texts[0], add_special_tokens=False)]
+        return self._tok.encode_batch(texts, add_special_tokens=False)
 
     def from_ids(self, ids: Sequence[int], *, truncate: int | None = None, side: str = "right") -> Tokenized:
         """Validate a caller's token ids: non-empty, inside the vocabulary, within the limit."""
@@ -96,19 +159,15 @@ class Tokenizer:
             return self.max_length
         if truncate < 1:
             raise RequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {truncate}", param="truncate_prompt_tokens")
-        return min(truncate, self.max_length)
-
-    def _truncate(self, text: str, limit: int, side: str, add_special_tokens: bool) -> Encoding:
-        enc = self._tok.encode(text, add_special_tokens=False)
-        specials = self._n_special if add_special_tokens else 0
-        enc.truncate(max(limit - specials, 1), direction=side)
-        if add_special_tokens:
-            enc = self._tok.post_process(enc, add_special_tokens=True)
-        return enc
+        if truncate > self.max_length:  # as vLLM: an error, not a silent clamp
+            raise RequestError(f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len "
+                               f"({self.max_length}); select a smaller truncation size or -1 for the maximum",
+                               param="truncate_prompt_tokens")
+        return truncate
 
     def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """All token ids of ``text``, with no length limit."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """All token ids of ``text``, with no length limit (``/tokenize``: bound the text before calling)."""
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,80 +1,133 @@
-"""``create_app`` and ``run_server``: the Litestar application and its process."""
+"""``create_app``: the Litestar application (routes, gateway, readiness, OpenAPI); ``load_models``."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import signal
 import time
 from pathlib import Path
 
 from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.static_files import create_static_files_router
 
-from toolkit.errors import ConfigError, NotReadyError
+from toolkit.errors import AuthenticationError, ConfigError, NotReadyError, OverloadedError, ToolkitError
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
+from toolkit.server.decoding import ToolkitRequest
 from toolkit.server.errors import error_body, handle_exception
 from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
 from toolkit.server.openai_api import OpenAIController
+from toolkit.server.schema import document_errors
 from toolkit.server.vllm_api import VLLMController
 from toolkit.settings import RuntimeOptions, ServerOptions
 
-__all__ = ["create_app", "load_models", "run_server"]
+__all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
 OPEN_PATHS = ("/health", "/ready", "/metrics")
+READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
 
 
 class Gateway:
-    """ASGI middleware: API key, in-flight limit (429) and per-route metrics."""
+    """ASGI middleware: API key (401), in-flight limit (429), per-route metrics, and a 503 in the
+    API's shape for a request cancelled by shutdown past the grace period."""
 
-    def __init__(self, app, options: ServerOptions, metrics: Metrics) -> None:
+    def __init__(self, app, options: ServerOptions, metrics: Metrics, routes: set[str]) -> None:
         self.app = app
         self.options = options
         self.metrics = metrics
+        self.routes = routes  # metric labels: known routes only (an unbounded label set is a memory leak)
         self.in_flight = 0
         self._key = options.api_key.encode() if options.api_key else None
 
-    async def _reject(self, send, path: str, status: int, message: str, headers: list | None = None) -> None:
-        body = error_body(path, status, message)
-        await send({"type": "http.response.start", "status": status,
+    async def _reject(self, send, path: str, exc: ToolkitError, headers: list | None = None) -> None:
+        body = error_body(path, exc.status_code, exc.message, exc.error_type, exc.param)
+        await send({"type": "http.response.start", "status": exc.status_code,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.request(path, status, 0.0)
+        self.metrics.request(self._route(path), exc.status_code, 0.0)
+
+    def _route(self, path: str) -> str:
+        return path if path in self.routes else "(unmatched)"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self._key is not None and not path.startswith(OPEN_PATHS):
+        open_path = path.startswith(OPEN_PATHS)
+        if self._key is not None and not open_path:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self._key):
-                return await self._reject(send, path, 401, "missing or invalid API key (Authorization: Bearer ...)",
-                                          [(b"www-authenticate", b"Bearer")])
-        if self.in_flight >= self.options.max_concurrent_requests and not path.startswith(OPEN_PATHS):
-            return await self._reject(send, path, 429, "too many concurrent requests; retry shortly", [(b"retry-after", b"1")])
-        status = 500
+                return await self._reject(send, path, AuthenticationError(
+                    "missing or invalid API key (Authorization: Bearer ...)"), [(b"www-authenticate", b"Bearer")])
+        if self.in_flight >= self.options.max_concurrent_requests and not open_path:
+            error = OverloadedError(f"more than {self.options.max_concurrent_requests} requests in flight; retry shortly")
+            return await self._reject(send, path, error, [(b"retry-after", str(error.retry_after_s).encode())])
+        status, started_response = 500, False
 
         async def capture(message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
             await send(message)
 
         self.in_flight += 1
         started = time.perf_counter()
         try:
             await self.app(scope, receive, capture)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the shutdown grace period ends
+            if not started_response:
+                status = 503
+                await self._reject(send, path, NotReadyError(
+                    "the server is shutting down and this request did not finish within its grace period; retry"))
+            log.warning("%s %s cancelled by shutdown", scope.get("method"), path)
         finally:
             self.in_flight -= 1
-            self.metrics.request(path, status, time.perf_counter() - started)
+            self.metrics.request(self._route(path), status, time.perf_counter() - started)
+
+
+class Readiness:
+    """``/ready``'s probe: a dead worker is noticed at once; the probe inference runs at most once per
+    ``ttl`` seconds, shared by concurrent callers (an open route must not be a way to load the model)."""
+
+    def __init__(self, registry: ModelRegistry, ttl: float = READY_TTL_S) -> None:
+        self.registry = registry
+        self.ttl = ttl
+        self._checked = float("-inf")
+        self._problems: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def problems(self) -> dict[str, str]:
+        dead = {name: s.engine.last_error or "the inference worker is not running"
+                for name, s in self.registry.models.items() if not s.engine.alive}
+        if dead:
+            return dead
+        async with self._lock:
+            if time.monotonic() - self._checked >= self.ttl:
+                self._problems = await self._probe()
+                self._checked = time.monotonic()
+            return self._problems
+
+    async def _probe(self) -> dict[str, str]:
+        problems = {}
+        for name, served in self.registry.models.items():
+            engine = served.engine
+            try:
+                probe = [engine.embedder.tokenizer.from_ids([engine.embedder.manifest.pad_token_id])]
+                output = engine.embedder.session.output_names[0]
+                await asyncio.wait_for(engine.run(probe, output, priority=-1), timeout=10)
+            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure means not ready
+                problems[name] = engine.last_error or f"{type(exc).__name__}: {exc}"
+        return problems
 
 
 @get("/health", summary="Liveness", tags=["Operations"])
@@ -82,17 +135,9 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@get("/ready", summary="Readiness: every model answers a probe inference", tags=["Operations"])
+@get("/ready", summary="Readiness: every model answers a probe inference (cached for 1 s)", tags=["Operations"])
 async def ready(request: Request) -> Response:
-    problems = {}
-    for name, served in request.app.state.registry.models.items():
-        engine = served.engine
-        try:
-            probe = [engine.embedder.tokenizer.from_ids([engine.embedder.manifest.pad_token_id])]
-            output = engine.embedder.session.output_names[0]
-            await asyncio.wait_for(engine.run(probe, output, priority=-1), timeout=10)
-        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure means not ready
-            problems[name] = engine.last_error or f"{type(exc).__name__}: {exc}"
+    problems = await request.app.state.readiness.problems()
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
     return Response({"status": "ready", "models": list(request.app.state.registry.models)})
@@ -123,6 +168,20 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
     return registry
 
 
+def _docs_plugin() -> tuple[SwaggerRenderPlugin, list]:
+    """Swagger UI from the files the swagger-ui-bundle-v2 package ships: /docs works offline."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # not installed: Litestar's default (CDN) page
+        return SwaggerRenderPlugin(), []
+    assets = create_static_files_router(path="/docs/assets", directories=[Path(str(swagger_ui_path))],
+                                        include_in_schema=False, name="docs-assets")
+    plugin = SwaggerRenderPlugin(js_url="/docs/assets/swagger-ui-bundle.js", css_url="/docs/assets/swagger-ui.css",
+                                 standalone_preset_js_url="/docs/assets/swagger-ui-standalone-preset.js",
+                                 favicon="<link rel='icon' type='image/png' href='/docs/assets/favicon-32x32.png'>")
+    return plugin, [assets]
+
+
 def create_app(registry: ModelRegistry, options: ServerOptions | None = None, metrics: Metrics | None = None) -> Litestar:
     options = options or ServerOptions()
     metrics = metrics or Metrics()
@@ -131,59 +190,32 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         for served in registry.models.values():
             served.engine.close()
 
+    docs, assets = _docs_plugin()
+    routes: set[str] = set()
+
     def gateway(app):
-        return Gateway(app, options, metrics)
+        return Gateway(app, options, metrics, routes)
 
     app = Litestar(
-        route_handlers=[OpenAIController, CohereController, VLLMController, health, ready, prometheus],
+        route_handlers=[OpenAIController, CohereController, VLLMController, health, ready, prometheus, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
+        request_class=ToolkitRequest,
         request_max_body_size=options.payload_limit,
         on_shutdown=[close_engines],
-        openapi_config=OpenAPIConfig(title="onnx-embed-toolkit", version="0.1.0", path="/docs",
-                                     render_plugins=[SwaggerRenderPlugin()]),
+        openapi_config=OpenAPIConfig(
+            title="onnx-embed-toolkit", version="0.1.0", path="/docs", render_plugins=[docs],
+            security=[{"BearerAuth": []}] if options.api_key else None,
+            components=Components(security_schemes={"BearerAuth": SecurityScheme(
+                type="http", scheme="bearer", description="Authorization: Bearer KEY (--api-key / TOOLKIT_API_KEY)")}),
+        ),
         debug=False,
     )
+    routes.update(path for route in app.routes for path in [route.path] if "{" not in path)
+    document_errors(app, options)
     app.state.registry = registry
     app.state.options = options
     app.state.metrics = metrics
+    app.state.readiness = Readiness(registry)
     app.state.started = int(time.time())
     return app
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap that model loading freed (the parsed ONNX protobuf) back to the OS.
-
-    glibc keeps freed memory in its arenas; malloc_trim returns it: -21 MiB RSS for MiniLM (measured).
-    """
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
-
-
-def run_server(paths: list[Path], names: list[str], options: ServerOptions, runtime: RuntimeOptions) -> int:
-    """Load, then serve until SIGINT / SIGTERM (in-flight requests finish); returns the exit code."""
-    import uvicorn
-
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    metrics = Metrics()
-    registry = load_models(paths, names, runtime, metrics)
-    app = create_app(registry, options, metrics)
-    for name, served in registry.models.items():
-        log.info("serving %s (%s, %s) on %s", name, served.embedder.path.name, served.embedder.device.value,
-                 f"http://{options.host}:{options.port}")
-    log.info("models loaded in %.2f s", time.perf_counter() - started)
-    _release_freed_memory()
-    # uvicorn finishes in-flight requests on SIGTERM / SIGINT, then re-raises the signal
-    # to the previous handler: make that a no-op so a graceful stop exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level, access_log=False,
-                timeout_graceful_shutdown=30)
-    return 0

@@ -99,7 +99,8 @@ class CohereController(Controller):
         side = TRUNCATE[data.truncate]
         if data.max_tokens is not None and data.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1", param="max_tokens")
-        truncate = data.max_tokens if data.max_tokens is not None else (None if side is None else -1)
+        max_tokens = None if data.max_tokens is None else min(data.max_tokens, emb.manifest.max_seq_len)  # Cohere: a cap
+        truncate = max_tokens if max_tokens is not None else (None if side is None else -1)
         timings = Timings()
         vectors, tokens = await served.engine.embed(
             texts, dimensions=data.output_dimension, normalize=True, timings=timings,
@@ -118,5 +119,6 @@ class CohereController(Controller):
                 case _:
                     embeddings[kind] = np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist()
         body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "texts": texts, "response_type": "embeddings_by_type",
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}}
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens, "image_tokens": 0},
+                         "tokens": {"input_tokens": tokens}}}
         return Response(body, headers=timing_headers(timings, started))

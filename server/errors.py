@@ -57,7 +57,9 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         message = exc.detail
         if exc.status_code == 413:
-            message = "the request body is larger than the server's payload limit"
-        return error_response(path, exc.status_code, message)
+            limit = request.app.state.options.payload_limit
+            message = f"the request body is larger than the server's payload limit ({limit} bytes; --payload-limit)"
+        headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}  # 405 keeps Allow
+        return error_response(path, exc.status_code, message, headers=headers or None)
     log.exception("unhandled error on %s %s", request.method, path)
     return error_response(path, 500, f"internal error: {type(exc).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -10,10 +11,10 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 
 from toolkit.runtime.async_embedder import Timings
-from toolkit.runtime.encoding import EMBED_DTYPES, ENDIANNESS, to_base64, to_bytes
-from toolkit.server.limits import check_choice, check_limits, prompt_or_chat
+from toolkit.runtime.encoding import EMBED_DTYPES, ENCODING_FORMATS, ENDIANNESS, dtype_width, to_base64, to_bytes
+from toolkit.server.limits import check_choice, check_limits, check_priority, prompt_or_chat
 
-__all__ = ["OpenAIController", "OpenAIEmbeddingRequest"]
+__all__ = ["OpenAIController", "OpenAIEmbeddingRequest", "create_embeddings"]
 
 
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -47,44 +48,56 @@ def timing_headers(t: Timings, started: float) -> dict[str, str]:
             "x-queue-time": f"{t.queue * 1e3:.2f}", "x-inference-time": f"{t.inference * 1e3:.2f}"}
 
 
+async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> Response:
+    """The embeddings route's work (also reached through /invocations)."""
+    started = time.perf_counter()
+    options = request.app.state.options
+    served = request.app.state.registry.get(data.model)
+    check_choice(data.encoding_format, ENCODING_FORMATS, "encoding_format")
+    check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
+    check_choice(data.endianness, ENDIANNESS, "endianness")
+    check_priority(data.priority, options)
+    inputs, add_special_tokens = await prompt_or_chat(served.embedder, data, data.input, "input", options)
+    check_limits(len(inputs) if isinstance(inputs, list) else 1, options)
+    timings = Timings()
+    vectors, tokens = await served.engine.embed(
+        inputs, dimensions=data.dimensions,
+        normalize=data.use_activation if data.use_activation is not None else data.normalize,
+        priority=data.priority, timings=timings, max_tokens=options.max_request_tokens,
+        truncate_prompt_tokens=data.truncate_prompt_tokens, truncation_side=data.truncation_side,
+        add_special_tokens=add_special_tokens)
+    request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}  # vLLM's UsageInfo
+    head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+            "model": served.name, "usage": usage}
+    headers = timing_headers(timings, started)
+    if data.encoding_format in ("bytes", "bytes_only"):
+        if data.encoding_format == "bytes":  # vLLM's layout: per-item dtype, byte order, span and shape
+            width = vectors.shape[1] * dtype_width(data.embed_dtype)
+            items = [{"index": i, "embed_dtype": data.embed_dtype, "endianness": data.endianness,
+                      "start": i * width, "end": (i + 1) * width, "shape": [vectors.shape[1]]}
+                     for i in range(len(vectors))]
+            meta = {"id": head["id"], "created": head["created"], "model": served.name, "data": items, "usage": usage}
+            headers["metadata"] = json.dumps(meta)  # ASCII-escaped: a header carries Latin-1 only
+        return Response(to_bytes(vectors, data.embed_dtype, data.endianness), media_type="application/octet-stream",
+                        headers=headers)
+    if data.encoding_format == "base64":
+        embeddings: list = to_base64(vectors, data.embed_dtype, data.endianness)
+    else:
+        embeddings = vectors.tolist()
+    body = {**head, "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]}
+    if data.additional_data is not None:
+        body["additional_data"] = data.additional_data
+    return Response(body, headers=headers)
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["OpenAI"]
 
     @post("/embeddings", status_code=200, summary="Create embeddings (OpenAI, with vLLM extensions)")
     async def embeddings(self, request: Request, data: OpenAIEmbeddingRequest) -> Response:
-        started = time.perf_counter()
-        served = request.app.state.registry.get(data.model)
-        inputs, add_special_tokens = prompt_or_chat(served.embedder, data, data.input, "input")
-        check_choice(data.encoding_format, ("float", "base64", "bytes"), "encoding_format")
-        check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
-        check_choice(data.endianness, ENDIANNESS, "endianness")
-        check_limits(len(inputs) if isinstance(inputs, list) else 1, request.app.state.options)
-        timings = Timings()
-        vectors, tokens = await served.engine.embed(
-            inputs, dimensions=data.dimensions,
-            normalize=data.use_activation if data.use_activation is not None else data.normalize,
-            priority=data.priority, timings=timings, max_tokens=request.app.state.options.max_request_tokens,
-            truncate_prompt_tokens=data.truncate_prompt_tokens, truncation_side=data.truncation_side,
-            add_special_tokens=add_special_tokens)
-        request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
-        head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        headers = timing_headers(timings, started)
-        if data.encoding_format == "bytes":
-            width = vectors.shape[1] * {"float32": 4, "float16": 2, "bfloat16": 2}[data.embed_dtype]
-            meta = {**head, "embed_dtype": data.embed_dtype, "endianness": data.endianness, "shape": list(vectors.shape),
-                    "data": [{"index": i, "start": i * width, "end": (i + 1) * width} for i in range(len(vectors))]}
-            headers["metadata"] = msgspec.json.encode(meta).decode()
-            return Response(to_bytes(vectors, data.embed_dtype, data.endianness), media_type="application/octet-stream", headers=headers)
-        if data.encoding_format == "base64":
-            embeddings: list = to_base64(vectors, data.embed_dtype, data.endianness)
-        else:
-            embeddings = vectors.tolist()
-        body = {**head, "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]}
-        if data.additional_data is not None:
-            body["additional_data"] = data.additional_data
-        return Response(body, headers=headers)
+        return await create_embeddings(request, data)
 
     @get("/models", summary="List served models (OpenAI), with dimensions, Matryoshka sizes, max length and prompts")
     async def models(self, request: Request) -> dict:

@@ -1,26 +1,49 @@
-"""vLLM-style extras: ``/v1/score`` (and ``/score``), ``/tokenize``, ``/detokenize``."""
+"""vLLM-style extras: ``/v1/score`` (and ``/score``), ``/tokenize``, ``/detokenize``, ``/tokenizer_info``,
+and SageMaker's ``/invocations`` (dispatched by the body's fields, as vLLM does)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
 
 import msgspec
 import numpy as np
-from litestar import Controller, Request, post
+from litestar import Controller, Request, Response, get, post
 
 from toolkit.errors import RequestError
 from toolkit.server.limits import check_limits, prompt_or_chat
 
 __all__ = ["VLLMController"]
 
+_INLINE_CHARS = 4096  # /tokenize: longer prompts tokenize in a thread
+
 
 class ScoreRequest(msgspec.Struct, kw_only=True):
+    """vLLM's score request: ``queries`` with ``documents`` (or ``items``), or the older ``data_1``/``data_2``
+    and ``text_1``/``text_2``."""
+
     model: str | None = None
-    text_1: str | list[str]
-    text_2: str | list[str]
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    use_activation: bool | None = None
+
+    def pair(self) -> tuple[list[str], list[str]]:
+        for left, right, names in ((self.queries, self.documents, "queries/documents"),
+                                   (self.queries, self.items, "queries/items"),
+                                   (self.data_1, self.data_2, "data_1/data_2"),
+                                   (self.text_1, self.text_2, "text_1/text_2")):
+            if left is not None and right is not None:
+                return ([left] if isinstance(left, str) else left), ([right] if isinstance(right, str) else right)
+        raise RequestError("give queries and documents (or queries/items, data_1/data_2, text_1/text_2)",
+                           param="queries")
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -40,40 +63,89 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
 
 
+async def create_score(request: Request, data: ScoreRequest) -> dict:
+    served = request.app.state.registry.get(data.model)
+    if data.use_activation is not None:
+        raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
+                           "whose scores are cosine similarities", param="use_activation")
+    left, right = data.pair()
+    if not left or not right:
+        raise RequestError("both sides of the score must have at least one input", param="queries")
+    check_limits(len(left) + len(right), request.app.state.options, param="documents")
+    if len(left) not in (1, len(right)):
+        raise RequestError(f"{len(left)} queries and {len(right)} documents: give 1 query or {len(right)}",
+                           param="queries")
+    vectors, tokens = await served.engine.embed(left + right, normalize=True,
+                                                max_tokens=request.app.state.options.max_request_tokens,
+                                                truncate_prompt_tokens=data.truncate_prompt_tokens)
+    a, b = vectors[: len(left)], vectors[len(left):]
+    scores = (a * b).sum(-1) if len(left) > 1 else b @ a[0]
+    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
+            "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(np.atleast_1d(scores))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
+async def create_tokens(request: Request, data: TokenizeRequest) -> dict:
+    served = request.app.state.registry.get(data.model)
+    emb = served.embedder
+    prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
+    if len(prompt) <= _INLINE_CHARS:
+        ids = emb.tokenizer.ids(prompt, add_special_tokens=specials)
+    else:  # off the event loop; the payload limit bounds the text
+        ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials)
+    return {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids,
+            "token_strs": emb.tokenizer.token_strings(ids) if data.return_token_strs else None}
+
+
+async def create_text(request: Request, data: DetokenizeRequest) -> dict:
+    served = request.app.state.registry.get(data.model)
+    return {"prompt": served.embedder.detokenize(data.tokens)}
+
+
 class VLLMController(Controller):
     tags = ["vLLM extras"]
 
-    @post(["/v1/score", "/score"], status_code=200, summary="Cosine scores of text_1 against text_2 (1-1, 1-N, N-N)")
+    @post(["/v1/score", "/score"], status_code=200,
+          summary="Cosine scores of queries against documents (1-1, 1-N, N-N); vLLM's field names")
     async def score(self, request: Request, data: ScoreRequest) -> dict:
-        served = request.app.state.registry.get(data.model)
-        left = [data.text_1] if isinstance(data.text_1, str) else data.text_1
-        right = [data.text_2] if isinstance(data.text_2, str) else data.text_2
-        check_limits(len(left) + len(right), request.app.state.options, param="text_2")
-        if not left or not right:
-            raise RequestError("text_1 and text_2 must not be empty", param="text_1")
-        if len(left) not in (1, len(right)):
-            raise RequestError(f"text_1 has {len(left)} inputs and text_2 {len(right)}: give 1 or {len(right)}", param="text_1")
-        vectors, tokens = await served.engine.embed(left + right, normalize=True,
-                                                    max_tokens=request.app.state.options.max_request_tokens,
-                                                    truncate_prompt_tokens=data.truncate_prompt_tokens)
-        a, b = vectors[: len(left)], vectors[len(left):]
-        scores = (a * b).sum(-1) if len(left) > 1 else b @ a[0]
-        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
-                "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(np.atleast_1d(scores))],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return await create_score(request, data)
 
-    @post("/tokenize", status_code=200, summary="Token ids of a prompt")
+    @post("/tokenize", status_code=200, summary="Token ids of a prompt (or of chat messages)")
     async def tokenize(self, request: Request, data: TokenizeRequest) -> dict:
-        served = request.app.state.registry.get(data.model)
-        emb = served.embedder
-        prompt, specials = prompt_or_chat(emb, data, data.prompt, "prompt")
-        ids = emb.tokenizer.ids(prompt, add_special_tokens=specials)
-        body = {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids}
-        if data.return_token_strs:
-            body["token_strs"] = emb.tokenizer.token_strings(ids)
-        return body
+        return await create_tokens(request, data)
 
     @post("/detokenize", status_code=200, summary="Text of token ids")
     async def detokenize(self, request: Request, data: DetokenizeRequest) -> dict:
-        served = request.app.state.registry.get(data.model)
-        return {"prompt": served.embedder.detokenize(data.tokens)}
+        return await create_text(request, data)
+
+    @get("/tokenizer_info", summary="The served tokenizer's configuration (vLLM)")
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict:
+        emb = request.app.state.registry.get(model).embedder
+        manifest = emb.manifest
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": manifest.max_seq_len,
+                "vocab_size": emb.tokenizer.vocab_size, "pad_token_id": manifest.pad_token_id,
+                "padding_side": emb.card.padding_side.value, "truncation_side": "right",
+                **manifest.special_tokens, "chat_template": manifest.chat_template}
+
+    @post("/invocations", status_code=200,
+          summary="SageMaker entry point: an embeddings, score, tokenize or detokenize body, told apart by its fields")
+    async def invocations(self, request: Request) -> Response:
+        from toolkit.server.openai_api import OpenAIEmbeddingRequest, create_embeddings
+
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        routes = ((("input", "messages"), OpenAIEmbeddingRequest, create_embeddings),
+                  (("queries", "data_1", "text_1"), ScoreRequest, create_score),
+                  (("prompt",), TokenizeRequest, create_tokens),
+                  (("tokens",), DetokenizeRequest, create_text))
+        for keys, kind, handler in routes:
+            if any(k in body for k in keys):
+                try:
+                    data = msgspec.convert(body, kind)
+                except msgspec.ValidationError as exc:
+                    raise RequestError(f"invalid request: {exc}") from None
+                result = await handler(request, data)
+                return result if isinstance(result, Response) else Response(result)
+        raise RequestError("the body matches no route: give `input` or `messages` (embeddings), `queries` "
+                           "(score), `prompt` (tokenize) or `tokens` (detokenize)")

@@ -26,7 +26,8 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 def client(tiny_artifact):
     metrics = Metrics()
     registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
-    options = ServerOptions(max_client_batch_size=8, max_request_tokens=400, payload_limit=20_000)
+    options = ServerOptions(max_client_batch_size=8, max_request_tokens=400, payload_limit=20_000,
+                            allow_request_chat_template=True)
     with TestClient(create_app(registry, options, metrics)) as c:
         yield c
 
@@ -52,9 +53,16 @@ def test_openai_float_base64_bytes(client, tiny):
     r = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "bytes", "embed_dtype": "float16",
                                             "endianness": "little"})
     assert r.headers["content-type"] == "application/octet-stream"
-    meta = __import__("json").loads(r.headers["metadata"])
-    assert meta["shape"] == [2, 24] and meta["data"][1]["start"] == 48
+    meta = __import__("json").loads(r.headers["metadata"])  # vLLM's layout: everything per item
+    assert set(meta) == {"id", "created", "model", "data", "usage"} and meta["usage"]["completion_tokens"] == 0
+    assert meta["data"][1] == {"index": 1, "embed_dtype": "float16", "endianness": "little", "start": 48, "end": 96,
+                               "shape": [24]}
     np.testing.assert_allclose(np.frombuffer(r.content, dtype="<f2").reshape(2, 24), tiny.embed(texts), atol=1e-3)
+    only = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "bytes_only", "embed_dtype": "fp8_e4m3"})
+    assert "metadata" not in only.headers and len(only.content) == 2 * 24
+    from toolkit.runtime.encoding import to_fp8
+
+    assert only.content == to_fp8(tiny.embed(texts), "fp8_e4m3").tobytes()
     r = client.post("/v1/embeddings", json={"input": tiny.tokenize("hello there"), "use_activation": False})
     np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny.embed("hello there", normalize=False)[0], atol=1e-6)
 
@@ -303,10 +311,9 @@ def test_bench_drives_the_server(live_server, minilm_artifact, monkeypatch, tmp_
     bench.print_result(result)
     bench.plot_result(result, tmp_path / "server.png")
     assert (tmp_path / "server.png").stat().st_size > 1000
-    monkeypatch.setenv("TOOLKIT_API_KEY", "wrong")
-    refused = bench.bench_server(url, artifact=None, corpus=None, concurrency=(2,), requests=4,
-                                 inputs_per_request=1, threads=None)
-    assert refused["rows"][0]["errors"] == 4  # every 401 is counted, none is mistaken for a success
+    with pytest.raises(ConfigError, match="401.*--api-key"):  # a run of 401s is an error, not a fast result
+        bench.bench_server(url, artifact=None, corpus=None, concurrency=(2,), requests=4,
+                           inputs_per_request=1, threads=None, api_key="wrong")
     with pytest.raises(ConfigError, match="loopback"):
         bench.bench_server("http://example.com:80", artifact=None, corpus=None, concurrency=(1,), requests=1,
                            inputs_per_request=1, threads=None)

@@ -177,9 +177,13 @@ class _Connection:
 
 
 def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concurrency: tuple[int, ...], requests: int,
-                 inputs_per_request: int, threads: int | None) -> dict:
+                 inputs_per_request: int, threads: int | None, api_key: str | None = None) -> dict:
     """Bounded load (count and time) against a loopback server: ``clients`` connections, each
-    sending its next request when the previous answer is in."""
+    sending its next request when the previous answer is in.
+
+    ConfigError when the warm-up request or any measured request is not answered 200: a run
+    whose requests fail is an error, not a result (a 401 is fast).
+    """
     import asyncio
     import json
     from urllib.parse import urlsplit
@@ -189,17 +193,18 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
     if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
         raise ConfigError(f"--server must be a loopback address (127.0.0.1 / localhost), got {host}")
     texts = load_corpus(corpus, limit=max(requests * inputs_per_request, 64))
-    headers = {"Authorization": f"Bearer {os.environ['TOOLKIT_API_KEY']}"} if os.environ.get("TOOLKIT_API_KEY") else {}
+    api_key = api_key or os.environ.get("TOOLKIT_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     bodies = [json.dumps({"input": [texts[(i * inputs_per_request + j) % len(texts)] for j in range(inputs_per_request)],
                           "encoding_format": "base64", "truncate_prompt_tokens": -1}).encode() for i in range(requests)]
 
-    async def level(clients: int) -> tuple[list[float], int, float]:
+    async def level(clients: int) -> tuple[list[float], int, float, int]:
         deadline = time.monotonic() + 300
         latencies: list[float] = []
-        errors = 0
+        errors = first_error = 0
 
         async def client(k: int) -> None:
-            nonlocal errors
+            nonlocal errors, first_error
             conn = _Connection(host, port, headers)
             try:
                 for i in range(k, requests, clients):
@@ -212,22 +217,30 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
                         status = 0
                         await conn.close()
                     latencies.append(time.perf_counter() - start)
-                    errors += status != 200
+                    if status != 200:
+                        errors += 1
+                        first_error = first_error or status
             finally:
                 await conn.close()
 
         warm = _Connection(host, port, headers)
         try:
-            await warm.post("/v1/embeddings", bodies[0])
+            status = await warm.post("/v1/embeddings", bodies[0])
         finally:
             await warm.close()
+        if status != 200:
+            hint = ": pass --api-key (or TOOLKIT_API_KEY)" if status == 401 else ""
+            raise ConfigError(f"the server answered {status} to the warm-up request{hint}")
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
-        return latencies, errors, time.perf_counter() - start
+        return latencies, errors, time.perf_counter() - start, first_error
 
     rows = []
     for clients in concurrency:
-        latencies, errors, wall = asyncio.run(level(clients))
+        latencies, errors, wall, first_error = asyncio.run(level(clients))
+        if errors:
+            raise ConfigError(f"{errors} of {len(latencies)} requests failed at {clients} clients "
+                              f"(first status {first_error}); no figures reported")
         ms = np.array(latencies) * 1e3
         rows.append({"concurrency": clients, "requests": len(latencies), "errors": errors,
                      "requests_per_s": len(latencies) / wall, "sentences_per_s": len(latencies) * inputs_per_request / wall,

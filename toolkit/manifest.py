@@ -51,6 +51,8 @@ class ParityReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     cases: list[ParityCase] = []
     retrieval_top10_overlap: float | None = None
     vs_fp32_min_cosine: float | None = None
+    # outputs that missed the cosine threshold (fp32): [artifact's, torch fp32's] max (1 - cos) vs float64
+    noise_floor: dict[str, list[float]] = {}
     skipped: bool = False
     passed: bool = True
 
@@ -73,10 +75,10 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     precision: str = "fp32"
     target: str = "cpu"
     opset: int = 18
-    export_options: dict[str, str] = {}
+    export_options: dict[str, bool | int | float | str | list[int] | None] = {}
     versions: dict[str, str] = {}
     fused_ops: dict[str, int] = {}
-    optimization: dict[str, str] = {}
+    optimization: dict[str, float | int | str] = {}  # *_ms timings are numbers
     quantization_range: list[float] | None = None  # [lo, hi] of native unit-vector components
     parity: ParityReport
     warnings: list[str] = []

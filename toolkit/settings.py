@@ -73,8 +73,13 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_concurrent_requests: int = 512
-    max_client_batch_size: int = 2048
-    max_request_tokens: int = 300_000
-    payload_limit: int = 32 * 1024 * 1024
+    max_concurrent_requests: int = 512  # requests in flight before 429
+    max_client_batch_size: int = 2048  # inputs per request
+    max_request_tokens: int = 300_000  # tokens per request
+    payload_limit: int = 2 * 1024 * 1024  # body bytes before 413 (TEI's default, 2 MiB)
+    read_timeout_s: float = 10.0  # a request's headers and body must arrive within this (slow clients are cut off)
+    max_connections: int = 1024  # open connections before uvicorn answers 503
+    shutdown_grace_s: int = 30  # SIGTERM: in-flight requests get this long, then a 503
+    allow_request_chat_template: bool = False  # accept a caller's `chat_template` (a Jinja program) at all
+    allow_priority_boost: bool = False  # accept negative `priority` (ahead of everyone else's default 0)
     log_level: str = "info"
