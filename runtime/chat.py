@@ -41,8 +41,8 @@ def _limited_range(*args):
         yield i
 
 
-def _raise(message: str):
-    raise RequestError(f"chat template: {message}", param="messages")
+def _raise(message: str, param: str = "messages"):
+    raise RequestError(f"chat template: {message}", param=param)
 
 
 @lru_cache(maxsize=16)
@@ -58,11 +58,11 @@ def _compile(template: str):
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and (abs(right) > 64 if isinstance(right, (int, float)) else True):
-                _raise("`**` with an exponent past 64 is not allowed")
+                _raise("`**` with an exponent past 64 is not allowed", "chat_template")
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT_CHARS:
-                        _raise(f"repeating a sequence past {MAX_OUTPUT_CHARS} items is not allowed")
+                        _raise(f"repeating a sequence past {MAX_OUTPUT_CHARS} items is not allowed", "chat_template")
             return super().call_binop(context, operator, left, right)
 
     env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -115,7 +115,7 @@ def render_chat(template: str | None, messages: Sequence[Any], *, special_tokens
         for chunk in compiled.generate(messages=conversation, add_generation_prompt=add_generation_prompt, **variables):
             size += len(chunk)
             if size > MAX_OUTPUT_CHARS:
-                _raise(f"the rendered prompt is longer than {MAX_OUTPUT_CHARS} characters")
+                _raise(f"the rendered prompt is longer than {MAX_OUTPUT_CHARS} characters", "chat_template")
             _spend()
             chunks.append(chunk)
         text = "".join(chunks)

@@ -37,10 +37,8 @@ def window(text: str, chars: int, side: str) -> str:
         return text
     if side == "right":
         head = text[:chars]
-        last = None
-        for last in _WORD_END.finditer(head, chars // 2):  # the cut stays in the window's second half
-            pass
-        return head[: last.end()] if last is not None else head
+        ends = [m.end() for m in _WORD_END.finditer(head, chars // 2)]  # the cut stays in the window's second half
+        return head[: ends[-1]] if ends else head
     tail = text[len(text) - chars:]
     first = _WORD_START.search(tail, 0, chars // 2)
     return tail[first.start():] if first is not None else tail

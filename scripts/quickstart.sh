@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ARTIFACT=.cache/quickstart/all-MiniLM-L6-v2.onnx
 PORT=${PORT:-8000}
+if ! .venv/bin/python -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$PORT" 2>/dev/null; then
+  echo "port $PORT is taken on 127.0.0.1 (another server?): rerun with PORT=<free port> bash scripts/quickstart.sh" >&2
+  exit 1
+fi
 [ -f "$ARTIFACT" ] || .venv/bin/toolkit export -o "$ARTIFACT"
 .venv/bin/toolkit inspect "$ARTIFACT"
 .venv/bin/toolkit serve "$ARTIFACT" --port "$PORT" &

@@ -14,7 +14,13 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
 
-from toolkit.errors import AuthenticationError, ConfigError, NotReadyError, OverloadedError, ToolkitError
+from toolkit.errors import (
+    AuthenticationError,
+    ConfigError,
+    NotReadyError,
+    OverloadedError,
+    ToolkitError,
+)
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
@@ -30,7 +36,7 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 __all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
-OPEN_PATHS = ("/health", "/ready", "/metrics")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs")  # no API key needed
 READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
 
 

@@ -11,7 +11,14 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 
 from toolkit.runtime.async_embedder import Timings
-from toolkit.runtime.encoding import EMBED_DTYPES, ENCODING_FORMATS, ENDIANNESS, dtype_width, to_base64, to_bytes
+from toolkit.runtime.encoding import (
+    EMBED_DTYPES,
+    ENCODING_FORMATS,
+    ENDIANNESS,
+    dtype_width,
+    to_base64,
+    to_bytes,
+)
 from toolkit.server.limits import check_choice, check_limits, check_priority, prompt_or_chat
 
 __all__ = ["OpenAIController", "OpenAIEmbeddingRequest", "create_embeddings"]

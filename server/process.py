@@ -91,6 +91,9 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
     metrics = Metrics()
     registry = load_models(paths, names, runtime, metrics)
     app = create_app(registry, options, metrics)
+    level = options.log_level.upper()
+    for name in ("", "toolkit", "litestar"):  # Litestar's own logging config sets INFO on what it touches
+        logging.getLogger(name).setLevel(level)
     for name, served in registry.models.items():
         log.info("serving %s (%s, %s) on %s", name, served.embedder.path.name, served.embedder.device.value,
                  f"http://{options.host}:{options.port}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from litestar import Litestar
 from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Schema
-from litestar.openapi.spec.enums import OpenAPIType
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
-from toolkit.runtime.encoding import EMBED_DTYPES, ENDIANNESS, ENCODING_FORMATS
+from toolkit.runtime.encoding import EMBED_DTYPES, ENCODING_FORMATS, ENDIANNESS
 from toolkit.settings import ServerOptions
 
 __all__ = ["document_errors"]
@@ -85,6 +85,15 @@ def document_errors(app: Litestar, options: ServerOptions) -> None:
             responses = {code: r for code, r in (operation.responses or {}).items() if not code.startswith("4")}
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status, cohere=path.startswith("/v2/"))
+            if path == "/v1/embeddings" and "200" in responses:  # encoding_format bytes / bytes_only
+                ok = responses["200"]
+                ok.content = {**(ok.content or {}), "application/octet-stream": OpenAPIMediaType(
+                    schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                                  description="rows back to back (encoding_format bytes / bytes_only)"))}
+                ok.headers = {**(ok.headers or {}), "metadata": OpenAPIHeader(
+                    schema=_STRING, required=False,
+                    description="encoding_format bytes: JSON with id, created, model, usage and per-row "
+                                "index, embed_dtype, endianness, start, end, shape (vLLM's layout)")}
             operation.responses = responses
             if options.api_key and not path.startswith(("/health", "/ready", "/metrics")):
                 operation.security = [{"BearerAuth": []}]

@@ -36,7 +36,7 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
     use_activation: bool | None = None
 
     def pair(self) -> tuple[list[str], list[str]]:
-        for left, right, names in ((self.queries, self.documents, "queries/documents"),
+        for left, right, _names in ((self.queries, self.documents, "queries/documents"),
                                    (self.queries, self.items, "queries/items"),
                                    (self.data_1, self.data_2, "data_1/data_2"),
                                    (self.text_1, self.text_2, "text_1/text_2")):

