@@ -24,7 +24,7 @@ import numpy as np
 
 from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.embedder import Embedder, Inputs
+from toolkit.runtime.embedder import Embedder, Inputs, expand_chunks, pool_chunks
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
@@ -158,8 +158,11 @@ class AsyncEmbedder:
                 raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="input")
             if timings is not None:
                 timings.tokenize = time.perf_counter() - started
-            rows = await self.run(items, plan.output, priority=priority, timings=timings)
-        return self.embedder.finish(np.stack(rows), plan), total
+            flat, spans = expand_chunks(items)
+            if spans is not None:
+                plan = self.embedder.chunk_plan(plan)
+            rows = await self.run(flat, plan.output, priority=priority, timings=timings)
+        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan), total
 
     # ---------------------------------------------------------------- worker
     def _take(self) -> list[tuple[int, _Job]]:

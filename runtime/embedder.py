@@ -33,6 +33,34 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def expand_chunks(items: list[Tokenized]) -> tuple[list[Tokenized], list[tuple[int, int]] | None]:
+    """Chunked inputs' parts in line with the others; spans[i] = (start, end) of input i in the flat list
+    (None when nothing is chunked)."""
+    if not any(t.parts for t in items):
+        return items, None
+    flat: list[Tokenized] = []
+    spans = []
+    for item in items:
+        parts = item.parts or [item]
+        spans.append((len(flat), len(flat) + len(parts)))
+        flat.extend(parts)
+    return flat, spans
+
+
+def pool_chunks(rows: list[np.ndarray], flat: list[Tokenized], spans: list[tuple[int, int]] | None) -> list[np.ndarray]:
+    """Each input's row: its chunks' rows averaged, weighted by their token counts."""
+    if spans is None:
+        return rows
+    out = []
+    for start, end in spans:
+        if end - start == 1:
+            out.append(rows[start])
+            continue
+        weights = np.array([len(flat[i]) for i in range(start, end)], dtype=np.float64)
+        out.append((np.stack(rows[start:end]).astype(np.float64) * weights[:, None]).sum(0) / weights.sum())
+    return out
+
+
 def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
     """Normalize the four accepted input forms; reject empties and mixed lists."""
     if isinstance(inputs, str):
@@ -117,8 +145,8 @@ class Embedder:
                 raise RequestError("input strings must not be empty", param="input")
             prefix = self.prompt_text(prompt_name, prompt)
             texts = [prefix + t for t in items] if prefix else items
-            return self.tokenizer.encode(texts, add_special_tokens=add_special_tokens,
-                                         truncate=truncate_prompt_tokens, side=truncation_side)
+            return self.tokenizer.encode(texts, add_special_tokens=add_special_tokens, truncate=truncate_prompt_tokens,
+                                         side=truncation_side, max_embed_len=self.options.max_embed_len)
         return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side) for ids in items]
 
     # ---------------------------------------------------------------- engine
@@ -164,6 +192,14 @@ class Embedder:
         allowed = f"any of 1..{native}" if self.card.matryoshka_any else ", ".join(map(str, self.allowed_dimensions()))
         raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; allowed: {allowed}")
 
+    def chunk_plan(self, plan: OutputPlan) -> OutputPlan:
+        """The plan for inputs embedded by chunks: the raw (un-normalized) output, averaged over chunks by
+        token count (vLLM's chunked processing), then sliced and normalized as ``plan`` would."""
+        if plan.output == "sentence_embedding_raw":
+            return plan
+        dims = int(plan.output.rsplit("_", 1)[1]) if plan.output.startswith("sentence_embedding_") else None
+        return OutputPlan("sentence_embedding_raw", dims=dims, normalize=self.card.normalize)
+
     @staticmethod
     def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
         if plan.dims is not None:
@@ -177,7 +213,11 @@ class Embedder:
         """(n, dimensions) float32 sentence embeddings."""
         plan = self.plan_output(dimensions, normalize)
         items = self.tokenize_inputs(inputs, **tokenize)
-        return self.finish(np.stack(self.run(items, plan.output)), plan)
+        flat, spans = expand_chunks(items)
+        if spans is not None:
+            plan = self.chunk_plan(plan)
+        rows = self.run(flat, plan.output)
+        return self.finish(np.stack(pool_chunks(rows, flat, spans)), plan)
 
     def encode(self, inputs: Inputs, *, pooling_task: str = "embed", **kwargs) -> np.ndarray | list[np.ndarray]:
         """``embed`` (pooling_task="embed") or per-token states (``token_embed``)."""
@@ -188,6 +228,9 @@ class Embedder:
                 if self.manifest.sparse:
                     raise RequestError("sparse models have no token embeddings", param="pooling_task")
                 items = self.tokenize_inputs(inputs, **kwargs)
+                if any(t.parts for t in items):
+                    raise RequestError("token embeddings of an input longer than the model's window are not "
+                                       "supported in chunked mode; truncate it", param="input")
                 states = self.run(items, "token_embeddings")
                 return [self._unpad(s, len(t)) for s, t in zip(states, items)]
             case _:
@@ -214,8 +257,12 @@ class Embedder:
         if not self.manifest.sparse:
             raise RequestError("this is a dense model: use embed", param="model")
         items = self.tokenize_inputs(inputs, **tokenize)
+        flat, spans = expand_chunks(items)
+        rows = self.run(flat, "sparse_embedding")
+        if spans is not None:  # SPLADE pools by max over tokens: the max over chunks is exact
+            rows = [np.max(np.stack(rows[start:end]), axis=0) for start, end in spans]
         out = []
-        for row in self.run(items, "sparse_embedding"):
+        for row in rows:
             idx = np.flatnonzero(row > 0)
             out.append((idx.astype(np.int64), row[idx].astype(np.float32)))
         return out

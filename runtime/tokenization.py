@@ -45,13 +45,18 @@ def window(text: str, chars: int, side: str) -> str:
 
 
 class Tokenized:
-    """One input's token ids (and type ids), before padding."""
+    """One input's token ids (and type ids), before padding.
 
-    __slots__ = ("ids", "type_ids")
+    ``parts``: an input longer than the model's window, in chunked mode: its chunks, each a window-sized
+    input with its own special tokens (``ids`` then holds all of them, back to back, for counting).
+    """
 
-    def __init__(self, ids: list[int], type_ids: list[int] | None = None) -> None:
+    __slots__ = ("ids", "parts", "type_ids")
+
+    def __init__(self, ids: list[int], type_ids: list[int] | None = None, parts: list[Tokenized] | None = None) -> None:
         self.ids = ids
         self.type_ids = type_ids
+        self.parts = parts
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -78,6 +83,7 @@ class Tokenizer:
         add_special_tokens: bool = True,
         truncate: int | None = None,
         side: str = "right",
+        max_embed_len: int | None = None,
     ) -> list[Tokenized]:
         """Tokenize ``texts``, one tokenization pass each, with work bounded by what the model can use.
 
@@ -85,25 +91,40 @@ class Tokenizer:
         ``max_length``; k > 0 keeps at most k tokens (specials included). A text far
         longer than the limit is tokenized only over a window of it (see ``window``),
         so a 10 MB text costs what a few thousand characters cost.
+        ``max_embed_len`` (chunked mode, with ``truncate`` None): a text of up to that many
+        tokens is cut into window-sized chunks (``Tokenized.parts``) instead of refused.
         """
         limit = self._limit(truncate)
         specials = self._n_special if add_special_tokens else 0
         content = max(limit - specials, 1)
-        encodings = self._encode_windows(texts, content, side)
+        chunked = truncate is None and max_embed_len is not None and max_embed_len > limit
+        encodings = self._encode_windows(texts, max_embed_len if chunked else content, side)
         out: list[Tokenized] = []
         for i, (enc, cut) in enumerate(encodings):
             if len(enc.ids) > content:
+                if truncate is None and chunked and not cut and len(enc.ids) <= max_embed_len:
+                    out.append(self._chunks(enc, content, add_special_tokens))
+                    continue
                 if truncate is None:
                     count = "more tokens than" if cut else f"{len(enc.ids) + specials} tokens, more than"
+                    most = (f"the chunked-processing maximum of {max_embed_len}" if chunked
+                            else f"the model's maximum of {self.max_length}")
                     raise InputTooLongError(
-                        f"input {i} has {count} the model's maximum of {self.max_length}; "
-                        "shorten it or set truncate_prompt_tokens"
+                        f"input {i} has {count} {most}; shorten it or set truncate_prompt_tokens"
                     )
                 enc.truncate(content, direction=side)
             if add_special_tokens:
                 enc = self._tok.post_process(enc, add_special_tokens=True)
             out.append(Tokenized(enc.ids, enc.type_ids))
         return out
+
+    def _chunks(self, enc: Encoding, content: int, add_special_tokens: bool) -> Tokenized:
+        """Window-sized chunks of one long input, each with its own special tokens."""
+        enc.truncate(content)  # the rest becomes enc.overflowing, in order
+        if add_special_tokens:
+            enc = self._tok.post_process(enc, add_special_tokens=True)
+        parts = [Tokenized(e.ids, e.type_ids) for e in (enc, *enc.overflowing)]
+        return Tokenized([t for p in parts for t in p.ids], None, parts)
 
     def _encode_windows(self, texts: Sequence[str], content: int, side: str) -> list[tuple[Encoding, bool]]:
         """Each text's content tokens (no specials), over a window big enough to hold ``content`` + 1 tokens.

@@ -181,6 +181,18 @@ def test_real_splade_tiny(tmp_path):
     assert len(indices) > 0 and (values > 0).all() and indices.max() < 30522
     with pytest.raises(Exception, match="embed_sparse"):
         emb.embed("x")
+    from toolkit.corpus import load_corpus
+
+    long = " ".join(load_corpus(limit=60))  # past SPLADE's window: chunked mode takes the max over chunks (exact)
+    chunked = Embedder(result.path, device="cpu", max_embed_len=4096)
+    (item,) = chunked.tokenize_inputs([long])
+    (got_idx, got_val), = chunked.embed_sparse(long)
+    dense = np.zeros(30522, dtype=np.float32)
+    for part in item.parts:
+        (idx, val), = chunked.embed_sparse([part.ids])
+        dense[idx] = np.maximum(dense[idx], val)
+    np.testing.assert_array_equal(got_idx, np.flatnonzero(dense))
+    np.testing.assert_allclose(got_val, dense[got_idx], atol=1e-6)
 
 
 def test_unknown_architecture_is_one_line(tmp_path):

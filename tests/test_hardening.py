@@ -251,3 +251,29 @@ def test_fp8_matches_torch_bit_for_bit():
     for name, dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
         expected = torch.from_numpy(x).to(dtype).view(torch.uint8).numpy()
         assert (to_fp8(x, name) == expected).all(), name
+
+
+def test_chunked_processing_is_opt_in_and_pools_by_token_count(tiny_artifact, tiny):
+    from toolkit.corpus import load_corpus
+
+    text = " ".join(load_corpus(limit=30))  # ~1200 tokens: 13 windows of this model's 96
+    chunked = Embedder(tiny_artifact, device="cpu", max_embed_len=2000)
+    (item,) = chunked.tokenize_inputs([text])
+    assert len(item.parts) > 2 and all(len(p) <= 96 for p in item.parts)
+    raw = np.stack([chunked.embed([p.ids], normalize=False)[0] for p in item.parts])  # each chunk alone
+    weights = np.array([len(p) for p in item.parts], dtype=np.float64)
+    expected = (raw * weights[:, None]).sum(0) / weights.sum()
+    np.testing.assert_allclose(chunked.embed([text])[0], expected / np.linalg.norm(expected), atol=1e-6)
+    np.testing.assert_allclose(chunked.embed(["short"]), tiny.embed(["short"]), atol=1e-6)  # short ones unchanged
+    with pytest.raises(Exception, match="chunked-processing maximum of 500"):
+        Embedder(tiny_artifact, device="cpu", max_embed_len=500).embed(text)
+    metrics = Metrics()
+    registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu", max_embed_len=2000), metrics)
+    with TestClient(create_app(registry, ServerOptions(), metrics)) as c:
+        r = c.post("/v1/embeddings", json={"input": [text, "short"], "dimensions": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(item) + tiny.count_tokens("short")
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], chunked.embed([text], dimensions=8)[0], atol=1e-6)
+    assert tiny.embed([text], truncate_prompt_tokens=-1).shape == (1, 24)
+    with pytest.raises(Exception, match="model's maximum"):
+        tiny.embed(text)  # off by default

@@ -67,6 +67,9 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_size: int = 256
     io_binding: bool | None = None  # None: on for CUDA, off for CPU (measured no gain)
     max_queue: int = 4096  # AsyncEmbedder: queued inputs before OverloadedError
+    # chunked processing (opt-in): inputs up to this many tokens are embedded by window-sized chunks whose
+    # un-normalized embeddings are averaged by token count (vLLM's enable_chunked_processing); None: off
+    max_embed_len: int | None = None
 
 
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
