@@ -184,9 +184,15 @@ class Tokenizer:
                                param="truncate_prompt_tokens")
         return truncate
 
-    def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """All token ids of ``text``, with no length limit (``/tokenize``: bound the text before calling)."""
-        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    def ids(self, text: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+        """All token ids of ``text``, not truncated; RequestError past ``limit`` tokens (the work stops there)."""
+        if limit is None:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        ((enc, cut),) = self._encode_windows([text], limit, "right")
+        if len(enc.ids) > limit:
+            raise RequestError(f"the prompt has more than {limit} tokens, this server's limit per request "
+                               "(--max-request-tokens)", param="prompt")
+        return self._tok.post_process(enc, add_special_tokens=True).ids if add_special_tokens else enc.ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -89,10 +89,11 @@ async def create_tokens(request: Request, data: TokenizeRequest) -> dict:
     served = request.app.state.registry.get(data.model)
     emb = served.embedder
     prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
+    limit = request.app.state.options.max_request_tokens
     if len(prompt) <= _INLINE_CHARS:
-        ids = emb.tokenizer.ids(prompt, add_special_tokens=specials)
-    else:  # off the event loop; the payload limit bounds the text
-        ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials)
+        ids = emb.tokenizer.ids(prompt, specials, limit)
+    else:  # off the event loop, and no further than the server's tokens per request
+        ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials, limit)
     return {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids,
             "token_strs": emb.tokenizer.token_strings(ids) if data.return_token_strs else None}
 

@@ -222,6 +222,10 @@ def test_cli_inspect_json_and_bad_artifact(minilm_artifact, tmp_path):
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
     assert manifest["card"]["name"] == "all-MiniLM-L6-v2" and manifest["parity"]["passed"]
+    # real JSON types, not str() of Python objects ("Precision.FP32", "True", "392.10")
+    assert manifest["export_options"]["precision"] == "fp32" and manifest["export_options"]["optimize"] is True
+    assert manifest["export_options"]["matryoshka_dims"] == [128, 256]
+    assert all(isinstance(v, float) for k, v in manifest["optimization"].items() if k.endswith("_ms"))
     table = _cli("inspect", str(minilm_artifact))
     assert "sentence_embedding" in table.stdout
     junk = tmp_path / "junk.onnx"

@@ -277,3 +277,12 @@ def test_chunked_processing_is_opt_in_and_pools_by_token_count(tiny_artifact, ti
     assert tiny.embed([text], truncate_prompt_tokens=-1).shape == (1, 24)
     with pytest.raises(Exception, match="model's maximum"):
         tiny.embed(text)  # off by default
+
+
+def test_tokenize_stops_at_the_request_token_limit(tiny_artifact, tiny):
+    limited, _ = _app(tiny_artifact, max_request_tokens=400)
+    with limited:
+        r = limited.post("/tokenize", json={"prompt": "word " * 3000})
+        assert r.status_code == 400 and "more than 400 tokens" in r.json()["error"]["message"]
+        r = limited.post("/tokenize", json={"prompt": "word " * 100})
+        assert r.status_code == 200 and r.json()["tokens"] == tiny.tokenizer.ids("word " * 100)
