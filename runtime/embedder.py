@@ -15,7 +15,7 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan"]
+__all__ = ["Embedder", "Inputs", "OutputPlan", "cosine_scores", "expand_chunks", "pool_chunks", "score_pairs"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
@@ -59,6 +59,24 @@ def pool_chunks(rows: list[np.ndarray], flat: list[Tokenized], spans: list[tuple
         weights = np.array([len(flat[i]) for i in range(start, end)], dtype=np.float64)
         out.append((np.stack(rows[start:end]).astype(np.float64) * weights[:, None]).sum(0) / weights.sum())
     return out
+
+
+def score_pairs(queries: str | Sequence[str], documents: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """vLLM's score pairing, validated: 1 query with N documents, or N with N."""
+    left = [queries] if isinstance(queries, str) else list(queries)
+    right = [documents] if isinstance(documents, str) else list(documents)
+    if not left or not right:
+        raise RequestError("both sides of a score need at least one input", param="queries")
+    if len(left) not in (1, len(right)):
+        raise RequestError(f"{len(left)} queries and {len(right)} documents: give 1 query or {len(right)}",
+                           param="queries")
+    return left, right
+
+
+def cosine_scores(vectors: np.ndarray, n_queries: int) -> np.ndarray:
+    """Scores of unit ``vectors`` laid out as queries then documents: (n_documents,) float32."""
+    a, b = vectors[:n_queries], vectors[n_queries:]
+    return np.atleast_1d((a * b).sum(-1) if n_queries > 1 else b @ a[0])
 
 
 def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
@@ -242,15 +260,8 @@ class Embedder:
 
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], **kwargs) -> np.ndarray:
         """Cosine scores, vLLM's pairing: 1-1, 1-N and N-N (equal lengths)."""
-        left = [text_1] if isinstance(text_1, str) else list(text_1)
-        right = [text_2] if isinstance(text_2, str) else list(text_2)
-        if not left or not right:
-            raise RequestError("text_1 and text_2 must not be empty", param="text_1")
-        if len(left) not in (1, len(right)):
-            raise RequestError(f"text_1 has {len(left)} inputs and text_2 {len(right)}: give 1 or {len(right)}", param="text_1")
-        vectors = self.embed(left + right, normalize=True, **kwargs)
-        a, b = vectors[: len(left)], vectors[len(left):]
-        return (a * b).sum(-1) if len(left) > 1 else b @ a[0]
+        left, right = score_pairs(text_1, text_2)
+        return cosine_scores(self.embed(left + right, normalize=True, **kwargs), len(left))
 
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""

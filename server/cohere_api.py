@@ -14,7 +14,7 @@ from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import quantize, to_base64
 from toolkit.server.limits import check_choice, check_limits
-from toolkit.server.openai_api import timing_headers
+from toolkit.server.metrics import timing_headers
 
 __all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest"]
 

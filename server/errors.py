@@ -12,7 +12,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from toolkit.errors import OverloadedError, ToolkitError
+from toolkit.errors import OverloadedError, PayloadTooLargeError, ToolkitError
 
 __all__ = ["error_body", "error_response", "handle_exception"]
 
@@ -54,11 +54,12 @@ def handle_exception(request: Request, exc: Exception) -> Response:
         return error_response(path, exc.status_code, exc.message, exc.error_type, exc.param, headers)
     if isinstance(exc, ValidationException) or (isinstance(exc, HTTPException) and exc.status_code == 400):
         return error_response(path, 400, _bad_request_message(exc))
+    if isinstance(exc, HTTPException) and exc.status_code == 413:  # Litestar's, rendered through the tree
+        limit = request.app.state.options.payload_limit
+        return handle_exception(request, PayloadTooLargeError(
+            f"the request body is larger than the server's payload limit ({limit} bytes; --payload-limit)"))
     if isinstance(exc, HTTPException):
         message = exc.detail
-        if exc.status_code == 413:
-            limit = request.app.state.options.payload_limit
-            message = f"the request body is larger than the server's payload limit ({limit} bytes; --payload-limit)"
         headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}  # 405 keeps Allow
         return error_response(path, exc.status_code, message, headers=headers or None)
     log.exception("unhandled error on %s %s", request.method, path)

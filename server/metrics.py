@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "timing_headers"]
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -92,3 +93,9 @@ class Metrics:
                     seen.add(name)
                 lines += hist.render(name, labels)
             return "\n".join(lines) + "\n"
+
+
+def timing_headers(t, started: float) -> dict[str, str]:
+    """TEI-style timing headers (milliseconds) of a request's ``Timings``."""
+    return {"x-total-time": f"{(time.perf_counter() - started) * 1e3:.2f}", "x-tokenization-time": f"{t.tokenize * 1e3:.2f}",
+            "x-queue-time": f"{t.queue * 1e3:.2f}", "x-inference-time": f"{t.inference * 1e3:.2f}"}

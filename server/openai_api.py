@@ -19,7 +19,9 @@ from toolkit.runtime.encoding import (
     to_base64,
     to_bytes,
 )
-from toolkit.server.limits import check_choice, check_limits, check_priority, prompt_or_chat
+from toolkit.server.inputs import prompt_or_chat
+from toolkit.server.limits import check_choice, check_limits, check_priority
+from toolkit.server.metrics import timing_headers
 
 __all__ = ["OpenAIController", "OpenAIEmbeddingRequest", "create_embeddings"]
 
@@ -47,12 +49,6 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = False
     continue_final_message: bool = False
-
-
-def timing_headers(t: Timings, started: float) -> dict[str, str]:
-    """TEI-style timing headers, milliseconds."""
-    return {"x-total-time": f"{(time.perf_counter() - started) * 1e3:.2f}", "x-tokenization-time": f"{t.tokenize * 1e3:.2f}",
-            "x-queue-time": f"{t.queue * 1e3:.2f}", "x-inference-time": f"{t.inference * 1e3:.2f}"}
 
 
 async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> Response:

@@ -9,11 +9,12 @@ import uuid
 from typing import Any
 
 import msgspec
-import numpy as np
 from litestar import Controller, Request, Response, get, post
 
 from toolkit.errors import RequestError
-from toolkit.server.limits import check_limits, prompt_or_chat
+from toolkit.runtime.embedder import cosine_scores, score_pairs
+from toolkit.server.inputs import prompt_or_chat
+from toolkit.server.limits import check_limits
 
 __all__ = ["VLLMController"]
 
@@ -35,13 +36,11 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
     truncate_prompt_tokens: int | None = None
     use_activation: bool | None = None
 
-    def pair(self) -> tuple[list[str], list[str]]:
-        for left, right, _names in ((self.queries, self.documents, "queries/documents"),
-                                   (self.queries, self.items, "queries/items"),
-                                   (self.data_1, self.data_2, "data_1/data_2"),
-                                   (self.text_1, self.text_2, "text_1/text_2")):
+    def pair(self) -> tuple[str | list[str], str | list[str]]:
+        for left, right in ((self.queries, self.documents), (self.queries, self.items), (self.data_1, self.data_2),
+                            (self.text_1, self.text_2)):
             if left is not None and right is not None:
-                return ([left] if isinstance(left, str) else left), ([right] if isinstance(right, str) else right)
+                return left, right
         raise RequestError("give queries and documents (or queries/items, data_1/data_2, text_1/text_2)",
                            param="queries")
 
@@ -68,20 +67,14 @@ async def create_score(request: Request, data: ScoreRequest) -> dict:
     if data.use_activation is not None:
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
                            "whose scores are cosine similarities", param="use_activation")
-    left, right = data.pair()
-    if not left or not right:
-        raise RequestError("both sides of the score must have at least one input", param="queries")
+    left, right = score_pairs(*data.pair())
     check_limits(len(left) + len(right), request.app.state.options, param="documents")
-    if len(left) not in (1, len(right)):
-        raise RequestError(f"{len(left)} queries and {len(right)} documents: give 1 query or {len(right)}",
-                           param="queries")
     vectors, tokens = await served.engine.embed(left + right, normalize=True,
                                                 max_tokens=request.app.state.options.max_request_tokens,
                                                 truncate_prompt_tokens=data.truncate_prompt_tokens)
-    a, b = vectors[: len(left)], vectors[len(left):]
-    scores = (a * b).sum(-1) if len(left) > 1 else b @ a[0]
+    scores = cosine_scores(vectors, len(left))
     return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
-            "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(np.atleast_1d(scores))],
+            "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
 
