@@ -84,7 +84,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         items = emb.tokenize_inputs([probes[k] for k in keys], truncate_prompt_tokens=cap)
         got = emb.run_batch(items, outputs)
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in items]
-        rows = [[emb._unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
+        rows = [[emb.unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
                  for o, output in enumerate(outputs)] for row, item in enumerate(items)]
         checked.append((items, rows, refs))
         for o, output in enumerate(outputs):

@@ -24,7 +24,14 @@ import numpy as np
 
 from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.embedder import Embedder, Inputs, expand_chunks, pool_chunks
+from toolkit.runtime.embedder import (
+    Embedder,
+    Inputs,
+    expand_chunks,
+    pool_chunks,
+    pool_sparse,
+    sparse_entries,
+)
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
@@ -149,6 +156,33 @@ class AsyncEmbedder:
         ``max_tokens`` bounds the request's total tokens (RequestError past it).
         """
         plan = self.embedder.plan_output(dimensions, normalize)
+        rows, flat, spans, total = await self._rows(inputs, plan.output, priority, timings, max_tokens, tokenize,
+                                                    chunk_plan=lambda: self.embedder.chunk_plan(plan))
+        if spans is not None:
+            plan = self.embedder.chunk_plan(plan)
+        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan), total
+
+    async def embed_tokens(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
+                           max_tokens: int | None = None, **tokenize) -> tuple[list[np.ndarray], int]:
+        """(per input a (tokens, hidden) array of encoder states, prompt tokens), like ``Embedder.encode``'s
+        token_embed."""
+        rows, flat, spans, total = await self._rows(inputs, "token_embeddings", priority, timings, max_tokens, tokenize)
+        if spans is not None:
+            raise RequestError("token embeddings of an input longer than the model's window are not supported "
+                               "in chunked mode; truncate it", param="input")
+        return [self.embedder.unpad(state, len(item)) for state, item in zip(rows, flat)], total
+
+    async def embed_sparse(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
+                           max_tokens: int | None = None, **tokenize) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+        """(per input its (indices, weights) of non-zero vocabulary entries, prompt tokens), like
+        ``Embedder.embed_sparse``."""
+        self.embedder.require_sparse()
+        rows, flat, spans, total = await self._rows(inputs, "sparse_embedding", priority, timings, max_tokens, tokenize)
+        return [sparse_entries(row) for row in pool_sparse(rows, spans)], total
+
+    async def _rows(self, inputs: Inputs, output: str, priority: int, timings: Timings | None, max_tokens: int | None,
+                    tokenize: dict, chunk_plan=None):
+        """Admit, tokenize (off the loop when big), bound the tokens, queue: (rows, flat items, chunk spans, total)."""
         single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int))
         with self.admit(1 if single else len(inputs)):
             started = time.perf_counter()
@@ -159,10 +193,10 @@ class AsyncEmbedder:
             if timings is not None:
                 timings.tokenize = time.perf_counter() - started
             flat, spans = expand_chunks(items)
-            if spans is not None:
-                plan = self.embedder.chunk_plan(plan)
-            rows = await self.run(flat, plan.output, priority=priority, timings=timings)
-        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan), total
+            if spans is not None and chunk_plan is not None:
+                output = chunk_plan().output
+            rows = await self.run(flat, output, priority=priority, timings=timings)
+        return rows, flat, spans, total
 
     # ---------------------------------------------------------------- worker
     def _take(self) -> list[tuple[int, _Job]]:

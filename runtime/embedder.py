@@ -15,7 +15,8 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan", "cosine_scores", "expand_chunks", "pool_chunks", "score_pairs"]
+__all__ = ["Embedder", "Inputs", "OutputPlan", "cosine_scores", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
+           "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
@@ -77,6 +78,19 @@ def cosine_scores(vectors: np.ndarray, n_queries: int) -> np.ndarray:
     """Scores of unit ``vectors`` laid out as queries then documents: (n_documents,) float32."""
     a, b = vectors[:n_queries], vectors[n_queries:]
     return np.atleast_1d((a * b).sum(-1) if n_queries > 1 else b @ a[0])
+
+
+def pool_sparse(rows: list[np.ndarray], spans: list[tuple[int, int]] | None) -> list[np.ndarray]:
+    """SPLADE pools by max over tokens, so the max over an input's chunks is exact."""
+    if spans is None:
+        return rows
+    return [np.max(np.stack(rows[start:end]), axis=0) for start, end in spans]
+
+
+def sparse_entries(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices int64, weights float32) of a vocabulary-sized row's non-zero entries."""
+    idx = np.flatnonzero(row > 0)
+    return idx.astype(np.int64), row[idx].astype(np.float32)
 
 
 def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
@@ -250,11 +264,11 @@ class Embedder:
                     raise RequestError("token embeddings of an input longer than the model's window are not "
                                        "supported in chunked mode; truncate it", param="input")
                 states = self.run(items, "token_embeddings")
-                return [self._unpad(s, len(t)) for s, t in zip(states, items)]
+                return [self.unpad(s, len(t)) for s, t in zip(states, items)]
             case _:
                 raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
 
-    def _unpad(self, states: np.ndarray, length: int) -> np.ndarray:
+    def unpad(self, states: np.ndarray, length: int) -> np.ndarray:
         # (seq, hidden) padded to its batch -> (length, hidden)
         return states[:length] if self._padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
 
@@ -263,20 +277,16 @@ class Embedder:
         left, right = score_pairs(text_1, text_2)
         return cosine_scores(self.embed(left + right, normalize=True, **kwargs), len(left))
 
+    def require_sparse(self) -> None:
+        if not self.manifest.sparse:
+            raise RequestError("this is a dense model: sparse embeddings need a SPLADE artifact", param="model")
+
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
-        if not self.manifest.sparse:
-            raise RequestError("this is a dense model: use embed", param="model")
+        self.require_sparse()
         items = self.tokenize_inputs(inputs, **tokenize)
         flat, spans = expand_chunks(items)
-        rows = self.run(flat, "sparse_embedding")
-        if spans is not None:  # SPLADE pools by max over tokens: the max over chunks is exact
-            rows = [np.max(np.stack(rows[start:end]), axis=0) for start, end in spans]
-        out = []
-        for row in rows:
-            idx = np.flatnonzero(row > 0)
-            out.append((idx.astype(np.int64), row[idx].astype(np.float32)))
-        return out
+        return [sparse_entries(row) for row in pool_sparse(self.run(flat, "sparse_embedding"), spans)]
 
     def render_chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = False,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:

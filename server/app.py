@@ -29,7 +29,10 @@ from toolkit.server.errors import error_body, handle_exception
 from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
 from toolkit.server.openai_api import OpenAIController
+from toolkit.server.pooling_api import PoolingController
+from toolkit.server.rerank_api import RerankController
 from toolkit.server.schema import document_errors
+from toolkit.server.tei_api import TEIController
 from toolkit.server.vllm_api import VLLMController
 from toolkit.settings import RuntimeOptions, ServerOptions
 
@@ -53,12 +56,12 @@ class Gateway:
         self._key = options.api_key.encode() if options.api_key else None
 
     async def _reject(self, send, path: str, exc: ToolkitError, headers: list | None = None) -> None:
-        body = error_body(path, exc.status_code, exc.message, exc.error_type, exc.param)
-        await send({"type": "http.response.start", "status": exc.status_code,
+        status, body = error_body(path, exc.status_code, exc.message, exc.error_type, exc.param, exc=exc)
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.request(self._route(path), exc.status_code, 0.0)
+        self.metrics.request(self._route(path), status, 0.0)
 
     def _route(self, path: str) -> str:
         return path if path in self.routes else "(unmatched)"
@@ -203,7 +206,8 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         return Gateway(app, options, metrics, routes)
 
     app = Litestar(
-        route_handlers=[OpenAIController, CohereController, VLLMController, health, ready, prometheus, *assets],
+        route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
+                        PoolingController, health, ready, prometheus, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
         request_class=ToolkitRequest,

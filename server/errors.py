@@ -1,7 +1,10 @@
 """Every failure rendered in its API's own shape.
 
-``/v2/*`` answers Cohere's ``{"message"}``; every other route OpenAI's
-``{"error": {"message", "type", "param", "code"}}``. Nothing escapes as a bare 500.
+``/v2/*`` answers Cohere's ``{"message"}``; TEI's routes (``/embed``, ``/embed_all``, ``/embed_sparse``,
+``/info``, and ``/rerank`` when its body is TEI's) TEI's ``{"error", "error_type"}`` with TEI's status
+codes (validation 413 for too-long inputs, 422 for other bad input, 424 backend, 429 overloaded, 503
+unhealthy); every other route OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Nothing
+escapes as a bare 500.
 """
 
 from __future__ import annotations
@@ -12,9 +15,18 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from toolkit.errors import OverloadedError, PayloadTooLargeError, ToolkitError
+from toolkit.errors import (
+    BackendError,
+    InputTooLongError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ToolkitError,
+)
 
-__all__ = ["error_body", "error_response", "handle_exception"]
+__all__ = ["TEI_PATHS", "dialect_of", "error_body", "error_response", "handle_exception"]
+
+TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/info")
 
 log = logging.getLogger("toolkit.server")
 
@@ -23,17 +35,51 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           429: "rate_limit_error", 503: "service_unavailable"}
 
 
-def error_body(path: str, status: int, message: str, error_type: str | None = None, param: str | None = None) -> bytes:
-    if path.startswith("/v2/"):
-        return msgspec.json.encode({"message": message})
-    error = {"message": message, "type": error_type or _TYPES.get(status, "internal_error"), "param": param, "code": status}
-    return msgspec.json.encode({"error": error})
+def dialect_of(path: str, request: Request | None = None) -> str:
+    """"tei", "cohere" or "openai": whose error shape this request gets (a route may set request.state.dialect)."""
+    if request is not None and "dialect" in request.state:
+        return request.state.dialect
+    if path in TEI_PATHS:
+        return "tei"
+    return "cohere" if path.startswith("/v2/") else "openai"
 
 
-def error_response(path: str, status: int, message: str, error_type: str | None = None, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    return Response(content=error_body(path, status, message, error_type, param), status_code=status,
-                    media_type="application/json", headers=headers)
+def _tei_status(status: int, exc: Exception | None) -> tuple[int, str]:
+    """TEI's status and error_type for a failure (text-embeddings-inference's ErrorType mapping)."""
+    if isinstance(exc, OverloadedError) or status == 429:
+        return 429, "overloaded"
+    if isinstance(exc, NotReadyError) or status == 503:
+        return 503, "unhealthy"
+    if isinstance(exc, BackendError) or status >= 500:
+        return 424, "backend"
+    if isinstance(exc, InputTooLongError) or status == 413:
+        return 413, "validation"
+    if status in (401, 404, 405, 415):
+        return status, "validation"
+    return 422, "validation"
+
+
+def error_body(path: str, status: int, message: str, error_type: str | None = None, param: str | None = None,
+               dialect: str | None = None, exc: Exception | None = None) -> tuple[int, bytes]:
+    """(status, JSON body) of a failure in the dialect's shape; TEI's dialect may change the status."""
+    match dialect or dialect_of(path):
+        case "cohere":
+            return status, msgspec.json.encode({"message": message})
+        case "tei":
+            status, kind = _tei_status(status, exc)
+            return status, msgspec.json.encode({"error": message, "error_type": kind})
+        case _:
+            error = {"message": message, "type": error_type or _TYPES.get(status, "internal_error"), "param": param,
+                     "code": status}
+            return status, msgspec.json.encode({"error": error})
+
+
+def error_response(request: Request, status: int, message: str, error_type: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None,
+                   exc: Exception | None = None) -> Response:
+    path = request.url.path
+    status, body = error_body(path, status, message, error_type, param, dialect_of(path, request), exc)
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _bad_request_message(exc: HTTPException) -> str:
@@ -51,16 +97,15 @@ def handle_exception(request: Request, exc: Exception) -> Response:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
         if exc.status_code >= 500:
             log.error("%s %s: %s", request.method, path, exc.message)
-        return error_response(path, exc.status_code, exc.message, exc.error_type, exc.param, headers)
+        return error_response(request, exc.status_code, exc.message, exc.error_type, exc.param, headers, exc)
     if isinstance(exc, ValidationException) or (isinstance(exc, HTTPException) and exc.status_code == 400):
-        return error_response(path, 400, _bad_request_message(exc))
+        return error_response(request, 400, _bad_request_message(exc))
     if isinstance(exc, HTTPException) and exc.status_code == 413:  # Litestar's, rendered through the tree
         limit = request.app.state.options.payload_limit
         return handle_exception(request, PayloadTooLargeError(
             f"the request body is larger than the server's payload limit ({limit} bytes; --payload-limit)"))
     if isinstance(exc, HTTPException):
-        message = exc.detail
         headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}  # 405 keeps Allow
-        return error_response(path, exc.status_code, message, headers=headers or None)
+        return error_response(request, exc.status_code, exc.detail, headers=headers or None)
     log.exception("unhandled error on %s %s", request.method, path)
-    return error_response(path, 500, f"internal error: {type(exc).__name__}")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}", exc=exc)

@@ -14,6 +14,7 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIRespon
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
 from toolkit.runtime.encoding import EMBED_DTYPES, ENCODING_FORMATS, ENDIANNESS
+from toolkit.server.errors import TEI_PATHS
 from toolkit.settings import ServerOptions
 
 __all__ = ["document_errors"]
@@ -29,6 +30,8 @@ _OPENAI_ERROR = Schema(
 )
 _COHERE_ERROR = Schema(type=OpenAPIType.OBJECT, required=["message"], properties={"message": _STRING},
                        description="Cohere's error shape")
+_TEI_ERROR = Schema(type=OpenAPIType.OBJECT, required=["error", "error_type"],
+                    properties={"error": _STRING, "error_type": _STRING}, description="text-embeddings-inference's shape")
 
 _STATUSES = {
     400: "Invalid input: malformed JSON, wrong types, unknown choices (listed), empty or too long inputs, bad token ids",
@@ -37,9 +40,12 @@ _STATUSES = {
     413: "The body is larger than the payload limit",
     415: "The body's Content-Type is not JSON",
     429: "Overloaded: too many requests in flight or queued inputs (see Retry-After)",
+    422: "Invalid input (TEI's routes: malformed or invalid body)",
+    424: "Inference failed (TEI's routes)",
     500: "Inference failed",
     503: "Not ready, or shutting down past the grace period",
 }
+_TEI_STATUSES = {404, 413, 415, 422, 424, 429, 503}
 _CHOICES = {
     "OpenAIEmbeddingRequest": {"encoding_format": ENCODING_FORMATS, "embed_dtype": EMBED_DTYPES,
                                "endianness": ENDIANNESS, "truncation_side": ("right", "left")},
@@ -52,14 +58,16 @@ _ONE_OF_REQUIRED = {
 }
 
 
-def _error_response(status: int, cohere: bool) -> OpenAPIResponse:
+def _error_response(status: int, shape: str) -> OpenAPIResponse:
+    schema = {"cohere": _COHERE_ERROR, "tei": _TEI_ERROR, "openai": _OPENAI_ERROR,
+              "either": Schema(one_of=[_OPENAI_ERROR, _TEI_ERROR])}[shape]
     headers = {}
     if status == 429:
         headers["Retry-After"] = OpenAPIHeader(schema=Schema(type=OpenAPIType.INTEGER), description="seconds")
     if status == 401:
         headers["WWW-Authenticate"] = OpenAPIHeader(schema=_STRING)
     return OpenAPIResponse(description=_STATUSES[status], headers=headers or None,
-                           content={"application/json": OpenAPIMediaType(schema=_COHERE_ERROR if cohere else _OPENAI_ERROR)})
+                           content={"application/json": OpenAPIMediaType(schema=schema)})
 
 
 def _non_null(schema: Schema) -> Schema:
@@ -78,13 +86,16 @@ def document_errors(app: Litestar, options: ServerOptions) -> None:
             if operation is None:
                 continue
             statuses = {503} if path == "/ready" else set()
+            shape = "tei" if path in TEI_PATHS else "either" if path == "/rerank" else (
+                "cohere" if path.startswith("/v2/") else "openai")
             if not path.startswith(("/health", "/ready", "/metrics", "/docs")):
                 statuses = {400, 404, 429, 500, 503} | ({413, 415} if method == "post" else set())
+                statuses = _TEI_STATUSES | statuses if shape == "either" else _TEI_STATUSES if shape == "tei" else statuses
                 if options.api_key:
                     statuses.add(401)
             responses = {code: r for code, r in (operation.responses or {}).items() if not code.startswith("4")}
             for status in sorted(statuses):
-                responses[str(status)] = _error_response(status, cohere=path.startswith("/v2/"))
+                responses[str(status)] = _error_response(status, shape)
             if path == "/v1/embeddings" and "200" in responses:  # encoding_format bytes / bytes_only
                 ok = responses["200"]
                 ok.content = {**(ok.content or {}), "application/octet-stream": OpenAPIMediaType(

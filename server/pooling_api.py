@@ -1,0 +1,93 @@
+"""vLLM's ``/pooling`` (every pooling task the artifact has) and llama.cpp's native ``/embedding``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import numpy as np
+from litestar import Controller, Request, Response, post
+
+from toolkit.errors import RequestError
+from toolkit.runtime.encoding import to_base64
+from toolkit.server.limits import check_choice, check_limits
+
+__all__ = ["PoolingController", "pooling_tasks"]
+
+TASKS = ("embed", "token_embed", "classify", "token_classify")
+
+
+class PoolingRequest(msgspec.Struct, kw_only=True):
+    input: str | list[Any]
+    model: str | None = None
+    task: str | None = None  # default: embed
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str = "right"
+    use_activation: bool | None = None  # embed: normalize or not (vLLM's flag)
+
+
+class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
+    content: str | list[Any] | None = None
+    input: str | list[Any] | None = None  # newer llama.cpp servers accept `input` too
+    model: str | None = None
+
+
+def pooling_tasks(embedder) -> tuple[str, ...]:
+    """The pooling tasks an artifact answers: sparse (SPLADE) artifacts pool one vocabulary-sized vector."""
+    return ("embed",) if embedder.manifest.sparse else ("embed", "token_embed")
+
+
+class PoolingController(Controller):
+    tags = ["vLLM extras"]
+
+    @post("/pooling", status_code=200, summary="vLLM's pooling API: embed or token_embed, as the artifact allows")
+    async def pooling(self, request: Request, data: PoolingRequest) -> Response:
+        served = request.app.state.registry.get(data.model)
+        emb, options = served.embedder, request.app.state.options
+        task = data.task or "embed"
+        check_choice(task, TASKS, "task")
+        applicable = pooling_tasks(emb)
+        if task not in applicable:
+            raise RequestError(f"task '{task}' does not apply to this model; applicable: {', '.join(applicable)}",
+                               param="task")
+        check_choice(data.encoding_format, ("float", "base64"), "encoding_format")
+        check_limits(1 if isinstance(data.input, str) or (data.input and isinstance(data.input[0], int))
+                     else len(data.input), options)
+        tokenize = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
+                    "max_tokens": options.max_request_tokens}
+        if task == "token_embed":
+            rows, tokens = await served.engine.embed_tokens(data.input, **tokenize)
+        elif emb.manifest.sparse:
+            entries, tokens = await served.engine.embed_sparse(data.input, **tokenize)
+            rows = [_dense(idx, val, emb.dimensions) for idx, val in entries]
+        else:
+            vectors, tokens = await served.engine.embed(data.input, dimensions=data.dimensions,
+                                                        normalize=data.use_activation, **tokenize)
+            rows = list(vectors)
+        encoded = ([to_base64(r.reshape(1, -1))[0] for r in rows] if data.encoding_format == "base64"
+                   else [r.tolist() for r in rows])
+        return Response({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                         "model": served.name,
+                         "data": [{"index": i, "object": "pooling", "data": d} for i, d in enumerate(encoded)],
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
+    @post("/embedding", status_code=200, summary="llama.cpp's native embedding route (pooled, normalized)")
+    async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> Response:
+        served = request.app.state.registry.get(data.model)
+        inputs = data.content if data.content is not None else data.input
+        if inputs is None:
+            raise RequestError("content (or input) is required", param="content")
+        check_limits(1 if isinstance(inputs, str) else len(inputs), request.app.state.options, param="content")
+        vectors, _ = await served.engine.embed(inputs, max_tokens=request.app.state.options.max_request_tokens)
+        # llama.cpp answers a list of {index, embedding}, each embedding a list of vectors (one when pooled)
+        return Response([{"index": i, "embedding": [v.tolist()]} for i, v in enumerate(vectors)])
+
+
+def _dense(indices: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    row = np.zeros(size, dtype=np.float32)
+    row[indices] = values
+    return row

@@ -1,0 +1,143 @@
+"""Reranking: ``/rerank``, ``/v1/rerank`` (vLLM's shape, Jina-compatible), ``/v2/rerank`` (Cohere's), and TEI's
+``/rerank``. Embedding artifacts rerank by cosine similarity of the query and each document (a bi-encoder, as
+vLLM does for embedding models).
+
+``/rerank`` is both vLLM's path and TEI's: a body with ``texts`` is TEI's (answered in TEI's shape: a sorted
+list of ``{index, score, text?}``), one with ``documents`` vLLM's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import numpy as np
+from litestar import Controller, Request, Response, post
+
+from toolkit.errors import RequestError
+from toolkit.runtime.async_embedder import Timings
+from toolkit.runtime.embedder import cosine_scores
+from toolkit.server.limits import check_limits
+from toolkit.server.metrics import timing_headers
+from toolkit.server.tei_api import tei_truncation
+
+__all__ = ["RerankController", "VLLMRerankRequest"]
+
+
+class VLLMRerankRequest(msgspec.Struct, kw_only=True):
+    """vLLM's rerank request (Jina's and Cohere's fields)."""
+
+    query: str
+    documents: list[Any]
+    model: str | None = None
+    top_n: int | None = None  # None or 0: all
+    return_documents: bool | None = None  # default: true on /rerank and /v1/rerank (Jina, vLLM), false on /v2 (Cohere)
+    max_tokens_per_doc: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+
+class TEIRerankRequest(msgspec.Struct, kw_only=True):
+    query: str
+    texts: list[str]
+    truncate: bool | None = None
+    truncation_direction: str = "Right"
+    raw_scores: bool = False  # cosine scores have no activation to skip
+    return_text: bool = False
+    model: str | None = None
+
+
+def _document_text(doc: Any, i: int) -> str:
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        return doc["text"]
+    raise RequestError(f"documents[{i}] must be a string or an object with a string 'text'", param="documents")
+
+
+async def _cosine_ranking(request: Request, model: str | None, query: str, documents: list[str],
+                          doc_tokens: int | None, query_tokens: int | None, side: str = "right",
+                          timings: Timings | None = None) -> tuple[Any, np.ndarray, int]:
+    """(served model, cosine score per document, prompt tokens)."""
+    served = request.app.state.registry.get(model)
+    if not query:
+        raise RequestError("query must not be empty", param="query")
+    if not documents:
+        raise RequestError("documents must not be empty", param="documents")
+    options = request.app.state.options
+    check_limits(len(documents) + 1, options, param="documents")
+    q, q_tokens = await served.engine.embed([query], normalize=True, max_tokens=options.max_request_tokens,
+                                            truncate_prompt_tokens=query_tokens, truncation_side=side, timings=timings)
+    d, d_tokens = await served.engine.embed(documents, normalize=True, max_tokens=options.max_request_tokens,
+                                            truncate_prompt_tokens=doc_tokens, truncation_side=side, timings=timings)
+    return served, cosine_scores(np.concatenate([q, d]), 1), q_tokens + d_tokens
+
+
+async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool) -> Response:
+    started, timings = time.perf_counter(), Timings()
+    texts = [_document_text(doc, i) for i, doc in enumerate(data.documents)]
+    if data.top_n is not None and data.top_n < 0:
+        raise RequestError("top_n must be >= 0 (0: all documents)", param="top_n")
+    served = request.app.state.registry.get(data.model)
+    if data.max_tokens_per_doc is not None:  # Cohere / Jina: a cap, so clamped to the model's maximum
+        if data.max_tokens_per_doc < 1:
+            raise RequestError("max_tokens_per_doc must be >= 1", param="max_tokens_per_doc")
+        per_doc = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
+    else:  # Cohere truncates long documents by default; vLLM refuses them unless truncate_prompt_tokens says so
+        per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
+    served, scores, tokens = await _cosine_ranking(request, data.model, data.query, texts, per_doc,
+                                                   data.truncate_prompt_tokens, timings=timings)
+    order = np.argsort(-scores, kind="stable")[: data.top_n or None]
+    with_docs = data.return_documents if data.return_documents is not None else not cohere
+    results = [{"index": int(i), "relevance_score": float(scores[i]),
+                **({"document": {"text": texts[i]}} if with_docs else {})} for i in order]
+    body: dict[str, Any] = {"id": f"rerank-{uuid.uuid4().hex}", "model": served.name, "results": results,
+                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    if cohere:
+        body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                        "tokens": {"input_tokens": tokens}}
+    return Response(body, headers=timing_headers(timings, started))
+
+
+async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response:
+    request.state.dialect = "tei"
+    started, timings = time.perf_counter(), Timings()
+    truncation = tei_truncation(data.truncate, data.truncation_direction)
+    limit = truncation["truncate_prompt_tokens"]
+    _, scores, tokens = await _cosine_ranking(request, data.model, data.query, data.texts, limit, limit,
+                                              truncation["truncation_side"], timings)
+    order = np.argsort(-scores, kind="stable")
+    body = [{"index": int(i), "score": float(scores[i]), **({"text": data.texts[i]} if data.return_text else {})}
+            for i in order]
+    return Response(body, headers={**timing_headers(timings, started), "x-compute-tokens": str(tokens)})
+
+
+class RerankController(Controller):
+    tags = ["Rerank"]
+
+    @post("/rerank", status_code=200,
+          summary="Rerank documents: vLLM's body (query + documents) or TEI's (query + texts), told apart by the body")
+    async def rerank(self, request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body, dict) or ("texts" in body) == ("documents" in body):
+            raise RequestError("give `documents` (vLLM / Jina / Cohere body) or `texts` (TEI body), exactly one")
+        if "texts" in body:
+            request.state.dialect = "tei"
+            return await tei_rerank(request, _convert(body, TEIRerankRequest))
+        return await vllm_rerank(request, _convert(body, VLLMRerankRequest), cohere=False)
+
+    @post("/v1/rerank", status_code=200, summary="Rerank documents (vLLM, Jina-compatible)")
+    async def rerank_v1(self, request: Request, data: VLLMRerankRequest) -> Response:
+        return await vllm_rerank(request, data, cohere=False)
+
+    @post("/v2/rerank", status_code=200, summary="Rerank documents (Cohere v2)")
+    async def rerank_v2(self, request: Request, data: VLLMRerankRequest) -> Response:
+        return await vllm_rerank(request, data, cohere=True)
+
+
+def _convert(body: dict, kind: type):
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        raise RequestError(f"invalid request: {exc}") from None

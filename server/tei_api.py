@@ -1,0 +1,100 @@
+"""text-embeddings-inference's routes, so a TEI client switches without a change: ``/embed``, ``/embed_all``,
+``/embed_sparse``, ``/info`` (``/rerank`` lives in ``rerank_api``: its path is vLLM's too).
+
+Errors on these routes come in TEI's shape and status codes (see ``server.errors``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+
+from toolkit.errors import RequestError
+from toolkit.runtime.async_embedder import Timings
+from toolkit.server.limits import check_limits
+from toolkit.server.metrics import timing_headers
+
+__all__ = ["TEIController", "tei_truncation"]
+
+
+class TEIEmbedRequest(msgspec.Struct, kw_only=True):
+    inputs: str | list[Any]
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: str = "Right"
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    model: str | None = None  # an extension: TEI serves one model
+
+
+class TEITokensRequest(msgspec.Struct, kw_only=True):
+    """``/embed_all`` and ``/embed_sparse``."""
+
+    inputs: str | list[Any]
+    truncate: bool | None = None
+    truncation_direction: str = "Right"
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+def tei_truncation(truncate: bool | None, direction: str) -> dict:
+    """TEI's ``truncate`` (default false: too long is an error) and ``truncation_direction`` (Left / Right)."""
+    side = direction.lower()
+    if side not in ("left", "right"):
+        raise RequestError(f"truncation_direction '{direction}' is not one of: Left, Right", param="truncation_direction")
+    return {"truncate_prompt_tokens": -1 if truncate else None, "truncation_side": side}
+
+
+def _count(inputs) -> int:
+    return 1 if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else len(inputs)
+
+
+def _begin(request: Request, data) -> tuple[Any, dict, Timings, float]:
+    request.state.dialect = "tei"
+    served = request.app.state.registry.get(data.model)
+    check_limits(_count(data.inputs), request.app.state.options, param="inputs")
+    tokenize = {**tei_truncation(data.truncate, data.truncation_direction), "prompt_name": data.prompt_name,
+                "max_tokens": request.app.state.options.max_request_tokens}
+    return served, tokenize, Timings(), time.perf_counter()
+
+
+def _headers(timings: Timings, started: float, tokens: int) -> dict[str, str]:
+    return {**timing_headers(timings, started), "x-compute-tokens": str(tokens)}
+
+
+class TEIController(Controller):
+    tags = ["TEI"]
+
+    @post("/embed", status_code=200, summary="Embeddings (text-embeddings-inference)")
+    async def embed(self, request: Request, data: TEIEmbedRequest) -> Response:
+        served, tokenize, timings, started = _begin(request, data)
+        vectors, tokens = await served.engine.embed(data.inputs, dimensions=data.dimensions, normalize=data.normalize,
+                                                    timings=timings, **tokenize)
+        return Response(vectors.tolist(), headers=_headers(timings, started, tokens))
+
+    @post("/embed_all", status_code=200, summary="Per-token embeddings (text-embeddings-inference)")
+    async def embed_all(self, request: Request, data: TEITokensRequest) -> Response:
+        served, tokenize, timings, started = _begin(request, data)
+        states, tokens = await served.engine.embed_tokens(data.inputs, timings=timings, **tokenize)
+        return Response([s.tolist() for s in states], headers=_headers(timings, started, tokens))
+
+    @post("/embed_sparse", status_code=200, summary="Sparse (SPLADE) embeddings (text-embeddings-inference)")
+    async def embed_sparse(self, request: Request, data: TEITokensRequest) -> Response:
+        served, tokenize, timings, started = _begin(request, data)
+        entries, tokens = await served.engine.embed_sparse(data.inputs, timings=timings, **tokenize)
+        body = [[{"index": int(i), "value": float(v)} for i, v in zip(idx, val)] for idx, val in entries]
+        return Response(body, headers=_headers(timings, started, tokens))
+
+    @get("/info", summary="Served model info (text-embeddings-inference)")
+    async def info(self, request: Request) -> dict:
+        request.state.dialect = "tei"
+        name, served = next(iter(request.app.state.registry.models.items()))
+        emb, options = served.embedder, request.app.state.options
+        return {"model_id": name, "model_sha": None, "model_dtype": emb.manifest.precision,
+                "model_type": {"embedding": {"pooling": emb.card.pooling.value if emb.card.pooling else None}},
+                "max_concurrent_requests": options.max_concurrent_requests, "max_input_length": emb.manifest.max_seq_len,
+                "max_batch_tokens": emb.options.max_batch_tokens, "max_client_batch_size": options.max_client_batch_size,
+                "auto_truncate": False, "tokenization_workers": 1, "version": "onnx-embed-toolkit 0.1.0"}

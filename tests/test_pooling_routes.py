@@ -1,0 +1,127 @@
+"""TEI's routes, reranking (vLLM / Jina / Cohere / TEI bodies), vLLM's /pooling and llama.cpp's /embedding."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from toolkit.runtime import Embedder
+from toolkit.server.app import create_app, load_models
+from toolkit.server.metrics import Metrics
+from toolkit.settings import RuntimeOptions, ServerOptions
+
+DOCS = ["ONNX Runtime executes graphs fast", "the weather is sunny today", "export a model to ONNX"]
+QUERY = "how do I run an ONNX graph"
+
+
+def _client(artifact):
+    metrics = Metrics()
+    registry = load_models([artifact], ["m"], RuntimeOptions(device="cpu"), metrics)
+    return TestClient(create_app(registry, ServerOptions(), metrics))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact):
+    with _client(tiny_artifact) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_artifact):
+    return Embedder(tiny_artifact, device="cpu")
+
+
+def _cosines(emb: Embedder, query: str, docs: list[str]) -> np.ndarray:
+    return emb.score(query, docs)
+
+
+def test_tei_embed_and_embed_all(client, tiny):
+    r = client.post("/embed", json={"inputs": ["hello there", "general kenobi"]})
+    assert r.status_code == 200 and "x-compute-tokens" in r.headers
+    np.testing.assert_allclose(r.json(), tiny.embed(["hello there", "general kenobi"]), atol=1e-6)
+    r = client.post("/embed", json={"inputs": "hello there", "normalize": False, "dimensions": 8})
+    np.testing.assert_allclose(r.json(), tiny.embed("hello there", normalize=False, dimensions=8), atol=1e-6)
+    r = client.post("/embed", json={"inputs": "hello", "prompt_name": "query"})
+    np.testing.assert_allclose(r.json(), tiny.embed("hello", prompt_name="query"), atol=1e-6)
+    long = "word " * 500
+    r = client.post("/embed", json={"inputs": long})  # TEI: truncate defaults to false, too long is 413 validation
+    assert r.status_code == 413 and r.json()["error_type"] == "validation" and set(r.json()) == {"error", "error_type"}
+    r = client.post("/embed", json={"inputs": long, "truncate": True, "truncation_direction": "Left"})
+    np.testing.assert_allclose(r.json(), tiny.embed(long, truncate_prompt_tokens=-1, truncation_side="left"), atol=1e-6)
+    r = client.post("/embed_all", json={"inputs": ["hello there"]})
+    np.testing.assert_allclose(np.array(r.json()[0]), tiny.encode(["hello there"], pooling_task="token_embed")[0],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"inputs": []}, 422), ({"inputs": "x", "truncation_direction": "Middle"}, 422), ({"nope": 1}, 422),
+    ({"inputs": "x", "dimensions": 7}, 422),
+])
+def test_tei_errors_have_tei_shape(client, body, status):
+    r = client.post("/embed", json=body)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error"]
+    r = client.post("/embed_sparse", json={"inputs": "x"})  # a dense artifact
+    assert r.status_code == 422 and "SPLADE" in r.json()["error"]
+
+
+def test_tei_embed_sparse_on_splade(splade_artifact):
+    emb = Embedder(splade_artifact, device="cpu")
+    with _client(splade_artifact) as c:
+        r = c.post("/embed_sparse", json={"inputs": ["what is sparse retrieval"]})
+        assert r.status_code == 200, r.text
+        ((idx, val),) = emb.embed_sparse(["what is sparse retrieval"])
+        assert [e["index"] for e in r.json()[0]] == idx.tolist()
+        np.testing.assert_allclose([e["value"] for e in r.json()[0]], val, atol=1e-6)
+        r = c.post("/pooling", json={"input": "what is sparse retrieval"})
+        dense = np.array(r.json()["data"][0]["data"])
+        assert dense.shape == (30522,) and np.flatnonzero(dense).tolist() == idx.tolist()
+        r = c.post("/pooling", json={"input": "x", "task": "token_embed"})
+        assert r.status_code == 400 and "applicable: embed" in r.json()["error"]["message"]
+
+
+def test_rerank_dialects(client, tiny):
+    scores = _cosines(tiny, QUERY, DOCS)
+    best_first = np.argsort(-scores).tolist()
+    r = client.post("/rerank", json={"query": QUERY, "documents": DOCS})  # vLLM / Jina body
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == best_first and results[0]["document"]["text"] == DOCS[best_first[0]]
+    np.testing.assert_allclose([x["relevance_score"] for x in results], scores[best_first], atol=1e-5)
+    assert r.json()["usage"]["prompt_tokens"] == tiny.count_tokens([QUERY, *DOCS])
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 2})
+    assert [x["index"] for x in r.json()["results"]] == best_first[:2]
+    r = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 4096})
+    assert "document" not in r.json()["results"][0] and r.json()["meta"]["billed_units"]["search_units"] == 1
+    r = client.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True})  # TEI body
+    assert [x["index"] for x in r.json()] == best_first and r.json()[0]["text"] == DOCS[best_first[0]]
+    for body in ({"query": QUERY}, {"query": QUERY, "texts": DOCS, "documents": DOCS}):
+        r = client.post("/rerank", json=body)
+        assert r.status_code == 400 and "exactly one" in r.json()["error"]["message"]
+    r = client.post("/rerank", json={"query": QUERY, "texts": []})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"  # TEI's shape for TEI's body
+    assert client.post("/v2/rerank", json={"query": "", "documents": DOCS}).json().keys() == {"message"}
+
+
+def test_pooling_and_llama_cpp(client, tiny):
+    r = client.post("/pooling", json={"input": ["hello there"], "task": "embed"})
+    assert r.status_code == 200 and r.json()["data"][0]["object"] == "pooling"
+    np.testing.assert_allclose(r.json()["data"][0]["data"], tiny.embed("hello there")[0], atol=1e-6)
+    r = client.post("/pooling", json={"input": "hello there", "task": "token_embed"})
+    np.testing.assert_allclose(np.array(r.json()["data"][0]["data"]),
+                               tiny.encode("hello there", pooling_task="token_embed")[0], atol=1e-5)
+    r = client.post("/pooling", json={"input": "hello there", "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["data"]), dtype=np.float32)
+    np.testing.assert_allclose(vec, tiny.embed("hello there")[0], atol=1e-6)
+    for task in ("classify", "token_classify"):
+        r = client.post("/pooling", json={"input": "x", "task": task})
+        assert r.status_code == 400 and "applicable: embed, token_embed" in r.json()["error"]["message"]
+    assert client.post("/pooling", json={"input": "x", "task": "rank"}).json()["error"]["param"] == "task"
+    r = client.post("/embedding", json={"content": ["hello there", "bye"]})
+    assert [x["index"] for x in r.json()] == [0, 1]
+    np.testing.assert_allclose(r.json()[1]["embedding"][0], tiny.embed("bye")[0], atol=1e-6)
+    info = client.get("/info").json()
+    assert info["model_id"] == "m" and info["max_input_length"] == tiny.tokenizer.max_length
