@@ -48,7 +48,7 @@ def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int
     """
     inputs = _example_inputs(resolved, int(resolved.config.get("vocab_size", 1000)))
     names = list(resolved.arch.inputs)
-    outputs = output_names(resolved.card)
+    outputs = output_names(resolved)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

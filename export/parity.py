@@ -97,7 +97,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
                                     padded=len({len(t) for t in items}) > 1, padding_side=str(emb.card.padding_side.value),
                                     min_cosine=cos_min, max_abs_diff=diff_max))
     reference = "torch"
-    if resolved.st_layout and not emb.manifest.sparse:
+    if resolved.st_layout and resolved.head.st_reference:
         reference = "sentence-transformers"
         st_cos = _sentence_transformers_check(resolved, emb, [probes[k] for k in ("short", "medium", "max", "short2")], cap)
         worst["sentence_embedding"] = min(worst["sentence_embedding"], st_cos)

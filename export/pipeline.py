@@ -14,7 +14,6 @@ import msgspec
 import numpy as np
 import torch
 
-from toolkit.cards import Pooling
 from toolkit.errors import ExportError, ParityError
 from toolkit.export.graph import build_module, output_names
 from toolkit.export.onnx_export import export_graph, read_model_card, tokenizer_json, write_artifact
@@ -165,10 +164,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         optimization: dict[str, float | int | str] = {}
         # CPU: the word-embedding table in fp16 (SPLADE's masked-LM head shares it, so never there)
-        compact = target == Target.CPU and options.fp16_embedding_table and card.pooling != Pooling.SPLADE
+        compact = target == Target.CPU and options.fp16_embedding_table and resolved.head.optimizable
         with step(f"Optimizing for {target.value} / {precision.value}"):
             fp32 = graph
-            if options.optimize and card.pooling != Pooling.SPLADE:
+            if options.optimize and resolved.head.optimizable:
                 forms = _graph_forms(module, resolved, graph, tmp, options.opset, compact=compact)
                 if len(forms) > 1:
                     if target == Target.CPU:  # keep whichever form measures fastest here
@@ -192,10 +191,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 choice = _choose_int8(fp32, tmp, resolved, tokenizer, pad_id)
             final = choice.path
             optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
-        embedding_dim = _embedding_dim(module, resolved)
+        embedding_dim = resolved.head.dim(resolved.config, resolved.dense[-1].out_features if resolved.dense else None)
         manifest = Manifest(
             card=card, model_type=resolved.arch.model_type, inputs=list(resolved.arch.inputs),
-            outputs=output_names(card), embedding_dim=embedding_dim,
+            outputs=output_names(resolved), embedding_dim=embedding_dim,
             hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
             max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=specials,
             chat_template=_chat_template(resolved),
@@ -223,7 +222,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                     raise ParityError(f"parity check failed (min cosine {worst}{extra}; "
                                       f"need >= {report.threshold}); no artifact written", report.min_cosine)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
-        quant_range = _quantization_range(candidate) if not manifest.sparse else None
+        quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
         with step(f"Writing {out.name}"):
             write_artifact(final, out, manifest, tokenizer_text, card_text)
@@ -253,15 +252,6 @@ def _graph_opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _embedding_dim(module, resolved: ResolvedModel) -> int:
-    if resolved.card.pooling == Pooling.SPLADE:
-        return int(resolved.config.get("vocab_size", 0))
-    dim = int(resolved.config.get("hidden_size", 0))
-    for spec in resolved.dense:
-        dim = spec.out_features
-    return dim
 
 
 def _int8_gate(report: ParityReport, candidate: Path, fp32: Path, tmp: Path, manifest: Manifest,

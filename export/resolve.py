@@ -15,6 +15,7 @@ import msgspec
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ArchSpec, get_arch
+from toolkit.export.heads import Head, head_for
 from toolkit.settings import ExportOptions
 
 __all__ = ["DEFAULT_MODEL", "DenseSpec", "ResolvedModel", "default_model_dir", "resolve_model"]
@@ -44,6 +45,7 @@ class ResolvedModel:
     card: ModelCard
     dense: tuple[DenseSpec, ...]
     st_layout: bool
+    head: Head  # what follows the encoder (export.heads), chosen once from the card
 
 
 def default_model_dir() -> Path:
@@ -212,11 +214,14 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
             "pass --pooling cls|mean|last_token|splade"
         )
-    if merged["pooling"] == Pooling.SPLADE:
-        merged["normalize"] = options.normalize if options.normalize is not None else False
+    head = head_for(Pooling(merged["pooling"]))
+    if head.needs_arch and not getattr(arch, head.needs_arch):
+        raise ConfigError(f"the {head.name} head needs what '{arch.model_type}' does not have here ({head.needs_arch})")
+    merged = head.complete(merged, options.normalize)
+    if not head.dense_layers:
         dense = ()
     resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)
-    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout)
+    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head)
 
 
 def _config_max_len(config: dict, arch: ArchSpec) -> int:

@@ -252,3 +252,13 @@ def test_artifact_runs_with_plain_onnxruntime(minilm_artifact):
     (vec,) = session.run(["sentence_embedding"], feeds)
     assert vec.shape == (1, 384) and abs(np.linalg.norm(vec) - 1) < 1e-5
     assert json.loads(meta["toolkit.manifest"])["card"]["pooling"] == "mean"
+
+
+def test_heads_are_chosen_once_from_the_card(tmp_path):
+    from toolkit.export.heads import DenseHead, SparseHead, head_for
+
+    for pooling in Pooling:
+        assert isinstance(head_for(pooling), SparseHead if pooling == Pooling.SPLADE else DenseHead)
+    folder = build_tiny_model("qwen3", tmp_path / "q")  # a decoder: no masked-LM head for SPLADE
+    with pytest.raises(ConfigError, match="sparse head needs"):
+        _export(str(folder), tmp_path / "x.onnx", pooling=Pooling.SPLADE)

@@ -1,0 +1,132 @@
+"""What comes after the encoder: a head, chosen once per export from the card.
+
+A head says which transformers class loads the checkpoint, what the graph computes from the encoder's
+output, the graph's output names and embedding dimension, which CPU optimizations apply, and how the
+export is verified. The rest of the exporter asks the head and never checks a kind.
+
+- ``DenseHead``: pool (CLS, mean, last token) -> dense layers -> Matryoshka slices -> normalize.
+  Outputs ``sentence_embedding``, ``token_embeddings``, ``sentence_embedding_raw``, ``sentence_embedding_<d>``.
+- ``SparseHead`` (SPLADE): masked-LM logits -> log1p(relu) -> max over real tokens. Outputs ``sparse_embedding``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from toolkit.cards import ModelCard, Pooling
+from toolkit.errors import ConfigError
+
+__all__ = ["DenseHead", "Head", "SparseHead", "head_for"]
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    # x / max(||x||, eps), written out so every exporter produces the same small graph
+    return x / x.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+class Head(ABC):
+    """One kind of output computation; stateless (the module holds the weights)."""
+
+    name: str
+    auto_class: str  # the transformers Auto class that loads the checkpoint for this head
+    optimizable: bool  # onnxruntime's transformer fusions and the fp16 word-embedding table apply
+    dense_layers: bool  # sentence-transformers Dense modules run after pooling
+    calibrated_range: bool  # Cohere int8/uint8 need a calibrated range of unit-vector components
+    st_reference: bool  # sentence-transformers' encode() is a reference for parity
+    needs_arch: str | None = None  # an ArchSpec flag the architecture must have for this head
+
+    @abstractmethod
+    def outputs(self, card: ModelCard) -> list[str]:
+        """The graph's output names, in order."""
+
+    @abstractmethod
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        """The embedding dimension (``dense_out``: the last dense layer's width, if any)."""
+
+    @abstractmethod
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        """The encoder's output -> the graph's outputs."""
+
+    def complete(self, fields: dict, normalize: bool | None) -> dict:
+        """Card fields this head fixes (``normalize``: the CLI's override, if any)."""
+        return fields
+
+
+class DenseHead(Head):
+    name = "dense"
+    auto_class = "AutoModel"
+    optimizable = True
+    dense_layers = True
+    calibrated_range = True
+    st_reference = True
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        heads = [f"sentence_embedding_{d}" for d in card.matryoshka_dims]
+        return ["sentence_embedding", "token_embeddings", "sentence_embedding_raw", *heads]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return dense_out if dense_out is not None else int(config.get("hidden_size", 0))
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        hidden = out.last_hidden_state  # (batch, seq, hidden)
+        raw = dense(pool(card.pooling, hidden, attention_mask))  # (batch, dim)
+        final = normalize(raw) if card.normalize else raw
+        heads = [normalize(raw[:, :d]) if card.normalize else raw[:, :d] for d in card.matryoshka_dims]
+        return (final, hidden, raw, *heads)
+
+
+class SparseHead(Head):
+    name = "sparse"
+    auto_class = "AutoModelForMaskedLM"
+    optimizable = False  # the masked-LM head shares the word-embedding table; no fuser pattern for it
+    dense_layers = False
+    calibrated_range = False
+    st_reference = False
+    needs_arch = "splade"  # a masked-LM head (BertForMaskedLM and kin)
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return ["sparse_embedding"]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return int(config.get("vocab_size", 0))
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        logits = out.logits  # (batch, seq, vocab)
+        weights = torch.log1p(torch.relu(logits)) * attention_mask.unsqueeze(-1).to(logits.dtype)
+        return (weights.amax(dim=1),)
+
+    def complete(self, fields: dict, normalize: bool | None) -> dict:
+        return {**fields, "normalize": normalize if normalize is not None else False}
+
+
+def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, hidden), (batch, seq) -> (batch, hidden)."""
+    match pooling:
+        case Pooling.CLS:
+            return hidden[:, 0]
+        case Pooling.MEAN:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        case Pooling.LAST_TOKEN:
+            # index of the last real token: right or left padding alike
+            positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+            last = (positions * mask).argmax(-1)  # (batch,)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        case Pooling.SPLADE:
+            raise ValueError("SPLADE pools logits, not hidden states: that is SparseHead's work")
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+_DENSE, _SPARSE = DenseHead(), SparseHead()
+
+
+def head_for(pooling: Pooling) -> Head:
+    """The head a card's pooling calls for."""
+    match pooling:
+        case Pooling.CLS | Pooling.MEAN | Pooling.LAST_TOKEN:
+            return _DENSE
+        case Pooling.SPLADE:
+            return _SPARSE
+    raise ConfigError(f"pooling '{pooling}' is not one of: {', '.join(p.value for p in Pooling)}")
