@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from toolkit.export.graph import EmbeddingModule, output_names
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, encode_manifest
 
-__all__ = ["export_graph", "read_model_card", "tokenizer_json", "write_artifact"]
+__all__ = ["export_graph", "write_artifact"]
 
 _TWO_GB = 2**31 - 1
 
@@ -71,19 +70,6 @@ def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int
     return path
 
 
-def tokenizer_json(resolved: ResolvedModel) -> str:
-    """The model's tokenizer.json, converted from a slow tokenizer when the folder has none."""
-    for folder in (resolved.transformer_dir, resolved.model_dir):
-        if (folder / "tokenizer.json").is_file():
-            return (folder / "tokenizer.json").read_text()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolved.transformer_dir)
-    if not getattr(tok, "is_fast", False):
-        raise ExportError(f"{resolved.transformer_dir}: no tokenizer.json and no fast tokenizer to convert")
-    return tok.backend_tokenizer.to_str()
-
-
 def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str) -> Path:
     """ONE file: graph + weights + manifest + tokenizer; external data only past 2 GB."""
     model = onnx.load(str(graph_path), load_external_data=True)
@@ -96,10 +82,3 @@ def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: s
     onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=out.name + ".data" if large else None)
     return out
-
-
-def read_model_card(resolved: ResolvedModel) -> str:
-    for folder in (resolved.model_dir, resolved.transformer_dir):
-        if (folder / "README.md").is_file():
-            return (folder / "README.md").read_text(errors="replace")
-    return json.dumps({"name": resolved.card.name, "source": resolved.card.source})

@@ -16,7 +16,7 @@ import torch
 
 from toolkit.errors import ExportError, ParityError
 from toolkit.export.graph import build_module, output_names
-from toolkit.export.onnx_export import export_graph, read_model_card, tokenizer_json, write_artifact
+from toolkit.export.onnx_export import export_graph, write_artifact
 from toolkit.export.optimize import (
     compact_embedding_table,
     convert_fp16,
@@ -66,42 +66,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _special_tokens(tokenizer: Tokenizer, resolved: ResolvedModel) -> tuple[dict[str, str], int]:
-    import json
-
-    specials: dict[str, str] = {}
-    cfg_path = resolved.transformer_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
-        value = cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            specials[key] = value
-    pad_id = None
-    if "pad_token" in specials:
-        pad_id = tokenizer._tok.token_to_id(specials["pad_token"])
+def _pad_id(tokenizer: Tokenizer, resolved: ResolvedModel) -> int:
+    """The padding id: the tokenizer's pad token, else config.json's pad_token_id, else 0."""
+    pad = resolved.files.special_tokens.get("pad_token")
+    pad_id = tokenizer.token_id(pad) if pad is not None else None
     if pad_id is None:
         pad_id = resolved.config.get("pad_token_id")
-    return specials, int(pad_id or 0)
-
-
-def _chat_template(resolved: ResolvedModel) -> str | None:
-    """The tokenizer's chat template: chat_template.jinja, or tokenizer_config.json's (its default when named)."""
-    import json
-
-    for folder in (resolved.transformer_dir, resolved.model_dir):
-        if (folder / "chat_template.jinja").is_file():
-            return (folder / "chat_template.jinja").read_text()
-        cfg_path = folder / "tokenizer_config.json"
-        if cfg_path.is_file():
-            template = json.loads(cfg_path.read_text()).get("chat_template")
-            if isinstance(template, list):  # [{"name": ..., "template": ...}]
-                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-                template = named.get("default") or next(iter(named.values()), None)
-            if isinstance(template, str) and template:
-                return template
-    return None
+    return int(pad_id or 0)
 
 
 def _probes(inputs: tuple[str, ...], vocab_size: int) -> list[dict[str, np.ndarray]]:
@@ -157,9 +128,9 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         tmp = Path(tmp_name)
         with step(f"Loading {resolved.arch.model_type} in PyTorch"):
             module = build_module(resolved, trust_remote_code=options.trust_remote_code)
-            tokenizer_text = tokenizer_json(resolved)
+            tokenizer_text = resolved.files.tokenizer_json
             tokenizer = Tokenizer(tokenizer_text, max_length=card.max_seq_len or 512)
-            specials, pad_id = _special_tokens(tokenizer, resolved)
+            pad_id = _pad_id(tokenizer, resolved)
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         optimization: dict[str, float | int | str] = {}
@@ -196,14 +167,14 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             card=card, model_type=resolved.arch.model_type, inputs=list(resolved.arch.inputs),
             outputs=output_names(resolved), embedding_dim=embedding_dim,
             hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
-            max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=specials,
-            chat_template=_chat_template(resolved),
+            max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=resolved.files.special_tokens,
+            chat_template=resolved.files.chat_template,
             precision=precision.value, target=target.value, opset=_graph_opset(final),
             export_options=_option_values(options),
             versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
             parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False),
         )
-        card_text = read_model_card(resolved)
+        card_text = resolved.files.model_card
         candidate = write_artifact(final, tmp / "candidate.onnx", manifest, tokenizer_text, card_text)
         if options.skip_parity:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")

@@ -16,6 +16,7 @@ from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ArchSpec, get_arch
 from toolkit.export.heads import Head, head_for
+from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.settings import ExportOptions
 
 __all__ = ["DEFAULT_MODEL", "DenseSpec", "ResolvedModel", "default_model_dir", "resolve_model"]
@@ -46,6 +47,7 @@ class ResolvedModel:
     dense: tuple[DenseSpec, ...]
     st_layout: bool
     head: Head  # what follows the encoder (export.heads), chosen once from the card
+    files: ModelFiles  # tokenizer.json, special tokens, chat template, model card: read once, here
 
 
 def default_model_dir() -> Path:
@@ -221,7 +223,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if not head.dense_layers:
         dense = ()
     resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)
-    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head)
+    files = read_model_files(model_dir, transformer_dir, name=resolved_card.name, source=resolved_card.source)
+    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head, files)
 
 
 def _config_max_len(config: dict, arch: ArchSpec) -> int:
