@@ -67,7 +67,12 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Module:
     """The Hugging Face encoder, loaded with the head's Auto class, in eval mode, fp32."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI draws its own progress
@@ -76,7 +81,8 @@ def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Modu
     config = AutoConfig.from_pretrained(resolved.transformer_dir, trust_remote_code=trust_remote_code)
     for key, value in arch.config_overrides.items():
         setattr(config, key, value)
-    auto = {"AutoModel": AutoModel, "AutoModelForMaskedLM": AutoModelForMaskedLM}[resolved.head.auto_class]
+    auto = {"AutoModel": AutoModel, "AutoModelForMaskedLM": AutoModelForMaskedLM,
+            "AutoModelForSequenceClassification": AutoModelForSequenceClassification}[resolved.head.auto_class]
     try:
         model = auto.from_pretrained(
             resolved.transformer_dir, config=config, attn_implementation=arch.attn_implementation,

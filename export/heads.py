@@ -7,6 +7,9 @@ export is verified. The rest of the exporter asks the head and never checks a ki
 - ``DenseHead``: pool (CLS, mean, last token) -> dense layers -> Matryoshka slices -> normalize.
   Outputs ``sentence_embedding``, ``token_embeddings``, ``sentence_embedding_raw``, ``sentence_embedding_<d>``.
 - ``SparseHead`` (SPLADE): masked-LM logits -> log1p(relu) -> max over real tokens. Outputs ``sparse_embedding``.
+- ``ClassifierHead`` (cross-encoders, pooling ``rank``): the sequence-classification logits (batch, num_labels);
+  the activation is recorded in the card and applied by the runtime. Verified on (query, document) pairs by
+  max absolute difference, against sentence-transformers' ``CrossEncoder.predict`` where it loads the model.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from toolkit.cards import ModelCard, Pooling
+from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
 
-__all__ = ["DenseHead", "Head", "SparseHead", "head_for"]
+__all__ = ["ClassifierHead", "DenseHead", "Head", "SparseHead", "cross_encoder_activation", "head_for", "num_labels"]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -31,11 +34,14 @@ class Head(ABC):
 
     name: str
     auto_class: str  # the transformers Auto class that loads the checkpoint for this head
-    optimizable: bool  # onnxruntime's transformer fusions and the fp16 word-embedding table apply
+    optimizable: bool  # onnxruntime's transformer fusions apply
+    compact_table: bool  # the CPU word-embedding table may be stored in fp16 (Gather fp16 -> Cast)
     dense_layers: bool  # sentence-transformers Dense modules run after pooling
     calibrated_range: bool  # Cohere int8/uint8 need a calibrated range of unit-vector components
     st_reference: bool  # sentence-transformers' encode() is a reference for parity
     needs_arch: str | None = None  # an ArchSpec flag the architecture must have for this head
+    pairs: bool = False  # inputs are (query, document) pairs
+    parity_metric: str = "cosine"  # "cosine" (vectors) or "abs" (scores: max absolute difference)
 
     @abstractmethod
     def outputs(self, card: ModelCard) -> list[str]:
@@ -49,8 +55,8 @@ class Head(ABC):
     def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
         """The encoder's output -> the graph's outputs."""
 
-    def complete(self, fields: dict, normalize: bool | None) -> dict:
-        """Card fields this head fixes (``normalize``: the CLI's override, if any)."""
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
+        """Card fields this head fixes (``normalize``: the CLI's override, if any; ``config``: config.json)."""
         return fields
 
 
@@ -58,6 +64,7 @@ class DenseHead(Head):
     name = "dense"
     auto_class = "AutoModel"
     optimizable = True
+    compact_table = True  # sentence cosine moves ~1e-7 (MiniLM)
     dense_layers = True
     calibrated_range = True
     st_reference = True
@@ -80,7 +87,8 @@ class DenseHead(Head):
 class SparseHead(Head):
     name = "sparse"
     auto_class = "AutoModelForMaskedLM"
-    optimizable = False  # the masked-LM head shares the word-embedding table; no fuser pattern for it
+    optimizable = False  # no fuser pattern for the masked-LM head
+    compact_table = False  # the masked-LM head shares the word-embedding table
     dense_layers = False
     calibrated_range = False
     st_reference = False
@@ -97,8 +105,50 @@ class SparseHead(Head):
         weights = torch.log1p(torch.relu(logits)) * attention_mask.unsqueeze(-1).to(logits.dtype)
         return (weights.amax(dim=1),)
 
-    def complete(self, fields: dict, normalize: bool | None) -> dict:
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
         return {**fields, "normalize": normalize if normalize is not None else False}
+
+
+class ClassifierHead(Head):
+    name = "classifier"
+    auto_class = "AutoModelForSequenceClassification"
+    optimizable = True
+    compact_table = False  # it moves a score by ~1e-5 (measured on a MiniLM-shaped reranker): the gate's size
+    dense_layers = False
+    calibrated_range = False
+    st_reference = True  # CrossEncoder.predict
+    pairs = True
+    parity_metric = "abs"
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return ["logits"]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return num_labels(config)
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        return (out.logits,)  # (batch, num_labels)
+
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
+        return {**fields, "normalize": False, "activation": fields.get("activation") or cross_encoder_activation(config)}
+
+
+def num_labels(config: dict) -> int:
+    labels = config.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else int(config.get("num_labels", 1) or 1)
+
+
+def cross_encoder_activation(config: dict) -> str:
+    """What sentence-transformers' CrossEncoder applies: its saved activation_fn, else sigmoid for one label and
+    identity otherwise."""
+    saved = (config.get("sentence_transformers") or {}).get("activation_fn") or config.get(
+        "sbert_ce_default_activation_function")
+    if isinstance(saved, str):
+        name = saved.rsplit(".", 1)[-1].lower()
+        if name not in ACTIVATIONS:
+            raise ConfigError(f"CrossEncoder activation '{saved}' is not one of: {', '.join(ACTIVATIONS)}")
+        return name
+    return "sigmoid" if num_labels(config) == 1 else "identity"
 
 
 def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,12 +164,12 @@ def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Te
             positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
             last = (positions * mask).argmax(-1)  # (batch,)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        case Pooling.SPLADE:
-            raise ValueError("SPLADE pools logits, not hidden states: that is SparseHead's work")
+        case Pooling.SPLADE | Pooling.RANK:
+            raise ValueError(f"{pooling.value} does not pool hidden states: that is its own head's work")
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-_DENSE, _SPARSE = DenseHead(), SparseHead()
+_DENSE, _SPARSE, _CLASSIFIER = DenseHead(), SparseHead(), ClassifierHead()
 
 
 def head_for(pooling: Pooling) -> Head:
@@ -129,4 +179,6 @@ def head_for(pooling: Pooling) -> Head:
             return _DENSE
         case Pooling.SPLADE:
             return _SPARSE
+        case Pooling.RANK:
+            return _CLASSIFIER
     raise ConfigError(f"pooling '{pooling}' is not one of: {', '.join(p.value for p in Pooling)}")

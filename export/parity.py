@@ -31,9 +31,10 @@ from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.tokenization import Tokenized
 
-__all__ = ["THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
+__all__ = ["ABS_THRESHOLDS", "THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+ABS_THRESHOLDS = {"fp32": 1e-5, "fp16": 2e-2, "int8": 5e-2}  # cross-encoder logits and scores
 NOISE_FACTOR = 10.0  # fp32: the artifact may be this many times farther from exact arithmetic than PyTorch fp32
 _NOISE_MIN = 1e-9  # a floor under the noise (1 - cosine) so an exact reference does not demand exactness
 _PROBE_CAP = 512  # longest probe, in tokens, whatever the model's maximum
@@ -73,15 +74,21 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
     outputs = emb.session.output_names
     cap = min(emb.manifest.max_seq_len, _PROBE_CAP)
     probes = _probe_texts(cap)
+    pairs = resolved.head.pairs  # cross-encoders read (query, document) pairs
     batches = {
         "b1-short": ["short"], "b1-medium": ["medium"], "b1-max": ["max"],
         "b4-padded": ["short", "medium", "max", "short2"], "b4-unpadded": ["medium"] * 4,
     }
     cases: list[ParityCase] = []
     worst: dict[str, float] = {}
+    largest: dict[str, float] = {}
     checked: list[tuple[list[Tokenized], list[list[np.ndarray]], list[list[np.ndarray]]]] = []  # items, got, torch
     for keys in batches.values():
-        items = emb.tokenize_inputs([probes[k] for k in keys], truncate_prompt_tokens=cap)
+        texts = [probes[k] for k in keys]
+        if pairs:  # each probe as the document of a short query
+            items = emb.tokenizer.encode_pairs([probes["short2"]] * len(texts), texts, truncate=cap)
+        else:
+            items = emb.tokenize_inputs(texts, truncate_prompt_tokens=cap)
         got = emb.run_batch(items, outputs)
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in items]
         rows = [[emb.unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
@@ -93,10 +100,13 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
                 cos_min = min(cos_min, float(cosines(row[o], ref[o]).min()))
                 diff_max = max(diff_max, float(np.abs(row[o] - ref[o]).max()))
             worst[output] = min(worst.get(output, 1.0), cos_min)
+            largest[output] = max(largest.get(output, 0.0), diff_max)
             cases.append(ParityCase(output=output, batch=len(items), seq_len=max(len(t) for t in items),
                                     padded=len({len(t) for t in items}) > 1, padding_side=str(emb.card.padding_side.value),
                                     min_cosine=cos_min, max_abs_diff=diff_max))
     reference = "torch"
+    if pairs:  # scores: judged by their largest absolute difference, against CrossEncoder.predict too
+        return _score_parity(resolved, emb, probes, cap, precision, cases, largest)
     if resolved.st_layout and resolved.head.st_reference:
         reference = "sentence-transformers"
         st_cos = _sentence_transformers_check(resolved, emb, [probes[k] for k in ("short", "medium", "max", "short2")], cap)
@@ -113,6 +123,31 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
                  for o in worst)
     return ParityReport(reference=reference, threshold=threshold, min_cosine=worst, cases=cases, passed=passed,
                         noise_floor={k: v for k, v in noise.items()})
+
+
+def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str], cap: int, precision: str,
+                  cases: list[ParityCase], largest: dict[str, float]) -> ParityReport:
+    """A cross-encoder's gate: the logits' largest absolute difference from torch, and the scores' from
+    sentence-transformers' CrossEncoder.predict (activation included) where it loads the model."""
+    threshold = ABS_THRESHOLDS[precision]
+    reference = "torch"
+    try:
+        from sentence_transformers import CrossEncoder
+
+        ce = CrossEncoder(str(resolved.model_dir), device="cpu", max_length=cap)
+    except Exception:  # noqa: BLE001 - not every sequence classifier loads as a CrossEncoder; torch stays the reference
+        ce = None
+    if ce is not None:
+        reference = "sentence-transformers CrossEncoder"
+        documents = [probes[k] for k in ("short", "medium", "max", "short2")]
+        expected = np.asarray(ce.predict([(probes["short2"], d) for d in documents], batch_size=4), dtype=np.float64)
+        got = emb.score(probes["short2"], documents, truncate_prompt_tokens=-1)
+        diff = float(np.abs(got - expected.reshape(got.shape)).max())
+        largest["scores (CrossEncoder.predict)"] = diff
+        cases.append(ParityCase(output="scores (CrossEncoder.predict)", batch=4, seq_len=cap, padded=True,
+                                padding_side=str(emb.card.padding_side.value), min_cosine=-1.0, max_abs_diff=diff))
+    passed = all(v <= threshold for v in largest.values())
+    return ParityReport(reference=reference, threshold=threshold, max_abs_diff=largest, cases=cases, passed=passed)
 
 
 def _noise_floor(module: EmbeddingModule, checked, missed: list[int], outputs: list[str], uses_types: bool,

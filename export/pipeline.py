@@ -121,6 +121,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     precision, target = Precision(options.precision), Target(options.target)
     if precision == Precision.INT8 and target != Target.CPU:
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
+    if precision == Precision.INT8 and resolved.head.pairs:
+        raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and target == Target.CPU:
         raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
     warnings: list[str] = []
@@ -134,8 +136,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         optimization: dict[str, float | int | str] = {}
-        # CPU: the word-embedding table in fp16 (SPLADE's masked-LM head shares it, so never there)
-        compact = target == Target.CPU and options.fp16_embedding_table and resolved.head.optimizable
+        # CPU: the word-embedding table in fp16 where the head allows it (export.heads)
+        compact = target == Target.CPU and options.fp16_embedding_table and resolved.head.compact_table
         with step(f"Optimizing for {target.value} / {precision.value}"):
             fp32 = graph
             if options.optimize and resolved.head.optimizable:
@@ -186,6 +188,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                     report = _int8_gate(report, candidate, fp32, tmp, manifest, tokenizer_text, card_text)
             if not report.passed:
                 if not (options.allow_low_accuracy and precision == Precision.INT8):
+                    if report.max_abs_diff and not report.min_cosine:  # scores (cross-encoders)
+                        worst = ", ".join(f"{k}={v:.2e}" for k, v in report.max_abs_diff.items())
+                        raise ParityError(f"parity check failed (max abs difference {worst}; need <= "
+                                          f"{report.threshold}); no artifact written", report.max_abs_diff)
                     worst = ", ".join(f"{k}={v:.6f}" for k, v in report.min_cosine.items())
                     extra = "" if report.retrieval_top10_overlap is None else f", top-10 overlap={report.retrieval_top10_overlap:.3f}"
                     extra += "".join(f"; {k}: {a:.2e} from float64 vs torch fp32's {t:.2e} (allowed x{NOISE_FACTOR:g})"

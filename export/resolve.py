@@ -192,6 +192,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     for key, value in fields.items():  # the model's own files win over the bundled card
         if card is None or key not in ("prompts",) or value:
             merged[key] = value
+    if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        merged.setdefault("pooling", Pooling.RANK)  # a cross-encoder (plain HF or sentence-transformers CrossEncoder)
     if card is None:
         merged.setdefault("padding_side", arch.padding_side)
         if arch.decoder:
@@ -214,12 +216,12 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("pooling") is None:
         raise ConfigError(
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
-            "pass --pooling cls|mean|last_token|splade"
+            "pass --pooling cls|mean|last_token|splade|rank"
         )
     head = head_for(Pooling(merged["pooling"]))
     if head.needs_arch and not getattr(arch, head.needs_arch):
         raise ConfigError(f"the {head.name} head needs what '{arch.model_type}' does not have here ({head.needs_arch})")
-    merged = head.complete(merged, options.normalize)
+    merged = head.complete(merged, options.normalize, config)
     if not head.dense_layers:
         dense = ()
     resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)

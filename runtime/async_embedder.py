@@ -27,9 +27,12 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.embedder import (
     Embedder,
     Inputs,
+    activate,
+    cosine_scores,
     expand_chunks,
     pool_chunks,
     pool_sparse,
+    score_pairs,
     sparse_entries,
 )
 from toolkit.runtime.tokenization import Tokenized
@@ -161,6 +164,37 @@ class AsyncEmbedder:
         if spans is not None:
             plan = self.embedder.chunk_plan(plan)
         return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan), total
+
+    async def score(self, queries, documents, *, use_activation: bool | None = None, priority: int = 0,
+                    timings: Timings | None = None, max_tokens: int | None = None,
+                    truncate_prompt_tokens: int | None = None) -> tuple[np.ndarray, int]:
+        """(scores, prompt tokens) like ``Embedder.score``: pair scores of a cross-encoder, cosines otherwise."""
+        left, right = score_pairs(queries, documents)
+        if not self.embedder.cross_encoder:
+            vectors, total = await self.embed(left + right, normalize=True, priority=priority, timings=timings,
+                                              max_tokens=max_tokens, truncate_prompt_tokens=truncate_prompt_tokens)
+            return cosine_scores(vectors, len(left)), total
+        with self.admit(len(right)):
+            started = time.perf_counter()
+            items = await asyncio.to_thread(self.embedder.tokenize_pairs, left, right,
+                                            truncate_prompt_tokens=truncate_prompt_tokens)
+            total = sum(len(t) for t in items)
+            if max_tokens is not None and total > max_tokens:
+                raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="documents")
+            if timings is not None:
+                timings.tokenize = time.perf_counter() - started
+            rows = await self.run(items, "logits", priority=priority, timings=timings)
+        return self.embedder.pair_scores(rows, use_activation), total
+
+    async def classify(self, inputs: Inputs, *, use_activation: bool = True, priority: int = 0,
+                       timings: Timings | None = None, max_tokens: int | None = None,
+                       **tokenize) -> tuple[np.ndarray, int]:
+        """((n, labels) per-label scores, prompt tokens) like ``Embedder.classify``."""
+        if not self.embedder.cross_encoder:
+            raise RequestError("classify needs a sequence-classification (cross-encoder) artifact", param="model")
+        rows, _, _, total = await self._rows(inputs, "logits", priority, timings, max_tokens, tokenize)
+        logits = np.stack(rows)
+        return (activate(logits, self.embedder.card.activation) if use_activation else logits), total
 
     async def embed_tokens(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
                            max_tokens: int | None = None, **tokenize) -> tuple[list[np.ndarray], int]:

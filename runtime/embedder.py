@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.cards import PaddingSide
+from toolkit.cards import PaddingSide, Pooling
 from toolkit.errors import RequestError, UnsupportedDimensionError
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan", "cosine_scores", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
+__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
            "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
@@ -60,6 +60,21 @@ def pool_chunks(rows: list[np.ndarray], flat: list[Tokenized], spans: list[tuple
         weights = np.array([len(flat[i]) for i in range(start, end)], dtype=np.float64)
         out.append((np.stack(rows[start:end]).astype(np.float64) * weights[:, None]).sum(0) / weights.sum())
     return out
+
+
+def activate(x: np.ndarray, name: str | None) -> np.ndarray:
+    """A cross-encoder's activation (the card's ``activation``) over its logits' last axis."""
+    match name:
+        case None | "identity":
+            return x
+        case "sigmoid":
+            return 1.0 / (1.0 + np.exp(-x))
+        case "tanh":
+            return np.tanh(x)
+        case "softmax":
+            e = np.exp(x - x.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+    raise RequestError(f"activation '{name}' is not one of: identity, sigmoid, softmax, tanh")
 
 
 def score_pairs(queries: str | Sequence[str], documents: str | Sequence[str]) -> tuple[list[str], list[str]]:
@@ -203,8 +218,16 @@ class Embedder:
         dims = sorted({*self.card.matryoshka_dims, self.dimensions})
         return dims
 
+    @property
+    def cross_encoder(self) -> bool:
+        """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
+        return self.card.pooling == Pooling.RANK
+
     def plan_output(self, dimensions: int | None, normalize: bool | None) -> OutputPlan:
         """Map (dimensions, normalize) to a graph output; UnsupportedDimensionError lists the valid sizes."""
+        if self.cross_encoder:
+            raise RequestError("this is a cross-encoder (reranker) artifact: it scores pairs (score, rerank, "
+                               "POST /rerank or /score), it does not embed", param="model")
         if self.manifest.sparse:
             raise RequestError("this is a sparse (SPLADE) model: use embed_sparse", param="model")
         norm = self.card.normalize if normalize is None else normalize
@@ -272,10 +295,49 @@ class Embedder:
         # (seq, hidden) padded to its batch -> (length, hidden)
         return states[:length] if self._padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
 
-    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], **kwargs) -> np.ndarray:
-        """Cosine scores, vLLM's pairing: 1-1, 1-N and N-N (equal lengths)."""
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool = True,
+              truncate_prompt_tokens: int | None = None, **kwargs) -> np.ndarray:
+        """Scores of queries against documents, vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores
+        (its activation applied unless ``use_activation`` is False), or an embedding model's cosines."""
         left, right = score_pairs(text_1, text_2)
-        return cosine_scores(self.embed(left + right, normalize=True, **kwargs), len(left))
+        if self.cross_encoder:
+            items = self.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
+            return self.pair_scores(self.run(items, "logits"), use_activation)
+        vectors = self.embed(left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
+        return cosine_scores(vectors, len(left))
+
+    def tokenize_pairs(self, queries: list[str], documents: list[str], *,
+                       truncate_prompt_tokens: int | None = None) -> list[Tokenized]:
+        """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document."""
+        if any(not t for t in (*queries, *documents)):
+            raise RequestError("queries and documents must not be empty strings", param="documents")
+        firsts = queries * len(documents) if len(queries) == 1 else queries
+        return self.tokenizer.encode_pairs(firsts, documents, truncate=truncate_prompt_tokens)
+
+    def pair_scores(self, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
+        """(n,) scores from a one-label cross-encoder's logits rows."""
+        logits = np.stack(rows).astype(np.float32)  # (n, labels)
+        if logits.shape[1] != 1:
+            raise RequestError(f"this cross-encoder has {logits.shape[1]} labels; scores need one (use /pooling "
+                               "with task classify for per-label scores)", param="model")
+        return activate(logits[:, 0], self.card.activation) if use_activation is not False else logits[:, 0]
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None, return_documents: bool = False,
+               **kwargs) -> list[dict]:
+        """Documents best first: ``{"index", "relevance_score"[, "document"]}`` (cross-encoder scores, or cosines
+        for an embedding artifact)."""
+        documents = list(documents)
+        scores = self.score(query, documents, **kwargs)
+        order = np.argsort(-scores, kind="stable")[: top_n or None]
+        return [{"index": int(i), "relevance_score": float(scores[i]),
+                 **({"document": documents[i]} if return_documents else {})} for i in order]
+
+    def classify(self, inputs: Inputs, *, use_activation: bool = True, **tokenize) -> np.ndarray:
+        """(n, labels) a cross-encoder's per-label scores of single texts (vLLM's classify task)."""
+        if not self.cross_encoder:
+            raise RequestError("classify needs a sequence-classification (cross-encoder) artifact", param="model")
+        logits = np.stack(self.run(self.tokenize_inputs(inputs, **tokenize), "logits"))
+        return activate(logits, self.card.activation) if use_activation else logits
 
     def require_sparse(self) -> None:
         if not self.manifest.sparse:

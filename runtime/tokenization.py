@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from toolkit.cards import PaddingSide
 from toolkit.errors import ConfigError, InputTooLongError, RequestError
 
-__all__ = ["Tokenized", "Tokenizer", "pad_batch", "window"]
+__all__ = ["Tokenized", "Tokenizer", "longest_first", "pad_batch", "window"]
 
 _CHARS_PER_TOKEN = 8  # a first window of 8 characters per token holds the limit for ordinary text
 _INLINE_CHARS = 4096
@@ -42,6 +42,18 @@ def window(text: str, chars: int, side: str) -> str:
     tail = text[len(text) - chars:]
     first = _WORD_START.search(tail, 0, chars // 2)
     return tail[first.start():] if first is not None else tail
+
+
+def longest_first(n1: int, n2: int, max_length: int) -> tuple[int, int]:
+    """The lengths the ``longest_first`` rule of Hugging Face's tokenizers keeps of a pair (content tokens)."""
+    swap = n1 > n2
+    if swap:
+        n1, n2 = n2, n1
+    n2 = n1 if n1 > max_length else max(n1, max_length - n1)
+    if n1 + n2 > max_length:
+        n1 = max_length // 2
+        n2 = n1 + max_length % 2
+    return (n2, n1) if swap else (n1, n2)
 
 
 class Tokenized:
@@ -115,6 +127,35 @@ class Tokenizer:
                 enc.truncate(content, direction=side)
             if add_special_tokens:
                 enc = self._tok.post_process(enc, add_special_tokens=True)
+            out.append(Tokenized(enc.ids, enc.type_ids))
+        return out
+
+    def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str], *, truncate: int | None = None) -> list[Tokenized]:
+        """(query, document) pairs as one sequence each, with the pair's special tokens and type ids.
+
+        Over-long pairs are cut as Hugging Face's fast tokenizers cut them (``longest_first``: the longer side
+        first, then both to half); ``truncate`` None raises InputTooLongError instead. Each side is tokenized
+        over a bounded window, so a huge document costs what the model can use (except where both sides are
+        longer than half the budget: which is longer then decides the odd token, so both are read in full).
+        """
+        limit = self._limit(truncate)
+        content = max(limit - self._tok.num_special_tokens_to_add(True), 2)
+        lefts = self._encode_windows(firsts, content, "right")
+        rights = self._encode_windows(seconds, content, "right")
+        out = []
+        for i, ((a, cut_a), (b, cut_b)) in enumerate(zip(lefts, rights)):
+            if (cut_a or cut_b) and content % 2 and min(len(a.ids), len(b.ids)) > content // 2:
+                # both sides get cut to halves and the longer one gets the odd token: a window hides which
+                # side is longer, so this pair is tokenized in full (bounded by the payload limit)
+                a, b = self._encode_many([firsts[i], seconds[i]])
+            if len(a.ids) + len(b.ids) > content:
+                if truncate is None:
+                    raise InputTooLongError(f"pair {i} has more tokens than the model's maximum of {self.max_length}; "
+                                            "shorten it or set truncate_prompt_tokens")
+                n1, n2 = longest_first(len(a.ids), len(b.ids), content)
+                a.truncate(n1)
+                b.truncate(n2)
+            enc = self._tok.post_process(a, b, add_special_tokens=True)
             out.append(Tokenized(enc.ids, enc.type_ids))
         return out
 

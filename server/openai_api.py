@@ -113,5 +113,6 @@ class OpenAIController(Controller):
                          "dimensions": emb.dimensions, "matryoshka_dimensions": card.matryoshka_dims,
                          "matryoshka_any": card.matryoshka_any, "prompts": card.prompts,
                          "pooling": card.pooling.value if card.pooling else None, "normalize": card.normalize,
-                         "sparse": emb.manifest.sparse, "precision": emb.manifest.precision})
+                         "sparse": emb.manifest.sparse, "precision": emb.manifest.precision,
+                         "task": "rerank" if emb.cross_encoder else "embed"})
         return {"object": "list", "data": data}

@@ -37,7 +37,10 @@ class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
 
 
 def pooling_tasks(embedder) -> tuple[str, ...]:
-    """The pooling tasks an artifact answers: sparse (SPLADE) artifacts pool one vocabulary-sized vector."""
+    """The pooling tasks an artifact answers: sparse (SPLADE) artifacts pool one vocabulary-sized vector,
+    cross-encoders classify (their labels' scores)."""
+    if embedder.cross_encoder:
+        return ("classify",)
     return ("embed",) if embedder.manifest.sparse else ("embed", "token_embed")
 
 
@@ -59,7 +62,11 @@ class PoolingController(Controller):
                      else len(data.input), options)
         tokenize = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
                     "max_tokens": options.max_request_tokens}
-        if task == "token_embed":
+        if task == "classify":
+            scores, tokens = await served.engine.classify(data.input, use_activation=data.use_activation is not False,
+                                                          **tokenize)
+            rows = list(scores)
+        elif task == "token_embed":
             rows, tokens = await served.engine.embed_tokens(data.input, **tokenize)
         elif emb.manifest.sparse:
             entries, tokens = await served.engine.embed_sparse(data.input, **tokenize)

@@ -1,6 +1,6 @@
 """Reranking: ``/rerank``, ``/v1/rerank`` (vLLM's shape, Jina-compatible), ``/v2/rerank`` (Cohere's), and TEI's
-``/rerank``. Embedding artifacts rerank by cosine similarity of the query and each document (a bi-encoder, as
-vLLM does for embedding models).
+``/rerank``. Cross-encoder artifacts score each (query, document) pair; embedding artifacts rerank by cosine
+similarity of the query and each document (a bi-encoder, as vLLM does for embedding models).
 
 ``/rerank`` is both vLLM's path and TEI's: a body with ``texts`` is TEI's (answered in TEI's shape: a sorted
 list of ``{index, score, text?}``), one with ``documents`` vLLM's.
@@ -43,7 +43,7 @@ class TEIRerankRequest(msgspec.Struct, kw_only=True):
     texts: list[str]
     truncate: bool | None = None
     truncation_direction: str = "Right"
-    raw_scores: bool = False  # cosine scores have no activation to skip
+    raw_scores: bool = False  # cross-encoders: the logits without the activation (cosines have none)
     return_text: bool = False
     model: str | None = None
 
@@ -56,10 +56,11 @@ def _document_text(doc: Any, i: int) -> str:
     raise RequestError(f"documents[{i}] must be a string or an object with a string 'text'", param="documents")
 
 
-async def _cosine_ranking(request: Request, model: str | None, query: str, documents: list[str],
-                          doc_tokens: int | None, query_tokens: int | None, side: str = "right",
-                          timings: Timings | None = None) -> tuple[Any, np.ndarray, int]:
-    """(served model, cosine score per document, prompt tokens)."""
+async def _ranking(request: Request, model: str | None, query: str, documents: list[str], doc_tokens: int | None,
+                   query_tokens: int | None, side: str = "right", timings: Timings | None = None,
+                   use_activation: bool | None = None) -> tuple[Any, np.ndarray, int]:
+    """(served model, score per document, prompt tokens): a cross-encoder's pair scores (``doc_tokens`` bounds
+    each pair), or an embedding model's cosine of query and document (each side truncated on its own)."""
     served = request.app.state.registry.get(model)
     if not query:
         raise RequestError("query must not be empty", param="query")
@@ -67,6 +68,11 @@ async def _cosine_ranking(request: Request, model: str | None, query: str, docum
         raise RequestError("documents must not be empty", param="documents")
     options = request.app.state.options
     check_limits(len(documents) + 1, options, param="documents")
+    if served.embedder.cross_encoder:
+        scores, tokens = await served.engine.score([query], documents, use_activation=use_activation, timings=timings,
+                                                   max_tokens=options.max_request_tokens,
+                                                   truncate_prompt_tokens=doc_tokens)
+        return served, scores, tokens
     q, q_tokens = await served.engine.embed([query], normalize=True, max_tokens=options.max_request_tokens,
                                             truncate_prompt_tokens=query_tokens, truncation_side=side, timings=timings)
     d, d_tokens = await served.engine.embed(documents, normalize=True, max_tokens=options.max_request_tokens,
@@ -86,8 +92,8 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
         per_doc = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
     else:  # Cohere truncates long documents by default; vLLM refuses them unless truncate_prompt_tokens says so
         per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
-    served, scores, tokens = await _cosine_ranking(request, data.model, data.query, texts, per_doc,
-                                                   data.truncate_prompt_tokens, timings=timings)
+    served, scores, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
+                                            data.truncate_prompt_tokens, timings=timings)
     order = np.argsort(-scores, kind="stable")[: data.top_n or None]
     with_docs = data.return_documents if data.return_documents is not None else not cohere
     results = [{"index": int(i), "relevance_score": float(scores[i]),
@@ -105,8 +111,8 @@ async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response:
     started, timings = time.perf_counter(), Timings()
     truncation = tei_truncation(data.truncate, data.truncation_direction)
     limit = truncation["truncate_prompt_tokens"]
-    _, scores, tokens = await _cosine_ranking(request, data.model, data.query, data.texts, limit, limit,
-                                              truncation["truncation_side"], timings)
+    _, scores, tokens = await _ranking(request, data.model, data.query, data.texts, limit, limit,
+                                       truncation["truncation_side"], timings, use_activation=not data.raw_scores)
     order = np.argsort(-scores, kind="stable")
     body = [{"index": int(i), "score": float(scores[i]), **({"text": data.texts[i]} if data.return_text else {})}
             for i in order]

@@ -12,7 +12,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 
 from toolkit.errors import RequestError
-from toolkit.runtime.embedder import cosine_scores, score_pairs
+from toolkit.runtime.embedder import score_pairs
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_limits
 
@@ -64,15 +64,14 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
 
 async def create_score(request: Request, data: ScoreRequest) -> dict:
     served = request.app.state.registry.get(data.model)
-    if data.use_activation is not None:
+    if data.use_activation is not None and not served.embedder.cross_encoder:
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
                            "whose scores are cosine similarities", param="use_activation")
     left, right = score_pairs(*data.pair())
     check_limits(len(left) + len(right), request.app.state.options, param="documents")
-    vectors, tokens = await served.engine.embed(left + right, normalize=True,
-                                                max_tokens=request.app.state.options.max_request_tokens,
-                                                truncate_prompt_tokens=data.truncate_prompt_tokens)
-    scores = cosine_scores(vectors, len(left))
+    scores, tokens = await served.engine.score(left, right, use_activation=data.use_activation,
+                                               max_tokens=request.app.state.options.max_request_tokens,
+                                               truncate_prompt_tokens=data.truncate_prompt_tokens)
     return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
             "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}

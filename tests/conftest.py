@@ -66,3 +66,15 @@ def splade_artifact(tmp_path_factory) -> Path:
     if not SPLADE_DIR.is_dir():
         pytest.skip("SPLADE-tiny not unpacked (run scripts/setup.sh)")
     return _export(str(SPLADE_DIR), tmp_path_factory.mktemp("splade") / "splade.onnx", pooling=Pooling.SPLADE).path
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny BertForSequenceClassification (one label; weights at std 0.2 so that pairs score apart)."""
+    return build_tiny_model("bert", tmp_path_factory.mktemp("tiny-ce") / "model", classifier=True,
+                            config={"initializer_range": 0.2})
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_artifact(cross_encoder_dir) -> Path:
+    return _export(str(cross_encoder_dir), cross_encoder_dir.parent / "ce.onnx").path

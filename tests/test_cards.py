@@ -8,7 +8,8 @@ from toolkit.errors import ConfigError
 NAMED = ["all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5", "bge-large-en-v1.5", "e5-small-v2", "e5-base-v2",
          "multilingual-e5-small", "multilingual-e5-base", "gte-base", "gte-modernbert-base", "snowflake-arctic-embed-xs",
          "snowflake-arctic-embed-m-v1.5", "nomic-embed-text-v1.5", "Qwen3-Embedding-0.6B", "embeddinggemma-300m",
-         "bge-m3", "splade-v3", "jina-embeddings-v3"]
+         "bge-m3", "splade-v3", "jina-embeddings-v3", "ms-marco-MiniLM-L6-v2", "bge-reranker-base", "bge-reranker-large",
+         "bge-reranker-v2-m3", "gte-reranker-modernbert-base"]
 
 
 @pytest.mark.parametrize("name", sorted(list_cards()))
@@ -19,7 +20,7 @@ def test_every_card_decodes_and_is_consistent(name):
     assert all(d > 0 for d in card.matryoshka_dims)
     if card.default_prompt_name:
         assert card.default_prompt_name in card.prompts
-    if card.pooling == Pooling.SPLADE:
+    if card.pooling in (Pooling.SPLADE, Pooling.RANK):
         assert not card.normalize
 
 

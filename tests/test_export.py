@@ -255,10 +255,11 @@ def test_artifact_runs_with_plain_onnxruntime(minilm_artifact):
 
 
 def test_heads_are_chosen_once_from_the_card(tmp_path):
-    from toolkit.export.heads import DenseHead, SparseHead, head_for
+    from toolkit.export.heads import ClassifierHead, DenseHead, SparseHead, head_for
 
+    expected = {Pooling.SPLADE: SparseHead, Pooling.RANK: ClassifierHead}
     for pooling in Pooling:
-        assert isinstance(head_for(pooling), SparseHead if pooling == Pooling.SPLADE else DenseHead)
+        assert isinstance(head_for(pooling), expected.get(pooling, DenseHead))
     folder = build_tiny_model("qwen3", tmp_path / "q")  # a decoder: no masked-LM head for SPLADE
     with pytest.raises(ConfigError, match="sparse head needs"):
         _export(str(folder), tmp_path / "x.onnx", pooling=Pooling.SPLADE)

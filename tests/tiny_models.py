@@ -88,9 +88,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, seed: int = 0,
+def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, classifier: bool = False, seed: int = 0,
                      config: dict | None = None) -> Path:
-    """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder`` (``config``: overrides)."""
+    """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder`` (``config``: overrides);
+    ``splade``: with a masked-LM head; ``classifier``: a one-label sequence classifier (a cross-encoder)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
@@ -100,14 +101,22 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, see
     arch = get_arch(model_type)
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides, **(config or {})})
-    model = (AutoModelForMaskedLM if splade else AutoModel).from_config(config).eval()
+    if classifier:
+        from transformers import AutoModelForSequenceClassification
+
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+    else:
+        model = (AutoModelForMaskedLM if splade else AutoModel).from_config(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok = _train_tokenizer(kind, config.vocab_size, arch.decoder)
     pad = "[PAD]"
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>",
-                                   padding_side="left" if arch.decoder else "right")
+                                   padding_side="left" if arch.decoder else "right",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"]
+                                   if arch.token_type_ids else ["input_ids", "attention_mask"])
     if arch.decoder:  # decoders get a small chat template, as the real ones (Qwen3, Llama) have
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)

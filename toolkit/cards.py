@@ -20,16 +20,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["ModelCard", "PaddingSide", "Pooling", "list_cards", "load_card", "parse_pooling"]
+__all__ = ["ACTIVATIONS", "ModelCard", "PaddingSide", "Pooling", "list_cards", "load_card", "parse_pooling"]
 
 
 class Pooling(str, enum.Enum):
-    """How token states become one vector (vLLM's pooling methods)."""
+    """How token states become the model's output (vLLM's pooling methods; llama.cpp's ``rank``)."""
 
     CLS = "cls"
     MEAN = "mean"
     LAST_TOKEN = "last_token"
     SPLADE = "splade"
+    RANK = "rank"  # a cross-encoder: the model's sequence-classification head scores (query, document) pairs
+
+
+ACTIVATIONS = ("identity", "sigmoid", "softmax", "tanh")
 
 
 class PaddingSide(str, enum.Enum):
@@ -59,6 +63,7 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     default_prompt_name: str | None = None
     matryoshka_dims: list[int] = []
     matryoshka_any: bool = False
+    activation: str | None = None  # rank: applied to the logits (sentence-transformers' CrossEncoder decides it)
     description: str = ""
 
 

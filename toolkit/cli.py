@@ -78,7 +78,7 @@ def export(
     target: Annotated[str, typer.Option(help="cpu | cuda | tensorrt: which fusions and precision suit it")] = "cpu",
     opset: Annotated[int, typer.Option(help="ONNX opset, 14-21 (the fused CPU form is exported at 17)")] = 18,
     max_seq_len: Annotated[int | None, typer.Option(help="Override the card's max tokens per input")] = None,
-    pooling: Annotated[str | None, typer.Option(help="Override pooling: cls | mean | last_token | splade")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Override pooling: cls | mean | last_token | splade | rank (a cross-encoder; detected from *ForSequenceClassification)")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalize sentence_embedding")] = False,
     matryoshka_dims: Annotated[str | None, typer.Option(help="Matryoshka heads to fuse, e.g. 64,128,256")] = None,
     matryoshka: Annotated[str | None, typer.Option(help="'any': accept any dimensions 1..dim at run time")] = None,
@@ -116,9 +116,11 @@ def export(
 
         result = export_model(model, options, step=_step)
     parity = result.manifest.parity
-    worst = min(parity.min_cosine.values()) if parity.min_cosine else float("nan")
-    console.print(f"[bold]{result.path}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; "
-                  f"min cosine vs {parity.reference} {worst:.7f}"
+    if parity.max_abs_diff and not parity.min_cosine:  # a cross-encoder's scores
+        figure = f"max abs difference vs {parity.reference} {max(parity.max_abs_diff.values()):.2e}"
+    else:
+        figure = f"min cosine vs {parity.reference} {min(parity.min_cosine.values()) if parity.min_cosine else float('nan'):.7f}"
+    console.print(f"[bold]{result.path}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
                   + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else ""))
 
 
@@ -151,7 +153,9 @@ def inspect(
         ("outputs", ", ".join(manifest.outputs)), ("fused ops", json.dumps(manifest.fused_ops)),
         ("optimization", json.dumps(manifest.optimization)),
         ("parity", "SKIPPED (unverified)" if manifest.parity.skipped else
-         f"vs {manifest.parity.reference}: " + ", ".join(f"{k} {v:.7f}" for k, v in manifest.parity.min_cosine.items())),
+         f"vs {manifest.parity.reference}: " + ", ".join(
+             [f"{k} {v:.7f}" for k, v in manifest.parity.min_cosine.items()]
+             + [f"{k} max abs {v:.2e}" for k, v in manifest.parity.max_abs_diff.items()])),
         ("versions", ", ".join(f"{k} {v}" for k, v in manifest.versions.items())),
     ]
     if manifest.parity.retrieval_top10_overlap is not None:

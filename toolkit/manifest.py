@@ -48,6 +48,7 @@ class ParityReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     reference: str  # "sentence-transformers" | "torch"
     threshold: float
     min_cosine: dict[str, float] = {}
+    max_abs_diff: dict[str, float] = {}  # cross-encoders: logits vs torch, scores vs CrossEncoder.predict
     cases: list[ParityCase] = []
     retrieval_top10_overlap: float | None = None
     vs_fp32_min_cosine: float | None = None
