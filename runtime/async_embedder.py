@@ -190,8 +190,7 @@ class AsyncEmbedder:
                        timings: Timings | None = None, max_tokens: int | None = None,
                        **tokenize) -> tuple[np.ndarray, int]:
         """((n, labels) per-label scores, prompt tokens) like ``Embedder.classify``."""
-        if not self.embedder.cross_encoder:
-            raise RequestError("classify needs a sequence-classification (cross-encoder) artifact", param="model")
+        self.embedder.require("classify")
         rows, _, _, total = await self._rows(inputs, "logits", priority, timings, max_tokens, tokenize)
         logits = np.stack(rows)
         return (activate(logits, self.embedder.card.activation) if use_activation else logits), total
@@ -200,6 +199,7 @@ class AsyncEmbedder:
                            max_tokens: int | None = None, **tokenize) -> tuple[list[np.ndarray], int]:
         """(per input a (tokens, hidden) array of encoder states, prompt tokens), like ``Embedder.encode``'s
         token_embed."""
+        self.embedder.require("token_embed")
         rows, flat, spans, total = await self._rows(inputs, "token_embeddings", priority, timings, max_tokens, tokenize)
         if spans is not None:
             raise RequestError("token embeddings of an input longer than the model's window are not supported "
@@ -210,7 +210,7 @@ class AsyncEmbedder:
                            max_tokens: int | None = None, **tokenize) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
         """(per input its (indices, weights) of non-zero vocabulary entries, prompt tokens), like
         ``Embedder.embed_sparse``."""
-        self.embedder.require_sparse()
+        self.embedder.require("embed_sparse")
         rows, flat, spans, total = await self._rows(inputs, "sparse_embedding", priority, timings, max_tokens, tokenize)
         return [sparse_entries(row) for row in pool_sparse(rows, spans)], total
 

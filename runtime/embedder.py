@@ -223,13 +223,28 @@ class Embedder:
         """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
         return self.card.pooling == Pooling.RANK
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this artifact answers, decided once from its card and outputs: dense embedding artifacts
+        ``embed``, ``token_embed``, ``score`` (cosine); sparse (SPLADE) ``embed_sparse``; cross-encoders ``score``
+        (pair scores) and ``classify``."""
+        if self.cross_encoder:
+            return ("score", "classify")
+        if self.manifest.sparse:
+            return ("embed_sparse",)
+        return ("embed", "token_embed", "score")
+
+    def require(self, task: str) -> None:
+        """RequestError naming what this artifact answers when it does not answer ``task``."""
+        if task not in self.tasks:
+            kind = ("cross-encoder (reranker)" if self.cross_encoder else "sparse (SPLADE)" if self.manifest.sparse
+                    else "dense embedding")
+            raise RequestError(f"this {kind} artifact does not answer '{task}'; it answers: {', '.join(self.tasks)}",
+                               param="model")
+
     def plan_output(self, dimensions: int | None, normalize: bool | None) -> OutputPlan:
         """Map (dimensions, normalize) to a graph output; UnsupportedDimensionError lists the valid sizes."""
-        if self.cross_encoder:
-            raise RequestError("this is a cross-encoder (reranker) artifact: it scores pairs (score, rerank, "
-                               "POST /rerank or /score), it does not embed", param="model")
-        if self.manifest.sparse:
-            raise RequestError("this is a sparse (SPLADE) model: use embed_sparse", param="model")
+        self.require("embed")
         norm = self.card.normalize if normalize is None else normalize
         native = self.dimensions
         if dimensions is None or dimensions == native:
@@ -280,8 +295,7 @@ class Embedder:
             case "embed":
                 return self.embed(inputs, **kwargs)
             case "token_embed":
-                if self.manifest.sparse:
-                    raise RequestError("sparse models have no token embeddings", param="pooling_task")
+                self.require("token_embed")
                 items = self.tokenize_inputs(inputs, **kwargs)
                 if any(t.parts for t in items):
                     raise RequestError("token embeddings of an input longer than the model's window are not "
@@ -334,18 +348,13 @@ class Embedder:
 
     def classify(self, inputs: Inputs, *, use_activation: bool = True, **tokenize) -> np.ndarray:
         """(n, labels) a cross-encoder's per-label scores of single texts (vLLM's classify task)."""
-        if not self.cross_encoder:
-            raise RequestError("classify needs a sequence-classification (cross-encoder) artifact", param="model")
+        self.require("classify")
         logits = np.stack(self.run(self.tokenize_inputs(inputs, **tokenize), "logits"))
         return activate(logits, self.card.activation) if use_activation else logits
 
-    def require_sparse(self) -> None:
-        if not self.manifest.sparse:
-            raise RequestError("this is a dense model: sparse embeddings need a SPLADE artifact", param="model")
-
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
-        self.require_sparse()
+        self.require("embed_sparse")
         items = self.tokenize_inputs(inputs, **tokenize)
         flat, spans = expand_chunks(items)
         return [sparse_entries(row) for row in pool_sparse(self.run(flat, "sparse_embedding"), spans)]

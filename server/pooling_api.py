@@ -37,11 +37,10 @@ class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
 
 
 def pooling_tasks(embedder) -> tuple[str, ...]:
-    """The pooling tasks an artifact answers: sparse (SPLADE) artifacts pool one vocabulary-sized vector,
-    cross-encoders classify (their labels' scores)."""
-    if embedder.cross_encoder:
-        return ("classify",)
-    return ("embed",) if embedder.manifest.sparse else ("embed", "token_embed")
+    """vLLM's pooling tasks that an artifact answers (``Embedder.tasks``): a sparse (SPLADE) artifact's ``embed``
+    is its vocabulary-sized vector; cross-encoders ``classify`` (their labels' scores)."""
+    own = {"embed": "embed", "embed_sparse": "embed", "token_embed": "token_embed", "classify": "classify"}
+    return tuple(dict.fromkeys(own[t] for t in embedder.tasks if t in own))
 
 
 class PoolingController(Controller):
@@ -68,7 +67,7 @@ class PoolingController(Controller):
             rows = list(scores)
         elif task == "token_embed":
             rows, tokens = await served.engine.embed_tokens(data.input, **tokenize)
-        elif emb.manifest.sparse:
+        elif "embed_sparse" in emb.tasks:
             entries, tokens = await served.engine.embed_sparse(data.input, **tokenize)
             rows = [_dense(idx, val, emb.dimensions) for idx, val in entries]
         else:

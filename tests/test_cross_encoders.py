@@ -71,16 +71,23 @@ def test_activation_is_decided_as_sentence_transformers_does():
         cross_encoder_activation({"sentence_transformers": {"activation_fn": "torch.nn.GELU"}})
 
 
-@pytest.fixture(scope="module")
-def client(cross_encoder_artifact):
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "modernbert"])
+def served_ce(request, cross_encoder_artifact, tmp_path_factory):
+    if request.param == "bert":
+        artifact = cross_encoder_artifact
+    else:
+        folder = build_tiny_model(request.param, tmp_path_factory.mktemp(f"ce-{request.param}") / "m",
+                                  classifier=True, config={"initializer_range": 0.2})
+        artifact = _export(str(folder), folder.parent / "ce.onnx").path
     metrics = Metrics()
-    registry = load_models([cross_encoder_artifact], ["ce"], RuntimeOptions(device="cpu"), metrics)
+    registry = load_models([artifact], ["ce"], RuntimeOptions(device="cpu"), metrics)
     with TestClient(create_app(registry, ServerOptions(), metrics)) as c:
-        yield c
+        yield c, artifact
 
 
-def test_rerank_and_score_routes_on_a_cross_encoder(client, cross_encoder_artifact):
-    emb = Embedder(cross_encoder_artifact, device="cpu")
+def test_rerank_and_score_routes_on_a_cross_encoder(served_ce):
+    client, artifact = served_ce
+    emb = Embedder(artifact, device="cpu")
     scores = emb.score(QUERY, DOCS)
     order = np.argsort(-scores).tolist()
     r = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2})

@@ -65,7 +65,7 @@ def test_tei_errors_have_tei_shape(client, body, status):
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error", "error_type"} and r.json()["error"]
     r = client.post("/embed_sparse", json={"inputs": "x"})  # a dense artifact
-    assert r.status_code == 422 and "SPLADE" in r.json()["error"]
+    assert r.status_code == 422 and "does not answer 'embed_sparse'" in r.json()["error"]
 
 
 def test_tei_embed_sparse_on_splade(splade_artifact):
