@@ -31,7 +31,7 @@ from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.tokenization import Tokenized
 
-__all__ = ["ABS_THRESHOLDS", "THRESHOLDS", "check_parity", "cosines", "neighbour_overlap", "retrieval_overlap"]
+__all__ = ["ABS_THRESHOLDS", "THRESHOLDS", "check_parity", "cosines", "neighbour_overlap"]
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 ABS_THRESHOLDS = {"fp32": 1e-5, "fp16": 2e-2, "int8": 5e-2}  # cross-encoder logits and scores
@@ -205,11 +205,3 @@ def neighbour_overlap(a: np.ndarray, b: np.ndarray, *, k: int = 10) -> float:
         top_b = set(np.argpartition(-sims_b, k)[:k])
         overlap.append(len(top_a & top_b) / k)
     return float(np.mean(overlap))
-
-
-def retrieval_overlap(candidate: Embedder, reference: Embedder, *, n: int = 500, k: int = 10) -> tuple[float, float]:
-    """(mean top-k neighbour overlap, min cosine) of ``candidate`` vs ``reference`` on the probe corpus."""
-    texts = load_corpus(limit=n)
-    a = candidate.embed(texts, truncate_prompt_tokens=-1, normalize=True)
-    b = reference.embed(texts, truncate_prompt_tokens=-1, normalize=True)
-    return neighbour_overlap(a, b, k=k), float(cosines(a, b).min())
