@@ -116,8 +116,48 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     torch.manual_seed(0)
     with step("Resolving the model card"):
         resolved = resolve_model(model, options)
-    card = resolved.card
-    out = Path(options.output) if options.output else default_output(card.name, options.precision)
+    precision, target = _check_precision(resolved, options)
+    out = Path(options.output) if options.output else default_output(resolved.card.name, precision)
+    with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        with step(f"Loading {resolved.arch.model_type} in PyTorch"):
+            module = build_module(resolved, trust_remote_code=options.trust_remote_code)
+            tokenizer = Tokenizer(resolved.files.tokenizer_json, max_length=resolved.card.max_seq_len or 512)
+            pad_id = _pad_id(tokenizer, resolved)
+        with step("Exporting the graph (torch.onnx, dynamo)"):
+            graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
+        with step(f"Optimizing for {target.value} / {precision.value}"):
+            fp32, final, optimization = _optimize(module, resolved, graph, tmp, options, tokenizer)
+        choice = None
+        if precision == Precision.INT8:
+            with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
+                choice = _choose_int8(fp32, tmp, resolved, tokenizer, pad_id)
+            final = choice.path
+            optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
+        manifest = _manifest(resolved, options, final, tokenizer, pad_id, optimization)
+        candidate = write_artifact(final, tmp / "candidate.onnx", manifest, resolved.files.tokenizer_json,
+                                   resolved.files.model_card)
+        report, warnings = manifest.parity, []
+        if options.skip_parity:
+            warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
+        else:
+            with step("Verifying parity against PyTorch"):
+                report = check_parity(candidate, resolved, module, precision.value)
+                if choice is not None:
+                    report = _int8_gate(report, choice)
+            if not report.passed:
+                if not (options.allow_low_accuracy and precision == Precision.INT8):
+                    raise _parity_error(report)
+                warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
+        quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
+        manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
+        with step(f"Writing {out.name}"):
+            write_artifact(final, out, manifest, resolved.files.tokenizer_json, resolved.files.model_card)
+    return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
+
+
+def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[Precision, Target]:
+    """The precision / target pair, refused where it does not fit (int8 is CPU, fp16 GPU; no int8 cross-encoders)."""
     precision, target = Precision(options.precision), Target(options.target)
     if precision == Precision.INT8 and target != Target.CPU:
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
@@ -125,85 +165,70 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and target == Target.CPU:
         raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
-    warnings: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
-        tmp = Path(tmp_name)
-        with step(f"Loading {resolved.arch.model_type} in PyTorch"):
-            module = build_module(resolved, trust_remote_code=options.trust_remote_code)
-            tokenizer_text = resolved.files.tokenizer_json
-            tokenizer = Tokenizer(tokenizer_text, max_length=card.max_seq_len or 512)
-            pad_id = _pad_id(tokenizer, resolved)
-        with step("Exporting the graph (torch.onnx, dynamo)"):
-            graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
-        optimization: dict[str, float | int | str] = {}
-        # CPU: the word-embedding table in fp16 where the head allows it (export.heads)
-        compact = target == Target.CPU and options.fp16_embedding_table and resolved.head.compact_table
-        with step(f"Optimizing for {target.value} / {precision.value}"):
-            fp32 = graph
-            if options.optimize and resolved.head.optimizable:
-                forms = _graph_forms(module, resolved, graph, tmp, options.opset, compact=compact)
-                if len(forms) > 1:
-                    if target == Target.CPU:  # keep whichever form measures fastest here
-                        timings = time_graphs(forms, _probes(resolved.arch.inputs, tokenizer.vocab_size))
-                        kept = min(timings, key=timings.__getitem__)
-                        optimization = {f"{name}_ms": round(t * 1e3, 2) for name, t in timings.items()}
-                    else:  # GPU targets: the fused attention kernels are built for them
-                        kept = "legacy+fused" if "legacy+fused" in forms else "dynamo+fused"
-                    optimization["kept"] = kept
-                    fp32 = forms[kept]
-            if compact:
-                compacted = compact_embedding_table(fp32, tmp / "compact.onnx")
-                if compacted is not None:
-                    fp32 = compacted
-                    optimization["embedding_table"] = "fp16"
-            final = fp32
-            if precision == Precision.FP16:
-                final = convert_fp16(fp32, tmp / "fp16.onnx")
-        if precision == Precision.INT8:
-            with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
-                choice = _choose_int8(fp32, tmp, resolved, tokenizer, pad_id)
-            final = choice.path
-            optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
-        embedding_dim = resolved.head.dim(resolved.config, resolved.dense[-1].out_features if resolved.dense else None)
-        manifest = Manifest(
-            card=card, model_type=resolved.arch.model_type, inputs=list(resolved.arch.inputs),
-            outputs=output_names(resolved), embedding_dim=embedding_dim,
-            hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
-            max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=resolved.files.special_tokens,
-            chat_template=resolved.files.chat_template,
-            precision=precision.value, target=target.value, opset=_graph_opset(final),
-            export_options=_option_values(options),
-            versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
-            parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False),
-        )
-        card_text = resolved.files.model_card
-        candidate = write_artifact(final, tmp / "candidate.onnx", manifest, tokenizer_text, card_text)
-        if options.skip_parity:
-            warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
-            report = manifest.parity
-        else:
-            with step("Verifying parity against PyTorch"):
-                report = check_parity(candidate, resolved, module, precision.value)
-                if precision == Precision.INT8:
-                    report = _int8_gate(report, choice)
-            if not report.passed:
-                if not (options.allow_low_accuracy and precision == Precision.INT8):
-                    if report.max_abs_diff and not report.min_cosine:  # scores (cross-encoders)
-                        worst = ", ".join(f"{k}={v:.2e}" for k, v in report.max_abs_diff.items())
-                        raise ParityError(f"parity check failed (max abs difference {worst}; need <= "
-                                          f"{report.threshold}); no artifact written", report.max_abs_diff)
-                    worst = ", ".join(f"{k}={v:.6f}" for k, v in report.min_cosine.items())
-                    extra = "" if report.retrieval_top10_overlap is None else f", top-10 overlap={report.retrieval_top10_overlap:.3f}"
-                    extra += "".join(f"; {k}: {a:.2e} from float64 vs torch fp32's {t:.2e} (allowed x{NOISE_FACTOR:g})"
-                                     for k, (a, t) in report.noise_floor.items())
-                    raise ParityError(f"parity check failed (min cosine {worst}{extra}; "
-                                      f"need >= {report.threshold}); no artifact written", report.min_cosine)
-                warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
-        quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
-        manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
-        with step(f"Writing {out.name}"):
-            write_artifact(final, out, manifest, tokenizer_text, card_text)
-    return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
+    return precision, target
+
+
+def _optimize(module, resolved: ResolvedModel, graph: Path, tmp: Path, options: ExportOptions,
+              tokenizer: Tokenizer) -> tuple[Path, Path, dict[str, float | int | str]]:
+    """(the fp32 graph to ship or quantize, the final graph, what was chosen and measured).
+
+    Where the head allows the fusions, the graph forms are timed against each other on CPU (the fastest is
+    kept) or the fused form is taken for GPU targets; on CPU the word-embedding table goes to fp16 where the
+    head allows it; fp16 targets convert last.
+    """
+    target = Target(options.target)
+    optimization: dict[str, float | int | str] = {}
+    compact = target == Target.CPU and options.fp16_embedding_table and resolved.head.compact_table
+    fp32 = graph
+    if options.optimize and resolved.head.optimizable:
+        forms = _graph_forms(module, resolved, graph, tmp, options.opset, compact=compact)
+        if len(forms) > 1:
+            if target == Target.CPU:  # keep whichever form measures fastest here
+                timings = time_graphs(forms, _probes(resolved.arch.inputs, tokenizer.vocab_size))
+                kept = min(timings, key=timings.__getitem__)
+                optimization = {f"{name}_ms": round(t * 1e3, 2) for name, t in timings.items()}
+            else:  # GPU targets: the fused attention kernels are built for them
+                kept = "legacy+fused" if "legacy+fused" in forms else "dynamo+fused"
+            optimization["kept"] = kept
+            fp32 = forms[kept]
+    if compact:
+        compacted = compact_embedding_table(fp32, tmp / "compact.onnx")
+        if compacted is not None:
+            fp32 = compacted
+            optimization["embedding_table"] = "fp16"
+    final = convert_fp16(fp32, tmp / "fp16.onnx") if Precision(options.precision) == Precision.FP16 else fp32
+    return fp32, final, optimization
+
+
+def _manifest(resolved: ResolvedModel, options: ExportOptions, final: Path, tokenizer: Tokenizer, pad_id: int,
+              optimization: dict) -> Manifest:
+    """The artifact's manifest before verification (its parity report is filled in after)."""
+    card = resolved.card
+    return Manifest(
+        card=card, model_type=resolved.arch.model_type, inputs=list(resolved.arch.inputs),
+        outputs=output_names(resolved),
+        embedding_dim=resolved.head.dim(resolved.config, resolved.dense[-1].out_features if resolved.dense else None),
+        hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
+        max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=resolved.files.special_tokens,
+        chat_template=resolved.files.chat_template, precision=Precision(options.precision).value,
+        target=Target(options.target).value, opset=_graph_opset(final), export_options=_option_values(options),
+        versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
+        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False),
+    )
+
+
+def _parity_error(report: ParityReport) -> ParityError:
+    """What a failed verification says: the figures that missed, and by how much."""
+    if report.max_abs_diff and not report.min_cosine:  # scores (cross-encoders)
+        worst = ", ".join(f"{k}={v:.2e}" for k, v in report.max_abs_diff.items())
+        return ParityError(f"parity check failed (max abs difference {worst}; need <= {report.threshold}); "
+                           "no artifact written", report.max_abs_diff)
+    worst = ", ".join(f"{k}={v:.6f}" for k, v in report.min_cosine.items())
+    extra = "" if report.retrieval_top10_overlap is None else f", top-10 overlap={report.retrieval_top10_overlap:.3f}"
+    extra += "".join(f"; {k}: {a:.2e} from float64 vs torch fp32's {t:.2e} (allowed x{NOISE_FACTOR:g})"
+                     for k, (a, t) in report.noise_floor.items())
+    return ParityError(f"parity check failed (min cosine {worst}{extra}; need >= {report.threshold}); "
+                       "no artifact written", report.min_cosine)
 
 
 def _choose_int8(fp32: Path, tmp: Path, resolved: ResolvedModel, tokenizer: Tokenizer, pad_id: int):

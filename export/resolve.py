@@ -15,7 +15,7 @@ import msgspec
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ArchSpec, get_arch
-from toolkit.export.heads import Head, head_for
+from toolkit.export.heads import Head, cross_encoder_activation, head_for
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.settings import ExportOptions
 
@@ -170,6 +170,8 @@ def _read_sentence_transformers(model_dir: Path) -> tuple[dict, Path, tuple[Dens
             fields["prompts"] = {k: v for k, v in prompts.items() if isinstance(v, str)}
         if data.get("default_prompt_name"):
             fields["default_prompt_name"] = data["default_prompt_name"]
+        if isinstance(data.get("activation_fn"), str):  # a CrossEncoder saved by sentence-transformers 6
+            fields["activation"] = cross_encoder_activation({"sentence_transformers": {"activation_fn": data["activation_fn"]}})
     return fields, transformer_dir, tuple(dense)
 
 

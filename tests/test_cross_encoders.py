@@ -128,3 +128,18 @@ def test_cohere_client_reranks_with_a_cross_encoder(cross_encoder_artifact):
         assert httpx.get(url + "/ready").status_code == 200
     finally:
         proc.kill()
+
+
+def test_a_saved_crossencoder_folder_keeps_its_activation(cross_encoder_dir, tmp_path):
+    """sentence-transformers 6 saves a CrossEncoder with modules.json and its activation_fn in
+    config_sentence_transformers.json: the export reads it there, and matches predict() with it."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    CrossEncoder(str(cross_encoder_dir), device="cpu", activation_fn=torch.nn.Identity()).save(str(tmp_path / "saved"))
+    result = _export(str(tmp_path / "saved"), tmp_path / "saved.onnx")
+    assert result.manifest.card.activation == "identity" and result.manifest.card.pooling.value == "rank"
+    assert result.manifest.parity.reference == "sentence-transformers CrossEncoder"
+    assert max(result.manifest.parity.max_abs_diff.values()) <= 1e-5
+    emb = Embedder(result.path, device="cpu")
+    np.testing.assert_allclose(emb.score(QUERY, DOCS), emb.score(QUERY, DOCS, use_activation=False), atol=0)
