@@ -159,11 +159,10 @@ class AsyncEmbedder:
         ``max_tokens`` bounds the request's total tokens (RequestError past it).
         """
         plan = self.embedder.plan_output(dimensions, normalize)
+        chunked = self.embedder.chunk_plan(plan)  # what inputs longer than the window use (chunked mode)
         rows, flat, spans, total = await self._rows(inputs, plan.output, priority, timings, max_tokens, tokenize,
-                                                    chunk_plan=lambda: self.embedder.chunk_plan(plan))
-        if spans is not None:
-            plan = self.embedder.chunk_plan(plan)
-        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan), total
+                                                    chunk_output=chunked.output)
+        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan if spans is None else chunked), total
 
     async def score(self, queries, documents, *, use_activation: bool | None = None, priority: int = 0,
                     timings: Timings | None = None, max_tokens: int | None = None,
@@ -215,8 +214,9 @@ class AsyncEmbedder:
         return [sparse_entries(row) for row in pool_sparse(rows, spans)], total
 
     async def _rows(self, inputs: Inputs, output: str, priority: int, timings: Timings | None, max_tokens: int | None,
-                    tokenize: dict, chunk_plan=None):
-        """Admit, tokenize (off the loop when big), bound the tokens, queue: (rows, flat items, chunk spans, total)."""
+                    tokenize: dict, chunk_output: str | None = None):
+        """Admit, tokenize (off the loop when big), bound the tokens, queue: (rows, flat items, chunk spans, total).
+        ``chunk_output``: the output to run instead when some input came back in chunks."""
         single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int))
         with self.admit(1 if single else len(inputs)):
             started = time.perf_counter()
@@ -227,8 +227,8 @@ class AsyncEmbedder:
             if timings is not None:
                 timings.tokenize = time.perf_counter() - started
             flat, spans = expand_chunks(items)
-            if spans is not None and chunk_plan is not None:
-                output = chunk_plan().output
+            if spans is not None and chunk_output is not None:
+                output = chunk_output
             rows = await self.run(flat, output, priority=priority, timings=timings)
         return rows, flat, spans, total
 
