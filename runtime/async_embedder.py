@@ -29,6 +29,7 @@ from toolkit.runtime.embedder import (
     Inputs,
     activate,
     cosine_scores,
+    count_inputs,
     expand_chunks,
     pool_chunks,
     pool_sparse,
@@ -217,8 +218,7 @@ class AsyncEmbedder:
                     tokenize: dict, chunk_output: str | None = None):
         """Admit, tokenize (off the loop when big), bound the tokens, queue: (rows, flat items, chunk spans, total).
         ``chunk_output``: the output to run instead when some input came back in chunks."""
-        single = isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int))
-        with self.admit(1 if single else len(inputs)):
+        with self.admit(count_inputs(inputs)):
             started = time.perf_counter()
             items = await self.tokenize(inputs, **tokenize)
             total = sum(len(t) for t in items)

@@ -15,7 +15,7 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
+__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "count_inputs", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
            "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
@@ -106,6 +106,11 @@ def sparse_entries(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indices int64, weights float32) of a vocabulary-sized row's non-zero entries."""
     idx = np.flatnonzero(row > 0)
     return idx.astype(np.int64), row[idx].astype(np.float32)
+
+
+def count_inputs(inputs: Inputs) -> int:
+    """How many inputs a request holds: a string or a single list of token ids is one."""
+    return 1 if isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int)) else len(inputs)
 
 
 def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:

@@ -11,6 +11,7 @@ import numpy as np
 from litestar import Controller, Request, Response, post
 
 from toolkit.errors import RequestError
+from toolkit.runtime.embedder import count_inputs
 from toolkit.runtime.encoding import to_base64
 from toolkit.server.limits import check_choice, check_limits
 
@@ -57,8 +58,7 @@ class PoolingController(Controller):
             raise RequestError(f"task '{task}' does not apply to this model; applicable: {', '.join(applicable)}",
                                param="task")
         check_choice(data.encoding_format, ("float", "base64"), "encoding_format")
-        check_limits(1 if isinstance(data.input, str) or (data.input and isinstance(data.input[0], int))
-                     else len(data.input), options)
+        check_limits(count_inputs(data.input), options)
         tokenize = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
                     "max_tokens": options.max_request_tokens}
         if task == "classify":

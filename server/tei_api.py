@@ -14,6 +14,7 @@ from litestar import Controller, Request, Response, get, post
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
+from toolkit.runtime.embedder import count_inputs
 from toolkit.server.limits import check_limits
 from toolkit.server.metrics import timing_headers
 
@@ -48,14 +49,10 @@ def tei_truncation(truncate: bool | None, direction: str) -> dict:
     return {"truncate_prompt_tokens": -1 if truncate else None, "truncation_side": side}
 
 
-def _count(inputs) -> int:
-    return 1 if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else len(inputs)
-
-
 def _begin(request: Request, data) -> tuple[Any, dict, Timings, float]:
     request.state.dialect = "tei"
     served = request.app.state.registry.get(data.model)
-    check_limits(_count(data.inputs), request.app.state.options, param="inputs")
+    check_limits(count_inputs(data.inputs), request.app.state.options, param="inputs")
     tokenize = {**tei_truncation(data.truncate, data.truncation_direction), "prompt_name": data.prompt_name,
                 "max_tokens": request.app.state.options.max_request_tokens}
     return served, tokenize, Timings(), time.perf_counter()
