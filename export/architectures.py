@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from toolkit.cards import PaddingSide
+from toolkit.cards import PaddingSide, Pooling
 from toolkit.errors import UnsupportedArchitectureError
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "get_arch"]
@@ -29,6 +29,9 @@ class ArchSpec:
     attn_implementation: str = "eager"
     splade: bool = False  # has a masked-LM head usable for SPLADE
     position_offset: int = 0  # positions start after the padding index (RoBERTa family)
+    image_tower: bool = False  # a text tower and an image tower in one shared space (CLIP, SigLIP)
+    pooling: Pooling | None = None  # the architecture pools by its own rule: the card cannot choose
+    text_inputs: tuple[str, ...] | None = None  # the text tower's inputs, when not the usual ones
     config_overrides: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -37,6 +40,8 @@ class ArchSpec:
 
     @property
     def inputs(self) -> tuple[str, ...]:
+        if self.text_inputs is not None:
+            return self.text_inputs
         base = ("input_ids", "attention_mask")
         return (*base, "token_type_ids") if self.token_type_ids else base
 
@@ -60,6 +65,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # embeddinggemma: the Gemma3 text stack with bidirectional attention,
         # which its config.json turns on (use_bidirectional_attention).
         ArchSpec("gemma3_text", config_overrides=_DECODER),
+        # two towers; each graph ends in the model's own projection (get_text_features / get_image_features).
+        # CLIP pools its text at the first EOS; SigLIP at the LAST position of text padded to 64 tokens, read
+        # without an attention mask (as its processor feeds it).
+        ArchSpec("clip", image_tower=True, pooling=Pooling.EOS),
+        ArchSpec("siglip", image_tower=True, pooling=Pooling.LAST_TOKEN, text_inputs=("input_ids",)),
     )
 }
 

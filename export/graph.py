@@ -39,8 +39,11 @@ class EmbeddingModule(nn.Module):
         self.dense = dense if dense is not None else nn.Identity()
         self.token_type_ids = token_type_ids
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None):
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None:  # None: a model read without one (SigLIP's text tower)
+            kwargs["attention_mask"] = attention_mask
         if self.token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
         return self.head.forward(self.encoder(**kwargs), attention_mask, self.dense, self.card)
@@ -90,7 +93,7 @@ def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Modu
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{resolved.transformer_dir}: cannot load the model: {exc}") from None
-    return model.eval()
+    return resolved.head.wrap(model.eval()).eval()
 
 
 def build_module(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> EmbeddingModule:

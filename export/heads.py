@@ -7,6 +7,8 @@ export is verified. The rest of the exporter asks the head and never checks a ki
 - ``DenseHead``: pool (CLS, mean, last token) -> dense layers -> Matryoshka slices -> normalize.
   Outputs ``sentence_embedding``, ``token_embeddings``, ``sentence_embedding_raw``, ``sentence_embedding_<d>``.
 - ``SparseHead`` (SPLADE): masked-LM logits -> log1p(relu) -> max over real tokens. Outputs ``sparse_embedding``.
+- ``TowerHead`` (CLIP, SigLIP): the text tower's projected features (``get_text_features``), normalized; the
+  image tower is a second graph (``export.towers``). Outputs ``sentence_embedding``, ``sentence_embedding_raw``.
 - ``ClassifierHead`` (cross-encoders, pooling ``rank``): the sequence-classification logits (batch, num_labels);
   the activation is recorded in the card and applied by the runtime. Verified on (query, document) pairs by
   max absolute difference, against sentence-transformers' ``CrossEncoder.predict`` where it loads the model.
@@ -21,7 +23,8 @@ import torch
 from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
 
-__all__ = ["ClassifierHead", "DenseHead", "Head", "SparseHead", "cross_encoder_activation", "head_for", "num_labels"]
+__all__ = ["ClassifierHead", "DenseHead", "Head", "SparseHead", "TowerHead", "cross_encoder_activation", "head_for",
+           "num_labels"]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +45,11 @@ class Head(ABC):
     needs_arch: str | None = None  # an ArchSpec flag the architecture must have for this head
     pairs: bool = False  # inputs are (query, document) pairs
     parity_metric: str = "cosine"  # "cosine" (vectors) or "abs" (scores: max absolute difference)
+    image_tower: bool = False  # an image tower is exported beside the text graph (export.towers)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the graph calls as its encoder (the loaded model itself, unless a head says otherwise)."""
+        return model
 
     @abstractmethod
     def outputs(self, card: ModelCard) -> list[str]:
@@ -133,6 +141,53 @@ class ClassifierHead(Head):
         return {**fields, "normalize": False, "activation": fields.get("activation") or cross_encoder_activation(config)}
 
 
+class TowerHead(Head):
+    name = "towers"
+    auto_class = "AutoModel"  # CLIPModel, SiglipModel
+    optimizable = False  # no fuser pattern matched by onnxruntime for these towers here
+    compact_table = False
+    dense_layers = False
+    calibrated_range = True
+    st_reference = False  # checked against the model's own tokenizer + get_text_features instead
+    image_tower = True
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return ["sentence_embedding", "sentence_embedding_raw"]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        text = config.get("text_config") or {}
+        return int(config.get("projection_dim") or text.get("projection_size") or text.get("hidden_size") or 0)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return TextFeatures(model)
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        return (normalize(out) if card.normalize else out, out)
+
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
+        text = config.get("text_config") or {}
+        length = int(text.get("max_position_embeddings") or 77)
+        fixed = config.get("model_type") == "siglip"  # trained on text padded to its full length
+        return {**fields, "normalize": normalize if normalize is not None else True, "pad_to_max_length": fixed,
+                "max_seq_len": length if fixed else min(int(fields.get("max_seq_len") or length), length),
+                "matryoshka_dims": [],
+                "matryoshka_any": False}
+
+
+class TextFeatures(torch.nn.Module):
+    """A two-tower model's text tower up to its projection: what ``get_text_features`` returns."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+
 def num_labels(config: dict) -> int:
     labels = config.get("id2label")
     return len(labels) if isinstance(labels, dict) and labels else int(config.get("num_labels", 1) or 1)
@@ -164,19 +219,23 @@ def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Te
             positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
             last = (positions * mask).argmax(-1)  # (batch,)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        case Pooling.SPLADE | Pooling.RANK:
+        case Pooling.SPLADE | Pooling.RANK | Pooling.EOS:
             raise ValueError(f"{pooling.value} does not pool hidden states: that is its own head's work")
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-_DENSE, _SPARSE, _CLASSIFIER = DenseHead(), SparseHead(), ClassifierHead()
+_DENSE, _SPARSE, _CLASSIFIER, _TOWERS = DenseHead(), SparseHead(), ClassifierHead(), TowerHead()
 
 
-def head_for(pooling: Pooling) -> Head:
-    """The head a card's pooling calls for."""
+def head_for(pooling: Pooling, *, image_tower: bool = False) -> Head:
+    """The head a card's pooling calls for (two-tower architectures have their own)."""
+    if image_tower:
+        return _TOWERS
     match pooling:
         case Pooling.CLS | Pooling.MEAN | Pooling.LAST_TOKEN:
             return _DENSE
+        case Pooling.EOS:
+            raise ConfigError("eos pooling is CLIP's text tower's own rule; it is not offered for other models")
         case Pooling.SPLADE:
             return _SPARSE
         case Pooling.RANK:

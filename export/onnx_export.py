@@ -29,7 +29,7 @@ def _example_inputs(resolved: ResolvedModel, vocab_size: int) -> tuple[torch.Ten
         mask[1, :3] = 0
     else:
         mask[1, 5:] = 0
-    inputs = [ids, mask]
+    inputs = [ids, mask] if "attention_mask" in resolved.arch.inputs else [ids]
     if resolved.arch.token_type_ids:
         inputs.append(torch.zeros(2, 8, dtype=torch.int64))
     return tuple(inputs)

@@ -67,6 +67,14 @@ def _reference(module: EmbeddingModule, item: Tokenized, uses_types: bool,
         return [o[0].to(dtype).numpy() for o in module(*args)]
 
 
+def _as_read(item: Tokenized, emb: Embedder) -> Tokenized:
+    """The input as the model reads it alone: itself, or padded to the full length for a model trained on
+    fixed-length text (SigLIP reads its padding: no attention mask, the last position pooled)."""
+    if not emb.card.pad_to_max_length:
+        return item
+    return Tokenized(item.ids + [emb.manifest.pad_token_id] * (emb.manifest.max_seq_len - len(item)))
+
+
 def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str) -> ParityReport:
     """Min cosine per output over batch sizes 1 and 4, short / medium / max lengths, padded and unpadded."""
     # fp16 artifacts are checked where they will run (the GPU when there is one); the rest on the CPU
@@ -90,10 +98,11 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         else:
             items = emb.tokenize_inputs(texts, truncate_prompt_tokens=cap)
         got = emb.run_batch(items, outputs)
-        refs = [_reference(module, item, resolved.arch.token_type_ids) for item in items]
+        read = [_as_read(item, emb) for item in items]
+        refs = [_reference(module, item, resolved.arch.token_type_ids) for item in read]
         rows = [[emb.unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
                  for o, output in enumerate(outputs)] for row, item in enumerate(items)]
-        checked.append((items, rows, refs))
+        checked.append((read, rows, refs))
         for o, output in enumerate(outputs):
             cos_min, diff_max = 1.0, 0.0
             for row, ref in zip(rows, refs):
@@ -107,6 +116,15 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
     reference = "torch"
     if pairs:  # scores: judged by their largest absolute difference, against CrossEncoder.predict too
         return _score_parity(resolved, emb, probes, cap, precision, cases, largest)
+    if resolved.head.image_tower:  # the model's own tokenizer and get_text_features, on the raw texts
+        from toolkit.export.towers import text_reference_check
+
+        reference = "transformers tokenizer + get_text_features"
+        texts = [probes[k] for k in ("short", "medium", "short2")]
+        own = text_reference_check(emb, resolved, module.encoder.model, texts)
+        worst["sentence_embedding"] = min(worst["sentence_embedding"], own)
+        cases.append(ParityCase(output="sentence_embedding (get_text_features)", batch=3, seq_len=cap, padded=True,
+                                padding_side=str(emb.card.padding_side.value), min_cosine=own, max_abs_diff=-1.0))
     if resolved.st_layout and resolved.head.st_reference:
         reference = "sentence-transformers"
         st_cos = _sentence_transformers_check(resolved, emb, [probes[k] for k in ("short", "medium", "max", "short2")], cap)

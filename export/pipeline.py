@@ -26,7 +26,13 @@ from toolkit.export.optimize import (
 )
 from toolkit.export.parity import NOISE_FACTOR, THRESHOLDS, check_parity
 from toolkit.export.resolve import ResolvedModel, resolve_model
-from toolkit.manifest import Manifest, ParityReport
+from toolkit.export.towers import (
+    export_image_graph,
+    image_parity,
+    image_preprocess,
+    image_tower_path,
+)
+from toolkit.manifest import ImageTower, Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
 from toolkit.settings import ExportOptions, Precision, Target
 
@@ -134,9 +140,14 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 choice = _choose_int8(fp32, tmp, resolved, tokenizer, pad_id)
             final = choice.path
             optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
+        image_graph = None
+        if resolved.head.image_tower:
+            with step("Exporting the image tower (torch.onnx, dynamo)"):
+                image_graph, tower = _image_tower(module, resolved, options, tmp)
         manifest = _manifest(resolved, options, final, tokenizer, pad_id, optimization)
-        candidate = write_artifact(final, tmp / "candidate.onnx", manifest, resolved.files.tokenizer_json,
-                                   resolved.files.model_card)
+        if image_graph is not None:
+            manifest = msgspec.structs.replace(manifest, image=tower)
+        candidate = _write(final, image_graph, tmp / "candidate.onnx", manifest, resolved)
         report, warnings = manifest.parity, []
         if options.skip_parity:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
@@ -145,15 +156,55 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 report = check_parity(candidate, resolved, module, precision.value)
                 if choice is not None:
                     report = _int8_gate(report, choice)
+                if image_graph is not None:
+                    manifest = _image_parity(manifest, candidate, resolved, module, precision)
             if not report.passed:
                 if not (options.allow_low_accuracy and precision == Precision.INT8):
                     raise _parity_error(report)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
-        with step(f"Writing {out.name}"):
-            write_artifact(final, out, manifest, resolved.files.tokenizer_json, resolved.files.model_card)
+        with step(f"Writing {out.name}" + (f" and {image_tower_path(out).name}" if image_graph else "")):
+            _write(final, image_graph, out, manifest, resolved)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
+
+
+def _write(graph: Path, image_graph: Path | None, out: Path, manifest: Manifest, resolved: ResolvedModel) -> Path:
+    """The artifact at ``out``; a two-tower model's image tower first, beside it (``name.image.onnx``), each
+    file carrying the manifest, the tokenizer and the model card."""
+    files = (resolved.files.tokenizer_json, resolved.files.model_card)
+    if image_graph is not None:
+        write_artifact(image_graph, image_tower_path(out), msgspec.structs.replace(manifest, tower="image"), *files)
+    return write_artifact(graph, out, manifest, *files)
+
+
+def _image_tower(module, resolved: ResolvedModel, options: ExportOptions, tmp: Path) -> tuple[Path, ImageTower]:
+    """The image tower's graph (fp16 for fp16 targets) and its manifest entry (parity filled in later)."""
+    spec = image_preprocess(resolved.model_dir, resolved.config)
+    graph = export_image_graph(module.encoder.model, spec, resolved.card.normalize, opset=options.opset,
+                               path=tmp / "image.onnx")
+    if Precision(options.precision) == Precision.FP16:
+        graph = convert_fp16(graph, tmp / "image-fp16.onnx")
+    vision = resolved.config.get("vision_config") or {}
+    patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
+    tokens = patches + (1 if resolved.arch.model_type == "clip" else 0)  # CLIP adds a class token
+    tower = ImageTower(embedding_dim=resolved.head.dim(resolved.config, None), tokens=tokens, preprocess=spec,
+                       parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
+    return graph, tower
+
+
+def _image_parity(manifest: Manifest, candidate: Path, resolved: ResolvedModel, module, precision: Precision) -> Manifest:
+    """The image tower's check (``export.towers.image_parity``): ParityError when it misses, else the manifest
+    with its report."""
+    from toolkit.runtime.embedder import Embedder
+
+    emb = Embedder(candidate, device="auto" if precision == Precision.FP16 else "cpu")
+    report = image_parity(emb, resolved, module.encoder.model, precision.value)
+    if not report.passed:
+        raise ParityError(f"image tower parity check failed (min cosine {report.min_cosine['image_embedding']:.6f}, "
+                          f"need >= {report.threshold}; pixels differ from the image processor's by up to "
+                          f"{report.max_abs_diff['pixel_values']:.2e}); no artifact written", report.min_cosine)
+    return msgspec.structs.replace(manifest, image=msgspec.structs.replace(manifest.image, parity=report))
 
 
 def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[Precision, Target]:
@@ -163,6 +214,8 @@ def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[P
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
     if precision == Precision.INT8 and resolved.head.pairs:
         raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
+    if precision == Precision.INT8 and resolved.head.image_tower:
+        raise ExportError("int8 is not offered for CLIP / SigLIP yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and target == Target.CPU:
         raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
     return precision, target

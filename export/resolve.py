@@ -206,7 +206,11 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("max_seq_len") is None:
         merged["max_seq_len"] = _config_max_len(config, arch)
     if options.pooling is not None:
+        if arch.pooling is not None and Pooling(options.pooling) != arch.pooling:
+            raise ConfigError(f"'{arch.model_type}' pools by its own rule ({arch.pooling.value}); drop --pooling")
         merged["pooling"] = options.pooling
+    if arch.pooling is not None:
+        merged["pooling"] = arch.pooling
     if options.normalize is not None:
         merged["normalize"] = options.normalize
     if options.max_seq_len is not None:
@@ -220,7 +224,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
             "pass --pooling cls|mean|last_token|splade|rank"
         )
-    head = head_for(Pooling(merged["pooling"]))
+    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower)
     if head.needs_arch and not getattr(arch, head.needs_arch):
         raise ConfigError(f"the {head.name} head needs what '{arch.model_type}' does not have here ({head.needs_arch})")
     merged = head.complete(merged, options.normalize, config)

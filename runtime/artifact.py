@@ -32,4 +32,7 @@ def open_artifact(path: str | Path, options: RuntimeOptions | None = None) -> Ar
     if MANIFEST_KEY not in meta or TOKENIZER_KEY not in meta:
         raise ConfigError(f"{path}: not a toolkit artifact (no manifest); create one with `toolkit export`")
     manifest = decode_manifest(meta[MANIFEST_KEY], source=str(path))
+    if manifest.tower != "text":
+        handle = path.with_name(path.name.removesuffix(f".{manifest.tower}.onnx") + ".onnx")
+        raise ConfigError(f"{path} is the {manifest.tower} tower of {handle.name}: open {handle} (it opens both towers)")
     return Artifact(path, session, manifest, meta[TOKENIZER_KEY], meta.get(MODEL_CARD_KEY, ""))

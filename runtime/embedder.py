@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.cards import PaddingSide, Pooling
-from toolkit.errors import RequestError, UnsupportedDimensionError
+from toolkit.errors import ConfigError, RequestError, UnsupportedDimensionError
+from toolkit.manifest import MANIFEST_KEY, ImagePreprocess, decode_manifest
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, is_image_input, load_pixels
+from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
@@ -19,6 +23,7 @@ __all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "cou
            "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+_DECODE_THREADS = 4  # images decoded at once per Embedder (Pillow releases the GIL while decoding and resizing)
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,11 @@ def activate(x: np.ndarray, name: str | None) -> np.ndarray:
     raise RequestError(f"activation '{name}' is not one of: identity, sigmoid, softmax, tanh")
 
 
-def score_pairs(queries: str | Sequence[str], documents: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    """vLLM's score pairing, validated: 1 query with N documents, or N with N."""
-    left = [queries] if isinstance(queries, str) else list(queries)
-    right = [documents] if isinstance(documents, str) else list(documents)
+def score_pairs(queries, documents) -> tuple[list, list]:
+    """vLLM's score pairing, validated: 1 query with N documents, or N with N (texts, or images for two-tower
+    artifacts)."""
+    left = [queries] if isinstance(queries, str) or is_image_input(queries) else list(queries)
+    right = [documents] if isinstance(documents, str) or is_image_input(documents) else list(documents)
     if not left or not right:
         raise RequestError("both sides of a score need at least one input", param="queries")
     if len(left) not in (1, len(right)):
@@ -155,6 +161,42 @@ class Embedder:
         self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
         self._type_ids = "token_type_ids" in self.session.input_names
         self._padding = PaddingSide(self.card.padding_side)
+        self.image_session: OrtSession | None = None
+        self._decoder: ThreadPoolExecutor | None = None
+        if manifest.image is not None:
+            self.image_session = self._open_image_tower(loaded.path)
+
+    def _open_image_tower(self, path: Path) -> OrtSession:
+        from toolkit.runtime.images import require_pillow
+
+        require_pillow()
+        image_path = path.with_name(path.stem + ".image.onnx")
+        if not image_path.is_file():
+            raise ConfigError(f"{path}: its image tower {image_path.name} is not beside it (an export writes both "
+                              "files; keep them together)")
+        session = OrtSession(image_path, self.options)
+        tower = decode_manifest(session.metadata.get(MANIFEST_KEY, "{}"), source=str(image_path))
+        if tower.tower != "image" or tower.card != self.card:
+            raise ConfigError(f"{image_path}: not the image tower of {path.name} (its manifest differs)")
+        return session
+
+    @property
+    def image_spec(self) -> ImagePreprocess:
+        """How images are preprocessed for the image tower (RequestError when this artifact has none)."""
+        if self.manifest.image is None:
+            raise RequestError(f"this {self.kind} artifact has no image tower; it embeds text only", param="input")
+        return self.manifest.image.preprocess
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text", "image") if self.manifest.image is not None else ("text",)
+
+    @property
+    def kind(self) -> str:
+        if self.manifest.image is not None:
+            return f"{self.manifest.model_type.upper()} (text + image)"
+        return ("cross-encoder (reranker)" if self.cross_encoder else "sparse (SPLADE)" if self.manifest.sparse
+                else "dense embedding")
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -202,9 +244,14 @@ class Embedder:
         return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side) for ids in items]
 
     # ---------------------------------------------------------------- engine
-    def run_batch(self, items: Sequence[Tokenized], outputs: Sequence[str]) -> list[np.ndarray]:
-        """One padded batch through the graph: (batch, ...) arrays in ``outputs`` order."""
-        feeds = pad_batch(items, pad_id=self.manifest.pad_token_id, side=self._padding, type_ids=self._type_ids)
+    def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str]) -> list[np.ndarray]:
+        """One padded batch through the graph (or, for image outputs, a batch of images through the image
+        tower): (batch, ...) arrays in ``outputs`` order."""
+        if outputs[0].startswith(IMAGE_OUTPUT):
+            pixels = np.stack([item.pixels for item in items])  # type: ignore[union-attr]
+            return self.image_session.run(outputs, {"pixel_values": pixels})  # type: ignore[union-attr]
+        feeds = pad_batch(items, pad_id=self.manifest.pad_token_id, side=self._padding, type_ids=self._type_ids,
+                          length=self.manifest.max_seq_len if self.card.pad_to_max_length else None)
         return self.session.run(outputs, feeds)
 
     def run(self, items: Sequence[Tokenized], output: str) -> list[np.ndarray]:
@@ -237,21 +284,29 @@ class Embedder:
             return ("score", "classify")
         if self.manifest.sparse:
             return ("embed_sparse",)
+        if self.manifest.image is not None:  # two towers: sentence vectors of texts and images, no token states
+            return ("embed", "score")
         return ("embed", "token_embed", "score")
 
     def require(self, task: str) -> None:
         """RequestError naming what this artifact answers when it does not answer ``task``."""
         if task not in self.tasks:
-            kind = ("cross-encoder (reranker)" if self.cross_encoder else "sparse (SPLADE)" if self.manifest.sparse
-                    else "dense embedding")
-            raise RequestError(f"this {kind} artifact does not answer '{task}'; it answers: {', '.join(self.tasks)}",
-                               param="model")
+            raise RequestError(f"this {self.kind} artifact does not answer '{task}'; it answers: "
+                               f"{', '.join(self.tasks)}", param="model")
 
-    def plan_output(self, dimensions: int | None, normalize: bool | None) -> OutputPlan:
-        """Map (dimensions, normalize) to a graph output; UnsupportedDimensionError lists the valid sizes."""
+    def plan_output(self, dimensions: int | None, normalize: bool | None, *, image: bool = False) -> OutputPlan:
+        """Map (dimensions, normalize) to a graph output (the image tower's for ``image``);
+        UnsupportedDimensionError lists the valid sizes."""
         self.require("embed")
         norm = self.card.normalize if normalize is None else normalize
         native = self.dimensions
+        if image:
+            self.image_spec  # noqa: B018 - RequestError without an image tower
+            if dimensions is not None and dimensions != native:
+                raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; "
+                                                f"allowed: {native}")
+            return OutputPlan(IMAGE_OUTPUT) if norm == self.card.normalize else OutputPlan(
+                IMAGE_OUTPUT + "_raw", normalize=norm)
         if dimensions is None or dimensions == native:
             if norm == self.card.normalize:
                 return OutputPlan("sentence_embedding")
@@ -294,6 +349,50 @@ class Embedder:
         rows = self.run(flat, plan.output)
         return self.finish(np.stack(pool_chunks(rows, flat, spans)), plan)
 
+    def _decode(self, sources: list, offset: int) -> list[Future]:
+        """Start decoding + preprocessing ``sources`` (input indices from ``offset``) on the bounded pool."""
+        spec = self.image_spec
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="toolkit-decode")
+        return [self._decoder.submit(load_pixels, image, offset + i, spec) for i, image in enumerate(sources)]
+
+    def _collect(self, futures: list[Future]) -> list[Pixels]:
+        tokens = self.manifest.image.tokens  # type: ignore[union-attr]
+        try:
+            return [Pixels(f.result(), tokens) for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def load_images(self, images) -> list[Pixels]:
+        """Images (PIL images, bytes, paths, data URIs) -> preprocessed pixels, decoded in parallel on a bounded
+        pool of threads; RequestError names the first input that fails, and nothing else is affected."""
+        return self._collect(self._decode(as_image_list(images), 0))
+
+    def embed_images(self, images, *, dimensions: int | None = None, normalize: bool | None = None) -> np.ndarray:
+        """(n, dimensions) float32 image embeddings, in the same space as ``embed(texts)`` (two-tower artifacts).
+
+        ``images``: one or a list of PIL images, encoded bytes, file paths or ``data:image/...;base64`` URIs.
+        The next batch decodes while this one runs; no more than two batches of pixels are held at once.
+        """
+        plan = self.plan_output(dimensions, normalize, image=True)
+        sources = as_image_list(images)
+        step = self.options.max_batch_size
+        starts = range(0, len(sources), step)
+        rows: list[np.ndarray] = []
+        pending = self._decode(sources[:step], 0)
+        try:
+            for start in starts:
+                current = pending
+                following = start + step
+                pending = self._decode(sources[following:following + step], following) if following < len(sources) else []
+                (out,) = self.run_batch(self._collect(current), [plan.output])
+                rows.extend(out)
+        finally:
+            for f in pending:
+                f.cancel()
+        return self.finish(np.stack(rows), plan)
+
     def encode(self, inputs: Inputs, *, pooling_task: str = "embed", **kwargs) -> np.ndarray | list[np.ndarray]:
         """``embed`` (pooling_task="embed") or per-token states (``token_embed``)."""
         match pooling_task:
@@ -322,7 +421,18 @@ class Embedder:
         if self.cross_encoder:
             items = self.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
             return self.pair_scores(self.run(items, "logits"), use_activation)
-        vectors = self.embed(left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
+        images = [i for i, x in enumerate(left + right) if is_image_input(x)]
+        if not images:
+            vectors = self.embed(left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
+            return cosine_scores(vectors, len(left))
+        # images on either side (two-tower artifacts): each side's texts and images embedded by their own tower
+        items = left + right
+        texts = [i for i in range(len(items)) if i not in set(images)]
+        vectors = np.empty((len(items), self.dimensions), dtype=np.float32)
+        vectors[images] = self.embed_images([items[i] for i in images], normalize=True)
+        if texts:
+            vectors[texts] = self.embed([items[i] for i in texts], normalize=True,
+                                        truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
         return cosine_scores(vectors, len(left))
 
     def tokenize_pairs(self, queries: list[str], documents: list[str], *,

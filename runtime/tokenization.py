@@ -247,10 +247,11 @@ class Tokenizer:
 
 
 def pad_batch(
-    items: Sequence[Tokenized], *, pad_id: int, side: PaddingSide, type_ids: bool
+    items: Sequence[Tokenized], *, pad_id: int, side: PaddingSide, type_ids: bool, length: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Pad to the batch's own longest input: int64 (batch, seq) arrays."""
-    seq = max(len(t) for t in items)
+    """Pad to the batch's own longest input (or to ``length``, for models trained on fixed-length text):
+    int64 (batch, seq) arrays."""
+    seq = max(max(len(t) for t in items), length or 0)
     ids = np.full((len(items), seq), pad_id, dtype=np.int64)
     mask = np.zeros((len(items), seq), dtype=np.int64)
     types = np.zeros((len(items), seq), dtype=np.int64) if type_ids else None

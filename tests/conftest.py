@@ -78,3 +78,17 @@ def cross_encoder_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cross_encoder_artifact(cross_encoder_dir) -> Path:
     return _export(str(cross_encoder_dir), cross_encoder_dir.parent / "ce.onnx").path
+
+
+@pytest.fixture(scope="session")
+def clip_artifact(tmp_path_factory) -> Path:
+    """A tiny CLIPModel with CLIP's real 49408-token BPE vocabulary: clip.onnx + clip.image.onnx."""
+    folder = build_tiny_model("clip", tmp_path_factory.mktemp("tiny-clip") / "model")
+    return _export(str(folder), folder.parent / "clip.onnx").path
+
+
+@pytest.fixture(scope="session")
+def siglip_artifact(tmp_path_factory) -> Path:
+    """A tiny SiglipModel with a trained Unigram tokenizer (text padded to 64)."""
+    folder = build_tiny_model("siglip", tmp_path_factory.mktemp("tiny-siglip") / "model")
+    return _export(str(folder), folder.parent / "siglip.onnx").path

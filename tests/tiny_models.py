@@ -30,7 +30,13 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
     "mistral": ({**_DECODER, "sliding_window": None}, "bpe"),
     "gemma3_text": ({**_DECODER, "use_bidirectional_attention": True, "sliding_window": 16, "query_pre_attn_scalar": 8,
                      "layer_types": ["sliding_attention", "full_attention"]}, "bpe"),
+    # two towers (build_multimodal): CLIP with the real CLIP BPE vocabulary, SigLIP with a trained Unigram
+    "clip": ({}, "clip-bpe"),
+    "siglip": ({}, "unigram"),
 }
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_BPE = ROOT / ".cache" / "models" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"  # scripts/setup.sh unpacks it
 
 _SPECIALS = ["[PAD]", "<s>", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "</s>"]
 
@@ -99,6 +105,8 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
 
     overrides, kind = TINY_CONFIGS[model_type]
     arch = get_arch(model_type)
+    if arch.image_tower:
+        return build_multimodal(model_type, folder, seed=seed, config=config)
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides, **(config or {})})
     if classifier:
@@ -147,4 +155,71 @@ def add_sentence_transformers_layout(folder: Path, *, pooling: str, dense_dims: 
     data = json.loads(st_config.read_text())
     data["prompts"] = prompts or {}
     st_config.write_text(json.dumps(data, indent=2))
+    return folder
+
+
+_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def clip_tokenizer():
+    """CLIP's real tokenizer (49408 tokens) from the BPE merges file open_clip ships, built the way open_clip
+    builds its vocabulary: the 256 byte symbols, the same with ``</w>``, one token per merge, then the two specials."""
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    # GPT-2's byte alphabet, in its order: printable bytes stand for themselves, the rest map past 255
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                         model_max_length=77)
+
+
+def build_multimodal(model_type: str, folder: Path, *, seed: int = 0, config: dict | None = None) -> Path:
+    """A random-weight CLIPModel or SiglipModel (32-pixel images, 8-pixel patches) with its tokenizer and image
+    processor config, saved as the Hub checkpoints are (``config``: top-level overrides)."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        PreTrainedTokenizerFast,
+        SiglipConfig,
+        SiglipModel,
+    )
+
+    torch.manual_seed(seed)
+    vision = {**_TOWER, "image_size": 32, "patch_size": 8}
+    folder.mkdir(parents=True, exist_ok=True)
+    if model_type == "clip":
+        if not CLIP_BPE.is_file():
+            raise FileNotFoundError(f"{CLIP_BPE}: run scripts/setup.sh (it unpacks CLIP's vocabulary)")
+        tok = clip_tokenizer()
+        text = {**_TOWER, "vocab_size": len(tok), "max_position_embeddings": 77, "bos_token_id": 49406,
+                "eos_token_id": 49407, "pad_token_id": 1}
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24, **(config or {}))
+        model = CLIPModel(cfg).eval()
+        processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+                     "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                     "do_convert_rgb": True}
+    else:
+        trained = _train_tokenizer("unigram", 512, True)  # "$A </s>": SigLIP appends EOS, no BOS
+        tok = PreTrainedTokenizerFast(tokenizer_object=trained, pad_token="</s>", eos_token="</s>", unk_token="[UNK]",
+                                      model_max_length=64, model_input_names=["input_ids"])
+        text = {**_TOWER, "vocab_size": 512, "max_position_embeddings": 64, "pad_token_id": trained.token_to_id("</s>"),
+                "eos_token_id": trained.token_to_id("</s>")}
+        cfg = SiglipConfig(text_config=text, vision_config=vision, **(config or {}))
+        model = SiglipModel(cfg).eval()
+        processor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                     "size": {"height": 32, "width": 32}, "resample": 2, "do_rescale": True,
+                     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+                     "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder

@@ -30,6 +30,7 @@ class Pooling(str, enum.Enum):
     MEAN = "mean"
     LAST_TOKEN = "last_token"
     SPLADE = "splade"
+    EOS = "eos"  # CLIP's text tower: the first end-of-text token's state
     RANK = "rank"  # a cross-encoder: the model's sequence-classification head scores (query, document) pairs
 
 
@@ -59,6 +60,7 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     normalize: bool = True
     max_seq_len: int | None = None
     padding_side: PaddingSide = PaddingSide.RIGHT
+    pad_to_max_length: bool = False  # text is padded to max_seq_len, as the model was trained (SigLIP: 64)
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
     matryoshka_dims: list[int] = []

@@ -17,6 +17,8 @@ __all__ = [
     "MANIFEST_VERSION",
     "MODEL_CARD_KEY",
     "TOKENIZER_KEY",
+    "ImagePreprocess",
+    "ImageTower",
     "Manifest",
     "ParityCase",
     "ParityReport",
@@ -58,6 +60,35 @@ class ParityReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     passed: bool = True
 
 
+class ImagePreprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How an image becomes the image tower's ``pixel_values`` (from the model's ``preprocessor_config.json``),
+    in this order: EXIF orientation applied, RGB (transparency composited on white), resize, center crop,
+    ``x * rescale_factor``, ``(x - mean) / std``, channels first."""
+
+    exif_transpose: bool = True  # as transformers' load_image (and every image viewer) does
+    convert_rgb: bool = True
+    resize: str = "shortest_edge"  # "shortest_edge" (aspect ratio kept, the long side int()-rounded) | "fixed" | "none"
+    size: list[int] = []  # shortest_edge: [edge]; fixed: [height, width]
+    resample: str = "bicubic"  # Pillow's filter: nearest | box | bilinear | hamming | bicubic | lanczos
+    center_crop: list[int] | None = None  # [height, width]; an image smaller than it is padded with zeros
+    rescale_factor: float | None = 1 / 255
+    mean: list[float] | None = None  # None: not normalized
+    std: list[float] | None = None
+    height: int  # the graph's input size
+    width: int
+
+
+class ImageTower(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The image tower: a second graph beside the text artifact (``<name>.image.onnx``), same embedding space."""
+
+    input: str = "pixel_values"  # float32 (batch, 3, height, width)
+    outputs: list[str] = msgspec.field(default_factory=lambda: ["image_embedding", "image_embedding_raw"])  # normalized as the card says; projection only
+    embedding_dim: int
+    tokens: int  # positions the tower reads per image (patches, plus a class token where it has one)
+    preprocess: ImagePreprocess
+    parity: ParityReport
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The versioned description of one artifact."""
 
@@ -82,6 +113,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     optimization: dict[str, float | int | str] = {}  # *_ms timings are numbers
     quantization_range: list[float] | None = None  # [lo, hi] of native unit-vector components
     parity: ParityReport
+    image: ImageTower | None = None  # two-tower models (CLIP, SigLIP)
+    tower: str = "text"  # which tower this file holds: "text" (the handle) or "image"
     warnings: list[str] = []
 
     @property
