@@ -170,7 +170,7 @@ def image_parity(emb, resolved: ResolvedModel, model: torch.nn.Module, precision
     processor = _processor(resolved)
     decoded = [Image.open(io.BytesIO(data)) for data in images.values()]
     pixels = processor(images=decoded, return_tensors="np")["pixel_values"]
-    ours = np.stack([load_pixels(data, i, emb.image_spec) for i, data in enumerate(images.values())])
+    ours = np.stack([load_pixels(data, i, emb.image_spec).pixels for i, data in enumerate(images.values())])
     pixel_diff = float(np.abs(pixels - ours).max())
     with torch.no_grad():
         reference = model.get_image_features(pixel_values=torch.from_numpy(np.asarray(pixels, np.float32))).pooler_output

@@ -36,6 +36,7 @@ from toolkit.runtime.embedder import (
     score_pairs,
     sparse_entries,
 )
+from toolkit.runtime.images import ImageRef, Pixels, as_image_list
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
@@ -164,6 +165,46 @@ class AsyncEmbedder:
         rows, flat, spans, total = await self._rows(inputs, plan.output, priority, timings, max_tokens, tokenize,
                                                     chunk_output=chunked.output)
         return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan if spans is None else chunked), total
+
+    async def embed_images(self, images, *, dimensions: int | None = None, normalize: bool | None = None,
+                           priority: int = 0, timings: Timings | None = None) -> tuple[np.ndarray, list[Pixels]]:
+        """(vectors (n, d) float32, the decoded images) like ``Embedder.embed_images``: decoded and preprocessed
+        off the event loop (the embedder's bounded pool), then batched with everyone else's images."""
+        plan = self.embedder.plan_output(dimensions, normalize, image=True)
+        sources = as_image_list(images)
+        with self.admit(len(sources)):
+            started = time.perf_counter()
+            items = await asyncio.to_thread(self.embedder.load_images, sources)
+            if timings is not None:
+                timings.tokenize = time.perf_counter() - started
+            rows = await self.run(items, plan.output, priority=priority, timings=timings)
+        return self.embedder.finish(np.stack(rows), plan), items
+
+    async def embed_mixed(self, inputs: list, *, dimensions: int | None = None, normalize: bool | None = None,
+                          priority: int = 0, timings: Timings | None = None, max_tokens: int | None = None,
+                          **tokenize) -> tuple[np.ndarray, int, list[Pixels]]:
+        """(vectors in input order, tokens, the decoded images) for a list of texts and ``ImageRef`` images
+        (two-tower artifacts): each kind through its own tower, concurrently; an image counts the positions its
+        tower reads as tokens."""
+        at = [i for i, x in enumerate(inputs) if isinstance(x, ImageRef)]
+        if not at:
+            vectors, tokens = await self.embed(inputs, dimensions=dimensions, normalize=normalize, priority=priority,
+                                               timings=timings, max_tokens=max_tokens, **tokenize)
+            return vectors, tokens, []
+        texts = [i for i, x in enumerate(inputs) if not isinstance(x, ImageRef)]
+        image_job = self.embed_images([inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
+                                      priority=priority, timings=timings)
+        if texts:
+            text_job = self.embed([inputs[i] for i in texts], dimensions=dimensions, normalize=normalize,
+                                  priority=priority, max_tokens=max_tokens, **tokenize)
+            (image_vectors, pixels), (text_vectors, tokens) = await asyncio.gather(image_job, text_job)
+        else:
+            (image_vectors, pixels), text_vectors, tokens = await image_job, None, 0
+        vectors = np.empty((len(inputs), image_vectors.shape[1]), dtype=np.float32)
+        vectors[at] = image_vectors
+        if text_vectors is not None:
+            vectors[texts] = text_vectors
+        return vectors, tokens + sum(len(p) for p in pixels), pixels
 
     async def score(self, queries, documents, *, use_activation: bool | None = None, priority: int = 0,
                     timings: Timings | None = None, max_tokens: int | None = None,

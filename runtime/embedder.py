@@ -354,12 +354,13 @@ class Embedder:
         spec = self.image_spec
         if self._decoder is None:
             self._decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="toolkit-decode")
-        return [self._decoder.submit(load_pixels, image, offset + i, spec) for i, image in enumerate(sources)]
-
-    def _collect(self, futures: list[Future]) -> list[Pixels]:
         tokens = self.manifest.image.tokens  # type: ignore[union-attr]
+        return [self._decoder.submit(load_pixels, image, offset + i, spec, tokens) for i, image in enumerate(sources)]
+
+    @staticmethod
+    def _collect(futures: list[Future]) -> list[Pixels]:
         try:
-            return [Pixels(f.result(), tokens) for f in futures]
+            return [f.result() for f in futures]
         finally:
             for f in futures:
                 f.cancel()

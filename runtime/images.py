@@ -23,7 +23,7 @@ import numpy as np
 from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import ImagePreprocess
 
-__all__ = ["FORMATS", "IMAGE_OUTPUT", "Pixels", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_PIXELS", "ImageInput", "as_image_list", "decode_image", "is_image_input", "is_image_uri", "load_pixels",
+__all__ = ["FORMATS", "IMAGE_OUTPUT", "ImageRef", "Pixels", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_PIXELS", "ImageInput", "as_image_list", "decode_image", "is_image_input", "is_image_uri", "load_pixels",
            "preprocess", "require_pillow"]
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow decodes here that images come in
@@ -37,16 +37,26 @@ IMAGE_OUTPUT = "image_embedding"  # the image tower's outputs: this (normalized 
 
 class Pixels:
     """One preprocessed image, queued like a token sequence: ``len`` is the positions the image tower reads
-    (for batching budgets and usage counts)."""
+    (for batching budgets and usage counts); ``width``, ``height``, ``format``: the image as it came."""
 
-    __slots__ = ("pixels", "tokens")
+    __slots__ = ("format", "height", "pixels", "tokens", "width")
 
-    def __init__(self, pixels: np.ndarray, tokens: int) -> None:
+    def __init__(self, pixels: np.ndarray, tokens: int, width: int = 0, height: int = 0, format: str = "") -> None:
         self.pixels = pixels
         self.tokens = tokens
+        self.width, self.height, self.format = width, height, format
 
     def __len__(self) -> int:
         return self.tokens
+
+
+class ImageRef:
+    """Marks one input of a mixed list as an image (what the server builds from a request's image parts)."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source) -> None:
+        self.source = source
 
 
 def require_pillow():
@@ -66,7 +76,7 @@ def is_image_uri(value: object) -> bool:
 def is_image_input(value: object) -> bool:
     """Whether a score / embed input is an image rather than text: a PIL image, bytes, a ``pathlib.Path`` or a
     ``data:image/`` URI (any other ``str`` is text)."""
-    return (isinstance(value, (bytes, bytearray, memoryview, Path)) or is_image_uri(value)
+    return (isinstance(value, (bytes, bytearray, memoryview, Path, ImageRef)) or is_image_uri(value)
             or type(value).__module__.startswith("PIL."))
 
 
@@ -128,7 +138,9 @@ def decode_image(source: ImageInput, index: int = 0, *, exif_transpose: bool = T
     try:
         image.load()
         if exif_transpose:
-            image = ImageOps.exif_transpose(image)
+            upright = ImageOps.exif_transpose(image)
+            upright.format = image.format  # kept for the caller's metadata (Cohere's response reports it)
+            image = upright
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise RequestError(f"image {index}: cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})",
                            param="input") from None
@@ -203,9 +215,12 @@ def preprocess(image, spec: ImagePreprocess, index: int = 0) -> np.ndarray:
     return np.ascontiguousarray(values.transpose(2, 0, 1))
 
 
-def load_pixels(source: ImageInput, index: int, spec: ImagePreprocess) -> np.ndarray:
+def load_pixels(source: ImageInput, index: int, spec: ImagePreprocess, tokens: int = 0) -> Pixels:
     """Decode and preprocess one input (thread-safe; Pillow releases the GIL while it decodes and resizes)."""
-    return preprocess(decode_image(source, index, exif_transpose=spec.exif_transpose), spec, index)
+    if isinstance(source, ImageRef):
+        source = source.source
+    image = decode_image(source, index, exif_transpose=spec.exif_transpose)
+    return Pixels(preprocess(image, spec, index), tokens, image.width, image.height, (image.format or "").lower())
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list:

@@ -13,6 +13,8 @@ from litestar import Controller, Request, Response, post
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import quantize, to_base64
+from toolkit.runtime.images import ImageRef
+from toolkit.server.images import content_item, fetch_images
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.metrics import timing_headers
 
@@ -24,6 +26,7 @@ COHERE_INPUT_TYPES = {
     "search_document": ("document", "passage", "search_document"),
     "classification": ("classification",),
     "clustering": ("clustering",),
+    "image": (),  # images: no prompt
 }
 EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
 TRUNCATE = {"END": "right", "START": "left", "NONE": None}
@@ -41,33 +44,31 @@ class CohereEmbedRequest(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
 
 
-def _texts(data: CohereEmbedRequest) -> list[str]:
-    if data.images:
-        raise RequestError("image inputs are not supported: this server serves text embedding models")
-    if data.texts is not None and data.inputs is not None:
-        raise RequestError("give texts or inputs, not both")
+def _items(data: CohereEmbedRequest, image_tower: bool) -> list:
+    """The request's inputs: ``texts``, ``images`` (data URIs) or ``inputs`` (content parts; for CLIP / SigLIP each
+    input is a text or an image), exactly one of them; images come back as ``ImageRef``."""
+    given = [name for name in ("texts", "images", "inputs") if getattr(data, name) is not None]
+    if len(given) != 1:
+        raise RequestError("give exactly one of texts, images or inputs" + (f" (got {', '.join(given)})" if given else ""))
     if data.texts is not None:
         if not all(isinstance(t, str) for t in data.texts):
-            raise RequestError("texts must be a list of strings")
+            raise RequestError("texts must be a list of strings", param="texts")
         return data.texts
-    if data.inputs is None:
-        raise RequestError("texts or inputs is required")
-    texts = []
-    for i, item in enumerate(data.inputs):
+    if data.images is not None:
+        if not image_tower:
+            raise RequestError("images are not supported: this model embeds text only", param="images")
+        if not all(isinstance(u, str) and u for u in data.images):
+            raise RequestError("images must be a list of data:image/...;base64 URIs", param="images")
+        return [ImageRef(u) for u in data.images]
+    items = []
+    for i, item in enumerate(data.inputs or []):
         content = item.get("content") if isinstance(item, dict) else None
         if not isinstance(content, list):
-            raise RequestError(f"inputs[{i}] must be an object with a content list")
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif kind == "image_url":
-                raise RequestError(f"inputs[{i}]: image content is not supported by text embedding models")
-            else:
-                raise RequestError(f"inputs[{i}]: content items must be {{'type': 'text', 'text': ...}}")
-        texts.append(" ".join(parts))
-    return texts
+            raise RequestError(f"inputs[{i}] must be an object with a content list", param="inputs")
+        if not image_tower and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            raise RequestError(f"inputs[{i}]: image content is not supported by text embedding models", param="inputs")
+        items.append(content_item(content, f"inputs[{i}]"))
+    return items
 
 
 def _prompt_name(input_type: str | None, prompts: dict[str, str]) -> str | None:
@@ -90,8 +91,9 @@ class CohereController(Controller):
         started = time.perf_counter()
         served = request.app.state.registry.get(data.model)
         emb = served.embedder
-        texts = _texts(data)
-        check_limits(len(texts), request.app.state.options, param="texts")
+        items = _items(data, emb.manifest.image is not None)
+        options = request.app.state.options
+        check_limits(len(items), options, param="texts")
         types = data.embedding_types or ["float"]
         for kind in types:
             check_choice(kind, EMBEDDING_TYPES, "embedding_types")
@@ -102,11 +104,12 @@ class CohereController(Controller):
         max_tokens = None if data.max_tokens is None else min(data.max_tokens, emb.manifest.max_seq_len)  # Cohere: a cap
         truncate = max_tokens if max_tokens is not None else (None if side is None else -1)
         timings = Timings()
-        vectors, tokens = await served.engine.embed(
-            texts, dimensions=data.output_dimension, normalize=True, timings=timings,
-            max_tokens=request.app.state.options.max_request_tokens,
-            prompt_name=_prompt_name(data.input_type, emb.card.prompts),
+        items = await fetch_images(items, options)
+        vectors, tokens, images = await served.engine.embed_mixed(
+            items, dimensions=data.output_dimension, normalize=True, timings=timings,
+            max_tokens=options.max_request_tokens, prompt_name=_prompt_name(data.input_type, emb.card.prompts),
             truncate_prompt_tokens=truncate, truncation_side=side or "right")
+        image_tokens = sum(len(p) for p in images)
         request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
         value_range = tuple(emb.manifest.quantization_range or (-1.0, 1.0))
         embeddings: dict[str, list] = {}
@@ -118,7 +121,14 @@ class CohereController(Controller):
                     embeddings[kind] = to_base64(vectors, "float32", "little")
                 case _:
                     embeddings[kind] = np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist()
-        body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "texts": texts, "response_type": "embeddings_by_type",
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens, "image_tokens": 0},
-                         "tokens": {"input_tokens": tokens}}}
+        billed = {"input_tokens": tokens - image_tokens, "image_tokens": image_tokens}
+        if images:
+            billed["images"] = len(images)
+        body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "response_type": "embeddings_by_type",
+                "meta": {"api_version": {"version": "2"}, "billed_units": billed,
+                         "tokens": {"input_tokens": tokens - image_tokens}}}
+        if not images:
+            body["texts"] = items
+        if images:  # Cohere's image metadata: the images as they came
+            body["images"] = [{"width": p.width, "height": p.height, "format": p.format, "bit_depth": 8} for p in images]
         return Response(body, headers=timing_headers(timings, started))

@@ -28,6 +28,11 @@ async def prompt_or_chat(embedder, data, plain: Any, field: str, options: Server
         return plain, True if specials is None else specials
     if plain is not None:
         raise RequestError(f"give {field} or messages, not both", param="messages")
+    if any(isinstance(m, dict) and isinstance(m.get("content"), list)
+           and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
+           for m in data.messages):
+        raise RequestError("this route takes text only: image content parts are not accepted here (embed images "
+                           "with /v1/embeddings or /v2/embed)", param="messages")
     if data.chat_template is not None and not options.allow_request_chat_template:
         raise RequestError("this server renders messages with the model's own chat template only; a request "
                            "chat_template needs --allow-request-chat-template", param="chat_template")

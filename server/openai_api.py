@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 
+from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import (
     EMBED_DTYPES,
@@ -19,6 +20,8 @@ from toolkit.runtime.encoding import (
     to_base64,
     to_bytes,
 )
+from toolkit.runtime.images import ImageRef
+from toolkit.server.images import fetch_images, message_item, sglang_items
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_choice, check_limits, check_priority
 from toolkit.server.metrics import timing_headers
@@ -49,6 +52,7 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = False
     continue_final_message: bool = False
+    modality: str = "text"  # infinity's: "image" reads `input` as image URLs
 
 
 async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> Response:
@@ -60,15 +64,23 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
     check_choice(data.endianness, ENDIANNESS, "endianness")
     check_priority(data.priority, options)
-    inputs, add_special_tokens = await prompt_or_chat(served.embedder, data, data.input, "input", options)
-    check_limits(len(inputs) if isinstance(inputs, list) else 1, options)
+    check_choice(data.modality, ("text", "image"), "modality")
+    normalize = data.use_activation if data.use_activation is not None else data.normalize
     timings = Timings()
-    vectors, tokens = await served.engine.embed(
-        inputs, dimensions=data.dimensions,
-        normalize=data.use_activation if data.use_activation is not None else data.normalize,
-        priority=data.priority, timings=timings, max_tokens=options.max_request_tokens,
-        truncate_prompt_tokens=data.truncate_prompt_tokens, truncation_side=data.truncation_side,
-        add_special_tokens=add_special_tokens)
+    common = {"dimensions": data.dimensions, "normalize": normalize, "priority": data.priority, "timings": timings}
+    mixed = image_items(served.embedder, data)
+    if mixed is not None:  # images (two-tower models): each item a text or an image
+        check_limits(len(mixed), options)
+        mixed = await fetch_images(mixed, options)
+        vectors, tokens, _ = await served.engine.embed_mixed(
+            mixed, **common, max_tokens=options.max_request_tokens, truncate_prompt_tokens=data.truncate_prompt_tokens,
+            truncation_side=data.truncation_side, add_special_tokens=data.add_special_tokens is not False)
+    else:
+        inputs, add_special_tokens = await prompt_or_chat(served.embedder, data, data.input, "input", options)
+        check_limits(len(inputs) if isinstance(inputs, list) else 1, options)
+        vectors, tokens = await served.engine.embed(
+            inputs, **common, max_tokens=options.max_request_tokens, truncate_prompt_tokens=data.truncate_prompt_tokens,
+            truncation_side=data.truncation_side, add_special_tokens=add_special_tokens)
     request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}  # vLLM's UsageInfo
     head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
@@ -94,6 +106,28 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     return Response(body, headers=headers)
 
 
+def image_items(embedder, data: OpenAIEmbeddingRequest) -> list | None:
+    """The request's items when it carries images (infinity's modality, vLLM's image content parts, SGLang's
+    items); None for a text request, which takes the usual path."""
+    image_tower = embedder.manifest.image is not None
+    if data.modality == "image":
+        if not image_tower:
+            raise RequestError("this model embeds text only: modality 'image' needs a CLIP / SigLIP artifact",
+                               param="modality")
+        urls = [data.input] if isinstance(data.input, str) else data.input
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise RequestError("with modality 'image', input must be an image URL or a list of them", param="input")
+        return [ImageRef(u) for u in urls]
+    if data.messages is not None:
+        item = message_item(data.messages, image_tower)
+        if item is None:
+            return None
+        if data.input is not None:
+            raise RequestError("give input or messages, not both", param="messages")
+        return [item]
+    return sglang_items(data.input, image_tower) if isinstance(data.input, list) else None
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["OpenAI"]
@@ -114,5 +148,5 @@ class OpenAIController(Controller):
                          "matryoshka_any": card.matryoshka_any, "prompts": card.prompts,
                          "pooling": card.pooling.value if card.pooling else None, "normalize": card.normalize,
                          "sparse": emb.manifest.sparse, "precision": emb.manifest.precision,
-                         "task": "rerank" if emb.cross_encoder else "embed"})
+                         "task": "rerank" if emb.cross_encoder else "embed", "modalities": list(emb.modalities)})
         return {"object": "list", "data": data}

@@ -64,7 +64,7 @@ def test_each_file_runs_in_plain_onnxruntime(clip_artifact):
     tower = decode_manifest(meta[MANIFEST_KEY])
     assert tower.tower == "image" and tower.image.preprocess == emb.manifest.image.preprocess
     assert "toolkit.tokenizer" in meta
-    pixels = load_pixels(IMAGES["photo.jpg"], 0, tower.image.preprocess)[None]
+    pixels = load_pixels(IMAGES["photo.jpg"], 0, tower.image.preprocess).pixels[None]
     (vector,) = session.run(["image_embedding"], {"pixel_values": pixels})
     np.testing.assert_allclose(vector[0], emb.embed_images(IMAGES["photo.jpg"])[0], atol=1e-6)
     text = ort.InferenceSession(str(clip_artifact), providers=["CPUExecutionProvider"])
@@ -140,7 +140,7 @@ def test_exif_orientation_is_applied_as_transformers_load_image_does(clip_artifa
     path.write_bytes(tagged)
     processor = AutoImageProcessor.from_pretrained(clip_artifact.parent / "model", backend="pil")
     reference = processor(images=[load_image(str(path))], return_tensors="np")["pixel_values"][0]
-    ours = load_pixels(tagged, 0, emb.manifest.image.preprocess)
+    ours = load_pixels(tagged, 0, emb.manifest.image.preprocess).pixels
     assert np.abs(ours - reference).max() <= 1e-4
     assert load_image(str(path)).size == (120, 80)  # transformers turned it upright too
     untransposed = emb.embed_images(stored)  # a PIL image given as is: no EXIF on it, nothing to apply

@@ -227,6 +227,8 @@ def serve(
     shutdown_grace: Annotated[int, typer.Option(help="SIGTERM: seconds in-flight requests get before a 503")] = 30,
     allow_request_chat_template: Annotated[bool, typer.Option(help="Accept a request's own `chat_template` (a Jinja program, rendered sandboxed with limits)")] = False,
     allow_priority_boost: Annotated[bool, typer.Option(help="Accept negative `priority` (ahead of other requests)")] = False,
+    allow_image_url: Annotated[list[str] | None, typer.Option(help="Fetch http(s) image URLs from this host (repeat it; HOST, HOST:PORT or *.DOMAIN). Off by default: only data:image URIs are read [default: none]")] = None,
+    image_url_timeout: Annotated[float, typer.Option(help="Seconds one image fetch may take")] = 10.0,
     max_embed_len: Annotated[int | None, typer.Option(help="Chunked processing (opt-in): embed inputs of up to this many tokens by window-sized chunks, averaged by token count, instead of refusing them [default: off]")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
     spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
@@ -252,7 +254,8 @@ def serve(
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
                                payload_limit=payload_limit, read_timeout_s=read_timeout, max_connections=max_connections,
                                shutdown_grace_s=shutdown_grace, allow_request_chat_template=allow_request_chat_template,
-                               allow_priority_boost=allow_priority_boost, log_level=log_level.lower())
+                               allow_priority_boost=allow_priority_boost, allow_image_urls=list(allow_image_url or []),
+                               image_url_timeout_s=image_url_timeout, log_level=log_level.lower())
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
                                  max_embed_len=max_embed_len)
         from toolkit.server.process import run_server

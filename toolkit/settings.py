@@ -85,4 +85,7 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: int = 30  # SIGTERM: in-flight requests get this long, then a 503
     allow_request_chat_template: bool = False  # accept a caller's `chat_template` (a Jinja program) at all
     allow_priority_boost: bool = False  # accept negative `priority` (ahead of everyone else's default 0)
+    allow_image_urls: list[str] = []  # hosts whose http(s) image URLs may be fetched (host, host:port, *.domain)
+    image_url_timeout_s: float = 10.0  # one image fetch, connect to last byte
+    image_url_max_bytes: int = 16 * 1024 * 1024
     log_level: str = "info"
