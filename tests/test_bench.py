@@ -36,3 +36,18 @@ def test_bench_cli_writes_json(tiny_artifact, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", str(tiny_artifact), "--batch-sizes", "two"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_bench_images_against_transformers(clip_artifact, tmp_path):
+    out = tmp_path / "images.json"
+    done = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", str(clip_artifact), "--images", "6",
+                           "--against", str(clip_artifact.parent / "model"), "--batch-sizes", "1,4", "--repeats", "1",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [(r["engine"], r["batch_size"]) for r in result["rows"]] == [
+        ("toolkit", 1), ("transformers", 1), ("toolkit", 4), ("transformers", 4)]
+    for row in result["rows"]:
+        assert row["images_per_s"] > 0 and 0 < row["preprocess_share"] <= 1 and row["ratio_vs_reference"] > 0
+    assert result["min_cosine_vs_reference"] >= 0.9999  # the same model on both sides, the same decoded photos
+    assert "images/s" in done.stdout

@@ -120,6 +120,9 @@ def export(
         figure = f"max abs difference vs {parity.reference} {max(parity.max_abs_diff.values()):.2e}"
     else:
         figure = f"min cosine vs {parity.reference} {min(parity.min_cosine.values()) if parity.min_cosine else float('nan'):.7f}"
+    if (image := result.manifest.image) is not None and not image.parity.skipped:
+        figure += (f"; image tower ({image.parity.reference}) {image.parity.min_cosine['image_embedding']:.7f}, "
+                   f"pixels within {image.parity.max_abs_diff['pixel_values']:.1e}")
     console.print(f"[bold]{result.path}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
                   + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else ""))
 
@@ -294,6 +297,7 @@ def bench(
     inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
     threads: Annotated[int | None, typer.Option(help="Threads for both engines [default: the cores available]")] = None,
     offline: Annotated[bool, typer.Option(help="Also time the whole corpus in one call (each engine batching it its own way)")] = True,
+    images: Annotated[int, typer.Option(help="Measure the image tower (CLIP / SigLIP) on this many synthetic photos instead of text; --against MODEL_DIR compares with transformers' image processor + get_image_features")] = 0,
 ) -> None:
     """Measure throughput, side by side with sentence-transformers, or drive a running server."""
     from toolkit import bench as bench_mod
@@ -307,8 +311,14 @@ def bench(
         else:
             if artifact is None:
                 raise ConfigError("give an ARTIFACT to measure (or --server URL)")
-            result = bench_mod.bench_inprocess(artifact, corpus=corpus, batch_sizes=sizes, repeats=repeats,
-                                               n_texts=texts, against=against, threads=threads, offline=offline)
+            if images and plot:
+                raise ConfigError("--plot draws text throughput; with --images use --json")
+            if images:
+                result = bench_mod.bench_images(artifact, against=against, batch_sizes=sizes, repeats=repeats,
+                                                n_images=images, threads=threads)
+            else:
+                result = bench_mod.bench_inprocess(artifact, corpus=corpus, batch_sizes=sizes, repeats=repeats,
+                                                   n_texts=texts, against=against, threads=threads, offline=offline)
         bench_mod.print_result(result)
         if json_out:
             json_out.write_text(json.dumps(result, indent=2))
