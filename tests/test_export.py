@@ -199,7 +199,7 @@ def test_real_splade_tiny(tmp_path):
 
 def test_unknown_architecture_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: bert, gemma3_text"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: bert, clip, gemma3_text"):
         _export(str(tmp_path), tmp_path / "x.onnx", pooling=Pooling.MEAN)
 
 
@@ -255,11 +255,16 @@ def test_artifact_runs_with_plain_onnxruntime(minilm_artifact):
 
 
 def test_heads_are_chosen_once_from_the_card(tmp_path):
-    from toolkit.export.heads import ClassifierHead, DenseHead, SparseHead, head_for
+    from toolkit.export.heads import ClassifierHead, DenseHead, SparseHead, TowerHead, head_for
 
     expected = {Pooling.SPLADE: SparseHead, Pooling.RANK: ClassifierHead}
     for pooling in Pooling:
+        if pooling == Pooling.EOS:  # CLIP's own rule: only its two-tower head pools that way
+            with pytest.raises(ConfigError, match="eos pooling"):
+                head_for(pooling)
+            continue
         assert isinstance(head_for(pooling), expected.get(pooling, DenseHead))
+        assert isinstance(head_for(pooling, image_tower=True), TowerHead)
     folder = build_tiny_model("qwen3", tmp_path / "q")  # a decoder: no masked-LM head for SPLADE
     with pytest.raises(ConfigError, match="sparse head needs"):
         _export(str(folder), tmp_path / "x.onnx", pooling=Pooling.SPLADE)
