@@ -92,3 +92,35 @@ def siglip_artifact(tmp_path_factory) -> Path:
     """A tiny SiglipModel with a trained Unigram tokenizer (text padded to 64)."""
     folder = build_tiny_model("siglip", tmp_path_factory.mktemp("tiny-siglip") / "model")
     return _export(str(folder), folder.parent / "siglip.onnx").path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready: str = "/ready"):
+    """A real `toolkit serve ARTIFACT ARGS` on a free port, once ``ready`` answers 200: (url, port, process)."""
+    import os
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(artifact), "--port", str(port),
+                             "--log-level", "warning", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + ready, timeout=2).status_code == 200:
+                return url, port, proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"server did not become ready: {proc.stdout.read().decode()[-2000:]}")

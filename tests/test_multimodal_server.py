@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import base64
 import http.server
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
+from conftest import serve_subprocess
 from litestar.testing import TestClient
 
 from toolkit.export.towers import probe_images
@@ -193,29 +189,9 @@ def test_models_tell_the_modality_and_tokenize_stays_text(client):
     assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_clip(clip_artifact):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(clip_artifact), "--port", str(port),
-                             "--served-model-name", "clip", "--log-level", "warning"],
-                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become ready: {proc.stdout.read().decode()[-2000:]}")
+    url, _, proc = serve_subprocess(clip_artifact, "--served-model-name", "clip")
     yield url
     proc.kill()
 

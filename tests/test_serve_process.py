@@ -13,30 +13,13 @@ import time
 
 import httpx
 import pytest
+from conftest import serve_subprocess
 
 TOOLKIT = [sys.executable, "-m", "toolkit.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(artifact, *args: str):
-    port = _free_port()
-    proc = subprocess.Popen([*TOOLKIT, "serve", str(artifact), "--port", str(port), "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return url, port, proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    return serve_subprocess(artifact, *args, ready="/health")
 
 
 @pytest.fixture(scope="module")

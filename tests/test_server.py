@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
+from conftest import serve_subprocess
 from litestar.testing import TestClient
 
 from toolkit.runtime import Embedder
@@ -203,29 +201,9 @@ def test_api_key(tiny_artifact):
 
 
 # ------------------------------------------------------------------ end to end, real process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(minilm_artifact):
-    port = _free_port()
-    env = {**os.environ, "TOOLKIT_API_KEY": "e2e-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(minilm_artifact), "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become ready: {proc.stdout.read().decode()[-2000:]}")
+    url, _, proc = serve_subprocess(minilm_artifact, env={"TOOLKIT_API_KEY": "e2e-key"})
     yield url, proc
     if proc.poll() is None:
         proc.kill()
