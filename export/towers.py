@@ -26,17 +26,15 @@ from toolkit.errors import ConfigError, ExportError
 from toolkit.export.heads import normalize
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ImagePreprocess, ParityCase, ParityReport
+from toolkit.runtime.artifact import (
+    image_tower_path,  # the runtime's convention; re-exported for the exporter
+)
 
 __all__ = ["IMAGE_THRESHOLDS", "ImageFeatures", "export_image_graph", "image_parity", "image_preprocess",
            "image_tower_path", "probe_images", "text_reference_check"]
 
 IMAGE_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999}
 _FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def image_tower_path(text_path: Path) -> Path:
-    """Where the image tower of the artifact ``text_path`` lives: ``name.onnx`` -> ``name.image.onnx``."""
-    return text_path.with_name(text_path.stem + ".image.onnx")
 
 
 class ImageFeatures(torch.nn.Module):
@@ -164,21 +162,21 @@ def image_parity(emb, resolved: ResolvedModel, model: torch.nn.Module, precision
     from PIL import Image
 
     from toolkit.export.parity import cosines
-    from toolkit.runtime.images import load_pixels
 
     images = probe_images()
     processor = _processor(resolved)
     decoded = [Image.open(io.BytesIO(data)) for data in images.values()]
     pixels = processor(images=decoded, return_tensors="np")["pixel_values"]
-    ours = np.stack([load_pixels(data, i, emb.image_spec).pixels for i, data in enumerate(images.values())])
+    ours = np.stack([item.pixels for item in emb.load_images(list(images.values()))])
     pixel_diff = float(np.abs(pixels - ours).max())
     with torch.no_grad():
         reference = model.get_image_features(pixel_values=torch.from_numpy(np.asarray(pixels, np.float32))).pooler_output
     reference = reference.numpy()
+    encoded = list(images.values())
     cases, worst = [], {}
-    for label, batch in (("batch", list(images.values())), *((name, [data]) for name, data in images.items())):
+    for label, rows in (("batch", list(range(len(encoded)))), *((name, [i]) for i, name in enumerate(images))):
+        batch = [encoded[i] for i in rows]
         got = emb.embed_images(batch, normalize=False)
-        rows = [list(images.values()).index(b) for b in batch]
         cos = float(cosines(got, reference[rows]).min())
         diff = float(np.abs(got - reference[rows]).max())
         worst["image_embedding"] = min(worst.get("image_embedding", 1.0), cos)

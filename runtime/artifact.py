@@ -10,7 +10,7 @@ from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manife
 from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["Artifact", "open_artifact"]
+__all__ = ["Artifact", "image_tower_path", "open_artifact"]
 
 
 @dataclass
@@ -20,6 +20,11 @@ class Artifact:
     manifest: Manifest
     tokenizer_json: str
     model_card: str
+
+
+def image_tower_path(text_path: Path) -> Path:
+    """Where the image tower of the artifact ``text_path`` lives: ``name.onnx`` -> ``name.image.onnx``."""
+    return text_path.with_name(text_path.stem + ".image.onnx")
 
 
 def open_artifact(path: str | Path, options: RuntimeOptions | None = None) -> Artifact:

@@ -31,10 +31,12 @@ from toolkit.runtime.embedder import (
     cosine_scores,
     count_inputs,
     expand_chunks,
+    interleave,
     pool_chunks,
     pool_sparse,
     score_pairs,
     sparse_entries,
+    split_modalities,
 )
 from toolkit.runtime.images import ImageRef, Pixels, as_image_list
 from toolkit.runtime.tokenization import Tokenized
@@ -186,12 +188,11 @@ class AsyncEmbedder:
         """(vectors in input order, tokens, the decoded images) for a list of texts and ``ImageRef`` images
         (two-tower artifacts): each kind through its own tower, concurrently; an image counts the positions its
         tower reads as tokens."""
-        at = [i for i, x in enumerate(inputs) if isinstance(x, ImageRef)]
+        at, texts = split_modalities(inputs, lambda x: isinstance(x, ImageRef))  # a text is a text, whatever it says
         if not at:
             vectors, tokens = await self.embed(inputs, dimensions=dimensions, normalize=normalize, priority=priority,
                                                timings=timings, max_tokens=max_tokens, **tokenize)
             return vectors, tokens, []
-        texts = [i for i, x in enumerate(inputs) if not isinstance(x, ImageRef)]
         image_job = self.embed_images([inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
                                       priority=priority, timings=timings)
         if texts:
@@ -200,10 +201,7 @@ class AsyncEmbedder:
             (image_vectors, pixels), (text_vectors, tokens) = await asyncio.gather(image_job, text_job)
         else:
             (image_vectors, pixels), text_vectors, tokens = await image_job, None, 0
-        vectors = np.empty((len(inputs), image_vectors.shape[1]), dtype=np.float32)
-        vectors[at] = image_vectors
-        if text_vectors is not None:
-            vectors[texts] = text_vectors
+        vectors = interleave(len(inputs), image_vectors.shape[1], (at, image_vectors), (texts, text_vectors))
         return vectors, tokens + sum(len(p) for p in pixels), pixels
 
     async def score(self, queries, documents, *, use_activation: bool | None = None, priority: int = 0,

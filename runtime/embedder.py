@@ -12,14 +12,15 @@ import numpy as np
 from toolkit.cards import PaddingSide, Pooling
 from toolkit.errors import ConfigError, RequestError, UnsupportedDimensionError
 from toolkit.manifest import MANIFEST_KEY, ImagePreprocess, decode_manifest
-from toolkit.runtime.artifact import open_artifact
+from toolkit.runtime.artifact import image_tower_path, open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, is_image_input, load_pixels
 from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "count_inputs", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
+__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "count_inputs", "interleave",
+           "split_modalities", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
            "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
@@ -114,6 +115,22 @@ def sparse_entries(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64), row[idx].astype(np.float32)
 
 
+def split_modalities(items: Sequence, is_image) -> tuple[list[int], list[int]]:
+    """(positions of the images, positions of the texts) in a list mixing both (``is_image`` tells them apart)."""
+    images = [i for i, x in enumerate(items) if is_image(x)]
+    taken = set(images)
+    return images, [i for i in range(len(items)) if i not in taken]
+
+
+def interleave(n: int, dims: int, *parts: tuple[list[int], np.ndarray | None]) -> np.ndarray:
+    """(n, dims) float32 rows gathered back into input order from (positions, rows) parts."""
+    vectors = np.empty((n, dims), dtype=np.float32)
+    for positions, rows in parts:
+        if positions:
+            vectors[positions] = rows
+    return vectors
+
+
 def count_inputs(inputs: Inputs) -> int:
     """How many inputs a request holds: a string or a single list of token ids is one."""
     return 1 if isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int)) else len(inputs)
@@ -170,7 +187,7 @@ class Embedder:
         from toolkit.runtime.images import require_pillow
 
         require_pillow()
-        image_path = path.with_name(path.stem + ".image.onnx")
+        image_path = image_tower_path(path)
         if not image_path.is_file():
             raise ConfigError(f"{path}: its image tower {image_path.name} is not beside it (an export writes both "
                               "files; keep them together)")
@@ -422,19 +439,17 @@ class Embedder:
         if self.cross_encoder:
             items = self.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
             return self.pair_scores(self.run(items, "logits"), use_activation)
-        images = [i for i, x in enumerate(left + right) if is_image_input(x)]
+        items = left + right
+        images, texts = split_modalities(items, is_image_input)
         if not images:
-            vectors = self.embed(left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
+            vectors = self.embed(items, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
             return cosine_scores(vectors, len(left))
         # images on either side (two-tower artifacts): each side's texts and images embedded by their own tower
-        items = left + right
-        texts = [i for i in range(len(items)) if i not in set(images)]
-        vectors = np.empty((len(items), self.dimensions), dtype=np.float32)
-        vectors[images] = self.embed_images([items[i] for i in images], normalize=True)
-        if texts:
-            vectors[texts] = self.embed([items[i] for i in texts], normalize=True,
-                                        truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
-        return cosine_scores(vectors, len(left))
+        text_vectors = self.embed([items[i] for i in texts], normalize=True, truncate_prompt_tokens=truncate_prompt_tokens,
+                                  **kwargs) if texts else None
+        image_vectors = self.embed_images([items[i] for i in images], normalize=True)
+        return cosine_scores(interleave(len(items), self.dimensions, (images, image_vectors), (texts, text_vectors)),
+                             len(left))
 
     def tokenize_pairs(self, queries: list[str], documents: list[str], *,
                        truncate_prompt_tokens: int | None = None) -> list[Tokenized]:

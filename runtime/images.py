@@ -204,9 +204,10 @@ def preprocess(image, spec: ImagePreprocess, index: int = 0) -> np.ndarray:
         pixels = pixels[:, :, None]
     if spec.center_crop is not None:
         pixels = _center_crop(pixels, *spec.center_crop)
-    values = pixels.astype(np.float32)
-    if spec.rescale_factor is not None:
+    if spec.rescale_factor is not None:  # in float64, then float32, as transformers rescales
         values = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    else:
+        values = pixels.astype(np.float32)
     if spec.mean is not None and spec.std is not None:
         values = (values - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     if values.shape[:2] != (spec.height, spec.width) or values.shape[2] != 3:

@@ -25,9 +25,10 @@ from toolkit.errors import RequestError
 from toolkit.runtime.images import MAX_IMAGE_BYTES, ImageRef, is_image_uri
 from toolkit.settings import ServerOptions
 
-__all__ = ["content_item", "fetch_images", "host_allowed", "image_url", "message_item", "sglang_items"]
+__all__ = ["content_item", "fetch_images", "has_image_parts", "host_allowed", "image_url", "message_item", "sglang_items"]
 
 _FETCH_CHUNK = 64 * 1024
+_IMAGE_PARTS = ("image_url", "image")  # content-part types that carry an image
 
 
 def image_url(part: Any, where: str) -> str:
@@ -50,7 +51,7 @@ def content_item(parts: list, where: str) -> str | ImageRef:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind in ("image_url", "image"):
+        elif kind in _IMAGE_PARTS:
             images.append(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where))
         else:
             raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
@@ -73,13 +74,17 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
+def has_image_parts(messages: list) -> bool:
+    """Whether any chat message has an image content part."""
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS for p in m["content"])
+               for m in messages)
+
+
 def message_item(messages: list, image_tower: bool) -> str | ImageRef | None:
-    """vLLM's chat ``messages`` for a two-tower model: their content parts as ONE item. None when no message has
-    an image part (the chat-template path then applies as before)."""
-    has_image = any(isinstance(m, dict) and isinstance(m.get("content"), list)
-                    and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
-                    for m in messages)
-    if not has_image and not image_tower:
+    """vLLM's chat ``messages`` for a two-tower model: their content parts as ONE item. None for a text-only model
+    whose messages have no image part (the chat-template path then applies as before)."""
+    if not image_tower and not has_image_parts(messages):
         return None
     if not image_tower:
         raise RequestError("this model embeds text only: image content parts are not accepted", param="messages")

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from toolkit.errors import RequestError
+from toolkit.server.images import has_image_parts
 from toolkit.settings import ServerOptions
 
 __all__ = ["RENDER_TIMEOUT_S", "prompt_or_chat"]
@@ -28,9 +29,7 @@ async def prompt_or_chat(embedder, data, plain: Any, field: str, options: Server
         return plain, True if specials is None else specials
     if plain is not None:
         raise RequestError(f"give {field} or messages, not both", param="messages")
-    if any(isinstance(m, dict) and isinstance(m.get("content"), list)
-           and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
-           for m in data.messages):
+    if has_image_parts(data.messages):
         raise RequestError("this route takes text only: image content parts are not accepted here (embed images "
                            "with /v1/embeddings or /v2/embed)", param="messages")
     if data.chat_template is not None and not options.allow_request_chat_template:
