@@ -358,8 +358,10 @@ class Embedder:
     # ---------------------------------------------------------------- public API
     def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
         """(n, dimensions) float32 sentence embeddings."""
-        plan = self.plan_output(dimensions, normalize)
-        items = self.tokenize_inputs(inputs, **tokenize)
+        return self.embed_tokenized(self.tokenize_inputs(inputs, **tokenize), self.plan_output(dimensions, normalize))
+
+    def embed_tokenized(self, items: list[Tokenized], plan: OutputPlan) -> np.ndarray:
+        """Sentence embeddings of already tokenized inputs, by ``plan``, in input order."""
         flat, spans = expand_chunks(items)
         if spans is not None:
             plan = self.chunk_plan(plan)
@@ -486,7 +488,10 @@ class Embedder:
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
         self.require("embed_sparse")
-        items = self.tokenize_inputs(inputs, **tokenize)
+        return self.sparse_tokenized(self.tokenize_inputs(inputs, **tokenize))
+
+    def sparse_tokenized(self, items: list[Tokenized]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``embed_sparse`` of already tokenized inputs."""
         flat, spans = expand_chunks(items)
         return [sparse_entries(row) for row in pool_sparse(self.run(flat, "sparse_embedding"), spans)]
 

@@ -33,6 +33,16 @@ def test_runtime_and_server_import_without_torch():
     assert done.returncode == 0, f"serving imports pulled in {done.stdout} {done.stderr[-500:]}"
 
 
+def test_serving_install_pulls_no_bulk_or_export_stack():
+    core = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    for heavy in ("ray", "pyarrow", "pandas", "torch", "transformers", "pillow"):
+        assert heavy not in core.lower(), f"{heavy} is a core dependency; it belongs in an extra"
+    code = ("import sys, toolkit.bulk, toolkit.server.app; "
+            "heavy = [m for m in ('ray', 'pyarrow', 'torch') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"importing toolkit.bulk pulled in {done.stdout} {done.stderr[-500:]}"
+
+
 def test_no_bare_folder_imports():
     for path in ROOT.glob("*/*.py"):
         if path.parts[-2] in (".venv", "tests"):
