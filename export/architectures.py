@@ -33,6 +33,11 @@ class ArchSpec:
     pooling: Pooling | None = None  # the architecture pools by its own rule: the card cannot choose
     text_inputs: tuple[str, ...] | None = None  # the text tower's inputs, when not the usual ones
     config_overrides: dict[str, object] = field(default_factory=dict)
+    # a decoder whose causal mask the export can replace by a padding-only (bidirectional) one, when the card or
+    # config asks (llama-nemotron-embed, GritLM, ...): transformers' decoders accept a ready 4-D mask as-is
+    bidirectional_mask: bool = False
+    converted: bool = False  # not in the registry: a causal LM exported by the generic decoder path
+    remote_code: bool = False  # the model's own modeling code (config auto_map), run with --trust-remote-code
 
     @property
     def padding_side(self) -> PaddingSide:
@@ -58,10 +63,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("modernbert"),
         ArchSpec("nomic_bert", token_type_ids=True),
         ArchSpec("gte", token_type_ids=True),
-        ArchSpec("qwen2", decoder=True, config_overrides=_DECODER),
-        ArchSpec("qwen3", decoder=True, config_overrides=_DECODER),
-        ArchSpec("llama", decoder=True, config_overrides=_DECODER),
-        ArchSpec("mistral", decoder=True, config_overrides=_DECODER),
+        ArchSpec("ernie", token_type_ids=True, ort_fusion="bert"),  # ERNIE 3.0 (text2vec-base-chinese-sentence)
+        ArchSpec("qwen2", decoder=True, config_overrides=_DECODER, bidirectional_mask=True),
+        ArchSpec("qwen3", decoder=True, config_overrides=_DECODER, bidirectional_mask=True),
+        ArchSpec("llama", decoder=True, config_overrides=_DECODER, bidirectional_mask=True),
+        ArchSpec("mistral", decoder=True, config_overrides=_DECODER, bidirectional_mask=True),
+        ArchSpec("gemma2", decoder=True, config_overrides=_DECODER, bidirectional_mask=True),  # bge-multilingual-gemma2
         # embeddinggemma: the Gemma3 text stack with bidirectional attention,
         # which its config.json turns on (use_bidirectional_attention).
         ArchSpec("gemma3_text", config_overrides=_DECODER),
@@ -74,12 +81,24 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def get_arch(model_type: str) -> ArchSpec:
-    """The spec for ``model_type``; an unknown one lists the supported ones."""
-    try:
+def get_arch(model_type: str, config: dict | None = None) -> ArchSpec:
+    """The spec for ``model_type``. Outside the registry, ``config`` may still name a path: a causal LM
+    (``*ForCausalLM``) is exported by the generic decoder path (vLLM's ``--convert embed``), a model shipping its
+    own code (``auto_map``) runs that code; anything else lists the supported architectures."""
+    if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(
-            f"architecture '{model_type}' is not supported; supported: {supported}"
-        ) from None
+    config = config or {}
+    if "AutoModel" in (config.get("auto_map") or {}):
+        return ArchSpec(model_type, token_type_ids="type_vocab_size" in config, remote_code=True,
+                        decoder=_causal_lm(config), config_overrides=_DECODER if _causal_lm(config) else {})
+    if _causal_lm(config):
+        return ArchSpec(model_type, decoder=True, config_overrides=_DECODER, bidirectional_mask=True, converted=True)
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise UnsupportedArchitectureError(
+        f"architecture '{model_type}' is not supported; supported: {supported}, and any causal LM "
+        "(*ForCausalLM, converted to embeddings)"
+    )
+
+
+def _causal_lm(config: dict) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])

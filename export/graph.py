@@ -31,13 +31,14 @@ class EmbeddingModule(nn.Module):
     """The whole embedding model as one traceable module: the encoder, then its head (``export.heads``)."""
 
     def __init__(self, encoder: nn.Module, card: ModelCard, dense: nn.Module | None, token_type_ids: bool,
-                 head: Head) -> None:
+                 head: Head, instruction_end: list[int] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.card = card
         self.head = head
         self.dense = dense if dense is not None else nn.Identity()
         self.token_type_ids = token_type_ids
+        self.instruction_end = list(instruction_end or [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None):
@@ -46,7 +47,40 @@ class EmbeddingModule(nn.Module):
             kwargs["attention_mask"] = attention_mask
         if self.token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
-        return self.head.forward(self.encoder(**kwargs), attention_mask, self.dense, self.card)
+        pool_mask = attention_mask
+        if self.instruction_end:  # the head pools over the text after the instruction only
+            pool_mask = after_instruction(input_ids, attention_mask, self.instruction_end)
+        return self.head.forward(self.encoder(**kwargs), pool_mask, self.dense, self.card)
+
+
+def after_instruction(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """``attention_mask`` with the instruction masked out: every position before the end of the first occurrence
+    of ``marker`` (token ids), or only the first token (BOS) when the marker is absent, as vLLM's GritLM pooler."""
+    width, length = len(marker), input_ids.shape[1]
+    padded = nn.functional.pad(input_ids, (0, width - 1), value=-1)
+    windows = torch.stack([padded[:, k:k + length] for k in range(width)], dim=-1)  # (batch, seq, width)
+    pattern = torch.tensor(marker, dtype=input_ids.dtype, device=input_ids.device)
+    hits = (windows == pattern).all(-1)  # (batch, seq): the marker starts here
+    first = hits.to(torch.int64).argmax(-1)
+    start = torch.where(hits.any(-1), first + width, torch.ones_like(first))
+    positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
+    return attention_mask * (positions >= start.unsqueeze(-1)).to(attention_mask.dtype)
+
+
+class BidirectionalMask(nn.Module):
+    """A decoder read without its causal mask: the 2-D padding mask becomes the additive 4-D mask
+    (batch, 1, query, key) that transformers' decoders take as-is, so every token attends to every real token."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        length = input_ids.shape[1]
+        keys = attention_mask[:, None, None, :].to(torch.float32)
+        mask = ((1.0 - keys) * torch.finfo(torch.float32).min).expand(-1, 1, length, -1)
+        return self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
 
 
 def _load_dense(spec: DenseSpec) -> nn.Module:
@@ -93,10 +127,29 @@ def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Modu
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{resolved.transformer_dir}: cannot load the model: {exc}") from None
-    return resolved.head.wrap(model.eval()).eval()
+    model = model.eval()
+    if resolved.card.bidirectional:
+        model = BidirectionalMask(model)
+    return resolved.head.wrap(model).eval()
 
 
 def build_module(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> EmbeddingModule:
     encoder = load_encoder(resolved, trust_remote_code=trust_remote_code)
     dense = nn.Sequential(*(_load_dense(d) for d in resolved.dense)) if resolved.dense else None
-    return EmbeddingModule(encoder, resolved.card, dense, resolved.arch.token_type_ids, resolved.head).eval()
+    return EmbeddingModule(encoder, resolved.card, dense, resolved.arch.token_type_ids, resolved.head,
+                           instruction_end_ids(resolved)).eval()
+
+
+def instruction_end_ids(resolved: ResolvedModel) -> list[int]:
+    """The card's ``instruction_end_tokens`` as ids of the model's vocabulary (ConfigError naming a missing one)."""
+    tokens = resolved.card.instruction_end_tokens
+    if not tokens:
+        return []
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved.transformer_dir)
+    vocab = tok.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"instruction_end_tokens {missing} are not in the model's vocabulary")
+    return [vocab[t] for t in tokens]

@@ -6,6 +6,7 @@ export is verified. The rest of the exporter asks the head and never checks a ki
 
 - ``DenseHead``: pool (CLS, mean, last token) -> dense layers -> Matryoshka slices -> normalize.
   Outputs ``sentence_embedding``, ``token_embeddings``, ``sentence_embedding_raw``, ``sentence_embedding_<d>``.
+- ``M3Head`` (BGE-M3): the dense head plus ``sparse_embedding`` and ``colbert_embeddings`` from its own layers.
 - ``SparseHead`` (SPLADE): masked-LM logits -> log1p(relu) -> max over real tokens. Outputs ``sparse_embedding``.
 - ``TowerHead`` (CLIP, SigLIP): the text tower's projected features (``get_text_features``), normalized; the
   image tower is a second graph (``export.towers``). Outputs ``sentence_embedding``, ``sentence_embedding_raw``.
@@ -23,7 +24,7 @@ import torch
 from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
 
-__all__ = ["ClassifierHead", "DenseHead", "Head", "SparseHead", "TowerHead", "cross_encoder_activation", "head_for",
+__all__ = ["ClassifierHead", "DenseHead", "Head", "M3Head", "SparseHead", "TowerHead", "cross_encoder_activation", "head_for",
            "num_labels"]
 
 
@@ -90,6 +91,69 @@ class DenseHead(Head):
         final = normalize(raw) if card.normalize else raw
         heads = [normalize(raw[:, :d]) if card.normalize else raw[:, :d] for d in card.matryoshka_dims]
         return (final, hidden, raw, *heads)
+
+
+class M3Head(DenseHead):
+    """BGE-M3's three outputs from one graph (FlagEmbedding's BGEM3FlagModel): the dense head as DenseHead
+    (CLS), plus ``sparse_embedding`` (batch, vocab): relu(sparse_linear(hidden)) per token, the max per
+    vocabulary id, special tokens dropped; and ``colbert_embeddings`` (batch, seq, dim): colbert_linear(hidden)
+    per real token, normalized (the runtime drops the first, CLS, as FlagEmbedding does). The two linear layers
+    are read from ``sparse_linear.pt`` / ``colbert_linear.pt`` beside the checkpoint, FlagEmbedding's layout."""
+
+    name = "m3"
+    compact_table = False  # three outputs read the same table; keep the lookup exact
+    FILES = ("sparse_linear.pt", "colbert_linear.pt")
+
+    def __init__(self, folder) -> None:
+        from pathlib import Path
+
+        self.folder = Path(folder)
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return [*super().outputs(card), "sparse_embedding", "colbert_embeddings"]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.folder)
+        unused = {tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id} - {None}
+        layers = []
+        for name in self.FILES:
+            state = torch.load(self.folder / name, map_location="cpu", weights_only=True)
+            out_features, in_features = state["weight"].shape
+            layer = torch.nn.Linear(in_features, out_features)
+            layer.load_state_dict(state)
+            layers.append(layer)
+        return M3Encoder(model, *layers, sorted(unused), int(model.config.vocab_size))
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        dense_out, sparse, colbert = out
+        return (*super().forward(dense_out, attention_mask, dense, card), sparse, colbert)
+
+
+class M3Encoder(torch.nn.Module):
+    """The encoder plus BGE-M3's sparse and ColBERT layers: (encoder output, sparse (batch, vocab), colbert)."""
+
+    def __init__(self, model: torch.nn.Module, sparse_linear: torch.nn.Linear, colbert_linear: torch.nn.Linear,
+                 unused_ids: list[int], vocab_size: int) -> None:
+        super().__init__()
+        self.model, self.sparse_linear, self.colbert_linear = model, sparse_linear, colbert_linear
+        keep = torch.ones(vocab_size)
+        keep[unused_ids] = 0.0
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state
+        mask = attention_mask.to(hidden.dtype)
+        weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * mask  # (batch, seq)
+        sparse = torch.zeros(hidden.shape[0], self.keep.shape[0], dtype=hidden.dtype, device=hidden.device)
+        sparse = sparse.scatter_reduce(1, input_ids, weights, reduce="amax", include_self=True) * self.keep
+        colbert = normalize(self.colbert_linear(hidden)) * mask.unsqueeze(-1)
+        return out, sparse, colbert
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
 
 
 class SparseHead(Head):

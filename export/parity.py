@@ -37,6 +37,7 @@ THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 ABS_THRESHOLDS = {"fp32": 1e-5, "fp16": 2e-2, "int8": 5e-2}  # cross-encoder logits and scores
 NOISE_FACTOR = 10.0  # fp32: the artifact may be this many times farther from exact arithmetic than PyTorch fp32
 _NOISE_MIN = 1e-9  # a floor under the noise (1 - cosine) so an exact reference does not demand exactness
+TOKEN_OUTPUTS = ("token_embeddings", "colbert_embeddings")  # (batch, seq, dim): compared over the real tokens
 _PROBE_CAP = 512  # longest probe, in tokens, whatever the model's maximum
 
 
@@ -100,7 +101,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         got = emb.run_batch(items, outputs)
         read = [_as_read(item, emb) for item in items]
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in read]
-        rows = [[emb.unpad(got[o][row], len(item)) if output == "token_embeddings" else got[o][row]
+        rows = [[emb.unpad(got[o][row], len(item)) if output in TOKEN_OUTPUTS else got[o][row]
                  for o, output in enumerate(outputs)] for row, item in enumerate(items)]
         checked.append((read, rows, refs))
         for o, output in enumerate(outputs):

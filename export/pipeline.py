@@ -149,6 +149,11 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             manifest = msgspec.structs.replace(manifest, image=tower)
         candidate = _write(final, image_graph, tmp / "candidate.onnx", manifest, resolved)
         report, warnings = manifest.parity, []
+        if resolved.arch.converted:
+            warnings.append(f"converted: '{resolved.arch.model_type}' is not in the registry; exported as a "
+                            f"{'bidirectional' if resolved.card.bidirectional else 'causal'} decoder with "
+                            f"{resolved.card.pooling.value} pooling, {resolved.card.padding_side.value} padding"
+                            f"{', normalized' if resolved.card.normalize else ''} (as vLLM's --convert embed)")
         if options.skip_parity:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:

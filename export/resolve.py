@@ -14,8 +14,8 @@ import msgspec
 
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
-from toolkit.export.architectures import ArchSpec, get_arch
-from toolkit.export.heads import Head, cross_encoder_activation, head_for
+from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
+from toolkit.export.heads import Head, M3Head, cross_encoder_activation, head_for
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.settings import ExportOptions
 
@@ -188,7 +188,10 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if not (transformer_dir / "config.json").is_file():
         raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
     config = _read_json(transformer_dir / "config.json")
-    arch = get_arch(str(config.get("model_type")))
+    arch = get_arch(str(config.get("model_type")), config)
+    if arch.remote_code and not options.trust_remote_code:
+        raise ConfigError(f"{transformer_dir}: '{arch.model_type}' ships its own modeling code (config auto_map); "
+                          "pass --trust-remote-code to run it (only for a model you trust)")
 
     merged = msgspec.structs.asdict(card) if card else {"name": model_dir.name}
     for key, value in fields.items():  # the model's own files win over the bundled card
@@ -196,10 +199,16 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
             merged[key] = value
     if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         merged.setdefault("pooling", Pooling.RANK)  # a cross-encoder (plain HF or sentence-transformers CrossEncoder)
+    if config.get("is_causal") is False or (config.get("use_bidirectional_attention") and arch.bidirectional_mask):
+        merged["bidirectional"] = True  # the config says the embedding model reads without a causal mask
+    if merged.get("bidirectional") and not arch.bidirectional_mask:
+        raise ConfigError(f"'{arch.model_type}' cannot be exported bidirectional here (only decoders: "
+                          f"{', '.join(k for k, a in ARCHITECTURES.items() if a.bidirectional_mask)})")
     if card is None:
-        merged.setdefault("padding_side", arch.padding_side)
+        bidirectional = bool(merged.get("bidirectional"))
+        merged.setdefault("padding_side", PaddingSide.RIGHT if bidirectional else arch.padding_side)
         if arch.decoder:
-            merged.setdefault("pooling", Pooling.LAST_TOKEN)
+            merged.setdefault("pooling", Pooling.MEAN if bidirectional else Pooling.LAST_TOKEN)
     tok_cfg = transformer_dir / "tokenizer_config.json"
     if card is None and tok_cfg.is_file() and (side := _read_json(tok_cfg).get("padding_side")):
         merged["padding_side"] = PaddingSide(side)
@@ -224,7 +233,13 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
             "pass --pooling cls|mean|last_token|splade|rank"
         )
+    if merged.get("instruction_end_tokens") and Pooling(merged["pooling"]) != Pooling.MEAN:
+        raise ConfigError("instruction_end_tokens (skip the instruction when pooling) needs mean pooling, got "
+                          f"{Pooling(merged['pooling']).value}")
     head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower)
+    m3 = next((d for d in (transformer_dir, model_dir) if all((d / f).is_file() for f in M3Head.FILES)), None)
+    if m3 is not None and head.name == "dense":  # FlagEmbedding's layout: BGE-M3's sparse and ColBERT layers too
+        head = M3Head(m3)
     if head.needs_arch and not getattr(arch, head.needs_arch):
         raise ConfigError(f"the {head.name} head needs what '{arch.model_type}' does not have here ({head.needs_arch})")
     merged = head.complete(merged, options.normalize, config)

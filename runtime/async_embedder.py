@@ -239,11 +239,12 @@ class AsyncEmbedder:
         """(per input a (tokens, hidden) array of encoder states, prompt tokens), like ``Embedder.encode``'s
         token_embed."""
         self.embedder.require("token_embed")
-        rows, flat, spans, total = await self._rows(inputs, "token_embeddings", priority, timings, max_tokens, tokenize)
+        rows, flat, spans, total = await self._rows(inputs, self.embedder.token_output, priority, timings, max_tokens,
+                                                    tokenize)
         if spans is not None:
             raise RequestError("token embeddings of an input longer than the model's window are not supported "
                                "in chunked mode; truncate it", param="input")
-        return [self.embedder.unpad(state, len(item)) for state, item in zip(rows, flat)], total
+        return [self.embedder.token_states(state, len(item)) for state, item in zip(rows, flat)], total
 
     async def embed_sparse(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
                            max_tokens: int | None = None, **tokenize) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:

@@ -212,8 +212,15 @@ class Embedder:
     def kind(self) -> str:
         if self.manifest.image is not None:
             return f"{self.manifest.model_type.upper()} (text + image)"
+        if self.multi_output:
+            return "dense + sparse + multi-vector (BGE-M3)"
         return ("cross-encoder (reranker)" if self.cross_encoder else "sparse (SPLADE)" if self.manifest.sparse
                 else "dense embedding")
+
+    @property
+    def multi_output(self) -> bool:
+        """BGE-M3's artifact: dense sentence vectors, sparse lexical weights and ColBERT token vectors."""
+        return self.manifest.sparse and "sentence_embedding" in self.manifest.outputs
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -299,6 +306,8 @@ class Embedder:
         (pair scores) and ``classify``."""
         if self.cross_encoder:
             return ("score", "classify")
+        if self.multi_output:
+            return ("embed", "token_embed", "score", "embed_sparse")
         if self.manifest.sparse:
             return ("embed_sparse",)
         if self.manifest.image is not None:  # two towers: sentence vectors of texts and images, no token states
@@ -424,10 +433,22 @@ class Embedder:
                 if any(t.parts for t in items):
                     raise RequestError("token embeddings of an input longer than the model's window are not "
                                        "supported in chunked mode; truncate it", param="input")
-                states = self.run(items, "token_embeddings")
-                return [self.unpad(s, len(t)) for s, t in zip(states, items)]
+                states = self.run(items, self.token_output)
+                return [self.token_states(s, len(t)) for s, t in zip(states, items)]
             case _:
                 raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
+
+    @property
+    def token_output(self) -> str:
+        """The graph output ``token_embed`` reads: BGE-M3's ColBERT vectors, else the encoder's token states."""
+        return "colbert_embeddings" if "colbert_embeddings" in self.manifest.outputs else "token_embeddings"
+
+    def token_states(self, states: np.ndarray, length: int) -> np.ndarray:
+        """One input's per-token vectors out of its padded row (ColBERT: every real token but the first, CLS, as
+        FlagEmbedding returns them)."""
+        if self.token_output == "colbert_embeddings":
+            return states[1:length]
+        return self.unpad(states, length)
 
     def unpad(self, states: np.ndarray, length: int) -> np.ndarray:
         # (seq, hidden) padded to its batch -> (length, hidden)

@@ -67,7 +67,7 @@ class PoolingController(Controller):
             rows = list(scores)
         elif task == "token_embed":
             rows, tokens = await served.engine.embed_tokens(data.input, **tokenize)
-        elif "embed_sparse" in emb.tasks:
+        elif "embed" not in emb.tasks:  # SPLADE: its embed is the vocabulary-sized vector
             entries, tokens = await served.engine.embed_sparse(data.input, **tokenize)
             rows = [_dense(idx, val, emb.dimensions) for idx, val in entries]
         else:

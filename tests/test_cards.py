@@ -9,7 +9,9 @@ NAMED = ["all-MiniLM-L6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5", "bge-large
          "multilingual-e5-small", "multilingual-e5-base", "gte-base", "gte-modernbert-base", "snowflake-arctic-embed-xs",
          "snowflake-arctic-embed-m-v1.5", "nomic-embed-text-v1.5", "Qwen3-Embedding-0.6B", "embeddinggemma-300m",
          "bge-m3", "splade-v3", "jina-embeddings-v3", "ms-marco-MiniLM-L6-v2", "bge-reranker-base", "bge-reranker-large",
-         "bge-reranker-v2-m3", "gte-reranker-modernbert-base"]
+         "bge-reranker-v2-m3", "gte-reranker-modernbert-base", "text2vec-base-chinese-sentence", "bge-multilingual-gemma2",
+         "llama-nemotron-embed-1b-v2", "GritLM-7B", "e5-mistral-7b-instruct", "gte-Qwen2-7B-instruct",
+         "gte-multilingual-base", "snowflake-arctic-embed-m-v2.0"]
 
 
 @pytest.mark.parametrize("name", sorted(list_cards()))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolkit.corpus import load_corpus
 
-__all__ = ["TINY_CONFIGS", "build_tiny_model"]
+__all__ = ["GENERIC_DECODERS", "TINY_CONFIGS", "build_remote_code_model", "build_tiny_model"]
 
 _COMMON = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 64, "max_position_embeddings": 128}
@@ -24,6 +24,8 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
                     "bos_token_id": 2, "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}, "wordpiece"),
     "nomic_bert": ({"type_vocab_size": 2, "pad_token_id": 0}, "wordpiece"),
     "gte": ({"type_vocab_size": 2, "pad_token_id": 0}, "wordpiece"),
+    "ernie": ({"type_vocab_size": 2, "use_task_id": True, "task_type_vocab_size": 3, "pad_token_id": 0}, "wordpiece"),
+    "gemma2": ({**_DECODER, "sliding_window": 16, "query_pre_attn_scalar": 8}, "bpe"),
     "qwen2": (_DECODER, "bpe"),
     "qwen3": (_DECODER, "bpe"),
     "llama": (_DECODER, "bpe"),
@@ -33,6 +35,13 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
     # two towers (build_multimodal): CLIP with the real CLIP BPE vocabulary, SigLIP with a trained Unigram
     "clip": ({}, "clip-bpe"),
     "siglip": ({}, "unigram"),
+}
+
+# causal LMs outside the registry: the generic decoder path (vLLM's --convert embed) exports them
+GENERIC_DECODERS: dict[str, tuple[dict, str]] = {
+    "phi3": ({**_DECODER, "pad_token_id": 0}, "bpe"),
+    "granite": ({**_DECODER, "embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+                 "logits_scaling": 4.0}, "bpe"),
 }
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +112,9 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
 
     from toolkit.export.architectures import get_arch
 
-    overrides, kind = TINY_CONFIGS[model_type]
-    arch = get_arch(model_type)
+    generic = model_type in GENERIC_DECODERS
+    overrides, kind = GENERIC_DECODERS[model_type] if generic else TINY_CONFIGS[model_type]
+    arch = get_arch(model_type, {"architectures": ["ForCausalLM"]} if generic else None)
     if arch.image_tower:
         return build_multimodal(model_type, folder, seed=seed, config=config)
     torch.manual_seed(seed)
@@ -114,6 +124,10 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
 
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config).eval()
+    elif generic:  # saved as the Hub ships a causal LM: the *ForCausalLM class, its weights under "model."
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config).eval()
     else:
         model = (AutoModelForMaskedLM if splade else AutoModel).from_config(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,4 +236,90 @@ def build_multimodal(model_type: str, folder: Path, *, seed: int = 0, config: di
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder
+
+
+_REMOTE_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyRemoteConfig(PretrainedConfig):
+    model_type = "tiny_remote"
+
+    def __init__(self, vocab_size=512, hidden_size=32, max_position_embeddings=128, pad_token_id=0, **kwargs):
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.max_position_embeddings = max_position_embeddings
+'''
+
+_REMOTE_MODEL = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteModel(PreTrainedModel):
+    """One self-attention block over learned positions: code that transformers does not ship."""
+
+    config_class = TinyRemoteConfig
+    base_model_prefix = "tiny"
+
+    def __init__(self, config):
+        super().__init__(config)
+        h = config.hidden_size
+        self.words = nn.Embedding(config.vocab_size, h)
+        self.positions = nn.Embedding(config.max_position_embeddings, h)
+        self.qkv = nn.Linear(h, 3 * h)
+        self.out = nn.Linear(h, h)
+        self.norm = nn.LayerNorm(h)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        x = self.words(input_ids) + self.positions(positions)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / (x.shape[-1] ** 0.5)
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, torch.finfo(scores.dtype).min)
+        x = self.norm(x + self.out(scores.softmax(-1) @ v))
+        return BaseModelOutput(last_hidden_state=x)
+'''
+
+
+def build_remote_code_model(folder: Path, *, seed: int = 0) -> Path:
+    """A model folder that carries its own modeling code and ``auto_map``, as gte-multilingual-base (NewModel) and
+    snowflake-arctic-embed-m-v2.0 ship: loadable only with ``trust_remote_code``."""
+    import importlib.util
+    import sys
+
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "configuration_tiny_remote.py").write_text(_REMOTE_CONFIG)
+    (folder / "modeling_tiny_remote.py").write_text(_REMOTE_MODEL.replace("from .configuration_tiny_remote",
+                                                                          "from configuration_tiny_remote"))
+    sys.path.insert(0, str(folder))  # build the weights with the folder's own classes
+    try:
+        spec = importlib.util.spec_from_file_location("modeling_tiny_remote", folder / "modeling_tiny_remote.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.manual_seed(seed)
+        model = module.TinyRemoteModel(module.TinyRemoteConfig()).eval()
+        model.save_pretrained(folder)
+    finally:
+        sys.path.remove(str(folder))
+    (folder / "modeling_tiny_remote.py").write_text(_REMOTE_MODEL)  # relative import, as transformers loads it
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="tiny_remote", architectures=["TinyRemoteModel"],
+               auto_map={"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                         "AutoModel": "modeling_tiny_remote.TinyRemoteModel"})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = _train_tokenizer("wordpiece", 512, False)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
+                            ).save_pretrained(folder)
     return folder

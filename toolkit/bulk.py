@@ -118,7 +118,7 @@ class RowEncoder:
         pa = require_pyarrow()
         options.validate()
         self.embedder, self.options = embedder, options
-        self.sparse = bool(embedder.manifest.sparse)
+        self.sparse = "embed" not in embedder.tasks  # SPLADE; BGE-M3 writes its dense vectors
         self.images = options.image_column is not None
         if self.sparse:
             embedder.require("embed_sparse")

@@ -65,6 +65,10 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     default_prompt_name: str | None = None
     matryoshka_dims: list[int] = []
     matryoshka_any: bool = False
+    bidirectional: bool = False  # a decoder embedding model that reads with a padding-only mask (no causal mask)
+    # mean pooling skips the instruction: the tokens up to the first occurrence of these (GritLM's "<|embed|>\n"
+    # marker, as vLLM's GritLM pooler finds it); token strings of the model's vocabulary
+    instruction_end_tokens: list[str] = []
     activation: str | None = None  # rank: applied to the logits (sentence-transformers' CrossEncoder decides it)
     description: str = ""
 
