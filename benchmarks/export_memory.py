@@ -23,6 +23,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bulk_bench import tree_rss  # noqa: E402 - the resident memory of a process and its children
 
 
 def build(folder: Path, hidden: int, layers: int, vocab: int) -> int:
@@ -64,13 +67,7 @@ def main() -> None:
     reader.start()
     samples: list[tuple[float, int]] = []
     while proc.poll() is None:
-        total = 0
-        for p in [handle, *handle.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        samples.append((time.perf_counter() - started, total))
+        samples.append((time.perf_counter() - started, tree_rss(handle)))
         time.sleep(0.1)
     reader.join(timeout=5)
     if proc.returncode:

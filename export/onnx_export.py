@@ -70,15 +70,21 @@ def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int
     return path
 
 
-def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str) -> Path:
-    """ONE file: graph + weights + manifest + tokenizer; external data only past 2 GB."""
-    model = onnx.load(str(graph_path), load_external_data=True)
+def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str, *,
+                   self_contained: bool = True) -> Path:
+    """ONE file: graph + weights + manifest + tokenizer; external data only past 2 GB.
+
+    ``self_contained=False`` (the export's own candidate, beside ``graph_path``): weights that the graph keeps in
+    external data stay in those files, so writing it holds no copy of them."""
+    if not self_contained and out.parent.resolve() != graph_path.parent.resolve():
+        raise ValueError("a candidate that shares external data must be written beside its graph")
+    model = onnx.load(str(graph_path), load_external_data=self_contained)
     del model.metadata_props[:]
     for key, value in ((MANIFEST_KEY, encode_manifest(manifest)), (TOKENIZER_KEY, tokenizer), (MODEL_CARD_KEY, model_card)):
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "onnx-embed-toolkit"
     out.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > _TWO_GB
+    large = self_contained and model.ByteSize() > _TWO_GB
     onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=out.name + ".data" if large else None)
     return out

@@ -98,11 +98,13 @@ def compact_embedding_table(src: Path, dst: Path) -> Path | None:
     embeddings by cosine 1e-7 (the parity check still holds them to 0.99999). The Cast cannot be
     constant-folded back to fp32 because it follows the Gather. Tables that any other node also
     reads (a masked-LM head tied to the embeddings) are left alone. Returns None when the graph
-    has no such table.
+    has no such table. ``dst`` goes beside ``src``: weights that ``src`` keeps in external data stay there.
     """
-    from onnx import helper, numpy_helper
+    from onnx import external_data_helper, helper, numpy_helper
 
-    model = onnx.load(str(src))
+    # the graph alone: weights stored beside it stay on disk (the dynamo export writes them there), so this step
+    # holds one table, not a second copy of the model
+    model = onnx.load(str(src), load_external_data=False)
     initializers = {t.name: t for t in model.graph.initializer}
     readers: dict[str, int] = {}
     for node in model.graph.node:
@@ -114,8 +116,11 @@ def compact_embedding_table(src: Path, dst: Path) -> Path | None:
         if (table is None or node.input[1] != "input_ids" or table.data_type != onnx.TensorProto.FLOAT
                 or readers[table.name] != 1 or int(np.prod(table.dims)) < _TABLE_MIN_ELEMENTS):
             continue
+        if external_data_helper.uses_external_data(table):
+            external_data_helper.load_external_data_for_tensor(table, str(src.parent))
         half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), name=f"{table.name}_fp16")
         model.graph.initializer.remove(table)
+        _store_beside(half, dst, len(model.graph.initializer))
         model.graph.initializer.append(half)
         looked_up = node.output[0]
         node.input[0], node.output[0] = half.name, f"{looked_up}_fp16"
@@ -126,6 +131,18 @@ def compact_embedding_table(src: Path, dst: Path) -> Path | None:
         return None
     onnx.save_model(model, str(dst))
     return dst
+
+
+def _store_beside(tensor, model_path: Path, index: int) -> None:
+    """Write ``tensor``'s bytes to a file of its own beside ``model_path`` and point the tensor at it (a graph whose
+    other weights are external data keeps them external)."""
+    from onnx import TensorProto, external_data_helper
+
+    location = f"{model_path.name}.table{index}.data"
+    (model_path.parent / location).write_bytes(tensor.raw_data)
+    external_data_helper.set_external_data(tensor, location=location, offset=0, length=len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:

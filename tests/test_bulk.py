@@ -208,6 +208,10 @@ def test_cli_missing_input_and_occupied_output(tiny_artifact, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not empty; --resume continues an interrupted run, --overwrite" in done.stderr
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    done = subprocess.run([*TOOLKIT, "embed", str(tiny_artifact), str(tmp_path / "latin1.txt"), "-o", str(tmp_path / "l")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "latin1.txt: not UTF-8 text" in done.stderr and "Traceback" not in done.stderr
 
 
 def _big_jsonl(path: Path, rows: int) -> list[str]:

@@ -403,11 +403,15 @@ def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.
                                   "--id-column / --image-column (ids are row numbers)")
             values = []
             with path.open(encoding="utf-8", newline="") as f:
-                for line in f:
-                    values.append(line.rstrip("\r\n") if line.endswith("\n") else line)
-                    if len(values) == window:
-                        yield None, values
-                        values = []
+                try:
+                    for line in f:
+                        values.append(line.rstrip("\r\n") if line.endswith("\n") else line)
+                        if len(values) == window:
+                            yield None, values
+                            values = []
+                except UnicodeDecodeError as exc:
+                    raise BulkError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block); "
+                                    "convert it, or give JSON Lines or Parquet") from None
             if values:
                 yield None, values
         case _:

@@ -60,6 +60,15 @@ def _step(title: str):
     return run()
 
 
+def _device(value: str):
+    from toolkit.settings import Device
+
+    try:
+        return Device(value)
+    except ValueError:
+        raise ConfigError(f"--device must be one of: {', '.join(d.value for d in Device)} (got {value})") from None
+
+
 def _int_list(value: str | None, option: str) -> tuple[int, ...]:
     if not value:
         return ()
@@ -238,13 +247,10 @@ def serve(
     log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
-    from toolkit.settings import Device, RuntimeOptions, ServerOptions
+    from toolkit.settings import RuntimeOptions, ServerOptions
 
     with _errors():
-        try:
-            dev = Device(device)
-        except ValueError:
-            raise ConfigError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
+        dev = _device(device)
         from toolkit.server.process import LOG_LEVELS
 
         if log_level.lower() not in LOG_LEVELS:
@@ -355,13 +361,9 @@ def embed(
 ) -> None:
     """Embed a whole dataset into Parquet: streamed, resumable, in this process or on Ray Data."""
     from toolkit import bulk
-    from toolkit.settings import Device
 
     with _errors():
-        try:
-            dev = Device(device)
-        except ValueError:
-            raise ConfigError(f"--device must be one of: auto, cpu, cuda, tensorrt (got {device})") from None
+        dev = _device(device)
         options = bulk.BulkOptions(text_column=text_column, id_column=id_column, image_column=image_column,
                                    input_format=input_format, dimensions=dimensions, prompt_name=prompt_name,
                                    normalize=False if no_normalize else None, embedding_type=embedding_type,
