@@ -157,8 +157,8 @@ def test_image_column_of_paths_and_bytes(clip_artifact, tmp_path):
     np.testing.assert_allclose(vectors(read_output(tmp_path / "bad")), reference[[0, 2]], atol=1e-6)
 
 
-def test_bad_rows_stop_with_the_id_or_are_skipped_and_listed(tiny_artifact, embedder, tmp_path):
-    long_text = "word " * 400  # past the tiny model's 96 tokens
+def test_bad_rows_stop_with_the_id_or_are_skipped_and_listed(tiny_artifact, splade_artifact, embedder, tmp_path):
+    long_text = "word " * 1000  # past the tiny model's 96 tokens and SPLADE-tiny's 512
     rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": ""}, {"id": "c"}, {"id": "d", "text": long_text},
             {"id": "e", "text": 7}, {"id": "f", "text": "   "}, {"id": "g", "text": "also fine"}]
     source = tmp_path / "rows.jsonl"
@@ -175,6 +175,13 @@ def test_bad_rows_stop_with_the_id_or_are_skipped_and_listed(tiny_artifact, embe
     assert [s["id"] for s in skipped] == ["b", "c", "d", "e", "f"]
     assert "longer than the model's maximum of 96 tokens; --truncate" in skipped[2]["error"]
     assert skipped[1]["error"] == "no 'text' value"
+    # windows where no row survives, refused before tokenizing (empty, missing) or by it (too long), for a dense
+    # and a sparse artifact: empty columns of the output's types
+    for artifact, out in ((tiny_artifact, "none-dense"), (splade_artifact, "none-sparse")):
+        summary = embed_files(artifact, source, tmp_path / out, BulkOptions(id_column="id", on_error="skip",
+                                                                           rows_per_part=1))
+        assert (summary.rows, summary.skipped, summary.parts) == (2, 5, 7)
+        assert read_output(tmp_path / out)["id"].to_pylist() == ["a", "g"]
     # a part whose every row was skipped is still written (empty), so resume's numbering holds
     progress = json.loads((tmp_path / "skip" / "_progress.json").read_text())
     assert [p["rows"] for p in progress["parts"]] == [1, 0, 1] and progress["complete"]

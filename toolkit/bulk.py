@@ -17,6 +17,7 @@ Needs pyarrow (the ``[bulk]`` extra); Ray is the ``[ray]`` extra.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
-from toolkit.errors import ConfigError, RequestError, ToolkitError
+from toolkit.errors import ConfigError, InputTooLongError, RequestError, ToolkitError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -165,32 +166,28 @@ class RowEncoder:
             elif not self.images and not value.strip():
                 bad[i] = "empty text"
         good = [i for i in range(len(values)) if i not in bad]
-        outputs, tokens = self._embed([values[i] for i in good], good, bad) if good else ([], 0)
+        rows, tokens = self._embed([values[i] for i in good], good, bad) if good else ([], 0)
         good = [i for i in good if i not in bad]
         if bad and self.options.on_error == "stop":
             first = min(bad)
             raise BulkError(f"row {self.options.id_name}={ids[first].as_py()!r}: {bad[first]}; --on-error skip "
                             f"records such rows in {SKIPPED_FILE} and goes on")
-        columns = [ids.take(pa.array(good, pa.int64())) if bad else ids, *outputs]
+        columns = [ids.take(pa.array(good, pa.int64())) if bad else ids, *self._columns(rows)]
         table = pa.Table.from_arrays(columns, schema=self.schema(ids.type))
         return Encoded(table, [(ids[i].as_py(), bad[i]) for i in sorted(bad)], tokens)
 
-    def _embed(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[list, int]:
-        """Columns for ``values`` (rows ``index`` of the window); rows found bad on the way go into ``bad``."""
+    def _embed(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
+        """(vectors, or SPLADE's (indices, weights) per row; tokens read) of ``values`` (rows ``index`` of the
+        window), in order; rows found bad on the way go into ``bad`` and are left out."""
         if self.images:
-            keep = self._readable_images(values, index, bad)
-            if not keep:
-                return self._columns(np.zeros((0, 0), np.float32)), 0
-            vectors = self.embedder.embed_images([values[k] for k in keep], dimensions=self.options.dimensions,
-                                                 normalize=self.options.normalize)
-            return self._columns(vectors), 0
+            return self._embed_images(values, index, bad), 0
         items = self._tokenize(values, index, bad)
         if not items:
-            return self._columns(np.zeros((0, 0), np.float32)), 0
+            return [], 0
         tokens = sum(len(t) for t in items)
         if self.sparse:
-            return self._sparse_columns(self.embedder.sparse_tokenized(items)), tokens
-        return self._columns(self.embedder.embed_tokenized(items, self.plan)), tokens
+            return self.embedder.sparse_tokenized(items), tokens
+        return self.embedder.embed_tokenized(items, self.plan), tokens
 
     def _tokenize(self, texts: list[str], index: list[int], bad: dict[int, str]) -> list:
         """Tokenized texts; one call for the window, row by row only when some row is refused."""
@@ -203,35 +200,46 @@ class RowEncoder:
         for text, row in zip(texts, index):
             try:
                 items.extend(self.embedder.tokenize_inputs([text], **kwargs))
-            except RequestError as exc:
+            except InputTooLongError:
                 bad[row] = (f"longer than the model's maximum of {self.embedder.tokenizer.max_length} tokens; "
-                            "--truncate cuts such texts") if "maximum" in exc.message else exc.message
+                            "--truncate cuts such texts")
+            except RequestError as exc:
+                bad[row] = exc.message
         return items
 
-    def _readable_images(self, images: list, index: list[int], bad: dict[int, str]) -> list[int]:
-        """Positions in ``images`` that decode; the others go into ``bad``."""
+    def _embed_images(self, images: list, index: list[int], bad: dict[int, str]) -> np.ndarray | list:
+        """Image vectors; the window in one call, image by image only when some image cannot be read (each is then
+        decoded to find which; the others are embedded)."""
+        embed = functools.partial(self.embedder.embed_images, dimensions=self.options.dimensions,
+                                  normalize=self.options.normalize)
+        try:
+            return embed(images)
+        except RequestError:
+            pass
         keep = []
-        for k, (image, row) in enumerate(zip(images, index)):
+        for image, row in zip(images, index):
             try:
                 self.embedder.load_images([image])
-                keep.append(k)
+                keep.append(image)
             except RequestError as exc:
                 bad[row] = exc.message.removeprefix("image 0: ")
-        return keep
+        return embed(keep) if keep else []
 
-    def _columns(self, vectors: np.ndarray) -> list:
+    def _columns(self, rows: np.ndarray | list) -> list:
+        """The output columns after the id: ``embedding`` (as ``--embedding-type``), or SPLADE's indices and values."""
         pa = require_pyarrow()
-        (field,) = self.fields
-        if len(vectors) == 0:
-            return [pa.array([], field.type)]
+        if len(rows) == 0:
+            return [pa.array([], field.type) for field in self.fields]
+        if self.sparse:
+            return self._sparse_columns(rows)
         match self.options.embedding_type:
             case "float":
-                flat = np.ascontiguousarray(vectors, np.float32)
+                flat = np.ascontiguousarray(rows, np.float32)
             case kind:
                 from toolkit.runtime.encoding import quantize
 
                 value_range = tuple(self.embedder.manifest.quantization_range or (-1.0, 1.0))
-                flat = quantize(vectors, kind, value_range, self.embedder.dimensions)
+                flat = quantize(rows, kind, value_range, self.embedder.dimensions)
         return [pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), self.width)]
 
     def _sparse_columns(self, entries: list[tuple[np.ndarray, np.ndarray]]) -> list:
@@ -779,7 +787,8 @@ def embed_with_ray(
             skipped = len(rows_refused)
             ds = ok
         ds.write_parquet(str(out))
-        rows = sum(pq_rows(p) for p in out.glob("*.parquet"))
+        parts = sorted(out.glob("*.parquet"))
+        rows = sum(_parquet().ParquetFile(p).metadata.num_rows for p in parts)
         if skipped:
             with (out / SKIPPED_FILE).open("w") as f:
                 for r in rows_refused:
@@ -787,8 +796,4 @@ def embed_with_ray(
     finally:
         if owned:
             ray.shutdown()
-    return Summary(str(out), rows, skipped, 0, time.perf_counter() - started, len(list(out.glob("*.parquet"))))
-
-
-def pq_rows(path: Path) -> int:
-    return _parquet().ParquetFile(path).metadata.num_rows
+    return Summary(str(out), rows, skipped, 0, time.perf_counter() - started, len(parts))
