@@ -1,5 +1,22 @@
-"""Export: a Hugging Face embedding model to one verified ONNX artifact (needs torch)."""
+"""Export: a Hugging Face embedding model to one verified ONNX artifact (needs torch: the [export] extra).
 
-from toolkit.export.pipeline import ExportResult, export_model
+Imported lazily, so ``import toolkit.export.<module>`` names what it needs and ``toolkit cards`` or a
+serving install never pulls torch in through this package.
+"""
 
-__all__ = ["ExportResult", "export_model"]
+__all__ = ["CachedArtifact", "ExportResult", "ensure_artifact", "export_model"]
+
+_LAZY = {
+    "ExportResult": "toolkit.export.pipeline",
+    "export_model": "toolkit.export.pipeline",
+    "CachedArtifact": "toolkit.export.cache",
+    "ensure_artifact": "toolkit.export.cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'toolkit.export' has no attribute {name!r}")

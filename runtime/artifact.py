@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import ConfigError
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, decode_manifest
+from toolkit.model_source import cache_root, find_cached_artifact, locate_source
 from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["Artifact", "image_tower_path", "open_artifact"]
+__all__ = ["Artifact", "image_tower_path", "open_artifact", "resolve_artifact_path"]
 
 
 @dataclass
@@ -27,11 +29,29 @@ def image_tower_path(text_path: Path) -> Path:
     return text_path.with_name(text_path.stem + ".image.onnx")
 
 
-def open_artifact(path: str | Path, options: RuntimeOptions | None = None) -> Artifact:
-    """Load ``path``; every failure is one readable ConfigError line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such artifact file")
+def resolve_artifact_path(model: str | os.PathLike) -> Path:
+    """An artifact file, or the cached artifact of a card name / Hub id / model directory exported before.
+
+    Never exports (that needs torch): a source with no cached artifact is a ConfigError naming the cache
+    and the way to fill it.
+    """
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    source = locate_source(model if isinstance(model, str) else path)
+    cached = find_cached_artifact(model if isinstance(model, str) else path)
+    if cached is None:
+        raise ConfigError(f"'{source.text}' is {source.label} with no artifact in the cache ({cache_root()}) "
+                          f"yet: `toolkit serve {source.text}` exports it there once, or in Python "
+                          f"Embedder(ensure_artifact('{source.text}')) with ensure_artifact from toolkit.export "
+                          "(both need the [export] extra: pip install 'onnx-embed-toolkit[export]'); or open an "
+                          f"artifact written by `toolkit export {source.text} -o model.onnx`")
+    return cached
+
+
+def open_artifact(path: str | os.PathLike, options: RuntimeOptions | None = None) -> Artifact:
+    """Load ``path`` (see ``resolve_artifact_path``); every failure is one readable ConfigError line."""
+    path = resolve_artifact_path(path)
     session = OrtSession(path, options)
     meta = session.metadata
     if MANIFEST_KEY not in meta or TOKENIZER_KEY not in meta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -160,9 +161,13 @@ class Embedder:
     (2, 384)
     """
 
-    def __init__(self, artifact: str | Path, *, device: str | Device | None = None, options: RuntimeOptions | None = None,
+    def __init__(self, artifact: str | os.PathLike, *, device: str | Device | None = None, options: RuntimeOptions | None = None,
                  **overrides) -> None:
-        """``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto")."""
+        """Open ``artifact``: an artifact file, or a card name / Hub id / model directory exported before into
+        ``TOOLKIT_CACHE`` (``toolkit.export.ensure_artifact`` exports one: ``Embedder(ensure_artifact(MODEL))``).
+
+        ``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto").
+        """
         import msgspec
 
         base = options or RuntimeOptions()

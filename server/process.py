@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
+from toolkit.errors import ConfigError
 from toolkit.server.app import create_app, load_models
 from toolkit.server.metrics import Metrics
 from toolkit.settings import RuntimeOptions, ServerOptions
 
-__all__ = ["read_timeout_protocol", "run_server"]
+__all__ = ["bind_listener", "read_timeout_protocol", "run_server"]
 
 log = logging.getLogger("toolkit.server")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -82,9 +85,35 @@ def _release_freed_memory() -> None:
             pass
 
 
-def run_server(paths: list[Path], names: list[str], options: ServerOptions, runtime: RuntimeOptions) -> int:
-    """Load, then serve until SIGINT / SIGTERM (in-flight requests finish); returns the exit code."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything is loaded or logged.
+
+    A taken port is one ConfigError line (exit 2) at once, not a uvicorn traceback after the banner;
+    the socket is handed to uvicorn, so nothing can take the port in between.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT does not block a restart
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is taken (another server?): pass another --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(paths: list[Path], names: list[str], options: ServerOptions, runtime: RuntimeOptions,
+               listener: socket.socket | None = None) -> int:
+    """Load, then serve until SIGINT / SIGTERM (in-flight requests finish); returns the exit code.
+
+    ``listener``: a socket from ``bind_listener`` (bound here when not given).
+    """
     import uvicorn
+
+    listener = listener or bind_listener(options.host, options.port)
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -104,7 +133,12 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     protocol = read_timeout_protocol(options.read_timeout_s)
-    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level, access_log=False,
-                http=protocol or "auto", timeout_keep_alive=5, limit_concurrency=options.max_connections,
-                timeout_graceful_shutdown=options.shutdown_grace_s)
-    return 0
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level, access_log=False,
+                            http=protocol or "auto", timeout_keep_alive=5, limit_concurrency=options.max_connections,
+                            timeout_graceful_shutdown=options.shutdown_grace_s)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+    return 0 if server.started else 1

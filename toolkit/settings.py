@@ -42,6 +42,7 @@ def default_threads() -> int:
 
 class ExportOptions(msgspec.Struct, frozen=True, kw_only=True):
     output: Path | None = None
+    revision: str | None = None  # Hub models: a branch, tag or commit (None: the default branch)
     precision: Precision = Precision.FP32
     target: Target = Target.CPU
     opset: int = 18
