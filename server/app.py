@@ -7,8 +7,11 @@ import hmac
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
-from litestar import Litestar, Request, Response, get
+import msgspec
+from litestar import Litestar, Request, get
+from litestar.enums import OpenAPIMediaType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -31,7 +34,7 @@ from toolkit.server.models import ModelRegistry, ServedModel
 from toolkit.server.openai_api import OpenAIController
 from toolkit.server.pooling_api import PoolingController
 from toolkit.server.rerank_api import RerankController
-from toolkit.server.schema import document_errors
+from toolkit.server.schema import document_schema
 from toolkit.server.tei_api import TEIController
 from toolkit.server.vllm_api import VLLMController
 from toolkit.settings import RuntimeOptions, ServerOptions
@@ -39,7 +42,7 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 __all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs")  # no API key needed
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")  # no API key needed
 READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
 
 
@@ -139,22 +142,37 @@ class Readiness:
         return problems
 
 
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Ready(msgspec.Struct):
+    status: Literal["ready"]
+    models: list[str]
+
+
 @get("/health", summary="Liveness", tags=["Operations"])
-async def health() -> dict:
-    return {"status": "ok"}
+async def health() -> Health:
+    return Health("ok")
 
 
 @get("/ready", summary="Readiness: every model answers a probe inference (cached for 1 s)", tags=["Operations"])
-async def ready(request: Request) -> Response:
+async def ready(request: Request) -> Ready:
     problems = await request.app.state.readiness.problems()
     if problems:
         raise NotReadyError("not ready: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
-    return Response({"status": "ready", "models": list(request.app.state.registry.models)})
+    return Ready("ready", list(request.app.state.registry.models))
 
 
 @get("/metrics", summary="Prometheus metrics", tags=["Operations"], media_type="text/plain; version=0.0.4")
 async def prometheus(request: Request) -> str:
     return request.app.state.metrics.render()
+
+
+@get("/openapi.json", include_in_schema=False, media_type=OpenAPIMediaType.OPENAPI_JSON, sync_to_thread=False)
+def openapi_json(request: Request) -> bytes:
+    """The schema at the path client generators look for first (also at /docs/openapi.json); no API key."""
+    return request.app.state.openapi_json
 
 
 def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, metrics: Metrics) -> ModelRegistry:
@@ -207,7 +225,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
-                        PoolingController, health, ready, prometheus, *assets],
+                        PoolingController, health, ready, prometheus, openapi_json, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
         request_class=ToolkitRequest,
@@ -222,7 +240,8 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         debug=False,
     )
     routes.update(path for route in app.routes for path in [route.path] if "{" not in path)
-    document_errors(app, options)
+    document_schema(app, options)
+    app.state.openapi_json = msgspec.json.encode(app.openapi_schema.to_schema())
     app.state.registry = registry
     app.state.options = options
     app.state.metrics = metrics

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 from litestar import Controller, Request, Response, post
+from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
@@ -17,8 +18,9 @@ from toolkit.runtime.images import ImageRef
 from toolkit.server.images import content_item, fetch_images
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.metrics import timing_headers
+from toolkit.server.schema import CohereApiVersion, CohereTokens
 
-__all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest"]
+__all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest", "CohereEmbedResponse"]
 
 # Cohere's input types -> the card prompt names tried, in order
 COHERE_INPUT_TYPES = {
@@ -42,6 +44,47 @@ class CohereEmbedRequest(msgspec.Struct, kw_only=True):
     output_dimension: int | None = None
     truncate: str = "END"
     max_tokens: int | None = None
+
+
+class EmbedByType(msgspec.Struct):
+    """One list of rows per requested embedding type (only those requested are present)."""
+
+    float_: list[list[float]] | UnsetType = msgspec.field(default=UNSET, name="float")
+    int8: list[list[int]] | UnsetType = UNSET
+    uint8: list[list[int]] | UnsetType = UNSET
+    binary: list[list[int]] | UnsetType = UNSET
+    ubinary: list[list[int]] | UnsetType = UNSET
+    base64: list[str] | UnsetType = UNSET  # little-endian float32 rows
+
+
+class CohereEmbedBilledUnits(msgspec.Struct):
+    input_tokens: int
+    image_tokens: int
+    images: int | UnsetType = UNSET
+
+
+class CohereEmbedMeta(msgspec.Struct):
+    api_version: CohereApiVersion
+    billed_units: CohereEmbedBilledUnits
+    tokens: CohereTokens
+
+
+class CohereImage(msgspec.Struct):
+    width: int
+    height: int
+    format: str
+    bit_depth: int
+
+
+class CohereEmbedResponse(msgspec.Struct):
+    """Cohere's ``embeddings_by_type`` answer: ``texts`` echoes a text request, ``images`` describes an image one."""
+
+    id: str
+    embeddings: EmbedByType
+    response_type: Literal["embeddings_by_type"]
+    meta: CohereEmbedMeta
+    texts: list[str] | UnsetType = UNSET
+    images: list[CohereImage] | UnsetType = UNSET
 
 
 def _items(data: CohereEmbedRequest, image_tower: bool) -> list:
@@ -87,7 +130,7 @@ class CohereController(Controller):
     tags = ["Cohere"]
 
     @post("/embed", status_code=200, summary="Embed (Cohere v2)")
-    async def embed(self, request: Request, data: CohereEmbedRequest) -> Response:
+    async def embed(self, request: Request, data: CohereEmbedRequest) -> Response[CohereEmbedResponse]:
         started = time.perf_counter()
         served = request.app.state.registry.get(data.model)
         emb = served.embedder
@@ -112,23 +155,21 @@ class CohereController(Controller):
         image_tokens = sum(len(p) for p in images)
         request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
         value_range = tuple(emb.manifest.quantization_range or (-1.0, 1.0))
-        embeddings: dict[str, list] = {}
+        embeddings = EmbedByType()
         for kind in dict.fromkeys(types):
             match kind:
                 case "float":
-                    embeddings[kind] = vectors.tolist()
+                    embeddings.float_ = vectors.tolist()
                 case "base64":
-                    embeddings[kind] = to_base64(vectors, "float32", "little")
+                    embeddings.base64 = to_base64(vectors, "float32", "little")
                 case _:
-                    embeddings[kind] = np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist()
-        billed = {"input_tokens": tokens - image_tokens, "image_tokens": image_tokens}
-        if images:
-            billed["images"] = len(images)
-        body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "response_type": "embeddings_by_type",
-                "meta": {"api_version": {"version": "2"}, "billed_units": billed,
-                         "tokens": {"input_tokens": tokens - image_tokens}}}
-        if not images:
-            body["texts"] = items
+                    setattr(embeddings, kind, np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist())
+        billed = CohereEmbedBilledUnits(input_tokens=tokens - image_tokens, image_tokens=image_tokens,
+                                        images=len(images) if images else UNSET)
+        meta = CohereEmbedMeta(api_version=CohereApiVersion("2"), billed_units=billed,
+                               tokens=CohereTokens(input_tokens=tokens - image_tokens))
+        body = CohereEmbedResponse(id=str(uuid.uuid4()), embeddings=embeddings, response_type="embeddings_by_type",
+                                   meta=meta, texts=UNSET if images else items)
         if images:  # Cohere's image metadata: the images as they came
-            body["images"] = [{"width": p.width, "height": p.height, "format": p.format, "bit_depth": 8} for p in images]
+            body.images = [CohereImage(width=p.width, height=p.height, format=p.format, bit_depth=8) for p in images]
         return Response(body, headers=timing_headers(timings, started))

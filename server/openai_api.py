@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
@@ -25,8 +26,9 @@ from toolkit.server.images import fetch_images, message_item, sglang_items
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_choice, check_limits, check_priority
 from toolkit.server.metrics import timing_headers
+from toolkit.server.schema import UsageInfo
 
-__all__ = ["OpenAIController", "OpenAIEmbeddingRequest", "create_embeddings"]
+__all__ = ["ModelList", "OpenAIController", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "create_embeddings"]
 
 
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -55,8 +57,53 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     modality: str = "text"  # infinity's: "image" reads `input` as image URLs
 
 
-async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> Response:
-    """The embeddings route's work (also reached through /invocations)."""
+class Embedding(msgspec.Struct):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a float row, or (encoding_format base64) the row's embed_dtype bytes
+
+
+class OpenAIEmbeddingResponse(msgspec.Struct):
+    """OpenAI's embeddings answer; ``usage`` is vLLM's; ``additional_data`` echoes the request's (vLLM)."""
+
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Embedding]
+    usage: UsageInfo
+    additional_data: Any | UnsetType = UNSET
+
+
+class ServedModelCard(msgspec.Struct):
+    """OpenAI's model object with what a client needs to call this one (vLLM's ``root``, ``max_model_len``)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+    dimensions: int
+    matryoshka_dimensions: list[int]
+    matryoshka_any: bool
+    prompts: dict[str, str]
+    pooling: str | None
+    normalize: bool
+    sparse: bool
+    precision: str
+    task: Literal["embed", "rerank"]
+    modalities: list[str]
+
+
+class ModelList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ServedModelCard]
+
+
+async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> Response[OpenAIEmbeddingResponse]:
+    """The embeddings route's work (also reached through /invocations); encoding_format bytes / bytes_only
+    answer the rows as application/octet-stream instead (documented by ``server.schema``)."""
     started = time.perf_counter()
     options = request.app.state.options
     served = request.app.state.registry.get(data.model)
@@ -82,7 +129,7 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
             inputs, **common, max_tokens=options.max_request_tokens, truncate_prompt_tokens=data.truncate_prompt_tokens,
             truncation_side=data.truncation_side, add_special_tokens=add_special_tokens)
     request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}  # vLLM's UsageInfo
+    usage = UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0)
     head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
             "model": served.name, "usage": usage}
     headers = timing_headers(timings, started)
@@ -92,7 +139,8 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
             items = [{"index": i, "embed_dtype": data.embed_dtype, "endianness": data.endianness,
                       "start": i * width, "end": (i + 1) * width, "shape": [vectors.shape[1]]}
                      for i in range(len(vectors))]
-            meta = {"id": head["id"], "created": head["created"], "model": served.name, "data": items, "usage": usage}
+            meta = {"id": head["id"], "created": head["created"], "model": served.name, "data": items,
+                    "usage": msgspec.to_builtins(usage)}
             headers["metadata"] = json.dumps(meta)  # ASCII-escaped: a header carries Latin-1 only
         return Response(to_bytes(vectors, data.embed_dtype, data.endianness), media_type="application/octet-stream",
                         headers=headers)
@@ -100,9 +148,8 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
         embeddings: list = to_base64(vectors, data.embed_dtype, data.endianness)
     else:
         embeddings = vectors.tolist()
-    body = {**head, "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]}
-    if data.additional_data is not None:
-        body["additional_data"] = data.additional_data
+    body = OpenAIEmbeddingResponse(**head, data=[Embedding("embedding", i, e) for i, e in enumerate(embeddings)],
+                                   additional_data=UNSET if data.additional_data is None else data.additional_data)
     return Response(body, headers=headers)
 
 
@@ -133,20 +180,20 @@ class OpenAIController(Controller):
     tags = ["OpenAI"]
 
     @post("/embeddings", status_code=200, summary="Create embeddings (OpenAI, with vLLM extensions)")
-    async def embeddings(self, request: Request, data: OpenAIEmbeddingRequest) -> Response:
+    async def embeddings(self, request: Request, data: OpenAIEmbeddingRequest) -> Response[OpenAIEmbeddingResponse]:
         return await create_embeddings(request, data)
 
     @get("/models", summary="List served models (OpenAI), with dimensions, Matryoshka sizes, max length and prompts")
-    async def models(self, request: Request) -> dict:
+    async def models(self, request: Request) -> ModelList:
         data = []
         for name, served in request.app.state.registry.models.items():
             emb = served.embedder
             card = emb.card
-            data.append({"id": name, "object": "model", "created": request.app.state.started, "owned_by": "onnx-embed-toolkit",
-                         "root": card.source or card.name, "max_model_len": emb.manifest.max_seq_len,
-                         "dimensions": emb.dimensions, "matryoshka_dimensions": card.matryoshka_dims,
-                         "matryoshka_any": card.matryoshka_any, "prompts": card.prompts,
-                         "pooling": card.pooling.value if card.pooling else None, "normalize": card.normalize,
-                         "sparse": emb.manifest.sparse, "precision": emb.manifest.precision,
-                         "task": "rerank" if emb.cross_encoder else "embed", "modalities": list(emb.modalities)})
-        return {"object": "list", "data": data}
+            data.append(ServedModelCard(
+                id=name, object="model", created=request.app.state.started, owned_by="onnx-embed-toolkit",
+                root=card.source or card.name, max_model_len=emb.manifest.max_seq_len, dimensions=emb.dimensions,
+                matryoshka_dimensions=list(card.matryoshka_dims), matryoshka_any=card.matryoshka_any,
+                prompts=dict(card.prompts), pooling=card.pooling.value if card.pooling else None,
+                normalize=card.normalize, sparse=emb.manifest.sparse, precision=emb.manifest.precision,
+                task="rerank" if emb.cross_encoder else "embed", modalities=list(emb.modalities)))
+        return ModelList(object="list", data=data)

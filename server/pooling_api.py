@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Controller, Request, Response, post
+from litestar import Controller, Request, post
 
 from toolkit.errors import RequestError
 from toolkit.runtime.embedder import count_inputs
 from toolkit.runtime.encoding import to_base64
 from toolkit.server.limits import check_choice, check_limits
+from toolkit.server.schema import UsageInfo
 
-__all__ = ["PoolingController", "pooling_tasks"]
+__all__ = ["LlamaEmbedding", "PoolingController", "PoolingResponse", "pooling_tasks"]
 
 TASKS = ("embed", "token_embed", "classify", "token_classify")
 
@@ -37,6 +38,28 @@ class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
 
 
+class PoolingData(msgspec.Struct):
+    index: int
+    object: Literal["pooling"]
+    # embed / classify: a row; token_embed: a row per token; encoding_format base64: float32 bytes
+    # (one union: msgspec allows one array type in a union)
+    data: list[float | list[float]] | str
+
+
+class PoolingResponse(msgspec.Struct):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: UsageInfo
+
+
+class LlamaEmbedding(msgspec.Struct):
+    index: int
+    embedding: list[list[float]]  # one vector (pooled)
+
+
 def pooling_tasks(embedder) -> tuple[str, ...]:
     """vLLM's pooling tasks that an artifact answers (``Embedder.tasks``): a sparse (SPLADE) artifact's ``embed``
     is its vocabulary-sized vector; cross-encoders ``classify`` (their labels' scores)."""
@@ -48,7 +71,7 @@ class PoolingController(Controller):
     tags = ["vLLM extras"]
 
     @post("/pooling", status_code=200, summary="vLLM's pooling API: embed or token_embed, as the artifact allows")
-    async def pooling(self, request: Request, data: PoolingRequest) -> Response:
+    async def pooling(self, request: Request, data: PoolingRequest) -> PoolingResponse:
         served = request.app.state.registry.get(data.model)
         emb, options = served.embedder, request.app.state.options
         task = data.task or "embed"
@@ -76,13 +99,12 @@ class PoolingController(Controller):
             rows = list(vectors)
         encoded = ([to_base64(r.reshape(1, -1))[0] for r in rows] if data.encoding_format == "base64"
                    else [r.tolist() for r in rows])
-        return Response({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                         "model": served.name,
-                         "data": [{"index": i, "object": "pooling", "data": d} for i, d in enumerate(encoded)],
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", object="list", created=int(time.time()),
+                               model=served.name, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)],
+                               usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0))
 
     @post("/embedding", status_code=200, summary="llama.cpp's native embedding route (pooled, normalized)")
-    async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> Response:
+    async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> list[LlamaEmbedding]:
         served = request.app.state.registry.get(data.model)
         inputs = data.content if data.content is not None else data.input
         if inputs is None:
@@ -90,7 +112,7 @@ class PoolingController(Controller):
         check_limits(1 if isinstance(inputs, str) else len(inputs), request.app.state.options, param="content")
         vectors, _ = await served.engine.embed(inputs, max_tokens=request.app.state.options.max_request_tokens)
         # llama.cpp answers a list of {index, embedding}, each embedding a list of vectors (one when pooled)
-        return Response([{"index": i, "embedding": [v.tolist()]} for i, v in enumerate(vectors)])
+        return [LlamaEmbedding(i, [v.tolist()]) for i, v in enumerate(vectors)]
 
 
 def _dense(indices: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:

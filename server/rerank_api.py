@@ -15,15 +15,17 @@ from typing import Any
 import msgspec
 import numpy as np
 from litestar import Controller, Request, Response, post
+from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.embedder import cosine_scores
 from toolkit.server.limits import check_limits
 from toolkit.server.metrics import timing_headers
+from toolkit.server.schema import CohereApiVersion, CohereTokens
 from toolkit.server.tei_api import tei_truncation
 
-__all__ = ["RerankController", "VLLMRerankRequest"]
+__all__ = ["CohereRerankResponse", "RerankController", "TEIRank", "VLLMRerankRequest", "VLLMRerankResponse"]
 
 
 class VLLMRerankRequest(msgspec.Struct, kw_only=True):
@@ -46,6 +48,54 @@ class TEIRerankRequest(msgspec.Struct, kw_only=True):
     raw_scores: bool = False  # cross-encoders: the logits without the activation (cosines have none)
     return_text: bool = False
     model: str | None = None
+
+
+class RerankDocument(msgspec.Struct):
+    text: str
+
+
+class RerankResult(msgspec.Struct):
+    index: int
+    relevance_score: float
+    document: RerankDocument | UnsetType = UNSET  # with return_documents
+
+
+class RerankUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class VLLMRerankResponse(msgspec.Struct, kw_only=True):
+    """vLLM's (and Jina's) rerank answer: results sorted by relevance, best first."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+
+
+class CohereSearchUnits(msgspec.Struct):
+    search_units: int
+
+
+class CohereRerankMeta(msgspec.Struct):
+    api_version: CohereApiVersion
+    billed_units: CohereSearchUnits
+    tokens: CohereTokens
+
+
+class CohereRerankResponse(VLLMRerankResponse, kw_only=True):
+    """Cohere v2's rerank answer: vLLM's plus Cohere's ``meta``."""
+
+    meta: CohereRerankMeta
+
+
+class TEIRank(msgspec.Struct):
+    """One entry of TEI's rerank answer (a list sorted by score, best first)."""
+
+    index: int
+    score: float
+    text: str | UnsetType = UNSET  # with return_text
 
 
 def _document_text(doc: Any, i: int) -> str:
@@ -80,7 +130,7 @@ async def _ranking(request: Request, model: str | None, query: str, documents: l
     return served, cosine_scores(np.concatenate([q, d]), 1), q_tokens + d_tokens
 
 
-async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool) -> Response:
+async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool) -> Response[VLLMRerankResponse]:
     started, timings = time.perf_counter(), Timings()
     texts = [_document_text(doc, i) for i, doc in enumerate(data.documents)]
     if data.top_n is not None and data.top_n < 0:
@@ -96,17 +146,19 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
                                             data.truncate_prompt_tokens, timings=timings)
     order = np.argsort(-scores, kind="stable")[: data.top_n or None]
     with_docs = data.return_documents if data.return_documents is not None else not cohere
-    results = [{"index": int(i), "relevance_score": float(scores[i]),
-                **({"document": {"text": texts[i]}} if with_docs else {})} for i in order]
-    body: dict[str, Any] = {"id": f"rerank-{uuid.uuid4().hex}", "model": served.name, "results": results,
-                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    results = [RerankResult(int(i), float(scores[i]), RerankDocument(texts[i]) if with_docs else UNSET) for i in order]
+    head = {"id": f"rerank-{uuid.uuid4().hex}", "model": served.name, "results": results,
+            "usage": RerankUsage(prompt_tokens=tokens, total_tokens=tokens)}
     if cohere:
-        body["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
-                        "tokens": {"input_tokens": tokens}}
+        meta = CohereRerankMeta(api_version=CohereApiVersion("2"), billed_units=CohereSearchUnits(1),
+                                tokens=CohereTokens(input_tokens=tokens))
+        body: VLLMRerankResponse = CohereRerankResponse(**head, meta=meta)
+    else:
+        body = VLLMRerankResponse(**head)
     return Response(body, headers=timing_headers(timings, started))
 
 
-async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response:
+async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response[list[TEIRank]]:
     request.state.dialect = "tei"
     started, timings = time.perf_counter(), Timings()
     truncation = tei_truncation(data.truncate, data.truncation_direction)
@@ -114,8 +166,7 @@ async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response:
     _, scores, tokens = await _ranking(request, data.model, data.query, data.texts, limit, limit,
                                        truncation["truncation_side"], timings, use_activation=not data.raw_scores)
     order = np.argsort(-scores, kind="stable")
-    body = [{"index": int(i), "score": float(scores[i]), **({"text": data.texts[i]} if data.return_text else {})}
-            for i in order]
+    body = [TEIRank(int(i), float(scores[i]), data.texts[i] if data.return_text else UNSET) for i in order]
     return Response(body, headers={**timing_headers(timings, started), "x-compute-tokens": str(tokens)})
 
 
@@ -124,7 +175,7 @@ class RerankController(Controller):
 
     @post("/rerank", status_code=200,
           summary="Rerank documents: vLLM's body (query + documents) or TEI's (query + texts), told apart by the body")
-    async def rerank(self, request: Request) -> Response:
+    async def rerank(self, request: Request) -> Response[VLLMRerankResponse | list[TEIRank]]:
         body = await request.json()
         if not isinstance(body, dict) or ("texts" in body) == ("documents" in body):
             raise RequestError("give `documents` (vLLM / Jina / Cohere body) or `texts` (TEI body), exactly one")
@@ -134,11 +185,11 @@ class RerankController(Controller):
         return await vllm_rerank(request, _convert(body, VLLMRerankRequest), cohere=False)
 
     @post("/v1/rerank", status_code=200, summary="Rerank documents (vLLM, Jina-compatible)")
-    async def rerank_v1(self, request: Request, data: VLLMRerankRequest) -> Response:
+    async def rerank_v1(self, request: Request, data: VLLMRerankRequest) -> Response[VLLMRerankResponse]:
         return await vllm_rerank(request, data, cohere=False)
 
     @post("/v2/rerank", status_code=200, summary="Rerank documents (Cohere v2)")
-    async def rerank_v2(self, request: Request, data: VLLMRerankRequest) -> Response:
+    async def rerank_v2(self, request: Request, data: VLLMRerankRequest) -> Response[CohereRerankResponse]:
         return await vllm_rerank(request, data, cohere=True)
 
 

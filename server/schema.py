@@ -1,23 +1,55 @@
 """Make the generated OpenAPI schema say what the server really does.
 
-Litestar derives the schema from the handlers' types; this module adds what types
-cannot say: each route's errors in its API's own shape (OpenAI's
-``{"error": {...}}`` or Cohere's ``{"message"}``) for every status the gateway and
-the routes answer, the one-of-two required inputs, and the accepted values of the
-string choices. ``tests/test_schema.py`` fuzzes the live app against it.
+Litestar derives the schema from the handlers' types: each route returns ``Response[T]`` of a
+msgspec Struct that the handler really builds, so a 200's schema cannot drift from its body. The
+few wire types shared by several dialects live here (``UsageInfo``, Cohere's ``meta`` parts).
+This module then adds what types cannot say: each route's errors in its API's own shape (OpenAI's
+``{"error": {...}}`` or Cohere's ``{"message"}``) for every status the gateway and the routes
+answer, the success bodies of the routes that build plain lists (TEI's) or dispatch by body
+(``/invocations``), ``/v1/embeddings``' octet-stream answer, the one-of-two required inputs, and
+the accepted values of the string choices. ``tests/test_schema.py`` fuzzes the live app against it
+and validates a real answer of every route; ``tests/test_openapi_client.py`` drives a live server
+with a client generated from ``/openapi.json``.
 """
 
 from __future__ import annotations
 
+import copy
+
+import msgspec
 from litestar import Litestar
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, Schema
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Reference,
+    RequestBody,
+    Schema,
+)
 from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
 from toolkit.runtime.encoding import EMBED_DTYPES, ENCODING_FORMATS, ENDIANNESS
 from toolkit.server.errors import TEI_PATHS
 from toolkit.settings import ServerOptions
 
-__all__ = ["document_errors"]
+__all__ = ["CohereApiVersion", "CohereTokens", "UsageInfo", "document_schema"]
+
+
+class UsageInfo(msgspec.Struct):
+    """vLLM's UsageInfo: OpenAI's usage plus ``completion_tokens`` (always 0 for pooling)."""
+
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+
+
+class CohereApiVersion(msgspec.Struct):
+    version: str
+
+
+class CohereTokens(msgspec.Struct):
+    input_tokens: int
+
 
 _STRING = Schema(type=OpenAPIType.STRING)
 _OPENAI_ERROR = Schema(
@@ -58,9 +90,57 @@ _ONE_OF_REQUIRED = {
 }
 
 
+_INTEGER = Schema(type=OpenAPIType.INTEGER)
+_NUMBER = Schema(type=OpenAPIType.NUMBER)
+
+
+def _array(items: Schema | Reference) -> Schema:
+    return Schema(type=OpenAPIType.ARRAY, items=items)
+
+
+def _object(description: str | None = None, **properties: Schema | Reference) -> Schema:
+    return Schema(type=OpenAPIType.OBJECT, required=sorted(properties), properties=properties, description=description)
+
+
+def _ref(name: str) -> Reference:
+    return Reference(ref=f"#/components/schemas/{name}")
+
+
+# Components written out: the error shapes (one model each in a generated client), and the answers of TEI's
+# routes, plain lists that ``server.tei_api`` builds from numpy rows.
+_COMPONENTS = {
+    "OpenAIError": _OPENAI_ERROR,
+    "CohereError": _COHERE_ERROR,
+    "TEIError": _TEI_ERROR,
+    "TEISparseValue": _object(index=_INTEGER, value=_NUMBER),
+    "TEIInfo": _object(
+        "text-embeddings-inference's /info",
+        model_id=_STRING, model_sha=Schema(one_of=[_STRING, Schema(type=OpenAPIType.NULL)]), model_dtype=_STRING,
+        model_type=_object(embedding=_object(pooling=Schema(one_of=[_STRING, Schema(type=OpenAPIType.NULL)]))),
+        max_concurrent_requests=_INTEGER, max_input_length=_INTEGER, max_batch_tokens=_INTEGER,
+        max_client_batch_size=_INTEGER, auto_truncate=Schema(type=OpenAPIType.BOOLEAN),
+        tokenization_workers=_INTEGER, version=_STRING),
+}
+_TEI_SUCCESS = {
+    "/embed": _array(_array(_NUMBER)),  # a vector per input
+    "/embed_all": _array(_array(_array(_NUMBER))),  # a vector per token per input
+    "/embed_sparse": _array(_array(_ref("TEISparseValue"))),  # the non-zero (index, value) pairs per input
+    "/info": _ref("TEIInfo"),
+}
+# /invocations: SageMaker's entry point answers the route its body selects
+_INVOCATIONS = {"OpenAIEmbeddingRequest": "OpenAIEmbeddingResponse", "ScoreRequest": "ScoreResponse",
+                "TokenizeRequest": "TokenizeResponse", "DetokenizeRequest": "DetokenizeResponse"}
+_BYTES = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                                        description="rows back to back (encoding_format bytes / bytes_only)"))
+_BYTES_METADATA = OpenAPIHeader(
+    schema=_STRING, required=False,
+    description="encoding_format bytes: JSON with id, created, model, usage and per-row index, embed_dtype, "
+                "endianness, start, end, shape (vLLM's layout)")
+
+
 def _error_response(status: int, shape: str) -> OpenAPIResponse:
-    schema = {"cohere": _COHERE_ERROR, "tei": _TEI_ERROR, "openai": _OPENAI_ERROR,
-              "either": Schema(one_of=[_OPENAI_ERROR, _TEI_ERROR])}[shape]
+    schema = {"cohere": _ref("CohereError"), "tei": _ref("TEIError"), "openai": _ref("OpenAIError"),
+              "either": Schema(one_of=[_ref("OpenAIError"), _ref("TEIError")])}[shape]
     headers = {}
     if status == 429:
         headers["Retry-After"] = OpenAPIHeader(schema=Schema(type=OpenAPIType.INTEGER), description="seconds")
@@ -77,9 +157,40 @@ def _non_null(schema: Schema) -> Schema:
     return schema
 
 
-def document_errors(app: Litestar, options: ServerOptions) -> None:
-    """Patch ``app.openapi_schema`` in place (Litestar serves the cached object)."""
+def _success(operation, path: str, keys: dict[str, str]) -> None:
+    """The success bodies that handler types cannot give: TEI's lists, /invocations' four answers, and
+    /v1/embeddings' (and /invocations') application/octet-stream rows."""
+    ok = (operation.responses or {}).get("200")
+    if ok is None:
+        return
+    if path in _TEI_SUCCESS:
+        ok.content = {"application/json": OpenAPIMediaType(schema=_TEI_SUCCESS[path])}
+    elif path == "/invocations":
+        ok.content = {"application/json": OpenAPIMediaType(
+            schema=Schema(one_of=[_ref(keys[r]) for r in _INVOCATIONS.values()]))}
+        operation.request_body = RequestBody(required=True, description=(
+            "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt) or "
+            "detokenize (tokens) body"), content={"application/json": OpenAPIMediaType(
+                schema=Schema(any_of=[_ref(keys[r]) for r in _INVOCATIONS]))})
+    if path in ("/v1/embeddings", "/invocations"):  # encoding_format bytes / bytes_only
+        ok.content = {**(ok.content or {}), "application/octet-stream": _BYTES}
+        ok.headers = {**(ok.headers or {}), "metadata": _BYTES_METADATA}
+
+
+def _single_one_of(schema: Schema) -> None:
+    """``X | UnsetType`` (a field that is absent rather than null) comes out as ``oneOf: [X]``: just X."""
+    for name, field in (schema.properties or {}).items():
+        if isinstance(field, Schema) and field.one_of and len(field.one_of) == 1:
+            schema.properties[name] = field.one_of[0]
+
+
+def document_schema(app: Litestar, options: ServerOptions) -> None:
+    """Patch ``app.openapi_schema`` in place (Litestar serves the cached object): success bodies the handler
+    types cannot give, each route's errors in its dialect's shape, security, required inputs, choices."""
     schema = app.openapi_schema
+    components = schema.components.schemas
+    components.update(copy.deepcopy(_COMPONENTS))
+    keys = {name.rsplit(".", 1)[-1]: name for name in components}  # short name -> component key
     for path, item in (schema.paths or {}).items():
         for method in ("get", "post"):
             operation = getattr(item, method, None)
@@ -93,23 +204,15 @@ def document_errors(app: Litestar, options: ServerOptions) -> None:
                 statuses = _TEI_STATUSES | statuses if shape == "either" else _TEI_STATUSES if shape == "tei" else statuses
                 if options.api_key:
                     statuses.add(401)
+            _success(operation, path, keys)
             responses = {code: r for code, r in (operation.responses or {}).items() if not code.startswith("4")}
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status, shape)
-            if path == "/v1/embeddings" and "200" in responses:  # encoding_format bytes / bytes_only
-                ok = responses["200"]
-                ok.content = {**(ok.content or {}), "application/octet-stream": OpenAPIMediaType(
-                    schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
-                                  description="rows back to back (encoding_format bytes / bytes_only)"))}
-                ok.headers = {**(ok.headers or {}), "metadata": OpenAPIHeader(
-                    schema=_STRING, required=False,
-                    description="encoding_format bytes: JSON with id, created, model, usage and per-row "
-                                "index, embed_dtype, endianness, start, end, shape (vLLM's layout)")}
             operation.responses = responses
             if options.api_key and not path.startswith(("/health", "/ready", "/metrics")):
                 operation.security = [{"BearerAuth": []}]
-    components = (schema.components.schemas or {}) if schema.components else {}
     for name, component in components.items():
+        _single_one_of(component)
         base = name.rsplit(".", 1)[-1]
         for field, values in _CHOICES.get(base, {}).items():
             if component.properties and field in component.properties:
@@ -120,4 +223,5 @@ def document_errors(app: Litestar, options: ServerOptions) -> None:
             for field in fields:
                 if field in component.properties:
                     component.properties[field] = _non_null(component.properties[field])
-            component.any_of = [Schema(required=[field]) for field in fields]
+            # inside allOf: the same constraint, and a client generator still makes a model of the body
+            component.all_of = [Schema(any_of=[Schema(required=[field]) for field in fields])]

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.embedder import score_pairs
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_limits
+from toolkit.server.schema import UsageInfo
 
-__all__ = ["VLLMController"]
+__all__ = ["DetokenizeResponse", "ScoreResponse", "TokenizeResponse", "TokenizerInfo", "VLLMController"]
 
 _INLINE_CHARS = 4096  # /tokenize: longer prompts tokenize in a thread
 
@@ -62,7 +64,52 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
 
 
-async def create_score(request: Request, data: ScoreRequest) -> dict:
+class Score(msgspec.Struct):
+    index: int
+    object: Literal["score"]
+    score: float
+
+
+class ScoreResponse(msgspec.Struct):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Score]
+    usage: UsageInfo
+
+
+class TokenizeResponse(msgspec.Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None  # with return_token_strs
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
+class TokenizerInfo(msgspec.Struct):
+    """vLLM's tokenizer_info: the tokenizer's configuration and the special tokens it has."""
+
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+    pad_token_id: int
+    padding_side: str
+    truncation_side: str
+    chat_template: str | None
+    bos_token: str | UnsetType = UNSET
+    eos_token: str | UnsetType = UNSET
+    unk_token: str | UnsetType = UNSET
+    sep_token: str | UnsetType = UNSET
+    pad_token: str | UnsetType = UNSET
+    cls_token: str | UnsetType = UNSET
+    mask_token: str | UnsetType = UNSET
+
+
+async def create_score(request: Request, data: ScoreRequest) -> ScoreResponse:
     served = request.app.state.registry.get(data.model)
     if data.use_activation is not None and not served.embedder.cross_encoder:
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
@@ -72,12 +119,12 @@ async def create_score(request: Request, data: ScoreRequest) -> dict:
     scores, tokens = await served.engine.score(left, right, use_activation=data.use_activation,
                                                max_tokens=request.app.state.options.max_request_tokens,
                                                truncate_prompt_tokens=data.truncate_prompt_tokens)
-    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
-            "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+    return ScoreResponse(id=f"score-{uuid.uuid4().hex}", object="list", created=int(time.time()), model=served.name,
+                         data=[Score(i, "score", float(s)) for i, s in enumerate(scores)],
+                         usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0))
 
 
-async def create_tokens(request: Request, data: TokenizeRequest) -> dict:
+async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResponse:
     served = request.app.state.registry.get(data.model)
     emb = served.embedder
     prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
@@ -86,13 +133,13 @@ async def create_tokens(request: Request, data: TokenizeRequest) -> dict:
         ids = emb.tokenizer.ids(prompt, specials, limit)
     else:  # off the event loop, and no further than the server's tokens per request
         ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials, limit)
-    return {"count": len(ids), "max_model_len": emb.manifest.max_seq_len, "tokens": ids,
-            "token_strs": emb.tokenizer.token_strings(ids) if data.return_token_strs else None}
+    return TokenizeResponse(count=len(ids), max_model_len=emb.manifest.max_seq_len, tokens=ids,
+                            token_strs=emb.tokenizer.token_strings(ids) if data.return_token_strs else None)
 
 
-async def create_text(request: Request, data: DetokenizeRequest) -> dict:
+async def create_text(request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
     served = request.app.state.registry.get(data.model)
-    return {"prompt": served.embedder.detokenize(data.tokens)}
+    return DetokenizeResponse(prompt=served.embedder.detokenize(data.tokens))
 
 
 class VLLMController(Controller):
@@ -100,25 +147,26 @@ class VLLMController(Controller):
 
     @post(["/v1/score", "/score"], status_code=200,
           summary="Cosine scores of queries against documents (1-1, 1-N, N-N); vLLM's field names")
-    async def score(self, request: Request, data: ScoreRequest) -> dict:
+    async def score(self, request: Request, data: ScoreRequest) -> ScoreResponse:
         return await create_score(request, data)
 
     @post("/tokenize", status_code=200, summary="Token ids of a prompt (or of chat messages)")
-    async def tokenize(self, request: Request, data: TokenizeRequest) -> dict:
+    async def tokenize(self, request: Request, data: TokenizeRequest) -> TokenizeResponse:
         return await create_tokens(request, data)
 
     @post("/detokenize", status_code=200, summary="Text of token ids")
-    async def detokenize(self, request: Request, data: DetokenizeRequest) -> dict:
+    async def detokenize(self, request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
         return await create_text(request, data)
 
     @get("/tokenizer_info", summary="The served tokenizer's configuration (vLLM)")
-    async def tokenizer_info(self, request: Request, model: str | None = None) -> dict:
+    async def tokenizer_info(self, request: Request, model: str | None = None) -> TokenizerInfo:
         emb = request.app.state.registry.get(model).embedder
         manifest = emb.manifest
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": manifest.max_seq_len,
-                "vocab_size": emb.tokenizer.vocab_size, "pad_token_id": manifest.pad_token_id,
-                "padding_side": emb.card.padding_side.value, "truncation_side": "right",
-                **manifest.special_tokens, "chat_template": manifest.chat_template}
+        return msgspec.convert({  # unknown special-token names are dropped, not a 500
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": manifest.max_seq_len,
+            "vocab_size": emb.tokenizer.vocab_size, "pad_token_id": manifest.pad_token_id,
+            "padding_side": emb.card.padding_side.value, "truncation_side": "right",
+            **manifest.special_tokens, "chat_template": manifest.chat_template}, TokenizerInfo)
 
     @post("/invocations", status_code=200,
           summary="SageMaker entry point: an embeddings, score, tokenize or detokenize body, told apart by its fields")
