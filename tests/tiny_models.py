@@ -323,3 +323,17 @@ def build_remote_code_model(folder: Path, *, seed: int = 0) -> Path:
                             sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
                             ).save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's examples export
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
+    parser.add_argument("kind", choices=["reranker", "clip"])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    if not (args.folder / "config.json").is_file():
+        if args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
+            build_tiny_model("bert", args.folder, classifier=True, config={"initializer_range": 0.2})
+        else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
+            build_tiny_model("clip", args.folder)

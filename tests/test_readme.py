@@ -1,0 +1,141 @@
+"""Every code block of README.md runs as written.
+
+Blocks run in README order in one workspace: a temporary folder that mirrors the repository root
+(a symlink per top-level entry, so ``.cache/models/...`` and ``toolkit/data/corpus.jsonl`` resolve as
+in a checkout) where the blocks' own outputs land, with ``.venv/bin`` first on PATH (as after
+``source .venv/bin/activate``) and ``TOOLKIT_CACHE`` at the repository's ``.cache/toolkit``, where the
+quickstart exports. Two things are changed, and only these: port 8000 becomes a free port (so a
+server a user left running cannot fail the suite), and ``curl`` fails on HTTP errors
+(``--fail-with-body``), so a block that gets a 4xx fails here instead of printing it.
+
+A line ``<!-- readme-test: ... -->`` right before a block says what it needs:
+``quickstart`` (the first block: ``bash scripts/quickstart.sh`` runs; ``bash scripts/test.sh`` is this
+very run) or ``server ARTIFACT [OPTIONS]`` (a ``toolkit serve`` the block talks to).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+VENV_BIN = Path(sys.executable).parent
+_FENCE = re.compile(r"^```(\w*)\s*$")
+_DIRECTIVE = re.compile(r"^<!-- readme-test: (.+?) -->$")
+_PORT = re.compile(r"\b8000\b")
+_BASH_PRELUDE = """set -euo pipefail
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+curl() {  # fail on HTTP errors, unless the block already says how (-f)
+  for arg in "$@"; do [[ $arg =~ ^-[a-zA-Z]*f[a-zA-Z]*$ ]] && { command curl "$@"; return; }; done
+  command curl --fail-with-body "$@"
+}
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    directive: str | None
+
+    def __str__(self) -> str:
+        return f"README.md:{self.line}:{self.lang}"
+
+
+def readme_blocks() -> list[Block]:
+    blocks, lines = [], README.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        start, body = i, []
+        i += 1
+        while not lines[i].startswith("```"):
+            body.append(lines[i])
+            i += 1
+        before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        directive = _DIRECTIVE.match(before.strip())
+        blocks.append(Block(start + 1, match.group(1), "\n".join(body) + "\n", directive.group(1) if directive else None))
+        i += 1
+    return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_every_block_is_runnable_here():
+    """Only bash and python blocks (which run below), each directive one the runner knows."""
+    for block in BLOCKS:
+        assert block.lang in ("bash", "python"), f"{block}: a block must be bash or python to be run"
+        if block.directive:
+            assert block.directive.split()[0] in ("quickstart", "server"), f"{block}: unknown {block.directive!r}"
+    assert BLOCKS[0].directive == "quickstart"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci and "bash scripts/test.sh" in BLOCKS[0].code  # CI runs the README's command
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("readme")
+    for entry in ROOT.iterdir():
+        if entry.name not in (".git",):
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def _env(port: int) -> dict:
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TOOLKIT_CACHE": str(ROOT / ".cache" / "toolkit"), "PORT": str(port), "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _serve(workspace: Path, directive: str, port: int) -> subprocess.Popen:
+    artifact, *options = shlex.split(directive)[1:]
+    proc = subprocess.Popen([str(VENV_BIN / "toolkit"), "serve", artifact, "--port", str(port),
+                             "--log-level", "warning", *options], cwd=workspace, env=_env(port),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`toolkit serve {directive}` exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"`toolkit serve {directive}` did not become ready")
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+def test_readme_block_runs_as_written(block: Block, workspace: Path):
+    port = free_port()
+    code = _PORT.sub(str(port), block.code)
+    server = None
+    if block.directive == "quickstart":
+        code = "\n".join(line for line in code.splitlines() if "scripts/test.sh" not in line)  # this run itself
+    elif block.directive:
+        server = _serve(workspace, block.directive, port)
+    try:
+        command = ["bash", "-c", _BASH_PRELUDE + code] if block.lang == "bash" else [sys.executable, "-c", code]
+        done = subprocess.run(command, cwd=workspace, env=_env(port), capture_output=True, text=True, timeout=600)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.communicate(timeout=30)
+    assert done.returncode == 0, f"{block} failed ({done.returncode}):\n{code}\n--- stdout\n{done.stdout[-3000:]}" \
+                                 f"\n--- stderr\n{done.stderr[-3000:]}"
