@@ -4,6 +4,8 @@ Imported lazily, so ``import toolkit.export.<module>`` names what it needs and `
 serving install never pulls torch in through this package.
 """
 
+from toolkit.lazy import lazy_exports
+
 __all__ = ["CachedArtifact", "ExportResult", "ensure_artifact", "export_model"]
 
 _LAZY = {
@@ -13,10 +15,4 @@ _LAZY = {
     "ensure_artifact": "toolkit.export.cache",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'toolkit.export' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -6,6 +6,8 @@ Public API, imported lazily so ``import toolkit`` stays light:
 
 from __future__ import annotations
 
+from toolkit.lazy import lazy_exports
+
 __all__ = ["AsyncEmbedder", "Embedder", "__version__", "export_model"]
 __version__ = "0.1.0"
 
@@ -15,10 +17,4 @@ _LAZY = {
     "export_model": "toolkit.export.pipeline",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
