@@ -24,21 +24,10 @@ import numpy as np
 
 from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.embedder import (
-    Embedder,
-    Inputs,
-    activate,
-    cosine_scores,
-    count_inputs,
-    expand_chunks,
-    interleave,
-    pool_chunks,
-    pool_sparse,
-    score_pairs,
-    sparse_entries,
-    split_modalities,
-)
-from toolkit.runtime.images import ImageRef, Pixels, as_image_list
+from toolkit.runtime.embedder import Embedder
+from toolkit.runtime.images import ImageRef, Pixels
+from toolkit.runtime.pooling import Inputs
+from toolkit.runtime.tasks import Prepared, task_for
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
@@ -73,9 +62,6 @@ class _Job:
     inference: float = 0.0
     failed: bool = False
 
-
-_INLINE_INPUTS = 8
-_INLINE_CHARS = 4096
 
 
 class AsyncEmbedder:
@@ -124,13 +110,6 @@ class AsyncEmbedder:
         finally:
             self._admitted -= n_inputs
 
-    async def tokenize(self, inputs: Inputs, **kwargs) -> list[Tokenized]:
-        """Small requests tokenize inline (a thread hop costs more, ~0.25 ms measured); big ones in a thread."""
-        items = [inputs] if isinstance(inputs, str) else inputs
-        if len(items) <= _INLINE_INPUTS and sum(len(x) for x in items if isinstance(x, str)) <= _INLINE_CHARS:
-            return self.embedder.tokenize_inputs(inputs, **kwargs)
-        return await asyncio.to_thread(self.embedder.tokenize_inputs, inputs, **kwargs)
-
     async def run(self, items: Sequence[Tokenized], output: str, *, priority: int = 0,
                   timings: Timings | None = None) -> list[np.ndarray]:
         """Each input's row of ``output``, in order; equal to running it alone."""
@@ -155,122 +134,74 @@ class AsyncEmbedder:
             timings.inference = job.inference
         return result
 
-    async def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None,
-                    priority: int = 0, timings: Timings | None = None, max_tokens: int | None = None,
-                    **tokenize) -> tuple[np.ndarray, int]:
-        """(vectors (n, d) float32, prompt tokens) like ``Embedder.embed`` for these inputs alone.
+    async def perform(self, task: str, *inputs, priority: int = 0, timings: Timings | None = None,
+                      max_tokens: int | None = None, **params) -> tuple[object, Prepared]:
+        """(result, its Prepared: tokens, images) of the task table's ``task``, as ``Embedder.perform`` gives it.
 
-        ``max_tokens`` bounds the request's total tokens (RequestError past it).
+        The inputs are admitted first (OverloadedError past the queue bound, before any work), prepared on the
+        event loop when small or in a thread, bounded by ``max_tokens`` (RequestError past it), and every run is
+        queued on the shared batcher at ``priority``.
         """
-        plan = self.embedder.plan_output(dimensions, normalize)
-        chunked = self.embedder.chunk_plan(plan)  # what inputs longer than the window use (chunked mode)
-        rows, flat, spans, total = await self._rows(inputs, plan.output, priority, timings, max_tokens, tokenize,
-                                                    chunk_output=chunked.output)
-        return self.embedder.finish(np.stack(pool_chunks(rows, flat, spans)), plan if spans is None else chunked), total
+        entry = task_for(task)
+        with self.admit(entry.count(self.embedder, *inputs)):
+            started = time.perf_counter()
+            if entry.inline(*inputs):
+                prepared = entry.prepare(self.embedder, *inputs, **params)
+            else:
+                prepared = await asyncio.to_thread(entry.prepare, self.embedder, *inputs, **params)
+            if max_tokens is not None and prepared.tokens > max_tokens:
+                raise RequestError(f"the request has {prepared.tokens} tokens; the limit is {max_tokens}",
+                                   param=entry.param)
+            if timings is not None:
+                timings.tokenize = time.perf_counter() - started
+            rows = await asyncio.gather(*(self.run(run.items, run.output, priority=priority, timings=timings)
+                                          for run in prepared.runs))
+        return prepared.reduce(list(rows)), prepared
 
-    async def embed_images(self, images, *, dimensions: int | None = None, normalize: bool | None = None,
-                           priority: int = 0, timings: Timings | None = None) -> tuple[np.ndarray, list[Pixels]]:
+    async def embed(self, inputs: Inputs, **params) -> tuple[np.ndarray, int]:
+        """(vectors (n, d) float32, prompt tokens) like ``Embedder.embed`` for these inputs alone."""
+        vectors, prepared = await self.perform("embed", inputs, **params)
+        return vectors, prepared.tokens
+
+    async def embed_images(self, images, **params) -> tuple[np.ndarray, list[Pixels]]:
         """(vectors (n, d) float32, the decoded images) like ``Embedder.embed_images``: decoded and preprocessed
         off the event loop (the embedder's bounded pool), then batched with everyone else's images."""
-        plan = self.embedder.plan_output(dimensions, normalize, image=True)
-        sources = as_image_list(images)
-        with self.admit(len(sources)):
-            started = time.perf_counter()
-            items = await asyncio.to_thread(self.embedder.load_images, sources)
-            if timings is not None:
-                timings.tokenize = time.perf_counter() - started
-            rows = await self.run(items, plan.output, priority=priority, timings=timings)
-        return self.embedder.finish(np.stack(rows), plan), items
+        vectors, prepared = await self.perform("embed_images", images, **params)
+        return vectors, prepared.images
 
-    async def embed_mixed(self, inputs: list, *, dimensions: int | None = None, normalize: bool | None = None,
-                          priority: int = 0, timings: Timings | None = None, max_tokens: int | None = None,
-                          **tokenize) -> tuple[np.ndarray, int, list[Pixels]]:
+    async def embed_mixed(self, inputs: list, **params) -> tuple[np.ndarray, int, list[Pixels]]:
         """(vectors in input order, tokens, the decoded images) for a list of texts and ``ImageRef`` images
         (two-tower artifacts): each kind through its own tower, concurrently; an image counts the positions its
-        tower reads as tokens."""
-        at, texts = split_modalities(inputs, lambda x: isinstance(x, ImageRef))  # a text is a text, whatever it says
-        if not at:
-            vectors, tokens = await self.embed(inputs, dimensions=dimensions, normalize=normalize, priority=priority,
-                                               timings=timings, max_tokens=max_tokens, **tokenize)
-            return vectors, tokens, []
-        image_job = self.embed_images([inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
-                                      priority=priority, timings=timings)
-        if texts:
-            text_job = self.embed([inputs[i] for i in texts], dimensions=dimensions, normalize=normalize,
-                                  priority=priority, max_tokens=max_tokens, **tokenize)
-            (image_vectors, pixels), (text_vectors, tokens) = await asyncio.gather(image_job, text_job)
-        else:
-            (image_vectors, pixels), text_vectors, tokens = await image_job, None, 0
-        vectors = interleave(len(inputs), image_vectors.shape[1], (at, image_vectors), (texts, text_vectors))
-        return vectors, tokens + sum(len(p) for p in pixels), pixels
+        tower reads as tokens. A text is a text, whatever it says."""
+        vectors, prepared = await self.perform("embed_mixed", inputs, is_image=_is_ref, **params)
+        return vectors, prepared.tokens, prepared.images
 
-    async def score(self, queries, documents, *, use_activation: bool | None = None, priority: int = 0,
-                    timings: Timings | None = None, max_tokens: int | None = None,
-                    truncate_prompt_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    async def score(self, queries, documents, **params) -> tuple[np.ndarray, int]:
         """(scores, prompt tokens) like ``Embedder.score``: pair scores of a cross-encoder, cosines otherwise."""
-        left, right = score_pairs(queries, documents)
-        if not self.embedder.cross_encoder:
-            vectors, total = await self.embed(left + right, normalize=True, priority=priority, timings=timings,
-                                              max_tokens=max_tokens, truncate_prompt_tokens=truncate_prompt_tokens)
-            return cosine_scores(vectors, len(left)), total
-        with self.admit(len(right)):
-            started = time.perf_counter()
-            items = await asyncio.to_thread(self.embedder.tokenize_pairs, left, right,
-                                            truncate_prompt_tokens=truncate_prompt_tokens)
-            total = sum(len(t) for t in items)
-            if max_tokens is not None and total > max_tokens:
-                raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="documents")
-            if timings is not None:
-                timings.tokenize = time.perf_counter() - started
-            rows = await self.run(items, "logits", priority=priority, timings=timings)
-        return self.embedder.pair_scores(rows, use_activation), total
+        scores, prepared = await self.perform("score", queries, documents, **params)
+        return scores, prepared.tokens
 
-    async def classify(self, inputs: Inputs, *, use_activation: bool = True, priority: int = 0,
-                       timings: Timings | None = None, max_tokens: int | None = None,
-                       **tokenize) -> tuple[np.ndarray, int]:
+    async def rerank(self, query: str, documents, **params) -> tuple[list[dict], int]:
+        """(documents best first, prompt tokens) like ``Embedder.rerank``."""
+        ranked, prepared = await self.perform("rerank", query, documents, **params)
+        return ranked, prepared.tokens
+
+    async def classify(self, inputs: Inputs, **params) -> tuple[np.ndarray, int]:
         """((n, labels) per-label scores, prompt tokens) like ``Embedder.classify``."""
-        self.embedder.require("classify")
-        rows, _, _, total = await self._rows(inputs, "logits", priority, timings, max_tokens, tokenize)
-        logits = np.stack(rows)
-        return (activate(logits, self.embedder.card.activation) if use_activation else logits), total
+        scores, prepared = await self.perform("classify", inputs, **params)
+        return scores, prepared.tokens
 
-    async def embed_tokens(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
-                           max_tokens: int | None = None, **tokenize) -> tuple[list[np.ndarray], int]:
+    async def embed_tokens(self, inputs: Inputs, **params) -> tuple[list[np.ndarray], int]:
         """(per input a (tokens, hidden) array of encoder states, prompt tokens), like ``Embedder.encode``'s
         token_embed."""
-        self.embedder.require("token_embed")
-        rows, flat, spans, total = await self._rows(inputs, self.embedder.token_output, priority, timings, max_tokens,
-                                                    tokenize)
-        if spans is not None:
-            raise RequestError("token embeddings of an input longer than the model's window are not supported "
-                               "in chunked mode; truncate it", param="input")
-        return [self.embedder.token_states(state, len(item)) for state, item in zip(rows, flat)], total
+        states, prepared = await self.perform("token_embed", inputs, **params)
+        return states, prepared.tokens
 
-    async def embed_sparse(self, inputs: Inputs, *, priority: int = 0, timings: Timings | None = None,
-                           max_tokens: int | None = None, **tokenize) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    async def embed_sparse(self, inputs: Inputs, **params) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
         """(per input its (indices, weights) of non-zero vocabulary entries, prompt tokens), like
         ``Embedder.embed_sparse``."""
-        self.embedder.require("embed_sparse")
-        rows, flat, spans, total = await self._rows(inputs, "sparse_embedding", priority, timings, max_tokens, tokenize)
-        return [sparse_entries(row) for row in pool_sparse(rows, spans)], total
-
-    async def _rows(self, inputs: Inputs, output: str, priority: int, timings: Timings | None, max_tokens: int | None,
-                    tokenize: dict, chunk_output: str | None = None):
-        """Admit, tokenize (off the loop when big), bound the tokens, queue: (rows, flat items, chunk spans, total).
-        ``chunk_output``: the output to run instead when some input came back in chunks."""
-        with self.admit(count_inputs(inputs)):
-            started = time.perf_counter()
-            items = await self.tokenize(inputs, **tokenize)
-            total = sum(len(t) for t in items)
-            if max_tokens is not None and total > max_tokens:
-                raise RequestError(f"the request has {total} tokens; the limit is {max_tokens}", param="input")
-            if timings is not None:
-                timings.tokenize = time.perf_counter() - started
-            flat, spans = expand_chunks(items)
-            if spans is not None and chunk_output is not None:
-                output = chunk_output
-            rows = await self.run(flat, output, priority=priority, timings=timings)
-        return rows, flat, spans, total
+        entries, prepared = await self.perform("embed_sparse", inputs, **params)
+        return entries, prepared.tokens
 
     # ---------------------------------------------------------------- worker
     def _take(self) -> list[tuple[int, _Job]]:
@@ -347,6 +278,10 @@ class AsyncEmbedder:
             if not job.failed:
                 job.failed = True
                 job.loop.call_soon_threadsafe(_reject, job.future, exc)
+
+
+def _is_ref(item) -> bool:
+    return isinstance(item, ImageRef)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

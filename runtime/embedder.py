@@ -15,16 +15,15 @@ from toolkit.errors import ConfigError, RequestError, UnsupportedDimensionError
 from toolkit.manifest import MANIFEST_KEY, ImagePreprocess, decode_manifest
 from toolkit.runtime.artifact import image_tower_path, open_artifact
 from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, is_image_input, load_pixels
+from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, load_pixels
+from toolkit.runtime.pooling import Inputs, activate, as_input_list
 from toolkit.runtime.session import OrtSession
+from toolkit.runtime.tasks import Prepared, embed_items, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan", "activate", "cosine_scores", "count_inputs", "interleave",
-           "split_modalities", "expand_chunks", "pool_chunks", "pool_sparse", "score_pairs",
-           "sparse_entries"]
+__all__ = ["Embedder", "Inputs", "OutputPlan"]
 
-Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 _DECODE_THREADS = 4  # images decoded at once per Embedder (Pillow releases the GIL while decoding and resizing)
 
 
@@ -39,118 +38,6 @@ class OutputPlan:
 
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def expand_chunks(items: list[Tokenized]) -> tuple[list[Tokenized], list[tuple[int, int]] | None]:
-    """Chunked inputs' parts in line with the others; spans[i] = (start, end) of input i in the flat list
-    (None when nothing is chunked)."""
-    if not any(t.parts for t in items):
-        return items, None
-    flat: list[Tokenized] = []
-    spans = []
-    for item in items:
-        parts = item.parts or [item]
-        spans.append((len(flat), len(flat) + len(parts)))
-        flat.extend(parts)
-    return flat, spans
-
-
-def pool_chunks(rows: list[np.ndarray], flat: list[Tokenized], spans: list[tuple[int, int]] | None) -> list[np.ndarray]:
-    """Each input's row: its chunks' rows averaged, weighted by their token counts."""
-    if spans is None:
-        return rows
-    out = []
-    for start, end in spans:
-        if end - start == 1:
-            out.append(rows[start])
-            continue
-        weights = np.array([len(flat[i]) for i in range(start, end)], dtype=np.float64)
-        out.append((np.stack(rows[start:end]).astype(np.float64) * weights[:, None]).sum(0) / weights.sum())
-    return out
-
-
-def activate(x: np.ndarray, name: str | None) -> np.ndarray:
-    """A cross-encoder's activation (the card's ``activation``) over its logits' last axis."""
-    match name:
-        case None | "identity":
-            return x
-        case "sigmoid":
-            return 1.0 / (1.0 + np.exp(-x))
-        case "tanh":
-            return np.tanh(x)
-        case "softmax":
-            e = np.exp(x - x.max(-1, keepdims=True))
-            return e / e.sum(-1, keepdims=True)
-    raise RequestError(f"activation '{name}' is not one of: identity, sigmoid, softmax, tanh")
-
-
-def score_pairs(queries, documents) -> tuple[list, list]:
-    """vLLM's score pairing, validated: 1 query with N documents, or N with N (texts, or images for two-tower
-    artifacts)."""
-    left = [queries] if isinstance(queries, str) or is_image_input(queries) else list(queries)
-    right = [documents] if isinstance(documents, str) or is_image_input(documents) else list(documents)
-    if not left or not right:
-        raise RequestError("both sides of a score need at least one input", param="queries")
-    if len(left) not in (1, len(right)):
-        raise RequestError(f"{len(left)} queries and {len(right)} documents: give 1 query or {len(right)}",
-                           param="queries")
-    return left, right
-
-
-def cosine_scores(vectors: np.ndarray, n_queries: int) -> np.ndarray:
-    """Scores of unit ``vectors`` laid out as queries then documents: (n_documents,) float32."""
-    a, b = vectors[:n_queries], vectors[n_queries:]
-    return np.atleast_1d((a * b).sum(-1) if n_queries > 1 else b @ a[0])
-
-
-def pool_sparse(rows: list[np.ndarray], spans: list[tuple[int, int]] | None) -> list[np.ndarray]:
-    """SPLADE pools by max over tokens, so the max over an input's chunks is exact."""
-    if spans is None:
-        return rows
-    return [np.max(np.stack(rows[start:end]), axis=0) for start, end in spans]
-
-
-def sparse_entries(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices int64, weights float32) of a vocabulary-sized row's non-zero entries."""
-    idx = np.flatnonzero(row > 0)
-    return idx.astype(np.int64), row[idx].astype(np.float32)
-
-
-def split_modalities(items: Sequence, is_image) -> tuple[list[int], list[int]]:
-    """(positions of the images, positions of the texts) in a list mixing both (``is_image`` tells them apart)."""
-    images = [i for i, x in enumerate(items) if is_image(x)]
-    taken = set(images)
-    return images, [i for i in range(len(items)) if i not in taken]
-
-
-def interleave(n: int, dims: int, *parts: tuple[list[int], np.ndarray | None]) -> np.ndarray:
-    """(n, dims) float32 rows gathered back into input order from (positions, rows) parts."""
-    vectors = np.empty((n, dims), dtype=np.float32)
-    for positions, rows in parts:
-        if positions:
-            vectors[positions] = rows
-    return vectors
-
-
-def count_inputs(inputs: Inputs) -> int:
-    """How many inputs a request holds: a string or a single list of token ids is one."""
-    return 1 if isinstance(inputs, str) or (len(inputs) > 0 and isinstance(inputs[0], int)) else len(inputs)
-
-
-def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
-    """Normalize the four accepted input forms; reject empties and mixed lists."""
-    if isinstance(inputs, str):
-        return [inputs]
-    items = list(inputs)
-    if not items:
-        raise RequestError("input must not be empty", param="input")
-    if all(isinstance(x, str) for x in items):
-        return items
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        return [items]
-    if all(isinstance(x, (list, tuple)) for x in items):
-        return [list(x) for x in items]
-    raise RequestError("input must be a string, a list of strings, a list of token ids or a list of such lists", param="input")
 
 
 class Embedder:
@@ -370,17 +257,22 @@ class Embedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     # ---------------------------------------------------------------- public API
+    def perform(self, task: str, *inputs, **params):
+        """Run the task table's ``task`` (``toolkit.runtime.tasks``) on ``inputs`` in this thread: its checks and
+        preparation, its runs one after the other, its reduction. RequestError names unknown tasks."""
+        return self.complete(task_for(task).prepare(self, *inputs, **params))
+
+    def complete(self, prepared: Prepared):
+        """A prepared task's result, its runs through ``run`` in this thread."""
+        return prepared.reduce([self.run(run.items, run.output) for run in prepared.runs])
+
     def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
-        """(n, dimensions) float32 sentence embeddings."""
-        return self.embed_tokenized(self.tokenize_inputs(inputs, **tokenize), self.plan_output(dimensions, normalize))
+        """(n, dimensions) float32 sentence embeddings (texts, or token ids)."""
+        return self.perform("embed", inputs, dimensions=dimensions, normalize=normalize, **tokenize)
 
     def embed_tokenized(self, items: list[Tokenized], plan: OutputPlan) -> np.ndarray:
         """Sentence embeddings of already tokenized inputs, by ``plan``, in input order."""
-        flat, spans = expand_chunks(items)
-        if spans is not None:
-            plan = self.chunk_plan(plan)
-        rows = self.run(flat, plan.output)
-        return self.finish(np.stack(pool_chunks(rows, flat, spans)), plan)
+        return self.complete(embed_items(self, items, plan))
 
     def _decode(self, sources: list, offset: int) -> list[Future]:
         """Start decoding + preprocessing ``sources`` (input indices from ``offset``) on the bounded pool."""
@@ -429,19 +321,9 @@ class Embedder:
 
     def encode(self, inputs: Inputs, *, pooling_task: str = "embed", **kwargs) -> np.ndarray | list[np.ndarray]:
         """``embed`` (pooling_task="embed") or per-token states (``token_embed``)."""
-        match pooling_task:
-            case "embed":
-                return self.embed(inputs, **kwargs)
-            case "token_embed":
-                self.require("token_embed")
-                items = self.tokenize_inputs(inputs, **kwargs)
-                if any(t.parts for t in items):
-                    raise RequestError("token embeddings of an input longer than the model's window are not "
-                                       "supported in chunked mode; truncate it", param="input")
-                states = self.run(items, self.token_output)
-                return [self.token_states(s, len(t)) for s, t in zip(states, items)]
-            case _:
-                raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
+        if pooling_task not in ("embed", "token_embed"):
+            raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
+        return self.perform(pooling_task, inputs, **kwargs)
 
     @property
     def token_output(self) -> str:
@@ -462,22 +344,10 @@ class Embedder:
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool = True,
               truncate_prompt_tokens: int | None = None, **kwargs) -> np.ndarray:
         """Scores of queries against documents, vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores
-        (its activation applied unless ``use_activation`` is False), or an embedding model's cosines."""
-        left, right = score_pairs(text_1, text_2)
-        if self.cross_encoder:
-            items = self.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
-            return self.pair_scores(self.run(items, "logits"), use_activation)
-        items = left + right
-        images, texts = split_modalities(items, is_image_input)
-        if not images:
-            vectors = self.embed(items, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
-            return cosine_scores(vectors, len(left))
-        # images on either side (two-tower artifacts): each side's texts and images embedded by their own tower
-        text_vectors = self.embed([items[i] for i in texts], normalize=True, truncate_prompt_tokens=truncate_prompt_tokens,
-                                  **kwargs) if texts else None
-        image_vectors = self.embed_images([items[i] for i in images], normalize=True)
-        return cosine_scores(interleave(len(items), self.dimensions, (images, image_vectors), (texts, text_vectors)),
-                             len(left))
+        (its activation applied unless ``use_activation`` is False), or an embedding model's cosines (texts, or for
+        two-tower artifacts images on either side)."""
+        return self.perform("score", text_1, text_2, use_activation=use_activation,
+                            truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
 
     def tokenize_pairs(self, queries: list[str], documents: list[str], *,
                        truncate_prompt_tokens: int | None = None) -> list[Tokenized]:
@@ -499,27 +369,19 @@ class Embedder:
                **kwargs) -> list[dict]:
         """Documents best first: ``{"index", "relevance_score"[, "document"]}`` (cross-encoder scores, or cosines
         for an embedding artifact)."""
-        documents = list(documents)
-        scores = self.score(query, documents, **kwargs)
-        order = np.argsort(-scores, kind="stable")[: top_n or None]
-        return [{"index": int(i), "relevance_score": float(scores[i]),
-                 **({"document": documents[i]} if return_documents else {})} for i in order]
+        return self.perform("rerank", query, documents, top_n=top_n, return_documents=return_documents, **kwargs)
 
     def classify(self, inputs: Inputs, *, use_activation: bool = True, **tokenize) -> np.ndarray:
         """(n, labels) a cross-encoder's per-label scores of single texts (vLLM's classify task)."""
-        self.require("classify")
-        logits = np.stack(self.run(self.tokenize_inputs(inputs, **tokenize), "logits"))
-        return activate(logits, self.card.activation) if use_activation else logits
+        return self.perform("classify", inputs, use_activation=use_activation, **tokenize)
 
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
-        self.require("embed_sparse")
-        return self.sparse_tokenized(self.tokenize_inputs(inputs, **tokenize))
+        return self.perform("embed_sparse", inputs, **tokenize)
 
     def sparse_tokenized(self, items: list[Tokenized]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``embed_sparse`` of already tokenized inputs."""
-        flat, spans = expand_chunks(items)
-        return [sparse_entries(row) for row in pool_sparse(self.run(flat, "sparse_embedding"), spans)]
+        return self.complete(sparse_items(items))
 
     def render_chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = False,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:

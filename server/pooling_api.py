@@ -11,8 +11,8 @@ import numpy as np
 from litestar import Controller, Request, post
 
 from toolkit.errors import RequestError
-from toolkit.runtime.embedder import count_inputs
 from toolkit.runtime.encoding import to_base64
+from toolkit.runtime.pooling import count_inputs
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.schema import UsageInfo
 

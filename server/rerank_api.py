@@ -13,13 +13,11 @@ import uuid
 from typing import Any
 
 import msgspec
-import numpy as np
 from litestar import Controller, Request, Response, post
 from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
-from toolkit.runtime.embedder import cosine_scores
 from toolkit.server.limits import check_limits
 from toolkit.server.metrics import timing_headers
 from toolkit.server.schema import CohereApiVersion, CohereTokens
@@ -108,9 +106,10 @@ def _document_text(doc: Any, i: int) -> str:
 
 async def _ranking(request: Request, model: str | None, query: str, documents: list[str], doc_tokens: int | None,
                    query_tokens: int | None, side: str = "right", timings: Timings | None = None,
-                   use_activation: bool | None = None) -> tuple[Any, np.ndarray, int]:
-    """(served model, score per document, prompt tokens): a cross-encoder's pair scores (``doc_tokens`` bounds
-    each pair), or an embedding model's cosine of query and document (each side truncated on its own)."""
+                   use_activation: bool | None = None, top_n: int | None = None) -> tuple[Any, list[dict], int]:
+    """(served model, documents best first as the engine's ``rerank`` ranks them, prompt tokens): a cross-encoder's
+    pair scores (``doc_tokens`` bounds each pair), or an embedding model's cosine of query and document (each side
+    truncated on its own)."""
     served = request.app.state.registry.get(model)
     if not query:
         raise RequestError("query must not be empty", param="query")
@@ -118,16 +117,11 @@ async def _ranking(request: Request, model: str | None, query: str, documents: l
         raise RequestError("documents must not be empty", param="documents")
     options = request.app.state.options
     check_limits(len(documents) + 1, options, param="documents")
-    if served.embedder.cross_encoder:
-        scores, tokens = await served.engine.score([query], documents, use_activation=use_activation, timings=timings,
-                                                   max_tokens=options.max_request_tokens,
-                                                   truncate_prompt_tokens=doc_tokens)
-        return served, scores, tokens
-    q, q_tokens = await served.engine.embed([query], normalize=True, max_tokens=options.max_request_tokens,
-                                            truncate_prompt_tokens=query_tokens, truncation_side=side, timings=timings)
-    d, d_tokens = await served.engine.embed(documents, normalize=True, max_tokens=options.max_request_tokens,
-                                            truncate_prompt_tokens=doc_tokens, truncation_side=side, timings=timings)
-    return served, cosine_scores(np.concatenate([q, d]), 1), q_tokens + d_tokens
+    ranked, tokens = await served.engine.rerank(query, documents, top_n=top_n, use_activation=use_activation,
+                                                truncate_prompt_tokens=doc_tokens,
+                                                query_truncate_prompt_tokens=query_tokens, truncation_side=side,
+                                                timings=timings, max_tokens=options.max_request_tokens)
+    return served, ranked, tokens
 
 
 async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool) -> Response[VLLMRerankResponse]:
@@ -142,11 +136,11 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
         per_doc = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
     else:  # Cohere truncates long documents by default; vLLM refuses them unless truncate_prompt_tokens says so
         per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
-    served, scores, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
-                                            data.truncate_prompt_tokens, timings=timings)
-    order = np.argsort(-scores, kind="stable")[: data.top_n or None]
+    served, ranked, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
+                                            data.truncate_prompt_tokens, timings=timings, top_n=data.top_n)
     with_docs = data.return_documents if data.return_documents is not None else not cohere
-    results = [RerankResult(int(i), float(scores[i]), RerankDocument(texts[i]) if with_docs else UNSET) for i in order]
+    results = [RerankResult(r["index"], r["relevance_score"], RerankDocument(texts[r["index"]]) if with_docs else UNSET)
+               for r in ranked]
     head = {"id": f"rerank-{uuid.uuid4().hex}", "model": served.name, "results": results,
             "usage": RerankUsage(prompt_tokens=tokens, total_tokens=tokens)}
     if cohere:
@@ -163,10 +157,10 @@ async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response[list[
     started, timings = time.perf_counter(), Timings()
     truncation = tei_truncation(data.truncate, data.truncation_direction)
     limit = truncation["truncate_prompt_tokens"]
-    _, scores, tokens = await _ranking(request, data.model, data.query, data.texts, limit, limit,
+    _, ranked, tokens = await _ranking(request, data.model, data.query, data.texts, limit, limit,
                                        truncation["truncation_side"], timings, use_activation=not data.raw_scores)
-    order = np.argsort(-scores, kind="stable")
-    body = [TEIRank(int(i), float(scores[i]), data.texts[i] if data.return_text else UNSET) for i in order]
+    body = [TEIRank(r["index"], r["relevance_score"], data.texts[r["index"]] if data.return_text else UNSET)
+            for r in ranked]
     return Response(body, headers={**timing_headers(timings, started), "x-compute-tokens": str(tokens)})
 
 

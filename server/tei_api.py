@@ -14,7 +14,7 @@ from litestar import Controller, Request, Response, get, post
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
-from toolkit.runtime.embedder import count_inputs
+from toolkit.runtime.pooling import count_inputs
 from toolkit.server.limits import check_limits
 from toolkit.server.metrics import timing_headers
 

@@ -13,7 +13,7 @@ from litestar import Controller, Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
-from toolkit.runtime.embedder import score_pairs
+from toolkit.runtime.pooling import score_pairs
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.schema import UsageInfo

@@ -133,7 +133,7 @@ def test_overload_is_refused_before_any_tokenization(tiny_artifact, monkeypatch)
 
     engine = AsyncEmbedder(Embedder(tiny_artifact, device="cpu"), max_queue=4)
     calls = []
-    monkeypatch.setattr(engine, "tokenize", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(engine.embedder, "tokenize_inputs", lambda *a, **k: calls.append(1))
 
     async def main():
         with engine.admit(3):

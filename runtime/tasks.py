@@ -1,0 +1,267 @@
+"""The task table: every pooling task's recipe, written once for both engines.
+
+A task (vLLM's pooling tasks: ``embed``, ``token_embed``, ``embed_sparse``, ``classify``, ``score``,
+``rerank``, and ``embed_images`` for two-tower artifacts) is three things:
+
+- ``check``: what it needs from the artifact (a RequestError naming what the artifact answers);
+- ``prepare``: how its inputs become model inputs (tokenized texts, preprocessed images), as one or
+  more ``Run`` s of ``(items, graph output)``, and how many tokens they count;
+- ``reduce``: how the session's rows (one list per run, in input order) become the result.
+
+``Embedder.perform`` runs a task's runs one after the other with ``Embedder.run``; ``AsyncEmbedder.perform``
+admits, prepares off the event loop when big, queues every run on the shared batcher and reduces. Both
+call the same ``check``, ``prepare`` and ``reduce``, in that order, so the engines cannot drift.
+
+Adding a task: write its ``Task`` and ``register`` it; both engines, ``/pooling`` and ``toolkit embed``
+find it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolkit.errors import RequestError
+from toolkit.runtime.images import as_image_list, is_image_input
+from toolkit.runtime.pooling import (
+    activate,
+    cosine_scores,
+    count_inputs,
+    expand_chunks,
+    interleave,
+    pool_chunks,
+    pool_sparse,
+    score_pairs,
+    sparse_entries,
+    split_modalities,
+)
+
+if TYPE_CHECKING:
+    from toolkit.runtime.embedder import Embedder
+
+__all__ = ["TASKS", "Prepared", "Run", "Task", "register", "task_for"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Model inputs for one graph output: ``items`` (Tokenized or Pixels) through ``output``."""
+
+    items: Sequence
+    output: str
+
+
+@dataclass
+class Prepared:
+    """A task's model inputs and how to turn their rows into its result."""
+
+    runs: list[Run]
+    reduce: Callable[[list[list[np.ndarray]]], Any]  # rows per run, in input order -> the result
+    tokens: int = 0  # what the request counts (usage, the per-request token limit)
+    images: list = field(default_factory=list)  # decoded images (Pixels), for usage and image metadata
+
+
+@dataclass(frozen=True)
+class Task:
+    """One entry of the table (see the module docstring)."""
+
+    name: str
+    prepare: Callable[..., Prepared]  # (embedder, inputs, **params) -> Prepared; checks what it needs first
+    # (embedder, *inputs) -> how many inputs are admitted against the queue bound, before any work
+    count: Callable[..., int] = lambda emb, inputs: count_inputs(inputs)
+    inline: Callable[..., bool] = lambda *inputs: False  # (*inputs) -> prepare on the event loop (cheap) or in a thread
+    param: str = "input"  # the request field an error about the inputs (too many tokens) points at
+    description: str = ""
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the table (its name must be new)."""
+    if task.name in TASKS:
+        raise ValueError(f"task '{task.name}' is registered already")
+    TASKS[task.name] = task
+    return task
+
+
+def task_for(name: str) -> Task:
+    """The table's entry ``name``; RequestError listing the tasks otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise RequestError(f"task '{name}' is not one of: {', '.join(TASKS)}", param="task") from None
+
+
+_INLINE_INPUTS = 8
+_INLINE_CHARS = 4096  # tokenizing this much costs less than a thread hop (~0.25 ms, measured)
+
+
+def small_text(inputs, *rest) -> bool:
+    """Few, short texts (or token ids): tokenized inline on the event loop; anything bigger in a thread."""
+    items = [inputs] if isinstance(inputs, str) else inputs
+    return len(items) <= _INLINE_INPUTS and sum(len(x) for x in items if isinstance(x, str)) <= _INLINE_CHARS
+
+
+def _tokens(items) -> int:
+    return sum(len(t) for t in items)
+
+
+# ---------------------------------------------------------------- embed (text)
+def prepare_embed(emb: Embedder, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
+                  **tokenize) -> Prepared:
+    plan = emb.plan_output(dimensions, normalize)
+    return embed_items(emb, emb.tokenize_inputs(inputs, **tokenize), plan)
+
+
+def embed_items(emb: Embedder, items: list, plan) -> Prepared:
+    """Sentence vectors of tokenized ``items`` by ``plan`` (an ``OutputPlan``)."""
+    flat, spans = expand_chunks(items)
+    if spans is not None:  # chunked mode: the raw output averaged over chunks, then sliced and normalized
+        plan = emb.chunk_plan(plan)
+    return Prepared([Run(flat, plan.output)], lambda rows: emb.finish(np.stack(pool_chunks(rows[0], flat, spans)), plan),
+                    tokens=_tokens(items))
+
+
+# ---------------------------------------------------------------- embed_images (two-tower artifacts)
+def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
+    plan = emb.plan_output(dimensions, normalize, image=True)
+    pixels = emb.load_images(as_image_list(images))
+    return Prepared([Run(pixels, plan.output)], lambda rows: emb.finish(np.stack(rows[0]), plan),
+                    tokens=_tokens(pixels), images=pixels)
+
+
+def prepare_mixed(emb: Embedder, inputs: list, *, is_image=is_image_input, dimensions: int | None = None,
+                  normalize: bool | None = None, **tokenize) -> Prepared:
+    """Texts and images in one list (two-tower artifacts): each through its own tower, rows back in input order;
+    an image counts the positions its tower reads as tokens."""
+    at, texts = split_modalities(inputs, is_image)
+    if not at:
+        return prepare_embed(emb, inputs, dimensions=dimensions, normalize=normalize, **tokenize)
+    parts = [(at, prepare_images(emb, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize))]
+    if texts:
+        parts.append((texts, prepare_embed(emb, [inputs[i] for i in texts], dimensions=dimensions,
+                                           normalize=normalize, **tokenize)))
+    return _combine(len(inputs), parts, lambda vectors: vectors)
+
+
+def _combine(n: int, parts: list[tuple[list[int], Prepared]], finish: Callable[[np.ndarray], Any]) -> Prepared:
+    """Several prepared parts (positions, Prepared) as one: their runs in a row, their results interleaved."""
+    runs = [run for _, part in parts for run in part.runs]
+
+    def reduce(rows: list[list[np.ndarray]]):
+        results, at = [], 0
+        for positions, part in parts:
+            results.append((positions, part.reduce(rows[at:at + len(part.runs)])))
+            at += len(part.runs)
+        return finish(interleave(n, results[0][1].shape[1], *results))
+
+    return Prepared(runs, reduce, tokens=sum(part.tokens for _, part in parts),
+                    images=[p for _, part in parts for p in part.images])
+
+
+# ---------------------------------------------------------------- token_embed
+def prepare_token_embed(emb: Embedder, inputs, **tokenize) -> Prepared:
+    emb.require("token_embed")
+    items = emb.tokenize_inputs(inputs, **tokenize)
+    if any(t.parts for t in items):
+        raise RequestError("token embeddings of an input longer than the model's window are not supported in "
+                           "chunked mode; truncate it", param="input")
+    return Prepared([Run(items, emb.token_output)],
+                    lambda rows: [emb.token_states(s, len(t)) for s, t in zip(rows[0], items)], tokens=_tokens(items))
+
+
+# ---------------------------------------------------------------- embed_sparse
+def prepare_sparse(emb: Embedder, inputs, **tokenize) -> Prepared:
+    emb.require("embed_sparse")
+    return sparse_items(emb.tokenize_inputs(inputs, **tokenize))
+
+
+def sparse_items(items: list) -> Prepared:
+    """SPLADE's (indices, weights) of tokenized ``items``; it pools by max, so the max over chunks is exact."""
+    flat, spans = expand_chunks(items)
+    return Prepared([Run(flat, "sparse_embedding")],
+                    lambda rows: [sparse_entries(row) for row in pool_sparse(rows[0], spans)], tokens=_tokens(items))
+
+
+# ---------------------------------------------------------------- classify
+def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = True, **tokenize) -> Prepared:
+    emb.require("classify")
+    items = emb.tokenize_inputs(inputs, **tokenize)
+
+    def reduce(rows):
+        logits = np.stack(rows[0])
+        return activate(logits, emb.card.activation) if use_activation is not False else logits
+
+    return Prepared([Run(items, "logits")], reduce, tokens=_tokens(items))
+
+
+# ---------------------------------------------------------------- score
+def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: bool | None = None,
+                  truncate_prompt_tokens: int | None = None, **tokenize) -> Prepared:
+    """vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores (its activation unless ``use_activation`` is
+    False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
+    emb.require("score")
+    left, right = score_pairs(queries, documents)
+    if emb.cross_encoder:
+        items = emb.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
+        return Prepared([Run(items, "logits")], lambda rows: emb.pair_scores(rows[0], use_activation),
+                        tokens=_tokens(items))
+    both = prepare_mixed(emb, left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
+    return Prepared(both.runs, lambda rows: cosine_scores(both.reduce(rows), len(left)), tokens=both.tokens,
+                    images=both.images)
+
+
+def _score_inputs(emb: Embedder, queries, documents=None) -> int:
+    """A cross-encoder runs one pair a document; an embedding artifact embeds both sides."""
+    left, right = score_pairs(queries, documents)
+    return len(right) if emb.cross_encoder else len(left) + len(right)
+
+
+# ---------------------------------------------------------------- rerank
+def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n: int | None = None,
+                   return_documents: bool = False, use_activation: bool | None = None,
+                   truncate_prompt_tokens: int | None = None, query_truncate_prompt_tokens: int | None = None,
+                   truncation_side: str = "right") -> Prepared:
+    """Documents best first: ``{"index", "relevance_score"[, "document"]}``. A cross-encoder scores each
+    (query, document) pair cut to ``truncate_prompt_tokens``; an embedding artifact the cosine of the query's and
+    each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit)."""
+    documents = list(documents)
+    if emb.cross_encoder:
+        scored = prepare_score(emb, query, documents, use_activation=use_activation,
+                               truncate_prompt_tokens=truncate_prompt_tokens)
+    else:
+        emb.require("score")
+        side = {"truncation_side": truncation_side, "normalize": True}
+        q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens
+        parts = [([0], prepare_embed(emb, [query], truncate_prompt_tokens=q_limit, **side)),
+                 (list(range(1, len(documents) + 1)), prepare_embed(emb, documents,
+                                                                   truncate_prompt_tokens=truncate_prompt_tokens, **side))]
+        scored = _combine(len(documents) + 1, parts, lambda vectors: cosine_scores(vectors, 1))
+
+    def reduce(rows):
+        scores = scored.reduce(rows)
+        return [{"index": int(i), "relevance_score": float(scores[i]),
+                 **({"document": documents[i]} if return_documents else {})} for i in rank_order(scores, top_n)]
+
+    return Prepared(scored.runs, reduce, tokens=scored.tokens)
+
+
+def rank_order(scores: np.ndarray, top_n: int | None = None) -> np.ndarray:
+    """Indices best first (ties keep input order), the first ``top_n`` (all when None or 0)."""
+    return np.argsort(-scores, kind="stable")[: top_n or None]
+
+
+register(Task("embed", prepare_embed, inline=small_text, description="sentence vectors (n, dimensions)"))
+register(Task("embed_images", prepare_images, count=lambda emb, images: len(as_image_list(images)),
+              description="image vectors (two-tower artifacts)"))
+register(Task("embed_mixed", prepare_mixed, count=lambda emb, items: len(items),
+              description="texts and images in one list (two-tower artifacts)"))
+register(Task("token_embed", prepare_token_embed, inline=small_text, description="per-token vectors"))
+register(Task("embed_sparse", prepare_sparse, inline=small_text, description="SPLADE (indices, weights)"))
+register(Task("classify", prepare_classify, inline=small_text, description="per-label scores"))
+register(Task("score", prepare_score, count=_score_inputs, param="documents", description="pair scores or cosines"))
+register(Task("rerank", prepare_rerank, count=lambda emb, query, documents: len(documents) + 1, param="documents",
+              description="documents best first"))
