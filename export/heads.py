@@ -23,6 +23,7 @@ import torch
 
 from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
+from toolkit.manifest import HeadSpec
 
 __all__ = ["ClassifierHead", "DenseHead", "Head", "M3Head", "SparseHead", "TowerHead", "cross_encoder_activation", "head_for",
            "num_labels"]
@@ -47,6 +48,16 @@ class Head(ABC):
     pairs: bool = False  # inputs are (query, document) pairs
     parity_metric: str = "cosine"  # "cosine" (vectors) or "abs" (scores: max absolute difference)
     image_tower: bool = False  # an image tower is exported beside the text graph (export.towers)
+    # what the manifest records (toolkit.manifest.HeadSpec): the runtime reads these, never the outputs' names
+    label: str
+    tasks: tuple[str, ...]  # entries of the runtime's task table (toolkit.runtime.tasks)
+    token_output: str | None = None  # the graph output token_embed reads
+    token_offset: int = 0  # leading positions token_embed drops
+
+    def spec(self) -> HeadSpec:
+        """The manifest's description of this head."""
+        return HeadSpec(name=self.name, label=self.label, tasks=list(self.tasks), token_output=self.token_output,
+                        token_offset=self.token_offset, pairs=self.pairs, modalities=["text", "image"] if self.image_tower else ["text"])
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the graph calls as its encoder (the loaded model itself, unless a head says otherwise)."""
@@ -71,6 +82,9 @@ class Head(ABC):
 
 class DenseHead(Head):
     name = "dense"
+    label = "dense embedding"
+    tasks = ("embed", "token_embed", "score")
+    token_output = "token_embeddings"
     auto_class = "AutoModel"
     optimizable = True
     compact_table = True  # sentence cosine moves ~1e-7 (MiniLM)
@@ -101,6 +115,10 @@ class M3Head(DenseHead):
     are read from ``sparse_linear.pt`` / ``colbert_linear.pt`` beside the checkpoint, FlagEmbedding's layout."""
 
     name = "m3"
+    label = "dense + sparse + multi-vector (BGE-M3)"
+    tasks = ("embed", "token_embed", "score", "embed_sparse")
+    token_output = "colbert_embeddings"  # ColBERT's vectors are its per-token output
+    token_offset = 1  # the first (CLS) position is dropped, as FlagEmbedding does
     compact_table = False  # three outputs read the same table; keep the lookup exact
     FILES = ("sparse_linear.pt", "colbert_linear.pt")
 
@@ -158,6 +176,8 @@ class M3Encoder(torch.nn.Module):
 
 class SparseHead(Head):
     name = "sparse"
+    label = "sparse (SPLADE)"
+    tasks = ("embed_sparse",)
     auto_class = "AutoModelForMaskedLM"
     optimizable = False  # no fuser pattern for the masked-LM head
     compact_table = False  # the masked-LM head shares the word-embedding table
@@ -183,6 +203,8 @@ class SparseHead(Head):
 
 class ClassifierHead(Head):
     name = "classifier"
+    label = "cross-encoder (reranker)"
+    tasks = ("score", "classify")
     auto_class = "AutoModelForSequenceClassification"
     optimizable = True
     compact_table = False  # it moves a score by ~1e-5 (measured on a MiniLM-shaped reranker): the gate's size
@@ -207,6 +229,8 @@ class ClassifierHead(Head):
 
 class TowerHead(Head):
     name = "towers"
+    label = "two-tower (text + image)"
+    tasks = ("embed", "score")  # sentence vectors of texts and images; no per-token states
     auto_class = "AutoModel"  # CLIPModel, SiglipModel
     optimizable = False  # no fuser pattern matched by onnxruntime for these towers here
     compact_table = False

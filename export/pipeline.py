@@ -287,7 +287,7 @@ def _manifest(resolved: ResolvedModel, options: ExportOptions, final: Path, toke
         chat_template=resolved.files.chat_template, precision=Precision(options.precision).value,
         target=Target(options.target).value, opset=_graph_opset(final), export_options=_option_values(options),
         versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
-        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False),
+        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False), head=resolved.head.spec(),
     )
 
 

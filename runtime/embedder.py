@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.cards import PaddingSide, Pooling
+from toolkit.cards import PaddingSide
 from toolkit.errors import ConfigError, RequestError, UnsupportedDimensionError
-from toolkit.manifest import MANIFEST_KEY, ImagePreprocess, decode_manifest
+from toolkit.manifest import MANIFEST_KEY, HeadSpec, ImagePreprocess, decode_manifest
 from toolkit.runtime.artifact import image_tower_path, open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, load_pixels
@@ -97,22 +97,17 @@ class Embedder:
         return self.manifest.image.preprocess
 
     @property
+    def head(self) -> HeadSpec:
+        """What this artifact is and the tasks it answers, as its manifest records them."""
+        return self.manifest.head_spec
+
+    @property
     def modalities(self) -> tuple[str, ...]:
-        return ("text", "image") if self.manifest.image is not None else ("text",)
+        return tuple(self.head.modalities)
 
     @property
     def kind(self) -> str:
-        if self.manifest.image is not None:
-            return f"{self.manifest.model_type.upper()} (text + image)"
-        if self.multi_output:
-            return "dense + sparse + multi-vector (BGE-M3)"
-        return ("cross-encoder (reranker)" if self.cross_encoder else "sparse (SPLADE)" if self.manifest.sparse
-                else "dense embedding")
-
-    @property
-    def multi_output(self) -> bool:
-        """BGE-M3's artifact: dense sentence vectors, sparse lexical weights and ColBERT token vectors."""
-        return self.manifest.sparse and "sentence_embedding" in self.manifest.outputs
+        return self.head.label
 
     # ---------------------------------------------------------------- inputs
     @property
@@ -189,22 +184,12 @@ class Embedder:
     @property
     def cross_encoder(self) -> bool:
         """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
-        return self.card.pooling == Pooling.RANK
+        return self.head.pairs
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """What this artifact answers, decided once from its card and outputs: dense embedding artifacts
-        ``embed``, ``token_embed``, ``score`` (cosine); sparse (SPLADE) ``embed_sparse``; cross-encoders ``score``
-        (pair scores) and ``classify``."""
-        if self.cross_encoder:
-            return ("score", "classify")
-        if self.multi_output:
-            return ("embed", "token_embed", "score", "embed_sparse")
-        if self.manifest.sparse:
-            return ("embed_sparse",)
-        if self.manifest.image is not None:  # two towers: sentence vectors of texts and images, no token states
-            return ("embed", "score")
-        return ("embed", "token_embed", "score")
+        """The task table's entries this artifact answers (its manifest's head says which)."""
+        return tuple(self.head.tasks)
 
     def require(self, task: str) -> None:
         """RequestError naming what this artifact answers when it does not answer ``task``."""
@@ -327,15 +312,14 @@ class Embedder:
 
     @property
     def token_output(self) -> str:
-        """The graph output ``token_embed`` reads: BGE-M3's ColBERT vectors, else the encoder's token states."""
-        return "colbert_embeddings" if "colbert_embeddings" in self.manifest.outputs else "token_embeddings"
+        """The graph output ``token_embed`` reads (the encoder's token states; BGE-M3's ColBERT vectors)."""
+        self.require("token_embed")
+        return self.head.token_output or "token_embeddings"
 
     def token_states(self, states: np.ndarray, length: int) -> np.ndarray:
-        """One input's per-token vectors out of its padded row (ColBERT: every real token but the first, CLS, as
-        FlagEmbedding returns them)."""
-        if self.token_output == "colbert_embeddings":
-            return states[1:length]
-        return self.unpad(states, length)
+        """One input's per-token vectors out of its padded row, less the leading positions the head drops
+        (BGE-M3's ColBERT: the CLS token, as FlagEmbedding returns them)."""
+        return self.unpad(states, length)[self.head.token_offset:]
 
     def unpad(self, states: np.ndarray, length: int) -> np.ndarray:
         # (seq, hidden) padded to its batch -> (length, hidden)

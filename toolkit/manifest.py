@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from toolkit.cards import ModelCard
+from toolkit.cards import ModelCard, Pooling
 from toolkit.errors import ConfigError
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
 MANIFEST_KEY = "toolkit.manifest"
 TOKENIZER_KEY = "toolkit.tokenizer"
 MODEL_CARD_KEY = "toolkit.model_card"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the head (what the artifact is and the tasks it answers) is recorded
 
 
 class ParityCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -89,6 +89,37 @@ class ImageTower(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     parity: ParityReport
 
 
+class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What the artifact IS, written by the exporter from its head (``export.heads``): the runtime reads this and
+    never infers a kind from output names."""
+
+    name: str  # dense | m3 | sparse | classifier | towers
+    label: str  # in words, for messages: "dense embedding", "cross-encoder (reranker)", ...
+    tasks: list[str]  # the task table's entries it answers (``toolkit.runtime.tasks``)
+    token_output: str | None = None  # the graph output ``token_embed`` reads (per-token vectors)
+    token_offset: int = 0  # leading positions ``token_embed`` drops (BGE-M3's ColBERT: the CLS token, as FlagEmbedding)
+    pairs: bool = False  # it scores (query, document) pairs (a cross-encoder) instead of embedding each side
+    modalities: list[str] = msgspec.field(default_factory=lambda: ["text"])
+
+
+def legacy_head(outputs: list[str], card: ModelCard, image: bool) -> HeadSpec:
+    """The head of an artifact written before format 2 (which did not record it), told from its outputs and card
+    as that toolkit did: the one place a kind is inferred, and only for such artifacts."""
+    if card.pooling == Pooling.RANK:
+        return HeadSpec(name="classifier", label="cross-encoder (reranker)", tasks=["score", "classify"], pairs=True)
+    if image:
+        return HeadSpec(name="towers", label="two-tower (text + image)", tasks=["embed", "score"],
+                        modalities=["text", "image"])
+    if "sparse_embedding" in outputs and "sentence_embedding" in outputs:
+        return HeadSpec(name="m3", label="dense + sparse + multi-vector (BGE-M3)",
+                        tasks=["embed", "token_embed", "score", "embed_sparse"], token_output="colbert_embeddings",
+                        token_offset=1)
+    if "sparse_embedding" in outputs:
+        return HeadSpec(name="sparse", label="sparse (SPLADE)", tasks=["embed_sparse"])
+    return HeadSpec(name="dense", label="dense embedding", tasks=["embed", "token_embed", "score"],
+                    token_output="token_embeddings")
+
+
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The versioned description of one artifact."""
 
@@ -115,11 +146,18 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     parity: ParityReport
     image: ImageTower | None = None  # two-tower models (CLIP, SigLIP)
     tower: str = "text"  # which tower this file holds: "text" (the handle) or "image"
+    head: HeadSpec | None = None  # None only in format-1 artifacts: see ``head_spec``
     warnings: list[str] = []
 
     @property
+    def head_spec(self) -> HeadSpec:
+        """What the artifact is (recorded by the exporter; told from outputs only for format-1 artifacts)."""
+        return self.head or legacy_head(self.outputs, self.card, self.image is not None)
+
+    @property
     def sparse(self) -> bool:
-        return "sparse_embedding" in self.outputs
+        """It has SPLADE's vocabulary-sized output (alone, or beside BGE-M3's dense one)."""
+        return "embed_sparse" in self.head_spec.tasks
 
 
 def encode_manifest(manifest: Manifest) -> str:

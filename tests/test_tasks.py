@@ -1,0 +1,74 @@
+"""The task table (runtime/tasks.py) and the manifest's head: what an artifact is, recorded at export."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import numpy as np
+import pytest
+
+from toolkit.errors import RequestError
+from toolkit.manifest import HeadSpec, Manifest, decode_manifest, encode_manifest
+from toolkit.runtime import AsyncEmbedder, Embedder
+from toolkit.runtime.tasks import TASKS, task_for
+
+
+def test_the_exporter_records_the_head(tiny_artifact, splade_artifact, cross_encoder_artifact, clip_artifact):
+    expected = {
+        tiny_artifact: ("dense", ["embed", "token_embed", "score"], "token_embeddings", False, ["text"]),
+        splade_artifact: ("sparse", ["embed_sparse"], None, False, ["text"]),
+        cross_encoder_artifact: ("classifier", ["score", "classify"], None, True, ["text"]),
+        clip_artifact: ("towers", ["embed", "score"], None, False, ["text", "image"]),
+    }
+    for artifact, (name, tasks, token_output, pairs, modalities) in expected.items():
+        emb = Embedder(artifact, device="cpu")
+        head = emb.manifest.head
+        assert head is not None, artifact  # recorded, not inferred
+        assert (head.name, head.tasks, head.token_output, head.pairs, head.modalities) == \
+            (name, tasks, token_output, pairs, modalities)
+        assert emb.tasks == tuple(tasks) and emb.cross_encoder is pairs and emb.modalities == tuple(modalities)
+
+
+def test_a_format_1_manifest_is_still_read(tiny_artifact, splade_artifact, cross_encoder_artifact, clip_artifact):
+    """Artifacts written before the head was recorded: the same head is told from their outputs and card."""
+    for artifact in (tiny_artifact, splade_artifact, cross_encoder_artifact, clip_artifact):
+        manifest = Embedder(artifact, device="cpu").manifest
+        old = msgspec.json.decode(encode_manifest(manifest))
+        old.pop("head")
+        old["format_version"] = 1
+        legacy = decode_manifest(msgspec.json.encode(old).decode())
+        assert legacy.head is None and legacy.head_spec == manifest.head
+
+
+def test_the_engines_share_each_recipe(tiny_artifact, cross_encoder_artifact):
+    """Each table entry gives the same result, and the same error, through both engines."""
+    emb = Embedder(tiny_artifact, device="cpu")
+    engine = AsyncEmbedder(emb)
+    texts = ["alpha beta", "gamma", "delta epsilon zeta"]
+    try:
+        sync = emb.perform("embed", texts, dimensions=8)
+        batched, prepared = asyncio.run(engine.perform("embed", texts, dimensions=8))
+        np.testing.assert_allclose(batched, sync, atol=1e-6)
+        assert prepared.tokens == sum(len(t) for t in emb.tokenize_inputs(texts))
+        ranked = emb.perform("rerank", "alpha", texts, top_n=2)
+        assert asyncio.run(engine.rerank("alpha", texts, top_n=2))[0] == ranked and len(ranked) == 2
+        for call in (lambda: emb.perform("classify", texts),
+                     lambda: asyncio.run(engine.perform("classify", texts))):
+            with pytest.raises(RequestError, match="does not answer 'classify'; it answers: embed, token_embed, score"):
+                call()
+        with pytest.raises(RequestError, match="task 'nope' is not one of: embed, "):
+            emb.perform("nope", texts)
+    finally:
+        engine.close()
+    ce = Embedder(cross_encoder_artifact, device="cpu")
+    assert set(TASKS) >= {"embed", "embed_images", "embed_mixed", "token_embed", "embed_sparse", "classify", "score",
+                          "rerank"}
+    np.testing.assert_allclose(ce.perform("score", "q", ["a", "b"]), ce.score("q", ["a", "b"]))
+    assert task_for("score").param == "documents"
+
+
+def test_head_spec_is_strict():
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"name": "dense", "label": "x", "tasks": [], "surprise": 1}, HeadSpec)
+    assert "head" in Manifest.__struct_fields__
