@@ -143,6 +143,7 @@ class AsyncEmbedder:
         queued on the shared batcher at ``priority``.
         """
         entry = task_for(task)
+        self.embedder.require(entry.name)
         with self.admit(entry.count(self.embedder, *inputs)):
             started = time.perf_counter()
             if entry.inline(*inputs):

@@ -18,7 +18,7 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, load_pixels
 from toolkit.runtime.pooling import Inputs, activate, as_input_list
 from toolkit.runtime.session import OrtSession
-from toolkit.runtime.tasks import Prepared, embed_items, sparse_items, task_for
+from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
 from toolkit.settings import Device, RuntimeOptions
 
@@ -192,8 +192,10 @@ class Embedder:
         return tuple(self.head.tasks)
 
     def require(self, task: str) -> None:
-        """RequestError naming what this artifact answers when it does not answer ``task``."""
-        if task not in self.tasks:
+        """RequestError naming what this artifact answers when it does not answer ``task`` (a task of the table
+        that builds on another, as rerank on score, applies where that one does)."""
+        entry = TASKS.get(task)
+        if not (entry.applies(self) if entry is not None else task in self.tasks):
             raise RequestError(f"this {self.kind} artifact does not answer '{task}'; it answers: "
                                f"{', '.join(self.tasks)}", param="model")
 
@@ -245,7 +247,9 @@ class Embedder:
     def perform(self, task: str, *inputs, **params):
         """Run the task table's ``task`` (``toolkit.runtime.tasks``) on ``inputs`` in this thread: its checks and
         preparation, its runs one after the other, its reduction. RequestError names unknown tasks."""
-        return self.complete(task_for(task).prepare(self, *inputs, **params))
+        entry = task_for(task)
+        self.require(entry.name)
+        return self.complete(entry.prepare(self, *inputs, **params))
 
     def complete(self, prepared: Prepared):
         """A prepared task's result, its runs through ``run`` in this thread."""

@@ -73,7 +73,16 @@ class Task:
     count: Callable[..., int] = lambda emb, inputs: count_inputs(inputs)
     inline: Callable[..., bool] = lambda *inputs: False  # (*inputs) -> prepare on the event loop (cheap) or in a thread
     param: str = "input"  # the request field an error about the inputs (too many tokens) points at
+    base: str | None = None  # the manifest task it builds on (rerank on score): it applies where that one does
+    # per-input rows of its result, for the routes and apps that present any task (/pooling, toolkit embed);
+    # None: its result is not one row per input (scores of pairs, rankings)
+    rows: Callable[[Embedder, Any], list[np.ndarray]] | None = None
+    modality: str = "text"  # what its inputs are: "text" (or token ids), "image", "mixed" (routes offer text tasks)
     description: str = ""
+
+    def applies(self, emb: Embedder) -> bool:
+        """Whether the artifact answers it: its manifest lists this task, or the one it builds on."""
+        return (self.base or self.name) in emb.tasks
 
 
 TASKS: dict[str, Task] = {}
@@ -164,7 +173,6 @@ def _combine(n: int, parts: list[tuple[list[int], Prepared]], finish: Callable[[
 
 # ---------------------------------------------------------------- token_embed
 def prepare_token_embed(emb: Embedder, inputs, **tokenize) -> Prepared:
-    emb.require("token_embed")
     items = emb.tokenize_inputs(inputs, **tokenize)
     if any(t.parts for t in items):
         raise RequestError("token embeddings of an input longer than the model's window are not supported in "
@@ -175,7 +183,6 @@ def prepare_token_embed(emb: Embedder, inputs, **tokenize) -> Prepared:
 
 # ---------------------------------------------------------------- embed_sparse
 def prepare_sparse(emb: Embedder, inputs, **tokenize) -> Prepared:
-    emb.require("embed_sparse")
     return sparse_items(emb.tokenize_inputs(inputs, **tokenize))
 
 
@@ -188,7 +195,6 @@ def sparse_items(items: list) -> Prepared:
 
 # ---------------------------------------------------------------- classify
 def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = True, **tokenize) -> Prepared:
-    emb.require("classify")
     items = emb.tokenize_inputs(inputs, **tokenize)
 
     def reduce(rows):
@@ -203,7 +209,6 @@ def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: boo
                   truncate_prompt_tokens: int | None = None, **tokenize) -> Prepared:
     """vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores (its activation unless ``use_activation`` is
     False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
-    emb.require("score")
     left, right = score_pairs(queries, documents)
     if emb.cross_encoder:
         items = emb.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
@@ -233,7 +238,6 @@ def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n
         scored = prepare_score(emb, query, documents, use_activation=use_activation,
                                truncate_prompt_tokens=truncate_prompt_tokens)
     else:
-        emb.require("score")
         side = {"truncation_side": truncation_side, "normalize": True}
         q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens
         parts = [([0], prepare_embed(emb, [query], truncate_prompt_tokens=q_limit, **side)),
@@ -254,14 +258,29 @@ def rank_order(scores: np.ndarray, top_n: int | None = None) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[: top_n or None]
 
 
-register(Task("embed", prepare_embed, inline=small_text, description="sentence vectors (n, dimensions)"))
-register(Task("embed_images", prepare_images, count=lambda emb, images: len(as_image_list(images)),
-              description="image vectors (two-tower artifacts)"))
-register(Task("embed_mixed", prepare_mixed, count=lambda emb, items: len(items),
-              description="texts and images in one list (two-tower artifacts)"))
-register(Task("token_embed", prepare_token_embed, inline=small_text, description="per-token vectors"))
-register(Task("embed_sparse", prepare_sparse, inline=small_text, description="SPLADE (indices, weights)"))
-register(Task("classify", prepare_classify, inline=small_text, description="per-label scores"))
+def _listed(emb: Embedder, result) -> list[np.ndarray]:
+    return list(result)
+
+
+def _densified(emb: Embedder, result) -> list[np.ndarray]:
+    """SPLADE's (indices, weights) as vocabulary-sized rows (vLLM's /pooling ``embed`` of a sparse model)."""
+    rows = []
+    for indices, values in result:
+        row = np.zeros(emb.dimensions, dtype=np.float32)
+        row[indices] = values
+        rows.append(row)
+    return rows
+
+
+register(Task("embed", prepare_embed, inline=small_text, rows=_listed, description="sentence vectors (n, dimensions)"))
+register(Task("embed_images", prepare_images, count=lambda emb, images: len(as_image_list(images)), base="embed",
+              rows=_listed, modality="image", description="image vectors (two-tower artifacts)"))
+register(Task("embed_mixed", prepare_mixed, count=lambda emb, items: len(items), base="embed", rows=_listed,
+              modality="mixed", description="texts and images in one list (two-tower artifacts)"))
+register(Task("token_embed", prepare_token_embed, inline=small_text, rows=_listed, description="per-token vectors"))
+register(Task("embed_sparse", prepare_sparse, inline=small_text, rows=_densified,
+              description="SPLADE (indices, weights)"))
+register(Task("classify", prepare_classify, inline=small_text, rows=_listed, description="per-label scores"))
 register(Task("score", prepare_score, count=_score_inputs, param="documents", description="pair scores or cosines"))
 register(Task("rerank", prepare_rerank, count=lambda emb, query, documents: len(documents) + 1, param="documents",
-              description="documents best first"))
+              base="score", description="documents best first"))

@@ -13,12 +13,13 @@ from litestar import Controller, Request, post
 from toolkit.errors import RequestError
 from toolkit.runtime.encoding import to_base64
 from toolkit.runtime.pooling import count_inputs
+from toolkit.runtime.tasks import TASKS as TASK_TABLE
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.schema import UsageInfo
 
 __all__ = ["LlamaEmbedding", "PoolingController", "PoolingResponse", "pooling_tasks"]
 
-TASKS = ("embed", "token_embed", "classify", "token_classify")
+VLLM_TASKS = ("embed", "token_embed", "classify", "token_classify")
 
 
 class PoolingRequest(msgspec.Struct, kw_only=True):
@@ -60,45 +61,48 @@ class LlamaEmbedding(msgspec.Struct):
     embedding: list[list[float]]  # one vector (pooled)
 
 
+_ALIASES = {"embed_sparse": "embed"}  # vLLM's /pooling `embed` of a sparse (SPLADE) model: its vocabulary-sized vector
+
+
+def _pooling_entries(embedder) -> dict[str, str]:
+    """/pooling's task names for this artifact -> the task table's entries: every text task with a row per input
+    that the artifact answers, under vLLM's name where it has one."""
+    names: dict[str, str] = {}
+    for name, task in TASK_TABLE.items():
+        if task.rows is not None and task.modality == "text" and task.applies(embedder):
+            names.setdefault(_ALIASES.get(name, name), name)
+    return names
+
+
 def pooling_tasks(embedder) -> tuple[str, ...]:
-    """vLLM's pooling tasks that an artifact answers (``Embedder.tasks``): a sparse (SPLADE) artifact's ``embed``
-    is its vocabulary-sized vector; cross-encoders ``classify`` (their labels' scores)."""
-    own = {"embed": "embed", "embed_sparse": "embed", "token_embed": "token_embed", "classify": "classify"}
-    return tuple(dict.fromkeys(own[t] for t in embedder.tasks if t in own))
+    """The tasks /pooling answers for this artifact (vLLM's: embed, token_embed, classify; and any other text
+    task of the table with a row per input)."""
+    return tuple(_pooling_entries(embedder))
 
 
 class PoolingController(Controller):
     tags = ["vLLM extras"]
 
-    @post("/pooling", status_code=200, summary="vLLM's pooling API: embed or token_embed, as the artifact allows")
+    @post("/pooling", status_code=200, summary="vLLM's pooling API: every task of the artifact with a row per input")
     async def pooling(self, request: Request, data: PoolingRequest) -> PoolingResponse:
         served = request.app.state.registry.get(data.model)
         emb, options = served.embedder, request.app.state.options
         task = data.task or "embed"
-        check_choice(task, TASKS, "task")
-        applicable = pooling_tasks(emb)
-        if task not in applicable:
-            raise RequestError(f"task '{task}' does not apply to this model; applicable: {', '.join(applicable)}",
+        entries = _pooling_entries(emb)
+        check_choice(task, tuple(dict.fromkeys([*VLLM_TASKS, *entries])), "task")
+        if task not in entries:
+            raise RequestError(f"task '{task}' does not apply to this model; applicable: {', '.join(entries)}",
                                param="task")
         check_choice(data.encoding_format, ("float", "base64"), "encoding_format")
         check_limits(count_inputs(data.input), options)
-        tokenize = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
-                    "max_tokens": options.max_request_tokens}
-        if task == "classify":
-            scores, tokens = await served.engine.classify(data.input, use_activation=data.use_activation is not False,
-                                                          **tokenize)
-            rows = list(scores)
-        elif task == "token_embed":
-            rows, tokens = await served.engine.embed_tokens(data.input, **tokenize)
-        elif "embed" not in emb.tasks:  # SPLADE: its embed is the vocabulary-sized vector
-            entries, tokens = await served.engine.embed_sparse(data.input, **tokenize)
-            rows = [_dense(idx, val, emb.dimensions) for idx, val in entries]
-        else:
-            vectors, tokens = await served.engine.embed(data.input, dimensions=data.dimensions,
-                                                        normalize=data.use_activation, **tokenize)
-            rows = list(vectors)
-        encoded = ([to_base64(r.reshape(1, -1))[0] for r in rows] if data.encoding_format == "base64"
-                   else [r.tolist() for r in rows])
+        name = entries[task]
+        params = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
+                  **{"embed": {"dimensions": data.dimensions, "normalize": data.use_activation},
+                     "classify": {"use_activation": data.use_activation is not False}}.get(name, {})}
+        result, prepared = await served.engine.perform(name, data.input, max_tokens=options.max_request_tokens, **params)
+        rows, tokens = TASK_TABLE[name].rows(emb, result), prepared.tokens
+        encoded = ([to_base64(np.asarray(r).reshape(1, -1))[0] for r in rows] if data.encoding_format == "base64"
+                   else [np.asarray(r).tolist() for r in rows])
         return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", object="list", created=int(time.time()),
                                model=served.name, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)],
                                usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0))
@@ -113,9 +117,3 @@ class PoolingController(Controller):
         vectors, _ = await served.engine.embed(inputs, max_tokens=request.app.state.options.max_request_tokens)
         # llama.cpp answers a list of {index, embedding}, each embedding a list of vectors (one when pooled)
         return [LlamaEmbedding(i, [v.tolist()]) for i, v in enumerate(vectors)]
-
-
-def _dense(indices: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    row = np.zeros(size, dtype=np.float32)
-    row[indices] = values
-    return row

@@ -72,3 +72,50 @@ def test_head_spec_is_strict():
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"name": "dense", "label": "x", "tasks": [], "surprise": 1}, HeadSpec)
     assert "head" in Manifest.__struct_fields__
+
+
+def _toy_mean(emb, inputs, **tokenize):
+    """A toy task: the mean of the sentence output and the raw (un-normalized) one, per input."""
+    from toolkit.runtime.tasks import Prepared, Run
+
+    items = emb.tokenize_inputs(inputs, **tokenize)
+    return Prepared([Run(items, "sentence_embedding"), Run(items, "sentence_embedding_raw")],
+                    lambda rows: (np.stack(rows[0]) + np.stack(rows[1])) / 2, tokens=sum(len(t) for t in items))
+
+
+@pytest.fixture
+def toy_task(monkeypatch):
+    """A new task, registered in ONE place: nothing else in the code base knows its name."""
+    from toolkit.runtime import tasks
+
+    monkeypatch.setitem(tasks.TASKS, "toy_mean", tasks.Task("toy_mean", _toy_mean, base="embed",
+                                                            rows=lambda emb, result: list(result)))
+    return "toy_mean"
+
+
+def test_a_new_task_runs_everywhere_from_one_registration(toy_task, tiny_artifact, tmp_path):
+    from litestar.testing import TestClient
+
+    from toolkit.server.app import create_app, load_models
+    from toolkit.server.metrics import Metrics
+    from toolkit.settings import RuntimeOptions, ServerOptions
+
+    texts = ["alpha beta", "gamma delta epsilon"]
+    emb = Embedder(tiny_artifact, device="cpu")
+    expected = (emb.embed(texts) + emb.embed(texts, normalize=False)) / 2
+    np.testing.assert_allclose(emb.perform(toy_task, texts), expected, atol=1e-6)  # Embedder
+    engine = AsyncEmbedder(emb)
+    try:
+        result, prepared = asyncio.run(engine.perform(toy_task, texts))  # AsyncEmbedder
+    finally:
+        engine.close()
+    np.testing.assert_allclose(result, expected, atol=1e-6)
+    assert prepared.tokens == emb.count_tokens(texts)
+    metrics = Metrics()
+    registry = load_models([tiny_artifact], ["m"], RuntimeOptions(device="cpu"), metrics)
+    with TestClient(create_app(registry, ServerOptions(), metrics)) as client:  # vLLM's /pooling
+        answer = client.post("/pooling", json={"input": texts, "task": toy_task})
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose([d["data"] for d in answer.json()["data"]], expected, atol=1e-6)
+        wrong = client.post("/pooling", json={"input": texts, "task": "toy_meen"})
+        assert wrong.status_code == 400 and "toy_mean" in wrong.json()["error"]["message"]
