@@ -2,8 +2,8 @@
 
     python benchmarks/bulk_bench.py ARTIFACT [--rows 50000] [--ray-threads 1,2]
 
-Writes ROWS corpus texts (the shared corpus cycled, each row a distinct id) as JSON Lines, then runs
-`toolkit embed` as a subprocess once per engine, sampling the resident memory of the whole process tree
+Writes ROWS corpus texts (the bundled toolkit/data/corpus.jsonl cycled, each row a distinct id) as JSON Lines,
+then runs `toolkit embed` as a subprocess once per engine, sampling the resident memory of the whole process tree
 (the command, and for Ray its raylet, GCS and actor processes) every 0.2 s. Prints one table row per run.
 """
 
@@ -21,12 +21,11 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus.jsonl"
+from toolkit.corpus import load_corpus
 
 
 def write_input(path: Path, rows: int) -> None:
-    texts = [json.loads(line)["text"] for line in CORPUS.open()]
+    texts = load_corpus()
     with path.open("w") as f:
         for i in range(rows):
             f.write(json.dumps({"id": i, "text": texts[i % len(texts)]}) + "\n")

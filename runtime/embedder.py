@@ -152,7 +152,9 @@ class Embedder:
             texts = [prefix + t for t in items] if prefix else items
             return self.tokenizer.encode(texts, add_special_tokens=add_special_tokens, truncate=truncate_prompt_tokens,
                                          side=truncation_side, max_embed_len=self.options.max_embed_len)
-        return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side) for ids in items]
+        nested = not isinstance(inputs, str) and len(inputs) > 0 and isinstance(inputs[0], (list, tuple))
+        return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side,
+                                        index=i if nested else None) for i, ids in enumerate(items)]
 
     # ---------------------------------------------------------------- engine
     def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str]) -> list[np.ndarray]:

@@ -198,13 +198,24 @@ class Tokenizer:
             return [self._tok.encode(texts[0], add_special_tokens=False)]
         return self._tok.encode_batch(texts, add_special_tokens=False)
 
-    def from_ids(self, ids: Sequence[int], *, truncate: int | None = None, side: str = "right") -> Tokenized:
-        """Validate a caller's token ids: non-empty, inside the vocabulary, within the limit."""
+    def from_ids(self, ids: Sequence[int], *, truncate: int | None = None, side: str = "right",
+                 index: int | None = None) -> Tokenized:
+        """Validate a caller's token ids: integers, non-empty, inside the vocabulary, within the limit.
+
+        ``index``: the input's position in the request's list, so that a message points at ``input[index][j]``.
+        """
         if len(ids) == 0:
-            raise RequestError("a token-id input is empty", param="input")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= self.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})", param="input")
+            raise RequestError("a token-id input is empty" if index is None else f"input[{index}] is an empty list "
+                               "(a nested list is token ids)", param="input")
+        for j, token in enumerate(ids):
+            if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
+                where = f"input[{index}][{j}]" if index is not None else f"position {j} of a token-id input"
+                raise RequestError(f"a nested list must be token ids (integers); got {_json_kind(token)} at {where}",
+                                   param="input")
+            if not 0 <= token < self.vocab_size:
+                where = f" (input[{index}][{j}])" if index is not None else ""
+                raise RequestError(f"token id {token}{where} is outside the vocabulary [0, {self.vocab_size})",
+                                   param="input")
         limit = self._limit(truncate)
         if len(ids) > limit:
             if truncate is None:
@@ -244,6 +255,25 @@ class Tokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.id_to_token(i) or "" for i in ids]
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, for a message: ``a string ('a')``, ``a number (1.5)``, ``a list``..."""
+    match value:
+        case bool():
+            return f"a boolean ({str(value).lower()})"
+        case str():
+            return f"a string ({value[:40]!r})"
+        case float():
+            return f"a number ({value!r})"
+        case None:
+            return "null"
+        case list() | tuple():
+            return "a list"
+        case dict():
+            return "an object"
+        case _:
+            return type(value).__name__
 
 
 def pad_batch(

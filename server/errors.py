@@ -5,6 +5,10 @@
 codes (validation 413 for too-long inputs, 422 for other bad input, 424 backend, 429 overloaded, 503
 unhealthy); every other route OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Nothing
 escapes as a bare 500.
+
+A ``model`` the server does not serve is 404 in OpenAI's and Cohere's dialects (OpenAI's own answer) and
+422 validation in TEI's: TEI serves one model and has no 404 (its error types map to 503, 424, 429, 422,
+413 and 400), so an unknown ``model``, our extension to its requests, is bad input like any other.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from toolkit.errors import (
     BackendError,
     InputTooLongError,
+    ModelNotFoundError,
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
@@ -54,6 +59,8 @@ def _tei_status(status: int, exc: Exception | None) -> tuple[int, str]:
         return 424, "backend"
     if isinstance(exc, InputTooLongError) or status == 413:
         return 413, "validation"
+    if isinstance(exc, ModelNotFoundError):  # TEI has no 404: a bad `model` is bad input
+        return 422, "validation"
     if status in (401, 404, 405, 415):
         return status, "validation"
     return 422, "validation"

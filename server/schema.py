@@ -77,7 +77,7 @@ _STATUSES = {
     500: "Inference failed",
     503: "Not ready, or shutting down past the grace period",
 }
-_TEI_STATUSES = {404, 413, 415, 422, 424, 429, 503}
+_TEI_STATUSES = {413, 415, 422, 424, 429, 503}  # TEI has no 404: an unknown model is 422 validation there
 _CHOICES = {
     "OpenAIEmbeddingRequest": {"encoding_format": ENCODING_FORMATS, "embed_dtype": EMBED_DTYPES,
                                "endianness": ENDIANNESS, "truncation_side": ("right", "left")},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,19 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from toolkit.bulk import BulkError, BulkOptions, embed_files
+from toolkit.corpus import load_corpus
 from toolkit.errors import ConfigError
 from toolkit.runtime import Embedder
 from toolkit.runtime.encoding import quantize
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus.jsonl"
 TOOLKIT = [sys.executable, "-m", "toolkit.cli"]
 
 
 def corpus_texts(n: int) -> list[str]:
-    with CORPUS.open() as f:
-        texts = [json.loads(line)["text"] for _, line in zip(range(n), f)]
-    return texts
+    return load_corpus(limit=n)  # the bundled corpus: the tests read nothing outside the repository
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +183,72 @@ def test_bad_rows_stop_with_the_id_or_are_skipped_and_listed(tiny_artifact, spla
     # a part whose every row was skipped is still written (empty), so resume's numbering holds
     progress = json.loads((tmp_path / "skip" / "_progress.json").read_text())
     assert [p["rows"] for p in progress["parts"]] == [1, 0, 1] and progress["complete"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv", "txt"])
+def test_a_missing_column_is_named_with_the_columns_the_input_has(fmt, tiny_artifact, texts, tmp_path):
+    path = write_inputs(tmp_path / "in", texts[:5])[fmt]
+    have = "text (a plain-text input is one text a line" if fmt == "txt" else "doc_id, text (set --text-column"
+    for options in (BulkOptions(text_column="body"), BulkOptions(id_column="key")):
+        missing = options.id_column or options.text_column
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: no column '{missing}'; it has: {have}")):
+            embed_files(tiny_artifact, path, tmp_path / "out", options)
+        assert not (tmp_path / "out").exists()
+    if fmt == "jsonl":  # the report: the command said "row row=0: no 'body' value"
+        done = subprocess.run([*TOOLKIT, "embed", str(tiny_artifact), str(path), "-o", str(tmp_path / "o"),
+                               "--text-column", "body"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no column 'body'; it has: doc_id, text" in done.stderr, done.stderr
+        # a field only some rows lack makes those rows bad rows, not the file
+        path.write_text(json.dumps({"doc_id": 1, "body": "x"}) + "\n" + json.dumps({"doc_id": 2}) + "\n")
+        with pytest.raises(BulkError, match="row doc_id=2: no 'body' value"):
+            embed_files(tiny_artifact, path, tmp_path / "out", BulkOptions(text_column="body", id_column="doc_id"))
+
+
+def test_a_run_that_records_no_part_leaves_nothing_that_blocks_the_rerun(tiny_artifact, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    rows = [{"id": "a", "text": ""}, {"id": "b", "text": "fine"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "new" / "out"
+    with pytest.raises(BulkError, match="row id='a': empty text"):
+        embed_files(tiny_artifact, source, out, BulkOptions(id_column="id"))
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+    rows[0]["text"] = "fixed"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = embed_files(tiny_artifact, source, out, BulkOptions(id_column="id"))  # no --overwrite needed
+    assert (summary.rows, summary.parts) == (2, 1) and read_output(out)["id"].to_pylist() == ["a", "b"]
+    # a folder it found stays, and so does what it held (here after --overwrite removed the earlier output)
+    (out / "keep.txt").write_text("mine")
+    source.write_text(json.dumps({"id": "a", "text": 7}) + "\n")
+    with pytest.raises(BulkError, match="row id='a': 'text' is not a string"):
+        embed_files(tiny_artifact, source, out, BulkOptions(id_column="id"), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BulkError):
+        embed_files(tiny_artifact, source, empty, BulkOptions(id_column="id"))
+    assert empty.is_dir() and not any(empty.iterdir())
+    # Ctrl-C before the first part is recorded: the same
+    source.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in range(10)))
+
+    def interrupt(rows: int, tokens: int, skipped: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_files(tiny_artifact, source, empty, BulkOptions(id_column="id", window=4), on_progress=interrupt)
+    assert not any(empty.iterdir())
+    # a run that recorded parts keeps them (and its progress) for --resume; only the part in flight goes
+    def interrupt_late(rows: int, tokens: int, skipped: int, seen=[]) -> None:  # noqa: B006
+        seen.append(rows)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_files(tiny_artifact, source, empty, BulkOptions(id_column="id", window=3, rows_per_part=3),
+                    on_progress=interrupt_late)
+    assert sorted(p.name for p in empty.iterdir()) == ["_progress.json", "part-00000.parquet"]
+    summary = embed_files(tiny_artifact, source, empty, BulkOptions(id_column="id", window=3, rows_per_part=3),
+                          resume=True)
+    assert summary.resumed_rows == 3 and read_output(empty)["id"].to_pylist() == list(range(10))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -342,3 +406,21 @@ def test_cli_engine_ray_starts_a_local_ray_and_summarizes(tiny_artifact, embedde
     assert "200 rows in" in done.stderr and "INFO" not in done.stderr
     table = read_output(tmp_path / "out").sort_by("doc_id")
     np.testing.assert_allclose(vectors(table), embedder.embed(texts[:200], truncate_prompt_tokens=-1), atol=1e-6)
+
+
+def test_ray_engine_checks_columns_first_and_a_failed_run_leaves_nothing(ray_local, tiny_artifact, tmp_path):
+    from toolkit.bulk import embed_with_ray
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "fine"}) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{source}: no column 'body'; it has: text")):
+        embed_with_ray(tiny_artifact, source, tmp_path / "out", BulkOptions(text_column="body"))
+    # through the command, which owns its Ray: a job that fails leaves actors behind in a shared Ray session
+    command = [*TOOLKIT, "embed", str(tiny_artifact), str(source), "-o", str(tmp_path / "out"), "--engine", "ray"]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "empty text" in failed.stderr, failed.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    source.write_text(json.dumps({"text": "fixed"}) + "\n" + json.dumps({"text": "fine"}) + "\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)  # no --overwrite needed
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_output(tmp_path / "out")["row"].to_pylist() == [0, 1]

@@ -6,7 +6,9 @@ back in input order) and written as Parquet parts of a fixed number of rows,
 each part renamed into place when complete and then recorded in
 ``_progress.json``. A crash or Ctrl-C loses at most the part in flight;
 ``resume=True`` continues after the last recorded part, and the result is
-complete and duplicate-free.
+complete and duplicate-free. A run that fails before recording a part takes
+back what it made (its progress file, the folders it created), so the
+corrected rerun needs no ``overwrite``; files it found stay.
 
 With Ray (``embed_dataset`` and ``--engine ray``) Ray Data reads, distributes
 and writes; each actor opens the artifact once and embeds its batches with the
@@ -17,11 +19,13 @@ Needs pyarrow (the ``[bulk]`` extra); Ray is the ``[ray]`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -304,36 +308,66 @@ def count_rows(files: list[Path], options: BulkOptions) -> int | None:
 
 
 def check_columns(files: list[Path], options: BulkOptions) -> None:
-    """ConfigError naming the columns a Parquet or CSV file has when it lacks one the options name (before any
-    output is written; JSON Lines rows are checked as they are read)."""
-    pa = require_pyarrow()
-    wanted = [options.value_column] + ([options.id_column] if options.id_column else [])
+    """ConfigError naming the columns a file has when it lacks one the options name, the same for every format
+    (before any output is written; a pipe is checked as it is read).
+
+    A file's columns: Parquet's schema, CSV's header, the fields of the rows of JSON Lines' first window (a field
+    missing from some rows only makes those rows bad rows), a text file's one column ``text``.
+    """
     for path in files:
-        match file_format(path, options.input_format):
-            case "parquet":
-                import pyarrow.parquet as pq
-
-                try:
-                    names = pq.ParquetFile(path).schema_arrow.names
-                except (pa.ArrowInvalid, OSError) as exc:
-                    raise ConfigError(f"{path}: not readable as Parquet: {exc}") from None
-            case "csv" if path.is_file():
-                import pyarrow.csv as pcsv
-
-                try:  # reads the first block only
-                    names = pcsv.open_csv(path).schema.names
-                except pa.ArrowInvalid as exc:
-                    raise ConfigError(f"{path}: not readable as CSV: {exc}") from None
-            case _:
-                continue
-        for name in wanted:
-            if name not in names:
-                raise _missing_column(path, name, names)
+        fmt = file_format(path, options.input_format)
+        if fmt == "jsonl" and path.is_file():  # its columns are what its rows hold: the reader checks its first window
+            reader = _read_file(path, fmt, options)
+            try:
+                next(reader, None)
+            finally:
+                reader.close()
+        elif fmt == "text" or (fmt != "jsonl" and path.is_file()):  # a pipe's rows are read once, by the run
+            _check_names(path, fmt, options, _column_names(path, fmt))
 
 
-def _missing_column(path: Path, name: str, have: Sequence[str]) -> ConfigError:
-    return ConfigError(f"{path}: no column '{name}'; it has: {', '.join(have) or '(none)'} (set --text-column / "
-                       "--id-column / --image-column)")
+def _wanted(options: BulkOptions) -> list[str]:
+    return [options.value_column] + ([options.id_column] if options.id_column else [])
+
+
+def _column_names(path: Path, fmt: str) -> list[str]:
+    """The columns of a Parquet or CSV file (its schema; a CSV's first block), or a text file's one column."""
+    pa = require_pyarrow()
+    match fmt:
+        case "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.ParquetFile(path).schema_arrow.names
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ConfigError(f"{path}: not readable as Parquet: {exc}") from None
+        case "csv":
+            import pyarrow.csv as pcsv
+
+            try:
+                return pcsv.open_csv(path).schema.names
+            except pa.ArrowInvalid as exc:
+                raise ConfigError(f"{path}: not readable as CSV: {exc}") from None
+        case "text":
+            return ["text"]  # one text a line (Ray Data names the column so too)
+        case _:
+            raise ConfigError(f"input format '{fmt}' is not one of: {', '.join(FORMATS)}")
+
+
+def _check_names(path: Path, fmt: str, options: BulkOptions, names: Sequence[str]) -> None:
+    for name in _wanted(options):
+        if name not in names:
+            raise _missing_column(path, fmt, name, names)
+
+
+def _missing_column(path: Path, fmt: str, name: str, have: Sequence[str]) -> ConfigError:
+    """The one message for a column an input lacks, whatever its format."""
+    if fmt == "text":
+        hint = "a plain-text input is one text a line and its ids are row numbers; drop --text-column / --id-column / " \
+               "--image-column"
+    else:
+        hint = "set --text-column / --id-column / --image-column"
+    return ConfigError(f"{path}: no column '{name}'; it has: {', '.join(have) or '(none)'} ({hint})")
 
 
 def read_windows(files: list[Path], options: BulkOptions) -> Iterator[tuple[pa.Array, list]]:
@@ -350,17 +384,13 @@ def read_windows(files: list[Path], options: BulkOptions) -> Iterator[tuple[pa.A
 
 def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.Array | None, list]]:
     pa = require_pyarrow()
-    column, window = options.value_column, options.window
-    wanted = [column] + ([options.id_column] if options.id_column else [])
+    window, wanted = options.window, _wanted(options)
     match fmt:
         case "parquet":
             import pyarrow.parquet as pq
 
-            reader = pq.ParquetFile(path)
-            for name in wanted:
-                if name not in reader.schema_arrow.names:
-                    raise _missing_column(path, name, reader.schema_arrow.names)
-            for batch in reader.iter_batches(batch_size=window, columns=wanted):
+            _check_names(path, fmt, options, _column_names(path, fmt))
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=window, columns=wanted):
                 yield _split(batch, options)
         case "csv":
             import pyarrow.csv as pcsv
@@ -370,9 +400,7 @@ def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.
                 reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
             except pa.ArrowInvalid as exc:
                 raise ConfigError(f"{path}: not readable as CSV: {exc}") from None
-            for name in wanted:
-                if name not in reader.schema.names:
-                    raise _missing_column(path, name, reader.schema.names)
+            _check_names(path, fmt, options, reader.schema.names)
             while True:
                 try:
                     batch = reader.read_next_batch()
@@ -383,32 +411,9 @@ def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.
                 for start in range(0, batch.num_rows, window):
                     yield _split(batch.slice(start, window).select(wanted), options)
         case "jsonl":
-            ids: list = []
-            values: list = []
-            with path.open("rb") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        raise BulkError(f"{path}:{number}: an empty line (JSON Lines holds one object a line)")
-                    try:
-                        record = json.loads(line)
-                    except ValueError as exc:
-                        raise BulkError(f"{path}:{number}: not JSON ({exc})") from None
-                    if not isinstance(record, dict):
-                        raise BulkError(f"{path}:{number}: a JSON {type(record).__name__}, not an object")
-                    if options.id_column is not None:
-                        if options.id_column not in record:
-                            raise BulkError(f"{path}:{number}: no '{options.id_column}' field (--id-column)")
-                        ids.append(record[options.id_column])
-                    values.append(record.get(column))
-                    if len(values) == window:
-                        yield (pa.array(ids) if options.id_column else None), values
-                        ids, values = [], []
-            if values:
-                yield (pa.array(ids) if options.id_column else None), values
+            yield from _read_jsonl(path, options)
         case "text":
-            if options.id_column is not None or options.image_column is not None:
-                raise ConfigError(f"{path}: a plain-text input has one text a line and no columns; drop "
-                                  "--id-column / --image-column (ids are row numbers)")
+            _check_names(path, fmt, options, _column_names(path, fmt))
             values = []
             with path.open(encoding="utf-8", newline="") as f:
                 try:
@@ -424,6 +429,49 @@ def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.
                 yield None, values
         case _:
             raise ConfigError(f"input format '{fmt}' is not one of: {', '.join(FORMATS)}")
+
+
+def _read_jsonl(path: Path, options: BulkOptions) -> Iterator[tuple[pa.Array | None, list]]:
+    """JSON Lines windows. A column no row of the first window holds is missing from the file (ConfigError naming
+    the fields those rows hold); a row without the id is an error at its line, one without its value a bad row."""
+    pa = require_pyarrow()
+    id_column, column = options.id_column, options.value_column
+    ids: list = []
+    values: list = []
+    fields: dict[str, None] | None = {}  # the first window's fields, in order of appearance; None once checked
+    no_id = 0  # the first line of the window without an id
+
+    def emit() -> tuple[pa.Array | None, list]:
+        nonlocal fields
+        if fields is not None:
+            _check_names(path, "jsonl", options, list(fields))
+            fields = None
+        if no_id:
+            raise BulkError(f"{path}:{no_id}: no '{id_column}' field (--id-column)")
+        return (pa.array(ids) if id_column else None), values
+
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                raise BulkError(f"{path}:{number}: an empty line (JSON Lines holds one object a line)")
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise BulkError(f"{path}:{number}: not JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise BulkError(f"{path}:{number}: a JSON {type(record).__name__}, not an object")
+            if fields is not None:
+                fields.update(dict.fromkeys(record))
+            if id_column is not None:
+                if id_column not in record:
+                    no_id = no_id or number
+                ids.append(record.get(id_column))
+            values.append(record.get(column))
+            if len(values) == options.window:
+                yield emit()
+                ids, values, no_id = [], [], 0
+    if values:
+        yield emit()
 
 
 def _split(batch: pa.RecordBatch, options: BulkOptions) -> tuple[pa.Array | None, list]:
@@ -496,12 +544,12 @@ def embed_files(
     out = Path(output)
     progress_path = out / PROGRESS_FILE
     fingerprint = _fingerprint(embedder, files, options)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the folders this run makes, deepest first
+    had_progress = progress_path.is_file()
     state = _open_output(out, fingerprint, resume=resume, overwrite=overwrite)
     if state.get("complete"):
         return Summary(str(out), 0, 0, 0, 0.0, len(state["parts"]), resumed_rows=state["rows_read"])
     done_rows = state["rows_read"]
-    if on_start:
-        on_start(count_rows(files, options), done_rows)
     started = time.perf_counter()
     rows = skipped = tokens = 0
     part_index = len(state["parts"])
@@ -523,42 +571,53 @@ def embed_files(
         part_rows = part_read = part_tokens = 0
         part_index += 1
 
-    for ids, values in read_windows(files, options):
-        n = len(values)
-        if position + n <= done_rows:  # a finished part's rows (resume)
-            position += n
-            continue
-        if position < done_rows:
-            cut = done_rows - position
-            ids, values, position = ids.slice(cut), values[cut:], done_rows
+    try:
+        if on_start:
+            on_start(count_rows(files, options), done_rows)
+        for ids, values in read_windows(files, options):
             n = len(values)
-        while n:
-            room = options.rows_per_part - part_read
-            take = min(room, n)
-            result = encoder(ids.slice(0, take), values[:take])
-            if writer is None:
-                tmp = out / (_part_name(part_index) + ".tmp")
-                writer = pq.ParquetWriter(tmp, result.table.schema)
-                skipped_rows = []
-            writer.write_table(result.table)
-            skipped_rows.extend(result.skipped)
-            part_rows += result.table.num_rows
-            part_read += take
-            part_tokens += result.tokens
-            rows += result.table.num_rows
-            skipped += len(result.skipped)
-            tokens += result.tokens
-            position += take
-            if on_progress:
-                on_progress(take, result.tokens, len(result.skipped))
-            ids, values, n = ids.slice(take), values[take:], n - take
-            if part_read == options.rows_per_part:
-                close_part()
-    if part_read:
-        close_part()
-    state["complete"] = True
-    _write_skipped(out, state)
-    _write_json(progress_path, state)
+            if position + n <= done_rows:  # a finished part's rows (resume)
+                position += n
+                continue
+            if position < done_rows:
+                cut = done_rows - position
+                ids, values, position = ids.slice(cut), values[cut:], done_rows
+                n = len(values)
+            while n:
+                room = options.rows_per_part - part_read
+                take = min(room, n)
+                result = encoder(ids.slice(0, take), values[:take])
+                if writer is None:
+                    tmp = out / (_part_name(part_index) + ".tmp")
+                    writer = pq.ParquetWriter(tmp, result.table.schema)
+                    skipped_rows = []
+                writer.write_table(result.table)
+                skipped_rows.extend(result.skipped)
+                part_rows += result.table.num_rows
+                part_read += take
+                part_tokens += result.tokens
+                rows += result.table.num_rows
+                skipped += len(result.skipped)
+                tokens += result.tokens
+                position += take
+                if on_progress:
+                    on_progress(take, result.tokens, len(result.skipped))
+                ids, values, n = ids.slice(take), values[take:], n - take
+                if part_read == options.rows_per_part:
+                    close_part()
+        if part_read:
+            close_part()
+        state["complete"] = True
+        _write_skipped(out, state)
+        _write_json(progress_path, state)
+    except BaseException:  # an error, or Ctrl-C: the part in flight is lost
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+            (out / (_part_name(part_index) + ".tmp")).unlink(missing_ok=True)
+        if not state["parts"]:  # nothing to resume: what this run made would only block the corrected rerun
+            _undo_output(out, created, keep_progress=resume and had_progress)
+        raise
     return Summary(str(out), rows, skipped, tokens, time.perf_counter() - started, len(state["parts"]),
                    resumed_rows=done_rows)
 
@@ -604,6 +663,30 @@ def _clean(out: Path, keep: set[str]) -> None:
         if path.name not in keep and (path.name.startswith("part-") or path.name.endswith(".tmp")
                                       or path.name in (PROGRESS_FILE, SKIPPED_FILE)):
             path.unlink()
+
+
+def _undo_output(out: Path, created: list[Path], *, keep_progress: bool) -> None:
+    """Take back what a run that recorded no part made: its progress file (``keep_progress``: the one an earlier
+    run left, which a resume only read) and the folders it created, when empty. Files it found stay."""
+    if not keep_progress:
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else is in it now
+            break
+
+
+def _remove_contents(out: Path, *, remove_folder: bool) -> None:
+    """Remove what a failed Ray run wrote into ``out`` (which it found empty or absent), and ``out`` if it made it."""
+    if remove_folder:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _write_skipped(out: Path, state: dict) -> None:
@@ -714,13 +797,8 @@ def read_dataset(files: list[Path], options: BulkOptions):
 
             types = {options.text_column: require_pyarrow().string()} if options.image_column is None else {}
             ds = ray.data.read_csv(paths, convert_options=pcsv.ConvertOptions(column_types=types))
-        case "text":
-            if options.id_column or options.image_column:
-                raise ConfigError("a plain-text input has one text a line and no columns; drop --id-column / "
-                                  "--image-column")
+        case "text":  # embed_with_ray's check_columns refused columns other than "text"
             ds = ray.data.read_text(paths, drop_empty_lines=False)
-            if options.text_column != "text":
-                ds = ds.rename_columns({"text": options.text_column})
     if options.id_column is None:  # row numbers, in input order: needs an ordered pass
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         numbers = ray.data.range(ds.count()).rename_columns({"id": ROW_NUMBER})
@@ -750,16 +828,16 @@ def embed_with_ray(
     options = options or BulkOptions()
     options.validate()
     files = input_files(inputs, options.input_format)
+    check_columns(files, options)
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: not empty; --overwrite replaces it (--resume is for the in-process engine)")
-    if out.exists() and overwrite:
-        import shutil
-
-        shutil.rmtree(out)
     from toolkit.runtime import Embedder
 
     RowEncoder(Embedder(artifact), options)  # the options' errors here, in one line, before Ray starts
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    created = not out.exists()  # else an empty directory: whatever it holds after a failure, this run wrote
     started = time.perf_counter()
     owned = not ray.is_initialized()
     if owned:
@@ -786,7 +864,11 @@ def embed_with_ray(
             rows_refused = refused.take_all()
             skipped = len(rows_refused)
             ds = ok
-        ds.write_parquet(str(out))
+        try:
+            ds.write_parquet(str(out))
+        except BaseException:  # no resume on Ray: what a failed run wrote would only block the corrected rerun
+            _remove_contents(out, remove_folder=created)
+            raise
         parts = sorted(out.glob("*.parquet"))
         rows = sum(_parquet().ParquetFile(p).metadata.num_rows for p in parts)
         if skipped:

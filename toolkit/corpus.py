@@ -1,4 +1,4 @@
-"""The bundled probe / benchmark corpus (a copy of shared/data/corpus.jsonl)."""
+"""The bundled probe / benchmark corpus: toolkit/data/corpus.jsonl (5005 texts with ids)."""
 
 from __future__ import annotations
 
