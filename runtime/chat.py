@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from toolkit.errors import RequestError
+from toolkit.model_source import install_hint
 
 __all__ = ["MAX_OUTPUT_CHARS", "MAX_RENDER_S", "render_chat"]
 
@@ -51,7 +52,7 @@ def _compile(template: str):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise RequestError("chat messages need Jinja2 on the server: pip install 'onnx-embed-toolkit[chat]'",
+        raise RequestError(f"chat messages need Jinja2 on the server, the [chat] extra: {install_hint('chat')}",
                            param="messages") from None
     class LimitedEnvironment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])

@@ -22,6 +22,7 @@ import numpy as np
 
 from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import ImagePreprocess
+from toolkit.model_source import install_hint
 
 __all__ = ["FORMATS", "IMAGE_OUTPUT", "ImageRef", "Pixels", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_PIXELS", "ImageInput", "as_image_list", "decode_image", "is_image_input", "is_image_uri", "load_pixels",
            "preprocess", "require_pillow"]
@@ -64,8 +65,8 @@ def require_pillow():
     try:
         from PIL import Image
     except ImportError:
-        raise ConfigError("this artifact has an image tower: images need Pillow "
-                          "(pip install 'onnx-embed-toolkit[images]')") from None
+        raise ConfigError(f"this artifact has an image tower: images need Pillow, the [images] extra: "
+                          f"{install_hint('images')}") from None
     return Image
 
 

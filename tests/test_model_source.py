@@ -128,7 +128,9 @@ def test_taken_port_is_one_line_before_anything_else(tiny_artifact):
 def test_serving_install_errors_name_the_extra(tmp_path):
     cache = str(tmp_path / "empty-cache")
     cases = (
-        (("export",), "toolkit export needs the [export] extra: pip install 'onnx-embed-toolkit[export]'"),
+        (("export",), "toolkit export needs the [export] extra, not installed here (torch, transformers, "
+                      "sentence_transformers, onnxscript missing): pip install 'onnx-embed-toolkit[export]' "
+                      "(from a checkout: pip install '.[export]')"),
         (("bench", "x.onnx", "--against", "sentence-transformers"), "needs the [export] extra"),
         (("serve", "all-MiniLM-L6-v2"), f"is a bundled card with no artifact in the cache ({cache}) yet; "
                                         "exporting it needs the [export] extra"),
@@ -149,5 +151,6 @@ def test_extra_names_survive_the_console(tiny_artifact, tmp_path):
     corpus = tmp_path / "in.jsonl"
     corpus.write_text('{"text": "hello"}\n')
     done = _cli("embed", str(tiny_artifact), str(corpus), "-o", str(tmp_path / "out"), serving_install=True)
-    assert done.returncode == 2 and "pip install 'onnx-embed-toolkit[bulk]'" in done.stderr, done.stderr
+    assert done.returncode == 2 and "the [bulk] extra: pip install 'onnx-embed-toolkit[bulk]' (from a checkout: " \
+        "pip install '.[bulk]')" in done.stderr, done.stderr
     assert Path(tmp_path / "out").exists() is False or not any((tmp_path / "out").iterdir())

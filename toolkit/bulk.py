@@ -35,6 +35,7 @@ import msgspec
 import numpy as np
 
 from toolkit.errors import ConfigError, InputTooLongError, RequestError, ToolkitError
+from toolkit.model_source import install_hint
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,7 +97,7 @@ def require_pyarrow():
     try:
         import pyarrow
     except ImportError:
-        raise ConfigError("bulk embedding needs pyarrow: pip install 'onnx-embed-toolkit[bulk]'") from None
+        raise ConfigError(f"bulk embedding needs pyarrow, the [bulk] extra: {install_hint('bulk')}") from None
     return pyarrow
 
 
@@ -710,7 +711,7 @@ def require_ray():
         import ray
         import ray.data
     except ImportError:
-        raise ConfigError("--engine ray needs Ray Data: pip install 'onnx-embed-toolkit[ray]'") from None
+        raise ConfigError(f"--engine ray needs Ray Data, the [ray] extra: {install_hint('ray')}") from None
     return ray
 
 

@@ -32,7 +32,7 @@ from toolkit.settings import ExportOptions
 
 __all__ = [
     "DEFAULT_MODEL", "CacheEntry", "ModelSource", "SourceKind", "cache_entry", "cache_root", "default_model_dir",
-    "find_cached_artifact", "locate_source", "require_extra",
+    "find_cached_artifact", "install_hint", "locate_source", "require_extra",
 ]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -51,6 +51,11 @@ _EXTRAS = {
 }
 
 
+def install_hint(extra: str) -> str:
+    """How to install ``[extra]``: the published form, and the form from a checkout (not on PyPI yet)."""
+    return f"pip install 'onnx-embed-toolkit[{extra}]' (from a checkout: pip install '.[{extra}]')"
+
+
 def require_extra(extra: str, purpose: str) -> None:
     """Raise ConfigError (one line, exit 2) naming ``[extra]`` when one of its modules is not installed."""
     import importlib.util
@@ -64,8 +69,8 @@ def require_extra(extra: str, purpose: str) -> None:
         if not found:
             missing.append(module)
     if missing:
-        raise ConfigError(f"{purpose} needs the [{extra}] extra: pip install 'onnx-embed-toolkit[{extra}]' "
-                          f"(not installed: {', '.join(missing)})")
+        raise ConfigError(f"{purpose} needs the [{extra}] extra, not installed here ({', '.join(missing)} missing): "
+                          f"{install_hint(extra)}")
 
 
 class SourceKind(str, enum.Enum):
