@@ -30,6 +30,10 @@ class ArchSpec:
     splade: bool = False  # has a masked-LM head usable for SPLADE
     position_offset: int = 0  # positions start after the padding index (RoBERTa family)
     image_tower: bool = False  # a text tower and an image tower in one shared space (CLIP, SigLIP)
+    # image towers: the size rule a preprocessor config without one implies ("shortest_edge": CLIP's resize keeping
+    # the aspect ratio; "fixed": height x width), and whether the ViT adds a class token to its patches
+    image_resize: str = "fixed"
+    image_class_token: bool = False
     pooling: Pooling | None = None  # the architecture pools by its own rule: the card cannot choose
     text_inputs: tuple[str, ...] | None = None  # the text tower's inputs, when not the usual ones
     config_overrides: dict[str, object] = field(default_factory=dict)
@@ -75,7 +79,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # two towers; each graph ends in the model's own projection (get_text_features / get_image_features).
         # CLIP pools its text at the first EOS; SigLIP at the LAST position of text padded to 64 tokens, read
         # without an attention mask (as its processor feeds it).
-        ArchSpec("clip", image_tower=True, pooling=Pooling.EOS),
+        ArchSpec("clip", image_tower=True, pooling=Pooling.EOS, image_resize="shortest_edge", image_class_token=True),
         ArchSpec("siglip", image_tower=True, pooling=Pooling.LAST_TOKEN, text_inputs=("input_ids",)),
     )
 }

@@ -201,14 +201,14 @@ def _write(graph: Path, image_graph: Path | None, out: Path, manifest: Manifest,
 
 def _image_tower(module, resolved: ResolvedModel, options: ExportOptions, tmp: Path) -> tuple[Path, ImageTower]:
     """The image tower's graph (fp16 for fp16 targets) and its manifest entry (parity filled in later)."""
-    spec = image_preprocess(resolved.model_dir, resolved.config)
+    spec = image_preprocess(resolved.model_dir, resolved.config, resolved.arch)
     graph = export_image_graph(module.encoder.model, spec, resolved.card.normalize, opset=options.opset,
                                path=tmp / "image.onnx")
     if Precision(options.precision) == Precision.FP16:
         graph = convert_fp16(graph, tmp / "image-fp16.onnx")
     vision = resolved.config.get("vision_config") or {}
     patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
-    tokens = patches + (1 if resolved.arch.model_type == "clip" else 0)  # CLIP adds a class token
+    tokens = patches + (1 if resolved.arch.image_class_token else 0)  # CLIP adds a class token
     tower = ImageTower(embedding_dim=resolved.head.dim(resolved.config, None), tokens=tokens, preprocess=spec,
                        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
     return graph, tower

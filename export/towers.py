@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import ConfigError, ExportError
+from toolkit.export.architectures import ArchSpec
 from toolkit.export.heads import normalize
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ImagePreprocess, ParityCase, ParityReport
@@ -50,7 +51,7 @@ class ImageFeatures(torch.nn.Module):
         return (normalize(raw) if self.normalized else raw, raw)
 
 
-def image_preprocess(model_dir: Path, config: dict) -> ImagePreprocess:
+def image_preprocess(model_dir: Path, config: dict, arch: ArchSpec) -> ImagePreprocess:
     """The preprocessing facts of ``preprocessor_config.json`` (transformers' defaults for the class where a key
     is absent); ConfigError for a rule this toolkit does not reproduce."""
     import json
@@ -59,7 +60,7 @@ def image_preprocess(model_dir: Path, config: dict) -> ImagePreprocess:
     if not path.is_file():
         raise ConfigError(f"{model_dir}: no preprocessor_config.json: the image tower's preprocessing is unknown")
     cfg = json.loads(path.read_text())
-    clip = config.get("model_type") == "clip"
+    clip = arch.image_resize == "shortest_edge"  # the architecture's default size rule (registry)
     vision = config.get("vision_config") or {}
     side = int(vision.get("image_size") or 224)
     size = cfg.get("size") or ({"shortest_edge": side} if clip else {"height": side, "width": side})

@@ -68,10 +68,13 @@ class AsyncEmbedder:
     """Coalesces concurrent callers into shared batches on one worker thread."""
 
     def __init__(self, embedder: Embedder, *, max_queue: int | None = None,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_request: Callable[[Timings, int], None] | None = None) -> None:
+        """``on_batch``: told each batch run; ``on_request``: told each completed task's phases and tokens."""
         self.embedder = embedder
         self.max_queue = max_queue or embedder.options.max_queue
         self._on_batch = on_batch
+        self._on_request = on_request
         self._heap: list[tuple[int, int, int, _Job]] = []  # (priority, seq, item index, job)
         self._seq = itertools.count()
         self._cond = threading.Condition()
@@ -143,6 +146,7 @@ class AsyncEmbedder:
         queued on the shared batcher at ``priority``.
         """
         entry = task_for(task)
+        timings = timings if timings is not None else Timings()
         self.embedder.require(entry.name)
         with self.admit(entry.count(self.embedder, *inputs)):
             started = time.perf_counter()
@@ -153,11 +157,13 @@ class AsyncEmbedder:
             if max_tokens is not None and prepared.tokens > max_tokens:
                 raise RequestError(f"the request has {prepared.tokens} tokens; the limit is {max_tokens}",
                                    param=entry.param)
-            if timings is not None:
-                timings.tokenize = time.perf_counter() - started
+            timings.tokenize = time.perf_counter() - started
             rows = await asyncio.gather(*(self.run(run.items, run.output, priority=priority, timings=timings)
                                           for run in prepared.runs))
-        return prepared.reduce(list(rows)), prepared
+        result = prepared.reduce(list(rows))
+        if self._on_request is not None:
+            self._on_request(timings, prepared.tokens)
+        return result, prepared
 
     async def embed(self, inputs: Inputs, **params) -> tuple[np.ndarray, int]:
         """(vectors (n, d) float32, prompt tokens) like ``Embedder.embed`` for these inputs alone."""

@@ -41,7 +41,8 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 
 class Embedder:
-    """Embeds text with one artifact.
+    """Runs one artifact's tasks (embed, score, rerank, classify, token and sparse embeddings; images for two-tower
+    artifacts) in the caller's thread, through the task table (``toolkit.runtime.tasks``).
 
     >>> emb = Embedder("all-MiniLM-L6-v2.onnx")
     >>> emb.embed(["a", "b"]).shape
@@ -236,6 +237,12 @@ class Embedder:
             return plan
         dims = int(plan.output.rsplit("_", 1)[1]) if plan.output.startswith("sentence_embedding_") else None
         return OutputPlan("sentence_embedding_raw", dims=dims, normalize=self.card.normalize)
+
+    def quantize(self, vectors: np.ndarray, kind: str) -> np.ndarray:
+        """Cohere's int8 / uint8 / binary / ubinary of unit ``vectors``, over the range calibrated at export."""
+        from toolkit.runtime.encoding import quantize
+
+        return quantize(vectors, kind, tuple(self.manifest.quantization_range or (-1.0, 1.0)), self.dimensions)
 
     @staticmethod
     def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:

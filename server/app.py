@@ -24,7 +24,7 @@ from toolkit.errors import (
     OverloadedError,
     ToolkitError,
 )
-from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats
+from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
 from toolkit.server.decoding import ToolkitRequest
@@ -189,7 +189,10 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
         def on_batch(stats: BatchStats, name: str = name) -> None:
             metrics.batch(name, stats.size, stats.tokens, stats.seconds)
 
-        served.append(ServedModel(name, AsyncEmbedder(embedder, on_batch=on_batch)))
+        def on_request(timings: Timings, tokens: int, name: str = name) -> None:  # every route's phases, in one place
+            metrics.phases(name, timings.tokenize, timings.queue, timings.inference, tokens)
+
+        served.append(ServedModel(name, AsyncEmbedder(embedder, on_batch=on_batch, on_request=on_request)))
     registry = ModelRegistry(served)
     metrics.queue_depth = lambda: sum(s.engine.queue_depth for s in registry.models.values())
     return registry

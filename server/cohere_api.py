@@ -13,7 +13,7 @@ from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
-from toolkit.runtime.encoding import quantize, to_base64
+from toolkit.runtime.encoding import to_base64
 from toolkit.runtime.images import ImageRef
 from toolkit.server.images import content_item, fetch_images
 from toolkit.server.limits import check_choice, check_limits
@@ -153,8 +153,6 @@ class CohereController(Controller):
             max_tokens=options.max_request_tokens, prompt_name=_prompt_name(data.input_type, emb.card.prompts),
             truncate_prompt_tokens=truncate, truncation_side=side or "right")
         image_tokens = sum(len(p) for p in images)
-        request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
-        value_range = tuple(emb.manifest.quantization_range or (-1.0, 1.0))
         embeddings = EmbedByType()
         for kind in dict.fromkeys(types):
             match kind:
@@ -163,7 +161,7 @@ class CohereController(Controller):
                 case "base64":
                     embeddings.base64 = to_base64(vectors, "float32", "little")
                 case _:
-                    setattr(embeddings, kind, np.asarray(quantize(vectors, kind, value_range, emb.dimensions)).tolist())
+                    setattr(embeddings, kind, np.asarray(emb.quantize(vectors, kind)).tolist())
         billed = CohereEmbedBilledUnits(input_tokens=tokens - image_tokens, image_tokens=image_tokens,
                                         images=len(images) if images else UNSET)
         meta = CohereEmbedMeta(api_version=CohereApiVersion("2"), billed_units=billed,

@@ -128,8 +128,7 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
         vectors, tokens = await served.engine.embed(
             inputs, **common, max_tokens=options.max_request_tokens, truncate_prompt_tokens=data.truncate_prompt_tokens,
             truncation_side=data.truncation_side, add_special_tokens=add_special_tokens)
-    request.app.state.metrics.phases(served.name, timings.tokenize, timings.queue, timings.inference, tokens)
-    usage = UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0)
+    usage = UsageInfo.of(tokens)
     head = {"id": data.request_id or f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
             "model": served.name, "usage": usage}
     headers = timing_headers(timings, started)

@@ -105,7 +105,7 @@ class PoolingController(Controller):
                    else [np.asarray(r).tolist() for r in rows])
         return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", object="list", created=int(time.time()),
                                model=served.name, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)],
-                               usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0))
+                               usage=UsageInfo.of(tokens))
 
     @post("/embedding", status_code=200, summary="llama.cpp's native embedding route (pooled, normalized)")
     async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> list[LlamaEmbedding]:

@@ -42,6 +42,11 @@ class UsageInfo(msgspec.Struct):
     total_tokens: int
     completion_tokens: int
 
+    @classmethod
+    def of(cls, tokens: int) -> UsageInfo:
+        """A pooling request's usage: its input tokens, nothing generated."""
+        return cls(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0)
+
 
 class CohereApiVersion(msgspec.Struct):
     version: str

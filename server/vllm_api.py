@@ -14,13 +14,13 @@ from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.pooling import score_pairs
+from toolkit.runtime.tokenization import INLINE_CHARS
 from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.schema import UsageInfo
 
 __all__ = ["DetokenizeResponse", "ScoreResponse", "TokenizeResponse", "TokenizerInfo", "VLLMController"]
 
-_INLINE_CHARS = 4096  # /tokenize: longer prompts tokenize in a thread
 
 
 class ScoreRequest(msgspec.Struct, kw_only=True):
@@ -121,7 +121,7 @@ async def create_score(request: Request, data: ScoreRequest) -> ScoreResponse:
                                                truncate_prompt_tokens=data.truncate_prompt_tokens)
     return ScoreResponse(id=f"score-{uuid.uuid4().hex}", object="list", created=int(time.time()), model=served.name,
                          data=[Score(i, "score", float(s)) for i, s in enumerate(scores)],
-                         usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0))
+                         usage=UsageInfo.of(tokens))
 
 
 async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResponse:
@@ -129,7 +129,7 @@ async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResp
     emb = served.embedder
     prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
     limit = request.app.state.options.max_request_tokens
-    if len(prompt) <= _INLINE_CHARS:
+    if len(prompt) <= INLINE_CHARS:  # longer prompts tokenize in a thread
         ids = emb.tokenizer.ids(prompt, specials, limit)
     else:  # off the event loop, and no further than the server's tokens per request
         ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials, limit)
@@ -146,7 +146,8 @@ class VLLMController(Controller):
     tags = ["vLLM extras"]
 
     @post(["/v1/score", "/score"], status_code=200,
-          summary="Cosine scores of queries against documents (1-1, 1-N, N-N); vLLM's field names")
+          summary="Scores of queries against documents (1-1, 1-N, N-N): a cross-encoder's pair scores, or cosines "
+                  "of embeddings; vLLM's field names")
     async def score(self, request: Request, data: ScoreRequest) -> ScoreResponse:
         return await create_score(request, data)
 

@@ -6,7 +6,7 @@
     ├── ConfigError                       CLI exit 2; server refuses to start
     │   └── UnsupportedArchitectureError
     ├── ExportError
-    │   └── ParityError                   carries the min cosine per output
+    │   └── ParityError                   carries the missed figure per output (min cosine, or max abs difference)
     ├── RequestError                      400 invalid_request_error
     │   ├── InputTooLongError
     │   ├── UnsupportedDimensionError     param="dimensions"
@@ -15,6 +15,7 @@
     │   ├── UnsupportedMediaTypeError     415
     │   └── ModelNotFoundError            404
     ├── OverloadedError                   429
+    ├── BulkError (toolkit.bulk)          a row `toolkit embed` cannot embed, or an output it cannot resume
     └── BackendError                      500
         └── NotReadyError                 503 (also: shutting down past the grace period)
 
@@ -75,7 +76,8 @@ class ExportError(ToolkitError):
 class ParityError(ExportError):
     """The exported graph does not match the PyTorch reference.
 
-    ``report`` maps each checked output to its min cosine similarity.
+    ``report`` maps each output that missed to its figure: the min cosine similarity, or for scores
+    (cross-encoders) the max absolute difference.
     """
 
     def __init__(self, message: str, report: dict[str, float]) -> None:

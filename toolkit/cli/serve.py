@@ -1,0 +1,80 @@
+"""``toolkit serve``: models over every peer's HTTP dialect."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from toolkit.cli.app import app, one_line_errors, parse_device
+from toolkit.cli.sources import (
+    PrecisionOption,
+    RemoteCodeOption,
+    RevisionOption,
+    TargetOption,
+    artifact_for,
+    export_options_for_sources,
+)
+from toolkit.errors import ConfigError
+
+__all__ = ["serve"]
+
+
+@app.command()
+def serve(
+    models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="What to serve: artifacts (.onnx), bundled card names (`toolkit cards`), Hub ids or local model directories; anything but an artifact is exported once into TOOLKIT_CACHE and reused [default: the bundled all-MiniLM-L6-v2]")] = None,
+    precision: PrecisionOption = "fp32",
+    target: TargetOption = "cpu",
+    revision: RevisionOption = None,
+    trust_remote_code: RemoteCodeOption = False,
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    served_model_name: Annotated[list[str] | None, typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
+    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY'")] = None,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per inference batch")] = 16384,
+    max_concurrent_requests: Annotated[int, typer.Option(help="Requests in flight before 429")] = 512,
+    max_client_batch_size: Annotated[int, typer.Option(help="Inputs per request")] = 2048,
+    max_request_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 300_000,
+    payload_limit: Annotated[int, typer.Option(help="Request body bytes before 413 (TEI's default, 2 MiB)")] = 2 * 1024 * 1024,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a request's headers and body")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503")] = 1024,
+    shutdown_grace: Annotated[int, typer.Option(help="SIGTERM: seconds in-flight requests get before a 503")] = 30,
+    allow_request_chat_template: Annotated[bool, typer.Option(help="Accept a request's own `chat_template` (a Jinja program, rendered sandboxed with limits)")] = False,
+    allow_priority_boost: Annotated[bool, typer.Option(help="Accept negative `priority` (ahead of other requests)")] = False,
+    allow_image_url: Annotated[list[str] | None, typer.Option(help="Fetch http(s) image URLs from this host (repeat it; HOST, HOST:PORT or *.DOMAIN). Off by default: only data:image URIs are read [default: none]")] = None,
+    image_url_timeout: Annotated[float, typer.Option(help="Seconds one image fetch may take")] = 10.0,
+    max_embed_len: Annotated[int | None, typer.Option(help="Chunked processing (opt-in): embed inputs of up to this many tokens by window-sized chunks, averaged by token count, instead of refusing them [default: off]")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
+    spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
+    log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
+) -> None:
+    """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
+    from toolkit.settings import RuntimeOptions, ServerOptions
+
+    with one_line_errors():
+        dev = parse_device(device)
+        from toolkit.server.process import LOG_LEVELS
+
+        if log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of: {', '.join(LOG_LEVELS)} (got {log_level})")
+        from toolkit.server.process import bind_listener
+
+        listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
+        export_options = export_options_for_sources(precision, target, revision, trust_remote_code)
+        paths = [artifact_for(model, export_options) for model in (models or [None])]
+        server = ServerOptions(host=host, port=port, api_key=api_key or None,
+                               max_concurrent_requests=max_concurrent_requests,
+                               max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
+                               payload_limit=payload_limit, read_timeout_s=read_timeout, max_connections=max_connections,
+                               shutdown_grace_s=shutdown_grace, allow_request_chat_template=allow_request_chat_template,
+                               allow_priority_boost=allow_priority_boost, allow_image_urls=list(allow_image_url or []),
+                               image_url_timeout_s=image_url_timeout, log_level=log_level.lower())
+        runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
+                                 max_embed_len=max_embed_len)
+        from toolkit.server.process import run_server
+
+        code = run_server(paths, served_model_name or [], server, runtime, listener)
+    raise typer.Exit(code)
+
+

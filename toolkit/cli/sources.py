@@ -1,0 +1,56 @@
+"""MODEL arguments as artifacts: an artifact as is, a card / Hub id / directory through the export cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from toolkit.cli.app import console, step
+from toolkit.errors import ConfigError
+from toolkit.model_source import require_extra
+
+__all__ = ["PrecisionOption", "RemoteCodeOption", "RevisionOption", "TargetOption", "artifact_for", "export_options_for_sources"]
+
+
+# the export options of `toolkit serve` and `toolkit embed`, for a MODEL that is not an artifact yet
+PrecisionOption = Annotated[str, typer.Option(help="For a MODEL that is exported first: fp32 | fp16 | int8 (see `toolkit export --help`)")]
+TargetOption = Annotated[str, typer.Option(help="For a MODEL that is exported first: cpu | cuda | tensorrt")]
+RevisionOption = Annotated[str | None, typer.Option(help="For a Hub id: the branch, tag or commit to export [default: the default branch]")]
+RemoteCodeOption = Annotated[bool, typer.Option(help="For a MODEL that is exported first: run the model folder's own code")]
+
+
+def export_options_for_sources(precision: str, target: str, revision: str | None, trust_remote_code: bool):
+    from toolkit.settings import ExportOptions, Precision, Target
+
+    try:
+        prec, tgt = Precision(precision), Target(target)
+    except ValueError:
+        raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
+                          f"(got {precision}, {target})") from None
+    return ExportOptions(precision=prec, target=tgt, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def artifact_for(model: str | None, options) -> Path:
+    """MODEL as an artifact path: itself, its cached export (said so), or exported into the cache now."""
+    from toolkit.model_source import SourceKind, cache_entry, cache_root, locate_source
+
+    source = locate_source(model)
+    if source.kind is SourceKind.ARTIFACT:
+        return source.path
+    entry = cache_entry(source, options)
+    if entry.complete:
+        console.print(f"{escape(source.text)}: reusing the artifact exported before, {escape(str(entry.artifact))}",
+                      highlight=False)
+        return entry.artifact
+    require_extra("export", f"{source.text} is {source.label} with no artifact in the cache ({cache_root()}) yet; "
+                            "exporting it")
+    console.print(f"{escape(source.text)}: exporting once into {escape(str(entry.folder))} (later starts reuse it)",
+                  highlight=False)
+    from toolkit.export.cache import ensure_artifact
+
+    return ensure_artifact(model, options, step=step).path
+
+
