@@ -94,6 +94,30 @@ def siglip_artifact(tmp_path_factory) -> Path:
     return _export(str(folder), folder.parent / "siglip.onnx").path
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_artifact):
+    """The tiny BERT artifact (CLS, dense 32->24, Matryoshka 8/16, prompts) opened on the CPU, once."""
+    from toolkit.runtime import Embedder
+
+    return Embedder(tiny_artifact, device="cpu")
+
+
+def app_client(artifacts, names=("tiny",), runtime=None, **options):
+    """Litestar's TestClient over the real app (``load_models`` + ``create_app``) serving ``artifacts`` as ``names``
+    with ServerOptions(**options); use it in a ``with`` block (the lifespan runs there).
+    ``client.app.state.registry`` holds the served models."""
+    from litestar.testing import TestClient
+
+    from toolkit.server.app import create_app, load_models
+    from toolkit.server.metrics import Metrics
+    from toolkit.settings import RuntimeOptions, ServerOptions
+
+    paths = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    metrics = Metrics()
+    registry = load_models(paths, list(names), runtime or RuntimeOptions(device="cpu"), metrics)
+    return TestClient(create_app(registry, ServerOptions(**options), metrics))
+
+
 def free_port() -> int:
     import socket
 

@@ -7,22 +7,19 @@ import time
 
 import numpy as np
 import pytest
-from litestar.testing import TestClient
+from conftest import app_client
 
 from toolkit.errors import OverloadedError
 from toolkit.runtime import Embedder
-from toolkit.server.app import create_app, load_models
-from toolkit.server.metrics import Metrics
-from toolkit.settings import RuntimeOptions, ServerOptions
+from toolkit.settings import RuntimeOptions
 
 JSON = {"content-type": "application/json"}
 ROUTES = ("/v1/embeddings", "/v2/embed", "/tokenize")
 
 
 def _app(artifact, **options):
-    metrics = Metrics()
-    registry = load_models([artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
-    return TestClient(create_app(registry, ServerOptions(**options), metrics)), registry
+    client = app_client(artifact, **options)
+    return client, client.app.state.registry
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +27,6 @@ def client(tiny_artifact):
     c, _ = _app(tiny_artifact)
     with c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_artifact):
-    return Embedder(tiny_artifact, device="cpu")
 
 
 def _shape(path: str, r) -> str:
@@ -267,9 +259,7 @@ def test_chunked_processing_is_opt_in_and_pools_by_token_count(tiny_artifact, ti
     np.testing.assert_allclose(chunked.embed(["short"]), tiny.embed(["short"]), atol=1e-6)  # short ones unchanged
     with pytest.raises(Exception, match="chunked-processing maximum of 500"):
         Embedder(tiny_artifact, device="cpu", max_embed_len=500).embed(text)
-    metrics = Metrics()
-    registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu", max_embed_len=2000), metrics)
-    with TestClient(create_app(registry, ServerOptions(), metrics)) as c:
+    with app_client(tiny_artifact, runtime=RuntimeOptions(device="cpu", max_embed_len=2000)) as c:
         r = c.post("/v1/embeddings", json={"input": [text, "short"], "dimensions": 8})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == len(item) + tiny.count_tokens("short")

@@ -154,3 +154,12 @@ def test_extra_names_survive_the_console(tiny_artifact, tmp_path):
     assert done.returncode == 2 and "the [bulk] extra: pip install 'onnx-embed-toolkit[bulk]' (from a checkout: " \
         "pip install '.[bulk]')" in done.stderr, done.stderr
     assert Path(tmp_path / "out").exists() is False or not any((tmp_path / "out").iterdir())
+
+
+def test_an_uncached_hub_id_offline_is_one_line(tmp_path):
+    """`toolkit serve owner/name` (not cached, Hub unreachable) says so in one line, naming the id; exit 2."""
+    done = _cli("serve", "someone/some-model", "--port", "0", env={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'someone/some-model'" in last and "Hub" in last, done.stderr
+    assert not any((tmp_path / "cache" / "artifacts").glob("*/model.onnx"))  # nothing half-written was kept

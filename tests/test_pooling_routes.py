@@ -6,32 +6,18 @@ import base64
 
 import numpy as np
 import pytest
-from litestar.testing import TestClient
+from conftest import app_client
 
 from toolkit.runtime import Embedder
-from toolkit.server.app import create_app, load_models
-from toolkit.server.metrics import Metrics
-from toolkit.settings import RuntimeOptions, ServerOptions
 
 DOCS = ["ONNX Runtime executes graphs fast", "the weather is sunny today", "export a model to ONNX"]
 QUERY = "how do I run an ONNX graph"
 
 
-def _client(artifact):
-    metrics = Metrics()
-    registry = load_models([artifact], ["m"], RuntimeOptions(device="cpu"), metrics)
-    return TestClient(create_app(registry, ServerOptions(), metrics))
-
-
 @pytest.fixture(scope="module")
 def client(tiny_artifact):
-    with _client(tiny_artifact) as c:
+    with app_client(tiny_artifact, ["m"]) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_artifact):
-    return Embedder(tiny_artifact, device="cpu")
 
 
 def _cosines(emb: Embedder, query: str, docs: list[str]) -> np.ndarray:
@@ -70,7 +56,7 @@ def test_tei_errors_have_tei_shape(client, body, status):
 
 def test_tei_embed_sparse_on_splade(splade_artifact):
     emb = Embedder(splade_artifact, device="cpu")
-    with _client(splade_artifact) as c:
+    with app_client(splade_artifact, ["m"]) as c:
         r = c.post("/embed_sparse", json={"inputs": ["what is sparse retrieval"]})
         assert r.status_code == 200, r.text
         ((idx, val),) = emb.embed_sparse(["what is sparse retrieval"])

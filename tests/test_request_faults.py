@@ -4,11 +4,7 @@ token-id inputs that are not integers (through Litestar's test client, two tiny 
 from __future__ import annotations
 
 import pytest
-from litestar.testing import TestClient
-
-from toolkit.server.app import create_app, load_models
-from toolkit.server.metrics import Metrics
-from toolkit.settings import RuntimeOptions, ServerOptions
+from conftest import app_client
 
 TEI_ROUTES = [("/embed", {"inputs": "x"}), ("/embed_all", {"inputs": "x"}), ("/embed_sparse", {"inputs": "x"}),
               ("/rerank", {"query": "q", "texts": ["a"]})]
@@ -16,9 +12,7 @@ TEI_ROUTES = [("/embed", {"inputs": "x"}), ("/embed_all", {"inputs": "x"}), ("/e
 
 @pytest.fixture(scope="module")
 def client(tiny_artifact):
-    metrics = Metrics()
-    registry = load_models([tiny_artifact, tiny_artifact], ["a", "b"], RuntimeOptions(device="cpu"), metrics)
-    with TestClient(create_app(registry, ServerOptions(), metrics)) as c:
+    with app_client([tiny_artifact, tiny_artifact], ["a", "b"]) as c:
         yield c
 
 

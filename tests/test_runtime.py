@@ -24,11 +24,6 @@ TEXTS = ["The cat sat on the mat.", "Tokenizers split text into pieces.",
          "A much longer sentence, written to make the padding in a mixed batch matter quite a lot more than the rest.", "x"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_artifact) -> Embedder:
-    return Embedder(tiny_artifact, device="cpu")
-
-
 def test_padding_invariance_and_batching(tiny):
     together = tiny.embed(TEXTS)
     alone = np.stack([tiny.embed(t)[0] for t in TEXTS])

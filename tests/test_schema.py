@@ -11,6 +11,7 @@ made strict (no undocumented field), so a handler and its schema cannot drift ap
 from __future__ import annotations
 
 import pytest
+from conftest import app_client
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -48,9 +49,7 @@ def app(tiny_artifact):
 @pytest.fixture(scope="module")
 def client(tiny_artifact):
     """The same app as ``app``, its own engine: a TestClient runs the lifespan, whose shutdown closes it."""
-    metrics = Metrics()
-    registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
-    with TestClient(create_app(registry, ServerOptions(api_key="fuzz-key", max_client_batch_size=16), metrics)) as c:
+    with app_client(tiny_artifact, api_key="fuzz-key", max_client_batch_size=16) as c:
         yield c
 
 

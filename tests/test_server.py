@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import serve_subprocess
+from conftest import app_client, serve_subprocess
 from litestar.testing import TestClient
 
 from toolkit.runtime import Embedder
@@ -22,17 +22,9 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 
 @pytest.fixture(scope="module")
 def client(tiny_artifact):
-    metrics = Metrics()
-    registry = load_models([tiny_artifact], ["tiny"], RuntimeOptions(device="cpu"), metrics)
-    options = ServerOptions(max_client_batch_size=8, max_request_tokens=400, payload_limit=20_000,
-                            allow_request_chat_template=True)
-    with TestClient(create_app(registry, options, metrics)) as c:
+    with app_client(tiny_artifact, max_client_batch_size=8, max_request_tokens=400, payload_limit=20_000,
+                    allow_request_chat_template=True) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_artifact):
-    return Embedder(tiny_artifact, device="cpu")
 
 
 def test_openai_float_base64_bytes(client, tiny):

@@ -119,3 +119,21 @@ def test_a_new_task_runs_everywhere_from_one_registration(toy_task, tiny_artifac
         np.testing.assert_allclose([d["data"] for d in answer.json()["data"]], expected, atol=1e-6)
         wrong = client.post("/pooling", json={"input": texts, "task": "toy_meen"})
         assert wrong.status_code == 400 and "toy_mean" in wrong.json()["error"]["message"]
+
+
+def test_the_new_task_runs_in_toolkit_embed_too(toy_task, tiny_artifact, tmp_path):
+    """``toolkit embed``'s engine picks any text task with a row per input from the table (BulkOptions.task)."""
+    import pyarrow.parquet as pq
+
+    from toolkit.bulk import BulkOptions, embed_files
+
+    texts = ["alpha beta", "gamma delta epsilon", "zeta"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    summary = embed_files(tiny_artifact, tmp_path / "in.txt", tmp_path / "out", BulkOptions(task=toy_task))
+    assert summary.rows == 3
+    table = pq.read_table(tmp_path / "out")
+    emb = Embedder(tiny_artifact, device="cpu")
+    expected = (emb.embed(texts) + emb.embed(texts, normalize=False)) / 2
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()), expected, atol=1e-6)
+    with pytest.raises(Exception, match="--task 'toy_meen' is not one of: embed, token_embed, embed_sparse, classify"):
+        embed_files(tiny_artifact, tmp_path / "in.txt", tmp_path / "out2", BulkOptions(task="toy_meen"))
