@@ -69,7 +69,7 @@ def main() -> None:
 
     emb = Embedder(args.artifact, device="cpu")
     items = emb.tokenize_inputs(load_corpus(limit=args.texts), truncate_prompt_tokens=-1)
-    pad = {"pad_id": emb.manifest.pad_token_id, "side": emb._padding, "type_ids": emb._type_ids}
+    pad = {"pad_id": emb.manifest.pad_token_id, "side": emb.padding, "type_ids": "token_type_ids" in emb.session.input_names}
     singles = [pad_batch([t], **pad) for t in items]
     planned = [pad_batch([items[i] for i in b], **pad)
                for b in plan_batches([len(t) for t in items], max_batch_tokens=emb.options.max_batch_tokens,

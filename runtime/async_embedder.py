@@ -53,6 +53,7 @@ class BatchStats:
 class _Job:
     items: Sequence[Tokenized]
     output: str
+    modality: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float
@@ -113,13 +114,13 @@ class AsyncEmbedder:
         finally:
             self._admitted -= n_inputs
 
-    async def run(self, items: Sequence[Tokenized], output: str, *, priority: int = 0,
+    async def run(self, items: Sequence[Tokenized], output: str, *, modality: str = "text", priority: int = 0,
                   timings: Timings | None = None) -> list[np.ndarray]:
         """Each input's row of ``output``, in order; equal to running it alone."""
         if not self.alive:
             raise NotReadyError("the inference worker is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(items, output, loop, loop.create_future(), time.perf_counter(),
+        job = _Job(items, output, modality, loop, loop.create_future(), time.perf_counter(),
                    results=[None] * len(items), remaining=len(items))
         with self._cond:
             if len(self._heap) + len(items) > self.max_queue:
@@ -158,7 +159,8 @@ class AsyncEmbedder:
                 raise RequestError(f"the request has {prepared.tokens} tokens; the limit is {max_tokens}",
                                    param=entry.param)
             timings.tokenize = time.perf_counter() - started
-            rows = await asyncio.gather(*(self.run(run.items, run.output, priority=priority, timings=timings)
+            rows = await asyncio.gather(*(self.run(run.items, run.output, modality=run.modality, priority=priority,
+                                                   timings=timings)
                                           for run in prepared.runs))
         result = prepared.reduce(list(rows))
         if self._on_request is not None:
@@ -245,18 +247,18 @@ class AsyncEmbedder:
         for _, job in taken:
             if not job.started:
                 job.started = now
-        by_output: dict[str, list[tuple[int, _Job]]] = {}
+        by_output: dict[tuple[str, str], list[tuple[int, _Job]]] = {}  # one graph output of one encoder each
         for entry in taken:
-            by_output.setdefault(entry[1].output, []).append(entry)
+            by_output.setdefault((entry[1].modality, entry[1].output), []).append(entry)
         options = self.embedder.options
-        for output, entries in by_output.items():
+        for (modality, output), entries in by_output.items():
             lengths = [len(job.items[i]) for i, job in entries]
             for batch in plan_batches(lengths, max_batch_tokens=options.max_batch_tokens,
                                       max_batch_size=options.max_batch_size):
                 chosen = [entries[b] for b in batch]
                 started = time.perf_counter()
                 try:
-                    (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output])
+                    (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality)
                 except ToolkitError as exc:
                     self.last_error = exc.message
                     self._fail({id(job): job for _, job in chosen}.values(), exc)

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from toolkit.cards import PaddingSide
-from toolkit.errors import ConfigError, RequestError, UnsupportedDimensionError
-from toolkit.manifest import MANIFEST_KEY, HeadSpec, ImagePreprocess, decode_manifest
-from toolkit.runtime.artifact import image_tower_path, open_artifact
+from toolkit.errors import RequestError, UnsupportedDimensionError
+from toolkit.manifest import HeadSpec, ImagePreprocess
+from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
-from toolkit.runtime.images import IMAGE_OUTPUT, Pixels, as_image_list, load_pixels
+from toolkit.runtime.encoders import open_encoders
+from toolkit.runtime.images import Pixels, as_image_list
 from toolkit.runtime.pooling import Inputs, activate, as_input_list
-from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
-from toolkit.runtime.tokenization import Tokenized, Tokenizer, pad_batch
+from toolkit.runtime.tokenization import Tokenized, Tokenizer
 from toolkit.settings import Device, RuntimeOptions
 
 __all__ = ["Embedder", "Inputs", "OutputPlan"]
 
-_DECODE_THREADS = 4  # images decoded at once per Embedder (Pillow releases the GIL while decoding and resizing)
 
 
 @dataclass(frozen=True)
@@ -69,33 +66,21 @@ class Embedder:
         self.model_card = loaded.model_card
         self.card = manifest.card
         self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
-        self._type_ids = "token_type_ids" in self.session.input_names
-        self._padding = PaddingSide(self.card.padding_side)
-        self.image_session: OrtSession | None = None
-        self._decoder: ThreadPoolExecutor | None = None
-        if manifest.image is not None:
-            self.image_session = self._open_image_tower(loaded.path)
+        self.padding = PaddingSide(self.card.padding_side)
+        self.encoders = open_encoders(self, loaded.path)  # one per modality the manifest lists
 
-    def _open_image_tower(self, path: Path) -> OrtSession:
-        from toolkit.runtime.images import require_pillow
-
-        require_pillow()
-        image_path = image_tower_path(path)
-        if not image_path.is_file():
-            raise ConfigError(f"{path}: its image tower {image_path.name} is not beside it (an export writes both "
-                              "files; keep them together)")
-        session = OrtSession(image_path, self.options)
-        tower = decode_manifest(session.metadata.get(MANIFEST_KEY, "{}"), source=str(image_path))
-        if tower.tower != "image" or tower.card != self.card:
-            raise ConfigError(f"{image_path}: not the image tower of {path.name} (its manifest differs)")
-        return session
+    def encoder(self, modality: str):
+        """This artifact's encoder for ``modality``; RequestError naming the ones it has."""
+        if modality not in self.encoders:
+            raise RequestError(f"this {self.kind} artifact reads {', '.join(self.encoders)} only; it has no "
+                               f"{modality} encoder" + (" (no image tower)" if modality == "image" else ""),
+                               param="input")
+        return self.encoders[modality]
 
     @property
     def image_spec(self) -> ImagePreprocess:
         """How images are preprocessed for the image tower (RequestError when this artifact has none)."""
-        if self.manifest.image is None:
-            raise RequestError(f"this {self.kind} artifact has no image tower; it embeds text only", param="input")
-        return self.manifest.image.preprocess
+        return self.encoder("image").spec
 
     @property
     def head(self) -> HeadSpec:
@@ -158,23 +143,18 @@ class Embedder:
                                         index=i if nested else None) for i, ids in enumerate(items)]
 
     # ---------------------------------------------------------------- engine
-    def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str]) -> list[np.ndarray]:
-        """One padded batch through the graph (or, for image outputs, a batch of images through the image
-        tower): (batch, ...) arrays in ``outputs`` order."""
-        if outputs[0].startswith(IMAGE_OUTPUT):
-            pixels = np.stack([item.pixels for item in items])  # type: ignore[union-attr]
-            return self.image_session.run(outputs, {"pixel_values": pixels})  # type: ignore[union-attr]
-        feeds = pad_batch(items, pad_id=self.manifest.pad_token_id, side=self._padding, type_ids=self._type_ids,
-                          length=self.manifest.max_seq_len if self.card.pad_to_max_length else None)
-        return self.session.run(outputs, feeds)
+    def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str],
+                  modality: str = "text") -> list[np.ndarray]:
+        """One batch of ``modality``'s model inputs through its graph: (batch, ...) arrays in ``outputs`` order."""
+        return self.encoder(modality).run(items, outputs)
 
-    def run(self, items: Sequence[Tokenized], output: str) -> list[np.ndarray]:
-        """Length-sorted token-budget batches; one array per input, in input order."""
+    def run(self, items: Sequence[Tokenized] | Sequence[Pixels], output: str, modality: str = "text") -> list[np.ndarray]:
+        """Length-sorted token-budget batches of ``modality``'s model inputs; one array per input, in input order."""
         results: list[np.ndarray | None] = [None] * len(items)
         batches = plan_batches([len(t) for t in items], max_batch_tokens=self.options.max_batch_tokens,
                                max_batch_size=self.options.max_batch_size)
         for batch in batches:
-            (out,) = self.run_batch([items[i] for i in batch], [output])
+            (out,) = self.run_batch([items[i] for i in batch], [output], modality)
             for row, index in enumerate(batch):
                 results[index] = out[row]
         return results  # type: ignore[return-value]
@@ -209,12 +189,11 @@ class Embedder:
         norm = self.card.normalize if normalize is None else normalize
         native = self.dimensions
         if image:
-            self.image_spec  # noqa: B018 - RequestError without an image tower
+            final, raw = self.encoder("image").tower.outputs  # normalized as the card says; the projection only
             if dimensions is not None and dimensions != native:
                 raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; "
                                                 f"allowed: {native}")
-            return OutputPlan(IMAGE_OUTPUT) if norm == self.card.normalize else OutputPlan(
-                IMAGE_OUTPUT + "_raw", normalize=norm)
+            return OutputPlan(final) if norm == self.card.normalize else OutputPlan(raw, normalize=norm)
         if dimensions is None or dimensions == native:
             if norm == self.card.normalize:
                 return OutputPlan("sentence_embedding")
@@ -262,7 +241,7 @@ class Embedder:
 
     def complete(self, prepared: Prepared):
         """A prepared task's result, its runs through ``run`` in this thread."""
-        return prepared.reduce([self.run(run.items, run.output) for run in prepared.runs])
+        return prepared.reduce([self.run(run.items, run.output, run.modality) for run in prepared.runs])
 
     def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
         """(n, dimensions) float32 sentence embeddings (texts, or token ids)."""
@@ -272,45 +251,30 @@ class Embedder:
         """Sentence embeddings of already tokenized inputs, by ``plan``, in input order."""
         return self.complete(embed_items(self, items, plan))
 
-    def _decode(self, sources: list, offset: int) -> list[Future]:
-        """Start decoding + preprocessing ``sources`` (input indices from ``offset``) on the bounded pool."""
-        spec = self.image_spec
-        if self._decoder is None:
-            self._decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="toolkit-decode")
-        tokens = self.manifest.image.tokens  # type: ignore[union-attr]
-        return [self._decoder.submit(load_pixels, image, offset + i, spec, tokens) for i, image in enumerate(sources)]
-
-    @staticmethod
-    def _collect(futures: list[Future]) -> list[Pixels]:
-        try:
-            return [f.result() for f in futures]
-        finally:
-            for f in futures:
-                f.cancel()
-
     def load_images(self, images) -> list[Pixels]:
         """Images (PIL images, bytes, paths, data URIs) -> preprocessed pixels, decoded in parallel on a bounded
         pool of threads; RequestError names the first input that fails, and nothing else is affected."""
-        return self._collect(self._decode(as_image_list(images), 0))
+        return self.encoder("image").load(images)
 
     def embed_images(self, images, *, dimensions: int | None = None, normalize: bool | None = None) -> np.ndarray:
         """(n, dimensions) float32 image embeddings, in the same space as ``embed(texts)`` (two-tower artifacts).
 
         ``images``: one or a list of PIL images, encoded bytes, file paths or ``data:image/...;base64`` URIs.
-        The next batch decodes while this one runs; no more than two batches of pixels are held at once.
+        The next batch decodes while this one runs; no more than two batches of pixels are held at once (the
+        table's ``embed_images`` decodes all first: the batcher needs every input before it can plan).
         """
         plan = self.plan_output(dimensions, normalize, image=True)
+        images_in = self.encoder("image")
         sources = as_image_list(images)
         step = self.options.max_batch_size
-        starts = range(0, len(sources), step)
         rows: list[np.ndarray] = []
-        pending = self._decode(sources[:step], 0)
+        pending = images_in.decode(sources[:step], 0)
         try:
-            for start in starts:
-                current = pending
-                following = start + step
-                pending = self._decode(sources[following:following + step], following) if following < len(sources) else []
-                (out,) = self.run_batch(self._collect(current), [plan.output])
+            for start in range(0, len(sources), step):
+                current, following = pending, start + step
+                pending = images_in.decode(sources[following:following + step], following) \
+                    if following < len(sources) else []
+                (out,) = self.run_batch(images_in.collect(current), [plan.output], "image")
                 rows.extend(out)
         finally:
             for f in pending:
@@ -336,7 +300,7 @@ class Embedder:
 
     def unpad(self, states: np.ndarray, length: int) -> np.ndarray:
         # (seq, hidden) padded to its batch -> (length, hidden)
-        return states[:length] if self._padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
+        return states[:length] if self.padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
 
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool = True,
               truncate_prompt_tokens: int | None = None, **kwargs) -> np.ndarray:

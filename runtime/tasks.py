@@ -52,6 +52,7 @@ class Run:
 
     items: Sequence
     output: str
+    modality: str = "text"  # whose encoder runs the items (the artifact's encoders: toolkit.runtime.encoders)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def embed_items(emb: Embedder, items: list, plan) -> Prepared:
 def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
     plan = emb.plan_output(dimensions, normalize, image=True)
     pixels = emb.load_images(as_image_list(images))
-    return Prepared([Run(pixels, plan.output)], lambda rows: emb.finish(np.stack(rows[0]), plan),
+    return Prepared([Run(pixels, plan.output, "image")], lambda rows: emb.finish(np.stack(rows[0]), plan),
                     tokens=_tokens(pixels), images=pixels)
 
 

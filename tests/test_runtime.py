@@ -221,10 +221,10 @@ def test_failing_batch_fails_only_its_callers(tiny, monkeypatch):
     engine = AsyncEmbedder(tiny)
     real = tiny.run_batch
 
-    def flaky(items, outputs):
+    def flaky(items, outputs, modality="text"):
         if any(len(t) == 3 for t in items):  # the one-word input
             raise BackendError("boom")
-        return real(items, outputs)
+        return real(items, outputs, modality)
 
     monkeypatch.setattr(tiny, "run_batch", flaky)
 
