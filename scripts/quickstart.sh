@@ -2,7 +2,7 @@
 # Install (scripts/setup.sh), serve the bundled all-MiniLM-L6-v2 (exported once into .cache/toolkit/, reused
 # after), send one real request, print the artifact's manifest, stop the server.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd -P "$(dirname "$0")/.."  # -P: the real checkout, also when reached through a symlink
 bash scripts/setup.sh
 export TOOLKIT_CACHE=${TOOLKIT_CACHE:-$PWD/.cache/toolkit}
 PORT=${PORT:-8000}

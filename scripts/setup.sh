@@ -2,7 +2,7 @@
 # Create .venv and install the toolkit with its export and dev extras, pinned to
 # the tested versions (constraints.txt). Idempotent: a second run installs nothing new.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd -P "$(dirname "$0")/.."  # -P: the real checkout, also when reached through a symlink
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)

@@ -139,3 +139,9 @@ def test_readme_block_runs_as_written(block: Block, workspace: Path):
             server.communicate(timeout=30)
     assert done.returncode == 0, f"{block} failed ({done.returncode}):\n{code}\n--- stdout\n{done.stdout[-3000:]}" \
                                  f"\n--- stderr\n{done.stderr[-3000:]}"
+    if block.directive == "quickstart":  # it ran setup.sh from the workspace: the install must still be the checkout's
+        shebang = (VENV_BIN / "toolkit").read_text().splitlines()[0]
+        assert shebang == f"#!{VENV_BIN / 'python'}", shebang
+        where = subprocess.run([sys.executable, "-c", "import toolkit; print(toolkit.__file__)"], capture_output=True,
+                               text=True, cwd="/").stdout.strip()
+        assert where == str(ROOT / "toolkit" / "__init__.py"), where

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from toolkit.errors import ConfigError, ToolkitError
 
-__all__ = ["app", "console", "fail", "int_list", "one_line_errors", "parse_device", "stdout_console", "step"]
+__all__ = ["app", "console", "fail", "int_list", "one_line_errors", "parse_device", "parse_precision_target", "stdout_console", "step"]
 
 
 # plain (click) help: Rich help cuts option names and [default: ...] notes at 80 columns when piped
@@ -68,6 +68,17 @@ def parse_device(value: str):
         return Device(value)
     except ValueError:
         raise ConfigError(f"--device must be one of: {', '.join(d.value for d in Device)} (got {value})") from None
+
+
+def parse_precision_target(precision: str, target: str):
+    """(Precision, Target) from the flags; ConfigError naming the valid choices."""
+    from toolkit.settings import Precision, Target
+
+    try:
+        return Precision(precision), Target(target)
+    except ValueError:
+        raise ConfigError(f"--precision must be one of: {', '.join(p.value for p in Precision)}; --target one of: "
+                          f"{', '.join(t.value for t in Target)} (got {precision}, {target})") from None
 
 
 def int_list(value: str | None, option: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from toolkit.cli.app import app, console, int_list, one_line_errors, step
+from toolkit.cli.app import app, console, int_list, one_line_errors, parse_precision_target, step
 from toolkit.errors import ConfigError
 from toolkit.model_source import require_extra
 
@@ -35,15 +35,11 @@ def export(
 ) -> None:
     """Export MODEL to ONE self-contained ONNX artifact, verified against PyTorch."""
     from toolkit.cards import parse_pooling
-    from toolkit.settings import ExportOptions, Precision, Target
+    from toolkit.settings import ExportOptions
 
     with one_line_errors():
         require_extra("export", "toolkit export")
-        try:
-            prec, tgt = Precision(precision), Target(target)
-        except ValueError:
-            raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
-                               f"(got {precision}, {target})") from None
+        prec, tgt = parse_precision_target(precision, target)
         if not 14 <= opset <= 21:  # Attention-era operators need 14+; onnxruntime 1.20 runs up to 21
             raise ConfigError(f"--opset must be between 14 and 21, got {opset}")
         if matryoshka not in (None, "any"):

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from toolkit.cli.app import console, step
-from toolkit.errors import ConfigError
+from toolkit.cli.app import console, parse_precision_target, step
 from toolkit.model_source import require_extra
 
 __all__ = ["PrecisionOption", "RemoteCodeOption", "RevisionOption", "TargetOption", "artifact_for", "export_options_for_sources"]
@@ -23,13 +22,9 @@ RemoteCodeOption = Annotated[bool, typer.Option(help="For a MODEL that is export
 
 
 def export_options_for_sources(precision: str, target: str, revision: str | None, trust_remote_code: bool):
-    from toolkit.settings import ExportOptions, Precision, Target
+    from toolkit.settings import ExportOptions
 
-    try:
-        prec, tgt = Precision(precision), Target(target)
-    except ValueError:
-        raise ConfigError(f"--precision must be one of: fp32, fp16, int8; --target one of: cpu, cuda, tensorrt "
-                          f"(got {precision}, {target})") from None
+    prec, tgt = parse_precision_target(precision, target)
     return ExportOptions(precision=prec, target=tgt, revision=revision, trust_remote_code=trust_remote_code)
 
 
