@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.export.optimize import quantizable_matmuls, quantize_int8
-from toolkit.export.parity import cosines, neighbour_overlap
+from toolkit.export.parity import neighbour_overlap
 from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.pooling import cosines
 from toolkit.runtime.tokenization import Tokenizer, pad_batch
 from toolkit.settings import RuntimeOptions
 

@@ -29,6 +29,7 @@ from toolkit.export.graph import EmbeddingModule
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
+from toolkit.runtime.pooling import cosines
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["ABS_THRESHOLDS", "THRESHOLDS", "check_parity", "cosines", "neighbour_overlap"]
@@ -39,15 +40,6 @@ NOISE_FACTOR = 10.0  # fp32: the artifact may be this many times farther from ex
 _NOISE_MIN = 1e-9  # a floor under the noise (1 - cosine) so an exact reference does not demand exactness
 TOKEN_OUTPUTS = ("token_embeddings", "colbert_embeddings")  # (batch, seq, dim): compared over the real tokens
 _PROBE_CAP = 512  # longest probe, in tokens, whatever the model's maximum
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    both_zero = (na < 1e-9) & (nb < 1e-9)
-    cos = (a * b).sum(-1) / np.maximum(na * nb, 1e-18)
-    return np.where(both_zero, 1.0, cos)
 
 
 def _probe_texts(max_len: int) -> dict[str, str]:

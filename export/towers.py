@@ -162,7 +162,7 @@ def image_parity(emb, resolved: ResolvedModel, model: torch.nn.Module, precision
     difference between the two preprocessings' pixels."""
     from PIL import Image
 
-    from toolkit.export.parity import cosines
+    from toolkit.runtime.pooling import cosines
 
     images = probe_images()
     processor = _processor(resolved)
@@ -197,7 +197,7 @@ def text_reference_check(emb, resolved: ResolvedModel, model: torch.nn.Module, t
     ``max_length``, no mask)."""
     from transformers import AutoTokenizer
 
-    from toolkit.export.parity import cosines
+    from toolkit.runtime.pooling import cosines
 
     tok = AutoTokenizer.from_pretrained(resolved.model_dir)
     cap = emb.manifest.max_seq_len

@@ -11,7 +11,7 @@ from toolkit.errors import RequestError
 from toolkit.runtime.images import is_image_input
 from toolkit.runtime.tokenization import Tokenized
 
-__all__ = ["Inputs", "activate", "as_input_list", "cosine_scores", "count_inputs", "expand_chunks", "interleave",
+__all__ = ["Inputs", "activate", "as_input_list", "cosine_scores", "cosines", "count_inputs", "expand_chunks", "interleave",
            "pool_chunks", "pool_sparse", "score_pairs", "sparse_entries", "split_modalities"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
@@ -127,3 +127,13 @@ def as_input_list(inputs: Inputs) -> list[str] | list[list[int]]:
     if all(isinstance(x, (list, tuple)) for x in items):
         return [list(x) for x in items]
     raise RequestError("input must be a string, a list of strings, a list of token ids or a list of such lists", param="input")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two arrays of the same shape (float64; two zero rows count as equal): parity figures."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    both_zero = (na < 1e-9) & (nb < 1e-9)
+    cos = (a * b).sum(-1) / np.maximum(na * nb, 1e-18)
+    return np.where(both_zero, 1.0, cos)

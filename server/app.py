@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-from litestar import Litestar, Request, get
+from litestar import Litestar, Request, Response, get, post
 from litestar.enums import OpenAPIMediaType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -28,20 +28,35 @@ from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
 from toolkit.server.decoding import ToolkitRequest
+from toolkit.server.dispatch import BodyRoute, dispatch_body
 from toolkit.server.errors import error_body, handle_exception
 from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
-from toolkit.server.openai_api import OpenAIController
+from toolkit.server.openai_api import OpenAIController, OpenAIEmbeddingRequest, create_embeddings
 from toolkit.server.pooling_api import PoolingController
 from toolkit.server.rerank_api import RerankController
 from toolkit.server.schema import document_schema
 from toolkit.server.tei_api import TEIController
-from toolkit.server.vllm_api import VLLMController
+from toolkit.server.vllm_api import (
+    DetokenizeRequest,
+    ScoreRequest,
+    TokenizeRequest,
+    VLLMController,
+    create_score,
+    create_text,
+    create_tokens,
+)
 from toolkit.settings import RuntimeOptions, ServerOptions
 
 __all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
+INVOCATIONS = (  # SageMaker's entry point: the route a body's fields select
+    BodyRoute(("input", "messages"), OpenAIEmbeddingRequest, create_embeddings),
+    BodyRoute(("queries", "data_1", "text_1"), ScoreRequest, create_score),
+    BodyRoute(("prompt",), TokenizeRequest, create_tokens),
+    BodyRoute(("tokens",), DetokenizeRequest, create_text),
+)
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")  # no API key needed
 READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
 
@@ -151,6 +166,13 @@ class Ready(msgspec.Struct):
     models: list[str]
 
 
+@post("/invocations", status_code=200, tags=["vLLM extras"],
+      summary="SageMaker entry point: an embeddings, score, tokenize or detokenize body, told apart by its fields")
+async def invocations(request: Request) -> Response:
+    return await dispatch_body(request, INVOCATIONS, "`input` or `messages` (embeddings), `queries` (score), "
+                                                     "`prompt` (tokenize) or `tokens` (detokenize)")
+
+
 @get("/health", summary="Liveness", tags=["Operations"])
 async def health() -> Health:
     return Health("ok")
@@ -228,7 +250,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
-                        PoolingController, health, ready, prometheus, openapi_json, *assets],
+                        PoolingController, invocations, health, ready, prometheus, openapi_json, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
         request_class=ToolkitRequest,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from toolkit.errors import RequestError
 from toolkit.settings import ServerOptions
 
-__all__ = ["PRIORITY_RANGE", "check_choice", "check_limits", "check_priority"]
+__all__ = ["PRIORITY_RANGE", "check_choice", "check_limits", "check_priority", "tei_truncation"]
 
 PRIORITY_RANGE = (-1000, 1000)  # lower runs first; 0 is the default
 
@@ -35,3 +35,11 @@ def check_priority(priority: int, options: ServerOptions) -> int:
         raise RequestError("priority below 0 (ahead of other requests) is not allowed on this server "
                            "(the operator can allow it with --allow-priority-boost)", param="priority")
     return priority
+
+
+def tei_truncation(truncate: bool | None, direction: str) -> dict:
+    """TEI's ``truncate`` (default false: too long is an error) and ``truncation_direction`` (Left / Right)."""
+    side = direction.lower()
+    if side not in ("left", "right"):
+        raise RequestError(f"truncation_direction '{direction}' is not one of: Left, Right", param="truncation_direction")
+    return {"truncate_prompt_tokens": -1 if truncate else None, "truncation_side": side}

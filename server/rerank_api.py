@@ -18,10 +18,10 @@ from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
-from toolkit.server.limits import check_limits
+from toolkit.server.dispatch import BodyRoute, dispatch_body
+from toolkit.server.limits import check_limits, tei_truncation
 from toolkit.server.metrics import timing_headers
 from toolkit.server.schema import CohereApiVersion, CohereTokens
-from toolkit.server.tei_api import tei_truncation
 
 __all__ = ["CohereRerankResponse", "RerankController", "TEIRank", "VLLMRerankRequest", "VLLMRerankResponse"]
 
@@ -170,13 +170,8 @@ class RerankController(Controller):
     @post("/rerank", status_code=200,
           summary="Rerank documents: vLLM's body (query + documents) or TEI's (query + texts), told apart by the body")
     async def rerank(self, request: Request) -> Response[VLLMRerankResponse | list[TEIRank]]:
-        body = await request.json()
-        if not isinstance(body, dict) or ("texts" in body) == ("documents" in body):
-            raise RequestError("give `documents` (vLLM / Jina / Cohere body) or `texts` (TEI body), exactly one")
-        if "texts" in body:
-            request.state.dialect = "tei"
-            return await tei_rerank(request, _convert(body, TEIRerankRequest))
-        return await vllm_rerank(request, _convert(body, VLLMRerankRequest), cohere=False)
+        return await dispatch_body(request, RERANK_BODIES,
+                                   "`documents` (vLLM / Jina / Cohere body) or `texts` (TEI body), exactly one")
 
     @post("/v1/rerank", status_code=200, summary="Rerank documents (vLLM, Jina-compatible)")
     async def rerank_v1(self, request: Request, data: VLLMRerankRequest) -> Response[VLLMRerankResponse]:
@@ -187,8 +182,9 @@ class RerankController(Controller):
         return await vllm_rerank(request, data, cohere=True)
 
 
-def _convert(body: dict, kind: type):
-    try:
-        return msgspec.convert(body, kind)
-    except msgspec.ValidationError as exc:
-        raise RequestError(f"invalid request: {exc}") from None
+async def _vllm_body(request: Request, data: VLLMRerankRequest) -> Response[VLLMRerankResponse]:
+    return await vllm_rerank(request, data, cohere=False)
+
+
+RERANK_BODIES = (BodyRoute(("texts",), TEIRerankRequest, tei_rerank, exclusive=("documents",), dialect="tei"),
+                 BodyRoute(("documents",), VLLMRerankRequest, _vllm_body, exclusive=("texts",)))

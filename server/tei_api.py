@@ -12,13 +12,12 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 
-from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.pooling import count_inputs
-from toolkit.server.limits import check_limits
+from toolkit.server.limits import check_limits, tei_truncation
 from toolkit.server.metrics import timing_headers
 
-__all__ = ["TEIController", "tei_truncation"]
+__all__ = ["TEIController"]
 
 
 class TEIEmbedRequest(msgspec.Struct, kw_only=True):
@@ -39,14 +38,6 @@ class TEITokensRequest(msgspec.Struct, kw_only=True):
     truncation_direction: str = "Right"
     prompt_name: str | None = None
     model: str | None = None
-
-
-def tei_truncation(truncate: bool | None, direction: str) -> dict:
-    """TEI's ``truncate`` (default false: too long is an error) and ``truncation_direction`` (Left / Right)."""
-    side = direction.lower()
-    if side not in ("left", "right"):
-        raise RequestError(f"truncation_direction '{direction}' is not one of: Left, Right", param="truncation_direction")
-    return {"truncate_prompt_tokens": -1 if truncate else None, "truncation_side": side}
 
 
 def _begin(request: Request, data) -> tuple[Any, dict, Timings, float]:

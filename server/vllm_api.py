@@ -9,7 +9,7 @@ import uuid
 from typing import Any, Literal
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, get, post
 from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
@@ -19,7 +19,8 @@ from toolkit.server.inputs import prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.schema import UsageInfo
 
-__all__ = ["DetokenizeResponse", "ScoreResponse", "TokenizeResponse", "TokenizerInfo", "VLLMController"]
+__all__ = ["DetokenizeRequest", "DetokenizeResponse", "ScoreRequest", "ScoreResponse", "TokenizeRequest", "TokenizeResponse",
+           "TokenizerInfo", "VLLMController", "create_score", "create_text", "create_tokens"]
 
 
 
@@ -168,26 +169,3 @@ class VLLMController(Controller):
             "vocab_size": emb.tokenizer.vocab_size, "pad_token_id": manifest.pad_token_id,
             "padding_side": emb.card.padding_side.value, "truncation_side": "right",
             **manifest.special_tokens, "chat_template": manifest.chat_template}, TokenizerInfo)
-
-    @post("/invocations", status_code=200,
-          summary="SageMaker entry point: an embeddings, score, tokenize or detokenize body, told apart by its fields")
-    async def invocations(self, request: Request) -> Response:
-        from toolkit.server.openai_api import OpenAIEmbeddingRequest, create_embeddings
-
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object")
-        routes = ((("input", "messages"), OpenAIEmbeddingRequest, create_embeddings),
-                  (("queries", "data_1", "text_1"), ScoreRequest, create_score),
-                  (("prompt",), TokenizeRequest, create_tokens),
-                  (("tokens",), DetokenizeRequest, create_text))
-        for keys, kind, handler in routes:
-            if any(k in body for k in keys):
-                try:
-                    data = msgspec.convert(body, kind)
-                except msgspec.ValidationError as exc:
-                    raise RequestError(f"invalid request: {exc}") from None
-                result = await handler(request, data)
-                return result if isinstance(result, Response) else Response(result)
-        raise RequestError("the body matches no route: give `input` or `messages` (embeddings), `queries` "
-                           "(score), `prompt` (tokenize) or `tokens` (detokenize)")
