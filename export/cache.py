@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 
 from toolkit.export.pipeline import StepReporter, _quiet_step, export_model
-from toolkit.model_source import SourceKind, cache_entry, locate_source
+from toolkit.model_source import cache_entry, find_cached_artifact, locate_source
 from toolkit.settings import ExportOptions
 
 __all__ = ["CachedArtifact", "ensure_artifact"]
@@ -40,11 +40,10 @@ def ensure_artifact(model: str | Path | None, options: ExportOptions | None = No
     """
     options = options or ExportOptions()
     source = locate_source(model)
-    if source.kind is SourceKind.ARTIFACT:
-        return CachedArtifact(source.path, reused=True)
+    cached = find_cached_artifact(source, options)
+    if cached is not None:
+        return CachedArtifact(cached, reused=True)
     entry = cache_entry(source, options)
-    if entry.complete:
-        return CachedArtifact(entry.artifact, reused=True)
     entry.folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.folder.name}.", dir=entry.folder.parent))
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolkit.errors import ConfigError
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, decode_manifest
-from toolkit.model_source import cache_root, find_cached_artifact, locate_source
+from toolkit.model_source import cache_root, find_cached_artifact, install_hint, locate_source
 from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
@@ -39,12 +39,12 @@ def resolve_artifact_path(model: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     source = locate_source(model if isinstance(model, str) else path)
-    cached = find_cached_artifact(model if isinstance(model, str) else path)
+    cached = find_cached_artifact(source)
     if cached is None:
         raise ConfigError(f"'{source.text}' is {source.label} with no artifact in the cache ({cache_root()}) "
                           f"yet: `toolkit serve {source.text}` exports it there once, or in Python "
                           f"Embedder(ensure_artifact('{source.text}')) with ensure_artifact from toolkit.export "
-                          "(both need the [export] extra: pip install 'onnx-embed-toolkit[export]'); or open an "
+                          f"(both need the [export] extra: {install_hint('export')}); or open an "
                           f"artifact written by `toolkit export {source.text} -o model.onnx`")
     return cached
 

@@ -223,9 +223,10 @@ def cache_entry(source: ModelSource, options: ExportOptions) -> CacheEntry:
     return CacheEntry(cache_root() / "artifacts" / f"{slug}-{options.precision.value}-{digest}", key)
 
 
-def find_cached_artifact(model: str | Path | None, options: ExportOptions | None = None) -> Path | None:
-    """The artifact for ``model``: itself when it is one, else its cache entry's when complete, else None."""
-    source = locate_source(model)
+def find_cached_artifact(model: str | Path | ModelSource | None, options: ExportOptions | None = None) -> Path | None:
+    """The artifact for ``model`` (or an already located source): itself when it is one, else its cache entry's
+    when complete, else None."""
+    source = model if isinstance(model, ModelSource) else locate_source(model)
     if source.kind is SourceKind.ARTIFACT:
         return source.path
     entry = cache_entry(source, options or ExportOptions())

@@ -9,7 +9,14 @@ import typer
 from rich.markup import escape
 
 from toolkit.cli.app import console, parse_precision_target, step
-from toolkit.model_source import require_extra
+from toolkit.model_source import (
+    SourceKind,
+    cache_entry,
+    cache_root,
+    find_cached_artifact,
+    locate_source,
+    require_extra,
+)
 
 __all__ = ["PrecisionOption", "RemoteCodeOption", "RevisionOption", "TargetOption", "artifact_for", "export_options_for_sources"]
 
@@ -30,16 +37,14 @@ def export_options_for_sources(precision: str, target: str, revision: str | None
 
 def artifact_for(model: str | None, options) -> Path:
     """MODEL as an artifact path: itself, its cached export (said so), or exported into the cache now."""
-    from toolkit.model_source import SourceKind, cache_entry, cache_root, locate_source
-
     source = locate_source(model)
-    if source.kind is SourceKind.ARTIFACT:
-        return source.path
+    cached = find_cached_artifact(source, options)
+    if cached is not None:
+        if source.kind is not SourceKind.ARTIFACT:
+            console.print(f"{escape(source.text)}: reusing the artifact exported before, {escape(str(cached))}",
+                          highlight=False)
+        return cached
     entry = cache_entry(source, options)
-    if entry.complete:
-        console.print(f"{escape(source.text)}: reusing the artifact exported before, {escape(str(entry.artifact))}",
-                      highlight=False)
-        return entry.artifact
     require_extra("export", f"{source.text} is {source.label} with no artifact in the cache ({cache_root()}) yet; "
                             "exporting it")
     console.print(f"{escape(source.text)}: exporting once into {escape(str(entry.folder))} (later starts reuse it)",
