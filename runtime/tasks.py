@@ -138,7 +138,7 @@ def embed_items(emb: Embedder, items: list, plan) -> Prepared:
 # ---------------------------------------------------------------- embed_images (two-tower artifacts)
 def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
     plan = emb.plan_output(dimensions, normalize, image=True)
-    pixels = emb.load_images(as_image_list(images))
+    pixels = emb.load_images(images)
     return Prepared([Run(pixels, plan.output, "image")], lambda rows: emb.finish(np.stack(rows[0]), plan),
                     tokens=_tokens(pixels), images=pixels)
 
