@@ -137,3 +137,10 @@ def test_the_new_task_runs_in_toolkit_embed_too(toy_task, tiny_artifact, tmp_pat
     np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()), expected, atol=1e-6)
     with pytest.raises(Exception, match="--task 'toy_meen' is not one of: embed, token_embed, embed_sparse, classify"):
         embed_files(tiny_artifact, tmp_path / "in.txt", tmp_path / "out2", BulkOptions(task="toy_meen"))
+    # a row past the model's maximum is refused alone (found row by row only then), the others still written
+    (tmp_path / "long.txt").write_text("\n".join([texts[0], "word " * 500, texts[2]]) + "\n")
+    summary = embed_files(tiny_artifact, tmp_path / "long.txt", tmp_path / "out3",
+                          BulkOptions(task=toy_task, on_error="skip"))
+    assert (summary.rows, summary.skipped) == (2, 1)
+    got = np.array(pq.read_table(tmp_path / "out3").column("embedding").to_pylist())
+    np.testing.assert_allclose(got, expected[[0, 2]], atol=1e-6)

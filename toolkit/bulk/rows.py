@@ -61,7 +61,6 @@ class RowEncoder:
             self.plan = None
             self.fields = [pa.field("embedding", pa.list_(pa.float32()))]
         elif self.sparse:
-            embedder.require("embed_sparse")
             if options.dimensions is not None or options.embedding_type != "float":
                 raise ConfigError("a sparse (SPLADE) artifact writes (indices, values); --dimensions and "
                                   "--embedding-type do not apply")
@@ -120,14 +119,12 @@ class RowEncoder:
         window), in order; rows found bad on the way go into ``bad`` and are left out."""
         if self.images:
             return self._embed_images(values, index, bad), 0
+        if self.generic:
+            return self._embed_task(values, index, bad)
         items = self._tokenize(values, index, bad)
         if not items:
             return [], 0
         tokens = sum(len(t) for t in items)
-        if self.generic:
-            texts = [value for value, row in zip(values, index) if row not in bad]
-            result = self.embedder.perform(self.task, texts, **self._tokenize_options())
-            return TASKS[self.task].rows(self.embedder, result), tokens
         if self.sparse:
             return self.embedder.sparse_tokenized(items), tokens
         return self.embedder.embed_tokenized(items, self.plan), tokens
@@ -149,6 +146,20 @@ class RowEncoder:
             except RequestError as exc:
                 bad[row] = exc.message
         return items
+
+    def _embed_task(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[list, int]:
+        """Rows of ``--task``'s entry for the window: prepared in one call, and only when some row is refused
+        tokenized row by row to find which (the others are then prepared again)."""
+        entry, options = TASKS[self.task], self._tokenize_options()
+        try:
+            prepared = entry.prepare(self.embedder, values, **options)
+        except RequestError:
+            self._tokenize(values, index, bad)
+            values = [value for value, row in zip(values, index) if row not in bad]
+            if not values:
+                return [], 0
+            prepared = entry.prepare(self.embedder, values, **options)
+        return entry.rows(self.embedder, self.embedder.complete(prepared)), prepared.tokens
 
     def _tokenize_options(self) -> dict:
         return {"prompt_name": self.options.prompt_name, "truncate_prompt_tokens": -1 if self.options.truncate else None}
