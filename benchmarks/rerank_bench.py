@@ -52,6 +52,7 @@ def main() -> None:
     from toolkit.corpus import load_corpus
     from toolkit.export import export_model
     from toolkit.runtime import Embedder
+    from toolkit.runtime.tasks import tokenize_pairs
     from toolkit.settings import ExportOptions
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +85,7 @@ def main() -> None:
         rows = {name: {"median_s": statistics.median(ts), "pairs_per_s": n_pairs / statistics.median(ts),
                        "spread": (max(ts) - min(ts)) / statistics.median(ts)} for name, ts in times.items()}
         ratio = rows["toolkit"]["pairs_per_s"] / rows["sentence-transformers"]["pairs_per_s"]
-        lengths = [len(emb.tokenize_pairs([q], [d], truncate_prompt_tokens=-1)[0]) for q in queries for d in documents]
+        lengths = [len(tokenize_pairs(emb, [q], [d], truncate_prompt_tokens=-1)[0]) for q in queries for d in documents]
         result_json = {"queries": args.queries, "docs_per_query": args.docs, "repeats": args.repeats,
                        "pair_tokens_p50": float(np.percentile(lengths, 50)),
                        "pair_tokens_p90": float(np.percentile(lengths, 90)), "max_abs_diff_vs_st": max_diff,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -15,7 +17,7 @@ from toolkit.export.graph import EmbeddingModule, output_names
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import MANIFEST_KEY, MODEL_CARD_KEY, TOKENIZER_KEY, Manifest, encode_manifest
 
-__all__ = ["export_graph", "write_artifact"]
+__all__ = ["export_graph", "torch_onnx_boundary", "write_artifact"]
 
 _TWO_GB = 2**31 - 1
 
@@ -35,6 +37,19 @@ def _example_inputs(resolved: ResolvedModel, vocab_size: int) -> tuple[torch.Ten
     return tuple(inputs)
 
 
+@contextlib.contextmanager
+def torch_onnx_boundary(what: str) -> Iterator[None]:
+    """torch.onnx's one boundary: its logger and warnings quiet, no autograd, and any failure inside an
+    ExportError naming ``what``."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - torch.onnx raises anything
+            raise ExportError(f"torch.onnx.export {what} failed: {type(exc).__name__}: {str(exc)[:500]}") from None
+
+
 def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int, path: Path,
                  exporter: str = "dynamo") -> Path:
     """Export ``module`` with dynamic (batch, sequence) axes; returns ``path``.
@@ -48,25 +63,17 @@ def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int
     inputs = _example_inputs(resolved, int(resolved.config.get("vocab_size", 1000)))
     names = list(resolved.arch.inputs)
     outputs = output_names(resolved)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            if exporter == "legacy":
-                axes = {name: {0: "batch", 1: "sequence"} for name in names}
-                torch.onnx.export(module, inputs, str(path), input_names=names, output_names=outputs,
-                                  dynamic_axes=axes, opset_version=opset, dynamo=False, verbose=False)
-                return path
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            dynamic = {name: {0: batch, 1: seq} for name in names}
-            program = torch.onnx.export(
-                module, inputs, input_names=names, output_names=outputs,
-                dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False,
-                external_data=True,
-            )
-            program.save(str(path), external_data=True)
-        except Exception as exc:  # noqa: BLE001 - torch.onnx's one boundary
-            raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {str(exc)[:500]}") from None
+    with torch_onnx_boundary(f"({exporter})"):
+        if exporter == "legacy":
+            axes = {name: {0: "batch", 1: "sequence"} for name in names}
+            torch.onnx.export(module, inputs, str(path), input_names=names, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, verbose=False)
+            return path
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        dynamic = {name: {0: batch, 1: seq} for name in names}
+        program = torch.onnx.export(module, inputs, input_names=names, output_names=outputs, dynamic_shapes=dynamic,
+                                    dynamo=True, opset_version=opset, verbose=False, external_data=True)
+        program.save(str(path), external_data=True)
     return path
 
 

@@ -27,13 +27,8 @@ from toolkit.export.optimize import (
 )
 from toolkit.export.parity import NOISE_FACTOR, THRESHOLDS, check_parity
 from toolkit.export.resolve import ResolvedModel, resolve_model
-from toolkit.export.towers import (
-    export_image_graph,
-    image_parity,
-    image_preprocess,
-    image_tower_path,
-)
-from toolkit.manifest import ImageTower, Manifest, ParityReport
+from toolkit.export.towers import build_image_tower, check_image_tower, image_tower_path
+from toolkit.manifest import Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
 from toolkit.settings import ExportOptions, Precision, Target
 
@@ -144,7 +139,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         image_graph = None
         if resolved.head.image_tower:
             with step("Exporting the image tower (torch.onnx, dynamo)"):
-                image_graph, tower = _image_tower(module, resolved, options, tmp)
+                image_graph, tower = build_image_tower(module, resolved, options, tmp)
         manifest = _manifest(resolved, options, final, tokenizer, pad_id, optimization)
         if image_graph is not None:
             manifest = msgspec.structs.replace(manifest, image=tower)
@@ -163,7 +158,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 if choice is not None:
                     report = _int8_gate(report, choice)
                 if image_graph is not None:
-                    manifest = _image_parity(manifest, candidate, resolved, module, precision)
+                    manifest = check_image_tower(manifest, candidate, resolved, module, precision)
             if not report.passed:
                 if not (options.allow_low_accuracy and precision == Precision.INT8):
                     raise _parity_error(report)
@@ -197,35 +192,6 @@ def _write(graph: Path, image_graph: Path | None, out: Path, manifest: Manifest,
         write_artifact(image_graph, image_tower_path(out), msgspec.structs.replace(manifest, tower="image"), *files,
                        self_contained=self_contained)
     return write_artifact(graph, out, manifest, *files, self_contained=self_contained)
-
-
-def _image_tower(module, resolved: ResolvedModel, options: ExportOptions, tmp: Path) -> tuple[Path, ImageTower]:
-    """The image tower's graph (fp16 for fp16 targets) and its manifest entry (parity filled in later)."""
-    spec = image_preprocess(resolved.model_dir, resolved.config, resolved.arch)
-    graph = export_image_graph(module.encoder.model, spec, resolved.card.normalize, opset=options.opset,
-                               path=tmp / "image.onnx")
-    if Precision(options.precision) == Precision.FP16:
-        graph = convert_fp16(graph, tmp / "image-fp16.onnx")
-    vision = resolved.config.get("vision_config") or {}
-    patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
-    tokens = patches + (1 if resolved.arch.image_class_token else 0)  # CLIP adds a class token
-    tower = ImageTower(embedding_dim=resolved.head.dim(resolved.config, None), tokens=tokens, preprocess=spec,
-                       parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
-    return graph, tower
-
-
-def _image_parity(manifest: Manifest, candidate: Path, resolved: ResolvedModel, module, precision: Precision) -> Manifest:
-    """The image tower's check (``export.towers.image_parity``): ParityError when it misses, else the manifest
-    with its report."""
-    from toolkit.runtime.embedder import Embedder
-
-    emb = Embedder(candidate, device="auto" if precision == Precision.FP16 else "cpu")
-    report = image_parity(emb, resolved, module.encoder.model, precision.value)
-    if not report.passed:
-        raise ParityError(f"image tower parity check failed (min cosine {report.min_cosine['image_embedding']:.6f}, "
-                          f"need >= {report.threshold}; pixels differ from the image processor's by up to "
-                          f"{report.max_abs_diff['pixel_values']:.2e}); no artifact written", report.min_cosine)
-    return msgspec.structs.replace(manifest, image=msgspec.structs.replace(manifest.image, parity=report))
 
 
 def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[Precision, Target]:

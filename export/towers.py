@@ -9,29 +9,33 @@ The text tower goes through the usual pipeline (``export.heads.TowerHead``); thi
 - ``text_reference_check`` / ``image_parity``: the artifact vs ``get_text_features`` fed by the model's own
   tokenizer (SigLIP: padded to 64, no attention mask), and vs ``get_image_features`` fed by transformers' own
   image processor on probe images of every awkward kind, so the check covers the toolkit's preprocessing too;
-- ``probe_images``: those images, encoded as a user would send them.
+- ``probe_images``: those images, encoded as a user would send them;
+- ``build_image_tower`` / ``check_image_tower``: the pipeline's two steps for the tower (its graph and manifest
+  entry; its parity, a ParityError when it misses).
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import warnings
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 
-from toolkit.errors import ConfigError, ExportError
+from toolkit.errors import ConfigError, ParityError
 from toolkit.export.architectures import ArchSpec
 from toolkit.export.heads import normalize
+from toolkit.export.onnx_export import torch_onnx_boundary
+from toolkit.export.optimize import convert_fp16
 from toolkit.export.resolve import ResolvedModel
-from toolkit.manifest import ImagePreprocess, ParityCase, ParityReport
+from toolkit.manifest import ImagePreprocess, ImageTower, Manifest, ParityCase, ParityReport
 from toolkit.runtime.artifact import (
     image_tower_path,  # the runtime's convention; re-exported for the exporter
 )
+from toolkit.settings import ExportOptions, Precision
 
-__all__ = ["IMAGE_THRESHOLDS", "ImageFeatures", "export_image_graph", "image_parity", "image_preprocess",
+__all__ = ["IMAGE_THRESHOLDS", "ImageFeatures", "build_image_tower", "check_image_tower", "export_image_graph", "image_parity", "image_preprocess",
            "image_tower_path", "probe_images", "text_reference_check"]
 
 IMAGE_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999}
@@ -101,18 +105,12 @@ def export_image_graph(model: torch.nn.Module, spec: ImagePreprocess, normalized
     """The image tower as an ONNX graph (dynamo exporter): ``pixel_values`` (batch, 3, H, W) -> embeddings."""
     module = ImageFeatures(model, normalized).eval()
     example = torch.randn(2, 3, spec.height, spec.width, generator=torch.Generator().manual_seed(0))
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                module, (example,), input_names=["pixel_values"], output_names=["image_embedding", "image_embedding_raw"],
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True, opset_version=opset,
-                verbose=False, external_data=True)
-            program.save(str(path), external_data=True)
-        except Exception as exc:  # noqa: BLE001 - torch.onnx's one boundary
-            raise ExportError(f"torch.onnx.export of the image tower failed: {type(exc).__name__}: "
-                              f"{str(exc)[:500]}") from None
+    with torch_onnx_boundary("of the image tower"):
+        program = torch.onnx.export(
+            module, (example,), input_names=["pixel_values"], output_names=["image_embedding", "image_embedding_raw"],
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True, opset_version=opset,
+            verbose=False, external_data=True)
+        program.save(str(path), external_data=True)
     return path
 
 
@@ -211,3 +209,32 @@ def text_reference_check(emb, resolved: ResolvedModel, model: torch.nn.Module, t
         reference = model.get_text_features(**feeds).pooler_output.numpy()
     got = emb.embed(texts, normalize=False, truncate_prompt_tokens=cap)
     return float(cosines(got, reference).min())
+
+
+def build_image_tower(module, resolved: ResolvedModel, options: ExportOptions, tmp: Path) -> tuple[Path, ImageTower]:
+    """The image tower's graph (fp16 for fp16 targets) and its manifest entry (parity filled in later)."""
+    spec = image_preprocess(resolved.model_dir, resolved.config, resolved.arch)
+    graph = export_image_graph(module.encoder.model, spec, resolved.card.normalize, opset=options.opset,
+                               path=tmp / "image.onnx")
+    if Precision(options.precision) == Precision.FP16:
+        graph = convert_fp16(graph, tmp / "image-fp16.onnx")
+    vision = resolved.config.get("vision_config") or {}
+    patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
+    tokens = patches + (1 if resolved.arch.image_class_token else 0)  # CLIP adds a class token
+    tower = ImageTower(embedding_dim=resolved.head.dim(resolved.config, None), tokens=tokens, preprocess=spec,
+                       parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
+    return graph, tower
+
+
+def check_image_tower(manifest: Manifest, candidate: Path, resolved: ResolvedModel, module, precision: Precision) -> Manifest:
+    """The image tower's check (``image_parity``): ParityError when it misses, else the manifest
+    with its report."""
+    from toolkit.runtime.embedder import Embedder
+
+    emb = Embedder(candidate, device="auto" if precision == Precision.FP16 else "cpu")
+    report = image_parity(emb, resolved, module.encoder.model, precision.value)
+    if not report.passed:
+        raise ParityError(f"image tower parity check failed (min cosine {report.min_cosine['image_embedding']:.6f}, "
+                          f"need >= {report.threshold}; pixels differ from the image processor's by up to "
+                          f"{report.max_abs_diff['pixel_values']:.2e}); no artifact written", report.min_cosine)
+    return msgspec.structs.replace(manifest, image=msgspec.structs.replace(manifest.image, parity=report))

@@ -25,7 +25,8 @@ import numpy as np
 from toolkit.errors import BackendError, NotReadyError, OverloadedError, RequestError, ToolkitError
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.embedder import Embedder
-from toolkit.runtime.images import ImageRef, Pixels
+from toolkit.runtime.encoders import declared_modality
+from toolkit.runtime.images import Pixels
 from toolkit.runtime.pooling import Inputs
 from toolkit.runtime.tasks import Prepared, task_for
 from toolkit.runtime.tokenization import Tokenized
@@ -181,8 +182,8 @@ class AsyncEmbedder:
     async def embed_mixed(self, inputs: list, **params) -> tuple[np.ndarray, int, list[Pixels]]:
         """(vectors in input order, tokens, the decoded images) for a list of texts and ``ImageRef`` images
         (two-tower artifacts): each kind through its own tower, concurrently; an image counts the positions its
-        tower reads as tokens. A text is a text, whatever it says."""
-        vectors, prepared = await self.perform("embed_mixed", inputs, is_image=_is_ref, **params)
+        tower reads as tokens. A text is a text, whatever it says (``declared_modality``)."""
+        vectors, prepared = await self.perform("embed_mixed", inputs, modality=declared_modality, **params)
         return vectors, prepared.tokens, prepared.images
 
     async def score(self, queries, documents, **params) -> tuple[np.ndarray, int]:
@@ -287,10 +288,6 @@ class AsyncEmbedder:
             if not job.failed:
                 job.failed = True
                 job.loop.call_soon_threadsafe(_reject, job.future, exc)
-
-
-def _is_ref(item) -> bool:
-    return isinstance(item, ImageRef)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

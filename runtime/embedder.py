@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from toolkit.cards import PaddingSide
-from toolkit.errors import RequestError, UnsupportedDimensionError
+from toolkit.errors import RequestError
 from toolkit.manifest import HeadSpec, ImagePreprocess
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.encoders import open_encoders
 from toolkit.runtime.images import Pixels, as_image_list
-from toolkit.runtime.pooling import Inputs, activate, as_input_list
+from toolkit.runtime.outputs import OutputPlan, finish, plan_output
+from toolkit.runtime.pooling import Inputs, as_input_list
 from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
 from toolkit.settings import Device, RuntimeOptions
 
-__all__ = ["Embedder", "Inputs", "OutputPlan"]
-
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """Which graph output to fetch and what numpy does after it."""
-
-    output: str
-    dims: int | None = None  # slice to this many dims (Matryoshka "any")
-    normalize: bool = False  # L2-normalize after slicing
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+__all__ = ["Embedder", "Inputs"]
 
 
 class Embedder:
@@ -89,7 +75,8 @@ class Embedder:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.head.modalities)
+        """The modalities this artifact reads: its encoders (one per modality its manifest lists)."""
+        return tuple(self.encoders)
 
     @property
     def kind(self) -> str:
@@ -160,10 +147,6 @@ class Embedder:
         return results  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- outputs
-    def allowed_dimensions(self) -> list[int]:
-        dims = sorted({*self.card.matryoshka_dims, self.dimensions})
-        return dims
-
     @property
     def cross_encoder(self) -> bool:
         """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
@@ -182,54 +165,15 @@ class Embedder:
             raise RequestError(f"this {self.kind} artifact does not answer '{task}'; it answers: "
                                f"{', '.join(self.tasks)}", param="model")
 
-    def plan_output(self, dimensions: int | None, normalize: bool | None, *, image: bool = False) -> OutputPlan:
-        """Map (dimensions, normalize) to a graph output (the image tower's for ``image``);
-        UnsupportedDimensionError lists the valid sizes."""
-        self.require("embed")
-        norm = self.card.normalize if normalize is None else normalize
-        native = self.dimensions
-        if image:
-            final, raw = self.encoder("image").tower.outputs  # normalized as the card says; the projection only
-            if dimensions is not None and dimensions != native:
-                raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; "
-                                                f"allowed: {native}")
-            return OutputPlan(final) if norm == self.card.normalize else OutputPlan(raw, normalize=norm)
-        if dimensions is None or dimensions == native:
-            if norm == self.card.normalize:
-                return OutputPlan("sentence_embedding")
-            return OutputPlan("sentence_embedding_raw", normalize=norm)
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int):
-            raise UnsupportedDimensionError(f"dimensions must be an integer, got {dimensions!r}")
-        if dimensions in self.card.matryoshka_dims:
-            if norm == self.card.normalize:
-                return OutputPlan(f"sentence_embedding_{dimensions}")
-            return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
-        if self.card.matryoshka_any and 1 <= dimensions < native:
-            return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
-        allowed = f"any of 1..{native}" if self.card.matryoshka_any else ", ".join(map(str, self.allowed_dimensions()))
-        raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; allowed: {allowed}")
-
-    def chunk_plan(self, plan: OutputPlan) -> OutputPlan:
-        """The plan for inputs embedded by chunks: the raw (un-normalized) output, averaged over chunks by
-        token count (vLLM's chunked processing), then sliced and normalized as ``plan`` would."""
-        if plan.output == "sentence_embedding_raw":
-            return plan
-        dims = int(plan.output.rsplit("_", 1)[1]) if plan.output.startswith("sentence_embedding_") else None
-        return OutputPlan("sentence_embedding_raw", dims=dims, normalize=self.card.normalize)
+    def plan_output(self, dimensions: int | None, normalize: bool | None, *, modality: str = "text") -> OutputPlan:
+        """The graph output (of ``modality``'s encoder) for (dimensions, normalize): ``toolkit.runtime.outputs``."""
+        return plan_output(self, dimensions, normalize, modality)
 
     def quantize(self, vectors: np.ndarray, kind: str) -> np.ndarray:
         """Cohere's int8 / uint8 / binary / ubinary of unit ``vectors``, over the range calibrated at export."""
         from toolkit.runtime.encoding import quantize
 
         return quantize(vectors, kind, tuple(self.manifest.quantization_range or (-1.0, 1.0)), self.dimensions)
-
-    @staticmethod
-    def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
-        if plan.dims is not None:
-            vectors = vectors[..., : plan.dims]
-        if plan.normalize:
-            vectors = _l2(vectors)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     # ---------------------------------------------------------------- public API
     def perform(self, task: str, *inputs, **params):
@@ -263,7 +207,7 @@ class Embedder:
         The next batch decodes while this one runs; no more than two batches of pixels are held at once (the
         table's ``embed_images`` decodes all first: the batcher needs every input before it can plan).
         """
-        plan = self.plan_output(dimensions, normalize, image=True)
+        plan = self.plan_output(dimensions, normalize, modality="image")
         images_in = self.encoder("image")
         sources = as_image_list(images)
         step = self.options.max_batch_size
@@ -279,7 +223,7 @@ class Embedder:
         finally:
             for f in pending:
                 f.cancel()
-        return self.finish(np.stack(rows), plan)
+        return finish(np.stack(rows), plan)
 
     def encode(self, inputs: Inputs, *, pooling_task: str = "embed", **kwargs) -> np.ndarray | list[np.ndarray]:
         """``embed`` (pooling_task="embed") or per-token states (``token_embed``)."""
@@ -309,22 +253,6 @@ class Embedder:
         two-tower artifacts images on either side)."""
         return self.perform("score", text_1, text_2, use_activation=use_activation,
                             truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
-
-    def tokenize_pairs(self, queries: list[str], documents: list[str], *,
-                       truncate_prompt_tokens: int | None = None) -> list[Tokenized]:
-        """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document."""
-        if any(not t for t in (*queries, *documents)):
-            raise RequestError("queries and documents must not be empty strings", param="documents")
-        firsts = queries * len(documents) if len(queries) == 1 else queries
-        return self.tokenizer.encode_pairs(firsts, documents, truncate=truncate_prompt_tokens)
-
-    def pair_scores(self, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
-        """(n,) scores from a one-label cross-encoder's logits rows."""
-        logits = np.stack(rows).astype(np.float32)  # (n, labels)
-        if logits.shape[1] != 1:
-            raise RequestError(f"this cross-encoder has {logits.shape[1]} labels; scores need one (use /pooling "
-                               "with task classify for per-label scores)", param="model")
-        return activate(logits[:, 0], self.card.activation) if use_activation is not False else logits[:, 0]
 
     def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None, return_documents: bool = False,
                **kwargs) -> list[dict]:

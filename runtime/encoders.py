@@ -18,14 +18,20 @@ import numpy as np
 from toolkit.errors import ConfigError
 from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
-from toolkit.runtime.images import Pixels, as_image_list, load_pixels, require_pillow
+from toolkit.runtime.images import (
+    Pixels,
+    as_image_list,
+    is_image_input,
+    load_pixels,
+    require_pillow,
+)
 from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tokenization import pad_batch
 
 if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
 
-__all__ = ["ENCODERS", "Encoder", "ImageEncoder", "TextEncoder", "open_encoders"]
+__all__ = ["ENCODERS", "Encoder", "ImageEncoder", "TextEncoder", "by_modality", "declared_modality", "modality_of", "open_encoders"]
 
 _DECODE_THREADS = 4  # images decoded at once per Embedder (Pillow releases the GIL while decoding and resizing)
 
@@ -34,6 +40,10 @@ class Encoder(Protocol):
     """What the engines ask of a modality: run a batch of its model inputs through its graph."""
 
     modality: str
+
+    @staticmethod
+    def accepts(item) -> bool:
+        """Whether ``item`` is an input of this modality (text, the fallback, takes whatever no other claims)."""
 
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
         """(batch, ...) arrays in ``outputs`` order for one batch of this modality's model inputs."""
@@ -44,6 +54,10 @@ class TextEncoder:
     on the card's side, through the text graph."""
 
     modality = "text"
+
+    @staticmethod
+    def accepts(item) -> bool:
+        return not any(enc.accepts(item) for name, enc in ENCODERS.items() if name != "text")
 
     def __init__(self, emb: Embedder, path: Path) -> None:
         self.emb = emb
@@ -61,6 +75,7 @@ class ImageEncoder:
     (Pillow + numpy), on a bounded pool of threads, through the image tower beside the artifact."""
 
     modality = "image"
+    accepts = staticmethod(is_image_input)  # PIL images, bytes, paths, data:image URIs, ImageRef
 
     def __init__(self, emb: Embedder, path: Path) -> None:
         require_pillow()
@@ -76,6 +91,7 @@ class ImageEncoder:
         if own.tower != "image" or own.card != emb.card:
             raise ConfigError(f"{image_path}: not the image tower of {path.name} (its manifest differs)")
         self.tower, self.spec = tower, tower.preprocess
+        self.outputs = tower.outputs  # (final, raw): normalized as the card says, and the projection only
         self._pool: ThreadPoolExecutor | None = None
 
     def decode(self, sources: list, offset: int) -> list[Future]:
@@ -103,6 +119,25 @@ class ImageEncoder:
 
 
 ENCODERS: dict[str, type] = {"text": TextEncoder, "image": ImageEncoder}
+
+
+def modality_of(item) -> str:
+    """The modality whose encoder reads ``item``: the first non-text encoder that accepts it, else text."""
+    return next((name for name, enc in ENCODERS.items() if name != "text" and enc.accepts(item)), "text")
+
+
+def declared_modality(item) -> str:
+    """The modality an input declares (an ``ImageRef`` says "image"); anything else is text, whatever it says
+    (a server's text that looks like a data URI stays text)."""
+    return getattr(type(item), "modality", "text")
+
+
+def by_modality(items: Sequence, modality=modality_of) -> dict[str, list[int]]:
+    """Positions of ``items`` per modality (``modality`` tells them apart), in the order they first appear."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(modality(item), []).append(i)
+    return groups
 
 
 def open_encoders(emb: Embedder, path: Path) -> dict[str, Encoder]:

@@ -52,9 +52,11 @@ class Pixels:
 
 
 class ImageRef:
-    """Marks one input of a mixed list as an image (what the server builds from a request's image parts)."""
+    """Marks one input of a mixed list as an image (what the server builds from a request's image parts): its
+    ``modality`` is declared, whatever the source looks like (``toolkit.runtime.encoders.declared_modality``)."""
 
     __slots__ = ("source",)
+    modality = "image"
 
     def __init__(self, source) -> None:
         self.source = source

@@ -12,7 +12,7 @@ from toolkit.runtime.images import is_image_input
 from toolkit.runtime.tokenization import Tokenized
 
 __all__ = ["Inputs", "activate", "as_input_list", "cosine_scores", "cosines", "count_inputs", "expand_chunks", "interleave",
-           "pool_chunks", "pool_sparse", "score_pairs", "sparse_entries", "split_modalities"]
+           "pool_chunks", "pool_sparse", "score_pairs", "sparse_entries"]
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
@@ -90,13 +90,6 @@ def sparse_entries(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indices int64, weights float32) of a vocabulary-sized row's non-zero entries."""
     idx = np.flatnonzero(row > 0)
     return idx.astype(np.int64), row[idx].astype(np.float32)
-
-
-def split_modalities(items: Sequence, is_image) -> tuple[list[int], list[int]]:
-    """(positions of the images, positions of the texts) in a list mixing both (``is_image`` tells them apart)."""
-    images = [i for i, x in enumerate(items) if is_image(x)]
-    taken = set(images)
-    return images, [i for i in range(len(items)) if i not in taken]
 
 
 def interleave(n: int, dims: int, *parts: tuple[list[int], np.ndarray | None]) -> np.ndarray:

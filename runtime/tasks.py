@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from toolkit.errors import RequestError
-from toolkit.runtime.images import as_image_list, is_image_input
+from toolkit.runtime.encoders import by_modality, modality_of
+from toolkit.runtime.images import as_image_list
+from toolkit.runtime.outputs import chunk_plan, finish
 from toolkit.runtime.pooling import (
     activate,
     cosine_scores,
@@ -36,7 +38,6 @@ from toolkit.runtime.pooling import (
     pool_sparse,
     score_pairs,
     sparse_entries,
-    split_modalities,
 )
 from toolkit.runtime.tokenization import INLINE_CHARS
 
@@ -130,31 +131,39 @@ def embed_items(emb: Embedder, items: list, plan) -> Prepared:
     """Sentence vectors of tokenized ``items`` by ``plan`` (an ``OutputPlan``)."""
     flat, spans = expand_chunks(items)
     if spans is not None:  # chunked mode: the raw output averaged over chunks, then sliced and normalized
-        plan = emb.chunk_plan(plan)
-    return Prepared([Run(flat, plan.output)], lambda rows: emb.finish(np.stack(pool_chunks(rows[0], flat, spans)), plan),
+        plan = chunk_plan(emb.card, plan)
+    return Prepared([Run(flat, plan.output)], lambda rows: finish(np.stack(pool_chunks(rows[0], flat, spans)), plan),
                     tokens=_tokens(items))
 
 
 # ---------------------------------------------------------------- embed_images (two-tower artifacts)
 def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
-    plan = emb.plan_output(dimensions, normalize, image=True)
+    plan = emb.plan_output(dimensions, normalize, modality="image")
     pixels = emb.load_images(images)
-    return Prepared([Run(pixels, plan.output, "image")], lambda rows: emb.finish(np.stack(rows[0]), plan),
+    return Prepared([Run(pixels, plan.output, "image")], lambda rows: finish(np.stack(rows[0]), plan),
                     tokens=_tokens(pixels), images=pixels)
 
 
-def prepare_mixed(emb: Embedder, inputs: list, *, is_image=is_image_input, dimensions: int | None = None,
+def prepare_mixed(emb: Embedder, inputs: list, *, modality=modality_of, dimensions: int | None = None,
                   normalize: bool | None = None, **tokenize) -> Prepared:
-    """Texts and images in one list (two-tower artifacts): each through its own tower, rows back in input order;
-    an image counts the positions its tower reads as tokens."""
-    at, texts = split_modalities(inputs, is_image)
-    if not at:
+    """Inputs of several modalities in one list (two-tower artifacts): each group through its modality's embedding
+    task (``embed_task``), rows back in input order; an image counts the positions its tower reads as tokens.
+    ``modality`` tells an input's modality (default: whichever encoder accepts it, ``modality_of``)."""
+    groups = by_modality(inputs, modality)
+    if set(groups) <= {"text"}:
         return prepare_embed(emb, inputs, dimensions=dimensions, normalize=normalize, **tokenize)
-    parts = [(at, prepare_images(emb, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize))]
-    if texts:
-        parts.append((texts, prepare_embed(emb, [inputs[i] for i in texts], dimensions=dimensions,
-                                           normalize=normalize, **tokenize)))
+    parts = [(at, embed_task(name).prepare(emb, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
+                                           **(tokenize if name == "text" else {})))  # tokenizer options: text only
+             for name, at in groups.items()]
     return _combine(len(inputs), parts, lambda vectors: vectors)
+
+
+def embed_task(modality: str) -> Task:
+    """The table's embedding task for one modality's inputs (``embed`` for text, ``embed_images``, ...)."""
+    for task in TASKS.values():
+        if task.modality == modality and "embed" in (task.name, task.base):
+            return task
+    raise RequestError(f"no embedding task reads {modality} inputs", param="input")
 
 
 def _combine(n: int, parts: list[tuple[list[int], Prepared]], finish: Callable[[np.ndarray], Any]) -> Prepared:
@@ -212,12 +221,30 @@ def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: boo
     False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
     left, right = score_pairs(queries, documents)
     if emb.cross_encoder:
-        items = emb.tokenize_pairs(left, right, truncate_prompt_tokens=truncate_prompt_tokens)
-        return Prepared([Run(items, "logits")], lambda rows: emb.pair_scores(rows[0], use_activation),
+        items = tokenize_pairs(emb, left, right, truncate_prompt_tokens=truncate_prompt_tokens)
+        return Prepared([Run(items, "logits")], lambda rows: pair_scores(emb, rows[0], use_activation),
                         tokens=_tokens(items))
     both = prepare_mixed(emb, left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
     return Prepared(both.runs, lambda rows: cosine_scores(both.reduce(rows), len(left)), tokens=both.tokens,
                     images=both.images)
+
+
+def tokenize_pairs(emb: Embedder, queries: list[str], documents: list[str], *,
+                   truncate_prompt_tokens: int | None = None) -> list:
+    """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document."""
+    if any(not t for t in (*queries, *documents)):
+        raise RequestError("queries and documents must not be empty strings", param="documents")
+    firsts = queries * len(documents) if len(queries) == 1 else queries
+    return emb.tokenizer.encode_pairs(firsts, documents, truncate=truncate_prompt_tokens)
+
+
+def pair_scores(emb: Embedder, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
+    """(n,) scores from a one-label cross-encoder's logits rows."""
+    logits = np.stack(rows).astype(np.float32)  # (n, labels)
+    if logits.shape[1] != 1:
+        raise RequestError(f"this cross-encoder has {logits.shape[1]} labels; scores need one (use /pooling "
+                           "with task classify for per-label scores)", param="model")
+    return activate(logits[:, 0], emb.card.activation) if use_activation is not False else logits[:, 0]
 
 
 def _score_inputs(emb: Embedder, queries, documents=None) -> int:

@@ -14,8 +14,7 @@ from msgspec import UNSET, UnsetType
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import to_base64
-from toolkit.runtime.images import ImageRef
-from toolkit.server.images import content_item, fetch_images
+from toolkit.server.content import admit_content, content_item, image_urls
 from toolkit.server.limits import check_choice, check_limits
 from toolkit.server.metrics import timing_headers
 from toolkit.server.schema import CohereApiVersion, CohereTokens
@@ -87,31 +86,25 @@ class CohereEmbedResponse(msgspec.Struct):
     images: list[CohereImage] | UnsetType = UNSET
 
 
-def _items(data: CohereEmbedRequest, image_tower: bool) -> list:
+def _items(data: CohereEmbedRequest) -> tuple[list, str]:
     """The request's inputs: ``texts``, ``images`` (data URIs) or ``inputs`` (content parts; for CLIP / SigLIP each
-    input is a text or an image), exactly one of them; images come back as ``ImageRef``."""
+    input is a text or an image), exactly one of them, and its field; images come back as ``ImageRef``."""
     given = [name for name in ("texts", "images", "inputs") if getattr(data, name) is not None]
     if len(given) != 1:
         raise RequestError("give exactly one of texts, images or inputs" + (f" (got {', '.join(given)})" if given else ""))
     if data.texts is not None:
         if not all(isinstance(t, str) for t in data.texts):
             raise RequestError("texts must be a list of strings", param="texts")
-        return data.texts
+        return data.texts, "texts"
     if data.images is not None:
-        if not image_tower:
-            raise RequestError("images are not supported: this model embeds text only", param="images")
-        if not all(isinstance(u, str) and u for u in data.images):
-            raise RequestError("images must be a list of data:image/...;base64 URIs", param="images")
-        return [ImageRef(u) for u in data.images]
+        return image_urls(data.images, "images"), "images"
     items = []
     for i, item in enumerate(data.inputs or []):
         content = item.get("content") if isinstance(item, dict) else None
         if not isinstance(content, list):
             raise RequestError(f"inputs[{i}] must be an object with a content list", param="inputs")
-        if not image_tower and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            raise RequestError(f"inputs[{i}]: image content is not supported by text embedding models", param="inputs")
         items.append(content_item(content, f"inputs[{i}]"))
-    return items
+    return items, "inputs"
 
 
 def _prompt_name(input_type: str | None, prompts: dict[str, str]) -> str | None:
@@ -134,7 +127,7 @@ class CohereController(Controller):
         started = time.perf_counter()
         served = request.app.state.registry.get(data.model)
         emb = served.embedder
-        items = _items(data, emb.manifest.image is not None)
+        items, field = _items(data)
         options = request.app.state.options
         check_limits(len(items), options, param="texts")
         types = data.embedding_types or ["float"]
@@ -147,7 +140,7 @@ class CohereController(Controller):
         max_tokens = None if data.max_tokens is None else min(data.max_tokens, emb.manifest.max_seq_len)  # Cohere: a cap
         truncate = max_tokens if max_tokens is not None else (None if side is None else -1)
         timings = Timings()
-        items = await fetch_images(items, options)
+        items = await admit_content(items, emb, options, field)
         vectors, tokens, images = await served.engine.embed_mixed(
             items, dimensions=data.output_dimension, normalize=True, timings=timings,
             max_tokens=options.max_request_tokens, prompt_name=_prompt_name(data.input_type, emb.card.prompts),

@@ -5,16 +5,29 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from toolkit.errors import RequestError
-from toolkit.server.images import has_image_parts
+from toolkit.server.content import has_image_parts
 from toolkit.settings import ServerOptions
 
-__all__ = ["RENDER_TIMEOUT_S", "prompt_or_chat"]
+__all__ = ["RENDER_TIMEOUT_S", "ChatRequest", "prompt_or_chat"]
 
 RENDER_TIMEOUT_S = 5.0  # a chat template must render within this
 
 
-async def prompt_or_chat(embedder, data, plain: Any, field: str, options: ServerOptions) -> tuple[Any, bool]:
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """vLLM's chat fields, shared by the requests that take ``messages`` instead of a plain input."""
+
+    messages: list[Any] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # default: True for a plain input, False for messages (the template adds them)
+
+
+async def prompt_or_chat(embedder, data: ChatRequest, plain: Any, field: str, options: ServerOptions) -> tuple[Any, bool]:
     """A request's plain input (``plain``, the field named ``field``) or its chat ``messages`` rendered with
     the chat template, and ``add_special_tokens`` resolved: by default True for plain input, False for
     messages (the template writes the special tokens itself, as in vLLM).

@@ -21,17 +21,22 @@ from toolkit.runtime.encoding import (
     to_base64,
     to_bytes,
 )
-from toolkit.runtime.images import ImageRef
-from toolkit.server.images import fetch_images, message_item, sglang_items
-from toolkit.server.inputs import prompt_or_chat
+from toolkit.server.content import (
+    admit_content,
+    image_urls,
+    message_item,
+    messages_are_content,
+    sglang_items,
+)
+from toolkit.server.inputs import ChatRequest, prompt_or_chat
 from toolkit.server.limits import check_choice, check_limits, check_priority
 from toolkit.server.metrics import timing_headers
-from toolkit.server.schema import UsageInfo
+from toolkit.server.schema import ListResponse, UsageInfo
 
 __all__ = ["ModelList", "OpenAIController", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "create_embeddings"]
 
 
-class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
+class OpenAIEmbeddingRequest(ChatRequest, kw_only=True):
     """OpenAI's embeddings request plus vLLM's extras; unknown keys are ignored."""
 
     input: str | list[Any] | None = None
@@ -41,7 +46,6 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "right"
-    add_special_tokens: bool | None = None  # default: True for input, False for messages (the template adds them)
     embed_dtype: str = "float32"
     endianness: str = "native"
     use_activation: bool | None = None
@@ -49,11 +53,6 @@ class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     request_id: str | None = None
     priority: int = 0
     additional_data: Any = None
-    messages: list[Any] | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
     modality: str = "text"  # infinity's: "image" reads `input` as image URLs
 
 
@@ -63,13 +62,9 @@ class Embedding(msgspec.Struct):
     embedding: list[float] | str  # a float row, or (encoding_format base64) the row's embed_dtype bytes
 
 
-class OpenAIEmbeddingResponse(msgspec.Struct):
+class OpenAIEmbeddingResponse(ListResponse):
     """OpenAI's embeddings answer; ``usage`` is vLLM's; ``additional_data`` echoes the request's (vLLM)."""
 
-    id: str
-    object: Literal["list"]
-    created: int
-    model: str
     data: list[Embedding]
     usage: UsageInfo
     additional_data: Any | UnsetType = UNSET
@@ -115,10 +110,10 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     normalize = data.use_activation if data.use_activation is not None else data.normalize
     timings = Timings()
     common = {"dimensions": data.dimensions, "normalize": normalize, "priority": data.priority, "timings": timings}
-    mixed = image_items(served.embedder, data)
-    if mixed is not None:  # images (two-tower models): each item a text or an image
+    mixed = content_items(served.embedder, data)
+    if mixed is not None:  # content of several modalities (two-tower models): each item a text or an image
         check_limits(len(mixed), options)
-        mixed = await fetch_images(mixed, options)
+        mixed = await admit_content(mixed, served.embedder, options, "messages" if data.messages else "input")
         vectors, tokens, _ = await served.engine.embed_mixed(
             mixed, **common, max_tokens=options.max_request_tokens, truncate_prompt_tokens=data.truncate_prompt_tokens,
             truncation_side=data.truncation_side, add_special_tokens=data.add_special_tokens is not False)
@@ -152,26 +147,18 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     return Response(body, headers=headers)
 
 
-def image_items(embedder, data: OpenAIEmbeddingRequest) -> list | None:
-    """The request's items when it carries images (infinity's modality, vLLM's image content parts, SGLang's
-    items); None for a text request, which takes the usual path."""
-    image_tower = embedder.manifest.image is not None
+def content_items(embedder, data: OpenAIEmbeddingRequest) -> list | None:
+    """The request's items when it carries content parts (infinity's modality, vLLM's content parts in messages,
+    SGLang's items); None for plain text input or a chat to render, which take the usual path."""
     if data.modality == "image":
-        if not image_tower:
-            raise RequestError("this model embeds text only: modality 'image' needs a CLIP / SigLIP artifact",
-                               param="modality")
-        urls = [data.input] if isinstance(data.input, str) else data.input
-        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-            raise RequestError("with modality 'image', input must be an image URL or a list of them", param="input")
-        return [ImageRef(u) for u in urls]
+        return image_urls(data.input, "input")
     if data.messages is not None:
-        item = message_item(data.messages, image_tower)
-        if item is None:
+        if not messages_are_content(data.messages, embedder):
             return None
         if data.input is not None:
             raise RequestError("give input or messages, not both", param="messages")
-        return [item]
-    return sglang_items(data.input, image_tower) if isinstance(data.input, list) else None
+        return [message_item(data.messages)]
+    return sglang_items(data.input) if isinstance(data.input, list) else None
 
 
 class OpenAIController(Controller):

@@ -15,7 +15,7 @@ from toolkit.runtime.encoding import to_base64
 from toolkit.runtime.pooling import count_inputs
 from toolkit.runtime.tasks import TASKS as TASK_TABLE
 from toolkit.server.limits import check_choice, check_limits
-from toolkit.server.schema import UsageInfo
+from toolkit.server.schema import ListResponse, UsageInfo
 
 __all__ = ["LlamaEmbedding", "PoolingController", "PoolingResponse", "pooling_tasks"]
 
@@ -47,11 +47,7 @@ class PoolingData(msgspec.Struct):
     data: list[float | list[float]] | str
 
 
-class PoolingResponse(msgspec.Struct):
-    id: str
-    object: Literal["list"]
-    created: int
-    model: str
+class PoolingResponse(ListResponse):
     data: list[PoolingData]
     usage: UsageInfo
 

@@ -15,6 +15,7 @@ with a client generated from ``/openapi.json``.
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import msgspec
 from litestar import Litestar
@@ -46,6 +47,16 @@ class UsageInfo(msgspec.Struct):
     def of(cls, tokens: int) -> UsageInfo:
         """A pooling request's usage: its input tokens, nothing generated."""
         return cls(prompt_tokens=tokens, total_tokens=tokens, completion_tokens=0)
+
+
+class ListResponse(msgspec.Struct):
+    """The head of vLLM's list answers (embeddings, pooling, score, classify): their ``data`` and ``usage``
+    follow, declared by each."""
+
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
 
 
 class CohereApiVersion(msgspec.Struct):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 from litestar import Controller, Request, get, post
@@ -15,9 +15,9 @@ from msgspec import UNSET, UnsetType
 from toolkit.errors import RequestError
 from toolkit.runtime.pooling import score_pairs
 from toolkit.runtime.tokenization import INLINE_CHARS
-from toolkit.server.inputs import prompt_or_chat
+from toolkit.server.inputs import ChatRequest, prompt_or_chat
 from toolkit.server.limits import check_limits
-from toolkit.server.schema import UsageInfo
+from toolkit.server.schema import ListResponse, UsageInfo
 
 __all__ = ["DetokenizeRequest", "DetokenizeResponse", "ScoreRequest", "ScoreResponse", "TokenizeRequest", "TokenizeResponse",
            "TokenizerInfo", "VLLMController", "create_score", "create_text", "create_tokens"]
@@ -48,15 +48,9 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
                            param="queries")
 
 
-class TokenizeRequest(msgspec.Struct, kw_only=True):
+class TokenizeRequest(ChatRequest, kw_only=True):
     model: str | None = None
     prompt: str | None = None
-    messages: list[Any] | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = False
-    continue_final_message: bool = False
-    add_special_tokens: bool | None = None  # default: True for prompt, False for messages
     return_token_strs: bool = False
 
 
@@ -71,11 +65,7 @@ class Score(msgspec.Struct):
     score: float
 
 
-class ScoreResponse(msgspec.Struct):
-    id: str
-    object: Literal["list"]
-    created: int
-    model: str
+class ScoreResponse(ListResponse):
     data: list[Score]
     usage: UsageInfo
 

@@ -150,6 +150,28 @@ def test_cohere_errors_have_cohere_shape(client, body):
     assert set(r.json()) == {"message"} and r.json()["message"]
 
 
+_IMAGE = "data:image/png;base64,AAAA"
+_IMAGE_PART = {"type": "image_url", "image_url": {"url": _IMAGE}}
+
+
+@pytest.mark.parametrize(("route", "body", "where"), [
+    ("/v1/embeddings", {"input": _IMAGE, "modality": "image"}, "input[0]"),
+    ("/v1/embeddings", {"input": [{"text": "a text"}, {"image": _IMAGE}]}, "input[1]"),
+    ("/v1/embeddings", {"messages": [{"role": "user", "content": [_IMAGE_PART]}]}, "messages"),
+    ("/v2/embed", {"images": [_IMAGE]}, "images[0]"),
+    ("/v2/embed", {"inputs": [{"content": [{"type": "text", "text": "a"}]}, {"content": [_IMAGE_PART]}]}, "inputs[1]"),
+])
+def test_content_of_a_modality_the_artifact_lacks_is_refused_in_one_voice(client, route, body, where):
+    """Every dialect parses its content parts; one router refuses what the artifact's encoders do not read,
+    naming the input and the modalities it does read, in the dialect's own error shape."""
+    r = client.post(route, json=body)
+    assert r.status_code == 400, r.text
+    message = r.json()["message"] if route == "/v2/embed" else r.json()["error"]["message"]
+    assert message == f"{where} is image content: this dense embedding artifact reads text only", message
+    assert client.post(route, json={"texts": ["still fine"]} if route == "/v2/embed"
+                       else {"input": "still fine"}).status_code == 200
+
+
 def test_score_tokenize_models_metrics(client, tiny):
     r = client.post("/v1/score", json={"text_1": "hello", "text_2": ["hello", "bye"]})
     scores = [d["score"] for d in r.json()["data"]]

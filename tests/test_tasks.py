@@ -144,3 +144,62 @@ def test_the_new_task_runs_in_toolkit_embed_too(toy_task, tiny_artifact, tmp_pat
     assert (summary.rows, summary.skipped) == (2, 1)
     got = np.array(pq.read_table(tmp_path / "out3").column("embedding").to_pylist())
     np.testing.assert_allclose(got, expected[[0, 2]], atol=1e-6)
+
+
+class _ToyRef:
+    """An input of a toy modality, declared as the server's ImageRef declares images."""
+
+    modality = "toy"
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __len__(self) -> int:  # the positions it counts, for batching budgets and usage
+        return 1
+
+
+class _ToyEncoder:
+    """A toy modality's encoder: its 'graph' answers a constant row per input."""
+
+    modality = "toy"
+    accepts = staticmethod(lambda item: isinstance(item, _ToyRef))
+
+    def __init__(self, emb, path) -> None:
+        self.dims = emb.dimensions
+
+    def run(self, items, outputs):
+        return [np.stack([np.full(self.dims, item.value, dtype=np.float32) for item in items])]
+
+
+def _prepare_toy(emb, items, *, dimensions=None, normalize=None):
+    from toolkit.runtime.tasks import Prepared, Run
+
+    return Prepared([Run(list(items), "toy_output", "toy")], lambda rows: np.stack(rows[0]), tokens=len(items))
+
+
+def test_a_new_modality_is_one_encoder_and_one_task(monkeypatch, tiny_artifact):
+    """A modality this code base has never seen: its encoder and its embedding task, registered in one place,
+    run through both engines' mixed lists and the server's content router, which refuses it where absent."""
+    from toolkit.runtime import encoders, tasks
+    from toolkit.server.content import admit_content
+    from toolkit.settings import ServerOptions
+
+    monkeypatch.setitem(encoders.ENCODERS, "toy", _ToyEncoder)
+    monkeypatch.setitem(tasks.TASKS, "embed_toy", tasks.Task("embed_toy", _prepare_toy, base="embed", modality="toy"))
+    plain = Embedder(tiny_artifact, device="cpu")
+    emb = Embedder(tiny_artifact, device="cpu")
+    emb.encoders["toy"] = _ToyEncoder(emb, emb.path)  # as open_encoders does for a manifest listing "toy"
+    items = ["alpha beta", _ToyRef(0.25), "gamma"]
+    expected = np.stack([plain.embed("alpha beta")[0], np.full(emb.dimensions, 0.25), plain.embed("gamma")[0]])
+    np.testing.assert_allclose(emb.perform("embed_mixed", items), expected, atol=1e-6)
+    engine = AsyncEmbedder(emb)
+    try:
+        vectors, tokens, _ = asyncio.run(engine.embed_mixed(items))
+    finally:
+        engine.close()
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert tokens == plain.count_tokens(["alpha beta", "gamma"]) + 1
+    assert emb.modalities == ("text", "toy")
+    assert asyncio.run(admit_content(items, emb, ServerOptions())) == items
+    with pytest.raises(RequestError, match=r"input\[1\] is toy content: this dense embedding artifact reads text only"):
+        asyncio.run(admit_content(items, plain, ServerOptions()))

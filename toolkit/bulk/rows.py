@@ -72,7 +72,8 @@ class RowEncoder:
             if self.images and "image" not in embedder.modalities:
                 raise ConfigError(f"this {embedder.kind} artifact has no image tower; drop --image-column")
             try:
-                self.plan = embedder.plan_output(options.dimensions, options.normalize, image=self.images)
+                self.plan = embedder.plan_output(options.dimensions, options.normalize,
+                                                  modality="image" if self.images else "text")
             except RequestError as exc:
                 raise ConfigError(exc.message) from None
             dims = options.dimensions or embedder.dimensions

@@ -1,0 +1,78 @@
+"""Which graph output answers an embedding request, and what numpy does after it (Matryoshka slices,
+normalization, the raw output for chunked inputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from toolkit.errors import UnsupportedDimensionError
+
+if TYPE_CHECKING:
+    from toolkit.cards import ModelCard
+    from toolkit.runtime.embedder import Embedder
+
+__all__ = ["OutputPlan", "chunk_plan", "finish", "l2", "plan_output"]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Which graph output to fetch and what numpy does after it."""
+
+    output: str
+    dims: int | None = None  # slice to this many dims (Matryoshka "any")
+    normalize: bool = False  # L2-normalize after slicing
+
+
+def l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
+    """``vectors`` of ``plan.output`` sliced and normalized as the plan says, contiguous float32."""
+    if plan.dims is not None:
+        vectors = vectors[..., : plan.dims]
+    if plan.normalize:
+        vectors = l2(vectors)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, modality: str = "text") -> OutputPlan:
+    """Map (dimensions, normalize) to a graph output of ``modality``'s encoder; UnsupportedDimensionError lists
+    the valid sizes. A tower beside the text graph (``encoder.outputs``: final, raw) has one size."""
+    emb.require("embed")
+    card = emb.card
+    norm = card.normalize if normalize is None else normalize
+    native = emb.dimensions
+    if modality != "text":
+        final, raw = emb.encoder(modality).outputs  # normalized as the card says; the projection only
+        if dimensions is not None and dimensions != native:
+            raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; "
+                                            f"allowed: {native}")
+        return OutputPlan(final) if norm == card.normalize else OutputPlan(raw, normalize=norm)
+    if dimensions is None or dimensions == native:
+        if norm == card.normalize:
+            return OutputPlan("sentence_embedding")
+        return OutputPlan("sentence_embedding_raw", normalize=norm)
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int):
+        raise UnsupportedDimensionError(f"dimensions must be an integer, got {dimensions!r}")
+    if dimensions in card.matryoshka_dims:
+        if norm == card.normalize:
+            return OutputPlan(f"sentence_embedding_{dimensions}")
+        return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
+    if card.matryoshka_any and 1 <= dimensions < native:
+        return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
+    sizes = ", ".join(map(str, sorted({*card.matryoshka_dims, native})))
+    allowed = f"any of 1..{native}" if card.matryoshka_any else sizes
+    raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; allowed: {allowed}")
+
+
+def chunk_plan(card: ModelCard, plan: OutputPlan) -> OutputPlan:
+    """The plan for inputs embedded by chunks: the raw (un-normalized) output, averaged over chunks by token
+    count (vLLM's chunked processing), then sliced and normalized as ``plan`` would."""
+    if plan.output == "sentence_embedding_raw":
+        return plan
+    dims = int(plan.output.rsplit("_", 1)[1]) if plan.output.startswith("sentence_embedding_") else None
+    return OutputPlan("sentence_embedding_raw", dims=dims, normalize=card.normalize)

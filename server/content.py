@@ -1,0 +1,139 @@
+"""A request's content, in every peer's dialect, as one list of inputs, and the one place that routes them by
+modality: the dialects only parse (texts stay ``str``, images become ``ImageRef``); ``admit_content`` checks
+each input's modality against the artifact's encoders and resolves what must be fetched.
+
+Accepted shapes (for CLIP / SigLIP each item is a text OR an image; an item with both is a 400 that says so):
+
+- vLLM's chat-style ``messages``: content parts ``{"type": "image_url", "image_url": {"url": ...}}`` and
+  ``{"type": "text", "text": ...}`` - the whole conversation is one item;
+- SGLang's ``input: [{"text": ...}, {"image": ...}]`` - one item each;
+- infinity's ``"modality": "image"`` with ``input`` a list of image URLs;
+- Cohere's ``images`` and ``inputs[].content`` parts, ``image_url`` an object ``{"url": ...}`` or a bare string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolkit.errors import RequestError
+from toolkit.runtime.encoders import declared_modality
+from toolkit.runtime.images import ImageRef
+from toolkit.server.images import fetch_images
+from toolkit.settings import ServerOptions
+
+__all__ = ["admit_content", "content_item", "has_image_parts", "image_url", "image_urls", "message_item", "messages_are_content",
+           "sglang_items"]
+
+_IMAGE_PARTS = ("image_url", "image")  # content-part types that carry an image
+
+
+# ---------------------------------------------------------------- parsing (no model checks)
+def image_url(part: Any, where: str) -> str:
+    """The URL of an ``image_url`` content part: ``{"url": ...}`` (OpenAI, Cohere's reference) or a bare string
+    (as some of Cohere's cloud partners send it)."""
+    value = part.get("image_url") if isinstance(part, dict) else None
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{where}: image_url must be {{'url': 'data:image/...;base64,...'}} or a URL string",
+                           param="input")
+    return value
+
+
+def content_item(parts: list, where: str) -> str | ImageRef:
+    """Text parts joined by a space, or the one image; both kinds at once, or two images, is a 400."""
+    texts: list[str] = []
+    images: list[str] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in _IMAGE_PARTS:
+            images.append(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where))
+        else:
+            raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
+                               "{'type': 'image_url', 'image_url': {'url': ...}}", param="input")
+    if texts and images:
+        raise RequestError(f"{where} mixes text and an image: this model embeds a text or an image per item "
+                           "(send them as separate items)", param="input")
+    if len(images) > 1:
+        raise RequestError(f"{where} has {len(images)} images: one image per item", param="input")
+    if images:
+        return ImageRef(images[0])
+    if not texts:
+        raise RequestError(f"{where} has no content", param="input")
+    return " ".join(texts)
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{where}: an image must be a URL string (data:image/...;base64,...)", param="input")
+    return value
+
+
+def image_urls(value: Any, field: str) -> list[ImageRef]:
+    """A URL or a list of URLs that are images by declaration (infinity's ``modality``, Cohere's ``images``)."""
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
+        raise RequestError(f"{field} must be an image URL (data:image/...;base64,...) or a list of them", param=field)
+    return [ImageRef(u) for u in urls]
+
+
+def has_image_parts(messages: list) -> bool:
+    """Whether any chat message has an image content part."""
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS for p in m["content"])
+               for m in messages)
+
+
+def messages_are_content(messages: list, embedder) -> bool:
+    """Whether chat ``messages`` are one content item (they carry an image part, or the artifact reads more than
+    text) rather than a conversation for the chat template."""
+    return has_image_parts(messages) or tuple(embedder.modalities) != ("text",)
+
+
+def message_item(messages: list) -> str | ImageRef:
+    """vLLM's chat ``messages`` as ONE item: their content parts together."""
+    parts: list = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            parts.extend(content)
+        else:
+            raise RequestError(f"messages[{i}] must have a content string or list", param="messages")
+    return content_item(parts, "messages")
+
+
+def sglang_items(items: list) -> list[str | ImageRef] | None:
+    """SGLang's ``input: [{"text": ...}, {"image": ...}]``; None when ``items`` is not that shape."""
+    if not items or not all(isinstance(x, dict) for x in items):
+        return None
+    out: list[str | ImageRef] = []
+    for i, item in enumerate(items):
+        text, image = item.get("text"), item.get("image")
+        if text is not None and image is not None:
+            raise RequestError(f"input[{i}] mixes text and an image: this model embeds a text or an image per item",
+                               param="input")
+        if image is not None:
+            out.append(ImageRef(_string(image, f"input[{i}]")))
+        elif isinstance(text, str):
+            out.append(text)
+        else:
+            raise RequestError(f"input[{i}] must be {{'text': str}} or {{'image': 'data:image/...'}}", param="input")
+    return out
+
+
+# ---------------------------------------------------------------- routing (the one model check)
+async def admit_content(items: list, embedder, options: ServerOptions, field: str = "input") -> list:
+    """``items`` checked against the artifact's encoders (a 400 naming the first input of a modality it does not
+    read, and the modalities it does) and made runnable: image URLs fetched where the operator allows."""
+    readable = tuple(embedder.modalities)
+    for i, item in enumerate(items):
+        modality = declared_modality(item)
+        if modality not in readable:
+            where = field if len(items) == 1 and field == "messages" else f"{field}[{i}]"
+            raise RequestError(f"{where} is {modality} content: this {embedder.kind} artifact reads "
+                               f"{' and '.join(readable)} only", param=field)
+    return await fetch_images(items, options)
