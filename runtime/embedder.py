@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from toolkit.cards import PaddingSide
-from toolkit.errors import RequestError
+from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import HeadSpec, ImagePreprocess
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
@@ -54,6 +54,16 @@ class Embedder:
         self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
         self.padding = PaddingSide(self.card.padding_side)
         self.encoders = open_encoders(self, loaded.path)  # one per modality the manifest lists
+        self._check_defaults()
+
+    def _check_defaults(self) -> None:
+        """The options' default prompt, checked once against the card (ConfigError naming its prompts)."""
+        name, text = self.options.default_prompt_name, self.options.default_prompt
+        if name is not None and text is not None:
+            raise ConfigError("give a default prompt name or a default prompt, not both")
+        if name is not None and name not in self.card.prompts:
+            raise ConfigError(f"default prompt name '{name}' is not one of this model's prompts: "
+                              f"{', '.join(self.card.prompts) or '(it has none)'}")
 
     def encoder(self, modality: str):
         """This artifact's encoder for ``modality``; RequestError naming the ones it has."""
@@ -92,11 +102,16 @@ class Embedder:
         return self.manifest.embedding_dim
 
     def prompt_text(self, prompt_name: str | None, prompt: str | None) -> str:
+        """The prompt a text gets: the call's ``prompt`` or ``prompt_name``, else the options' default prompt
+        (``default_prompt`` / ``default_prompt_name``), else the card's default prompt name, else none."""
         if prompt is not None and prompt_name is not None:
             raise RequestError("give prompt or prompt_name, not both", param="prompt_name")
         if prompt is not None:
             return prompt
-        name = prompt_name if prompt_name is not None else self.card.default_prompt_name
+        if prompt_name is None and self.options.default_prompt is not None:
+            return self.options.default_prompt
+        name = prompt_name if prompt_name is not None else (self.options.default_prompt_name
+                                                            or self.card.default_prompt_name)
         if name is None:
             return ""
         if name not in self.card.prompts:
@@ -115,6 +130,7 @@ class Embedder:
         add_special_tokens: bool = True,
     ) -> list[Tokenized]:
         """Inputs in any accepted form -> validated token sequences."""
+        truncate_prompt_tokens = self.truncation(truncate_prompt_tokens)
         if truncation_side not in ("right", "left"):
             raise RequestError(f"truncation_side '{truncation_side}' is not one of: right, left", param="truncation_side")
         items = as_input_list(inputs)
@@ -128,6 +144,15 @@ class Embedder:
         nested = not isinstance(inputs, str) and len(inputs) > 0 and isinstance(inputs[0], (list, tuple))
         return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side,
                                         index=i if nested else None) for i, ids in enumerate(items)]
+
+    def truncation(self, truncate_prompt_tokens: int | bool | None) -> int | None:
+        """A call's truncation as the tokenizer takes it: None (not given) is -1, cut to the window, under
+        ``auto_truncate`` and None (too long is an error) otherwise; False (the call refuses truncation) is None."""
+        if truncate_prompt_tokens is False:
+            return None
+        if truncate_prompt_tokens is None and self.options.auto_truncate:
+            return -1
+        return truncate_prompt_tokens
 
     # ---------------------------------------------------------------- engine
     def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str],
@@ -246,11 +271,11 @@ class Embedder:
         # (seq, hidden) padded to its batch -> (length, hidden)
         return states[:length] if self.padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
 
-    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool = True,
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool | None = None,
               truncate_prompt_tokens: int | None = None, **kwargs) -> np.ndarray:
         """Scores of queries against documents, vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores
-        (its activation applied unless ``use_activation`` is False), or an embedding model's cosines (texts, or for
-        two-tower artifacts images on either side)."""
+        (its activation applied unless ``use_activation`` is False), or an embedding model's cosines (texts, or
+        for two-tower artifacts images on either side; ``use_activation`` does not apply and is refused)."""
         return self.perform("score", text_1, text_2, use_activation=use_activation,
                             truncate_prompt_tokens=truncate_prompt_tokens, **kwargs)
 

@@ -220,6 +220,9 @@ def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: boo
     """vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores (its activation unless ``use_activation`` is
     False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
     left, right = score_pairs(queries, documents)
+    if use_activation is not None and not emb.cross_encoder:
+        raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
+                           "whose scores are cosine similarities", param="use_activation")
     if emb.cross_encoder:
         items = tokenize_pairs(emb, left, right, truncate_prompt_tokens=truncate_prompt_tokens)
         return Prepared([Run(items, "logits")], lambda rows: pair_scores(emb, rows[0], use_activation),
@@ -235,7 +238,7 @@ def tokenize_pairs(emb: Embedder, queries: list[str], documents: list[str], *,
     if any(not t for t in (*queries, *documents)):
         raise RequestError("queries and documents must not be empty strings", param="documents")
     firsts = queries * len(documents) if len(queries) == 1 else queries
-    return emb.tokenizer.encode_pairs(firsts, documents, truncate=truncate_prompt_tokens)
+    return emb.tokenizer.encode_pairs(firsts, documents, truncate=emb.truncation(truncate_prompt_tokens))
 
 
 def pair_scores(emb: Embedder, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:

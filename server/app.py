@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
 from litestar.enums import OpenAPIMediaType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -22,6 +23,7 @@ from toolkit.errors import (
     ConfigError,
     NotReadyError,
     OverloadedError,
+    RouteNotFoundError,
     ToolkitError,
 )
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
@@ -35,8 +37,9 @@ from toolkit.server.models import ModelRegistry, ServedModel
 from toolkit.server.openai_api import OpenAIController, OpenAIEmbeddingRequest, create_embeddings
 from toolkit.server.pooling_api import PoolingController
 from toolkit.server.rerank_api import RerankController
-from toolkit.server.schema import document_schema
+from toolkit.server.schema import document_schema, open_paths
 from toolkit.server.tei_api import TEIController
+from toolkit.server.telemetry import RequestRecord, Tracer, begin_request, end_request, note_work
 from toolkit.server.vllm_api import (
     DetokenizeRequest,
     ScoreRequest,
@@ -57,7 +60,6 @@ INVOCATIONS = (  # SageMaker's entry point: the route a body's fields select
     BodyRoute(("prompt",), TokenizeRequest, create_tokens),
     BodyRoute(("tokens",), DetokenizeRequest, create_text),
 )
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")  # no API key needed
 READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
 
 
@@ -65,13 +67,16 @@ class Gateway:
     """ASGI middleware: API key (401), in-flight limit (429), per-route metrics, and a 503 in the
     API's shape for a request cancelled by shutdown past the grace period."""
 
-    def __init__(self, app, options: ServerOptions, metrics: Metrics, routes: set[str]) -> None:
+    def __init__(self, app, options: ServerOptions, metrics: Metrics, routes: set[str],
+                 tracer: Tracer | None = None) -> None:
         self.app = app
         self.options = options
         self.metrics = metrics
         self.routes = routes  # metric labels: known routes only (an unbounded label set is a memory leak)
         self.in_flight = 0
         self._key = options.api_key.encode() if options.api_key else None
+        self.tracer = tracer
+        self.open_paths = open_paths(options)  # no key needed (/metrics: on the metrics port only, when there is one)
 
     async def _reject(self, send, path: str, exc: ToolkitError, headers: list | None = None) -> None:
         status, body = error_body(path, exc.status_code, exc.message, exc.error_type, exc.param, exc=exc)
@@ -87,8 +92,30 @@ class Gateway:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        record, token = begin_request(scope)
+        if self.tracer is not None:
+            self.tracer.start(record, scope)
+        request_id = (b"x-request-id", record.id.encode())
+
+        async def capture(message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), request_id]}
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, capture, record)
+        finally:
+            end_request(record, token, self.tracer)
+
+    async def _serve(self, scope, receive, send, record: RequestRecord) -> None:
         path = scope["path"]
-        open_path = path.startswith(OPEN_PATHS)
+        server = scope.get("server") or ("", None)
+        if self.options.prometheus_port is not None and server[1] == self.options.prometheus_port:
+            if path != "/metrics":  # the metrics port serves nothing else
+                return await self._reject(send, path, RouteNotFoundError(f"{path}: this port serves /metrics only"))
+            return await self.app(scope, receive, send)
+        open_path = path.startswith(self.open_paths)
         if self._key is not None and not open_path:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else b""
@@ -98,12 +125,12 @@ class Gateway:
         if self.in_flight >= self.options.max_concurrent_requests and not open_path:
             error = OverloadedError(f"more than {self.options.max_concurrent_requests} requests in flight; retry shortly")
             return await self._reject(send, path, error, [(b"retry-after", str(error.retry_after_s).encode())])
-        status, started_response = 500, False
+        started_response = False
 
         async def capture(message) -> None:
-            nonlocal status, started_response
+            nonlocal started_response
             if message["type"] == "http.response.start":
-                status, started_response = message["status"], True
+                started_response = True
             await send(message)
 
         self.in_flight += 1
@@ -113,13 +140,12 @@ class Gateway:
         except asyncio.CancelledError:
             # uvicorn cancels what is still running when the shutdown grace period ends
             if not started_response:
-                status = 503
                 await self._reject(send, path, NotReadyError(
                     "the server is shutting down and this request did not finish within its grace period; retry"))
             log.warning("%s %s cancelled by shutdown", scope.get("method"), path)
         finally:
             self.in_flight -= 1
-            self.metrics.request(self._route(path), status, time.perf_counter() - started)
+            self.metrics.request(self._route(path), record.status, time.perf_counter() - started)
 
 
 class Readiness:
@@ -213,6 +239,7 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
 
         def on_request(timings: Timings, tokens: int, name: str = name) -> None:  # every route's phases, in one place
             metrics.phases(name, timings.tokenize, timings.queue, timings.inference, tokens)
+            note_work(timings.tokenize, timings.queue, timings.inference, tokens)  # the request's log line and spans
 
         served.append(ServedModel(name, AsyncEmbedder(embedder, on_batch=on_batch, on_request=on_request)))
     registry = ModelRegistry(served)
@@ -244,9 +271,19 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     docs, assets = _docs_plugin()
     routes: set[str] = set()
+    tracer = Tracer(options.otlp_endpoint, options.otlp_service_name) if options.otlp_endpoint else None
 
     def gateway(app):
-        return Gateway(app, options, metrics, routes)
+        return Gateway(app, options, metrics, routes, tracer)
+
+    def close_tracer() -> None:
+        if tracer is not None:
+            tracer.close()
+
+    cors = CORSConfig(allow_origins=list(options.cors_allow_origins), allow_methods=list(options.cors_allow_methods),
+                      allow_headers=list(options.cors_allow_headers), allow_credentials=options.cors_allow_credentials,
+                      expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"]) \
+        if options.cors_allow_origins else None
 
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
@@ -255,7 +292,8 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         middleware=[gateway],
         request_class=ToolkitRequest,
         request_max_body_size=options.payload_limit,
-        on_shutdown=[close_engines],
+        on_shutdown=[close_engines, close_tracer],
+        cors_config=cors,
         openapi_config=OpenAPIConfig(
             title="onnx-embed-toolkit", version="0.1.0", path="/docs", render_plugins=[docs],
             security=[{"BearerAuth": []}] if options.api_key else None,

@@ -138,7 +138,7 @@ class CohereController(Controller):
         if data.max_tokens is not None and data.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1", param="max_tokens")
         max_tokens = None if data.max_tokens is None else min(data.max_tokens, emb.manifest.max_seq_len)  # Cohere: a cap
-        truncate = max_tokens if max_tokens is not None else (None if side is None else -1)
+        truncate = max_tokens if max_tokens is not None else (False if side is None else -1)  # NONE: refuse
         timings = Timings()
         items = await admit_content(items, emb, options, field)
         vectors, tokens, images = await served.engine.embed_mixed(

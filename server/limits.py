@@ -38,8 +38,9 @@ def check_priority(priority: int, options: ServerOptions) -> int:
 
 
 def tei_truncation(truncate: bool | None, direction: str) -> dict:
-    """TEI's ``truncate`` (default false: too long is an error) and ``truncation_direction`` (Left / Right)."""
+    """TEI's ``truncate`` (not given: the server's default, too long an error unless ``--auto-truncate``;
+    an explicit false refuses truncation even then) and ``truncation_direction`` (Left / Right)."""
     side = direction.lower()
     if side not in ("left", "right"):
         raise RequestError(f"truncation_direction '{direction}' is not one of: Left, Right", param="truncation_direction")
-    return {"truncate_prompt_tokens": -1 if truncate else None, "truncation_side": side}
+    return {"truncate_prompt_tokens": {True: -1, False: False, None: None}[truncate], "truncation_side": side}

@@ -200,6 +200,15 @@ def _single_one_of(schema: Schema) -> None:
             schema.properties[name] = field.one_of[0]
 
 
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")  # no API key needed
+
+
+def open_paths(options: ServerOptions) -> tuple[str, ...]:
+    """The paths that need no API key; with a metrics port (``--prometheus-port``) /metrics is open there and
+    behind the key on the API port."""
+    return OPEN_PATHS if options.prometheus_port is None else tuple(p for p in OPEN_PATHS if p != "/metrics")
+
+
 def document_schema(app: Litestar, options: ServerOptions) -> None:
     """Patch ``app.openapi_schema`` in place (Litestar serves the cached object): success bodies the handler
     types cannot give, each route's errors in its dialect's shape, security, required inputs, choices."""
@@ -225,8 +234,12 @@ def document_schema(app: Litestar, options: ServerOptions) -> None:
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status, shape)
             operation.responses = responses
-            if options.api_key and not path.startswith(("/health", "/ready", "/metrics")):
+            if options.api_key and not path.startswith(open_paths(options)):
                 operation.security = [{"BearerAuth": []}]
+                if path == "/metrics":  # open on the metrics port only
+                    operation.description = (f"Behind the API key on this port; open on port "
+                                             f"{options.prometheus_port} (--prometheus-port).")
+                    responses["401"] = _error_response(401, shape)
     for name, component in components.items():
         _single_one_of(component)
         base = name.rsplit(".", 1)[-1]

@@ -85,4 +85,4 @@ class TEIController(Controller):
                 "model_type": {"embedding": {"pooling": emb.card.pooling.value if emb.card.pooling else None}},
                 "max_concurrent_requests": options.max_concurrent_requests, "max_input_length": emb.manifest.max_seq_len,
                 "max_batch_tokens": emb.options.max_batch_tokens, "max_client_batch_size": options.max_client_batch_size,
-                "auto_truncate": False, "tokenization_workers": 1, "version": "onnx-embed-toolkit 0.1.0"}
+                "auto_truncate": emb.options.auto_truncate, "tokenization_workers": 1, "version": "onnx-embed-toolkit 0.1.0"}

@@ -102,9 +102,6 @@ class TokenizerInfo(msgspec.Struct):
 
 async def create_score(request: Request, data: ScoreRequest) -> ScoreResponse:
     served = request.app.state.registry.get(data.model)
-    if data.use_activation is not None and not served.embedder.cross_encoder:
-        raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
-                           "whose scores are cosine similarities", param="use_activation")
     left, right = score_pairs(*data.pair())
     check_limits(len(left) + len(right), request.app.state.options, param="documents")
     scores, tokens = await served.engine.score(left, right, use_activation=data.use_activation,

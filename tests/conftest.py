@@ -126,8 +126,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready: str = "/ready"):
-    """A real `toolkit serve ARTIFACT ARGS` on a free port, once ``ready`` answers 200: (url, port, process)."""
+def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready: str = "/ready",
+                     tls_ca: Path | None = None, output=None):
+    """A real `toolkit serve ARTIFACT ARGS` on a free port, once ``ready`` answers 200: (url, port, process).
+
+    ``tls_ca``: the server speaks HTTPS with a certificate this CA file verifies; ``output``: a file for the
+    server's stdout and stderr (default: a pipe)."""
     import os
     import subprocess
     import time
@@ -137,14 +141,15 @@ def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(artifact), "--port", str(port),
                              "--log-level", "warning", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+                            stdout=output or subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + ready, timeout=2).status_code == 200:
+            if httpx.get(url + ready, timeout=2, verify=str(tls_ca) if tls_ca else True).status_code == 200:
                 return url, port, proc
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    pytest.fail(f"server did not become ready: {proc.stdout.read().decode()[-2000:]}")
+    text = Path(output.name).read_text() if output else proc.stdout.read().decode()
+    pytest.fail(f"server did not become ready: {text[-2000:]}")

@@ -123,6 +123,13 @@ class UnsupportedMediaTypeError(RequestError):
     status_code = 415
 
 
+class RouteNotFoundError(RequestError):
+    """A path this port does not serve (the metrics port serves /metrics only)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
 class ModelNotFoundError(RequestError):
     """The request names a model the server does not serve."""
 

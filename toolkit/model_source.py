@@ -48,6 +48,7 @@ _EXTRAS = {
     "ray": ("ray", "pyarrow"),
     "images": ("PIL",),
     "chat": ("jinja2",),
+    "otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
 }
 
 

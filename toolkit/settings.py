@@ -71,6 +71,9 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     # chunked processing (opt-in): inputs up to this many tokens are embedded by window-sized chunks whose
     # un-normalized embeddings are averaged by token count (vLLM's enable_chunked_processing); None: off
     max_embed_len: int | None = None
+    auto_truncate: bool = False  # an input past the window is cut to it unless the call asks otherwise (TEI's flag)
+    default_prompt_name: str | None = None  # the card's prompt applied where a call names none (TEI's flag)
+    default_prompt: str | None = None  # a prompt text applied where a call names none (TEI's flag)
 
 
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -90,3 +93,16 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     image_url_timeout_s: float = 10.0  # one image fetch, connect to last byte
     image_url_max_bytes: int = 16 * 1024 * 1024
     log_level: str = "info"
+    json_output: bool = False  # one JSON object per log line (TEI's --json-output)
+    cors_allow_origins: list[str] = []  # browser origins allowed ("*": any); empty: no CORS headers at all
+    cors_allow_methods: tuple[str, ...] = ("*",)
+    cors_allow_headers: tuple[str, ...] = ("*",)
+    cors_allow_credentials: bool = False
+    ssl_keyfile: str | None = None  # TLS by uvicorn itself: both files, or neither
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None  # ask clients for a certificate signed by these CAs (mutual TLS)
+    otlp_endpoint: str | None = None  # OTLP/HTTP receiver for request spans (the [otel] extra)
+    otlp_service_name: str = "onnx-embed-toolkit"
+    disable_spans: bool = False  # JSON log lines without trace / span ids
+    uds_path: str | None = None  # also listen on this Unix domain socket
+    prometheus_port: int | None = None  # also serve /metrics, without the API key, on this port

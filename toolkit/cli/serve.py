@@ -20,6 +20,32 @@ from toolkit.errors import ConfigError
 __all__ = ["serve"]
 
 
+def _env(name: str) -> list[str]:
+    """The environment variables of a flag: ``TOOLKIT_NAME`` first, then TEI's own ``NAME``."""
+    return [f"TOOLKIT_{name}", name]
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _origins(values: list[str]) -> list[str]:
+    """Origins from repeated flags, comma lists (TEI) or a JSON list (vLLM's ``--allowed-origins '["*"]'``)."""
+    import json
+
+    origins: list[str] = []
+    for value in values:
+        if value.strip().startswith("["):
+            try:
+                listed = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"--allowed-origins {value!r} is not a JSON list of origins") from None
+            origins += [str(v) for v in listed]
+        else:
+            origins += _items(value)
+    return origins
+
+
 @app.command()
 def serve(
     models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="What to serve: artifacts (.onnx), bundled card names (`toolkit cards`), Hub ids or local model directories; anything but an artifact is exported once into TOOLKIT_CACHE and reused [default: the bundled all-MiniLM-L6-v2]")] = None,
@@ -48,6 +74,22 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
     spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
     log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
+    json_output: Annotated[bool, typer.Option("--json-output", envvar=_env("JSON_OUTPUT"), help="Log one JSON object per line (a line per request: request_id, route, status, latency_ms, tokens)")] = False,
+    cors_allow_origin: Annotated[list[str] | None, typer.Option("--cors-allow-origin", "--allowed-origins", envvar=_env("CORS_ALLOW_ORIGIN"), help="Browser origin allowed to call the API (repeat it, or comma-separate; '*' for any). Off by default: no CORS headers [default: none]")] = None,
+    cors_allow_methods: Annotated[str, typer.Option("--cors-allow-methods", "--allowed-methods", envvar=_env("CORS_ALLOW_METHODS"), help="With --cors-allow-origin: allowed methods, comma-separated")] = "*",
+    cors_allow_headers: Annotated[str, typer.Option("--cors-allow-headers", "--allowed-headers", envvar=_env("CORS_ALLOW_HEADERS"), help="With --cors-allow-origin: allowed request headers, comma-separated")] = "*",
+    cors_allow_credentials: Annotated[bool, typer.Option("--cors-allow-credentials", "--allow-credentials", envvar=_env("CORS_ALLOW_CREDENTIALS"), help="With --cors-allow-origin: allow cookies and Authorization from the browser")] = False,
+    ssl_keyfile: Annotated[str | None, typer.Option(envvar=_env("SSL_KEYFILE"), help="Serve HTTPS: the private key (PEM), with --ssl-certfile")] = None,
+    ssl_certfile: Annotated[str | None, typer.Option(envvar=_env("SSL_CERTFILE"), help="Serve HTTPS: the certificate chain (PEM), with --ssl-keyfile")] = None,
+    ssl_ca_certs: Annotated[str | None, typer.Option(envvar=_env("SSL_CA_CERTS"), help="With TLS: require client certificates signed by these CAs (PEM)")] = None,
+    otlp_endpoint: Annotated[str | None, typer.Option("--otlp-endpoint", "--otlp-traces-endpoint", envvar=_env("OTLP_ENDPOINT"), help="Export a span per request (with tokenize / queue / inference / encode children) to this OTLP/HTTP receiver, e.g. http://localhost:4318; needs the [otel] extra")] = None,
+    otlp_service_name: Annotated[str, typer.Option(envvar=_env("OTLP_SERVICE_NAME"), help="The service.name of the spans")] = "onnx-embed-toolkit",
+    disable_spans: Annotated[bool, typer.Option("--disable-spans", envvar=_env("DISABLE_SPANS"), help="Leave trace and span ids out of JSON log lines")] = False,
+    auto_truncate: Annotated[bool, typer.Option("--auto-truncate", envvar=_env("AUTO_TRUNCATE"), help="Cut inputs past the model's maximum to it unless the request says otherwise (TEI's truncate: false, Cohere's truncate: NONE), instead of a 400")] = False,
+    default_prompt_name: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT_NAME"), help="The card's prompt (`toolkit cards`) applied to texts whose request names none")] = None,
+    default_prompt: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT"), help="A prompt text applied to texts whose request names none")] = None,
+    uds_path: Annotated[str | None, typer.Option("--uds-path", "--uds", envvar=_env("UDS_PATH"), help="Also listen on this Unix domain socket")] = None,
+    prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
 ) -> None:
     """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
     from toolkit.settings import RuntimeOptions, ServerOptions
@@ -60,6 +102,15 @@ def serve(
             raise ConfigError(f"--log-level must be one of: {', '.join(LOG_LEVELS)} (got {log_level})")
         from toolkit.server.process import bind_listener
 
+        if auto_truncate and max_embed_len is not None:
+            raise ConfigError("--auto-truncate and --max-embed-len both decide what happens to long inputs: give one")
+        from toolkit.server.process import check_tls
+
+        check_tls(ssl_keyfile, ssl_certfile, ssl_ca_certs)
+        if otlp_endpoint:
+            from toolkit.server.telemetry import check_otlp
+
+            check_otlp(otlp_endpoint)
         listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
         export_options = export_options_for_sources(precision, target, revision, trust_remote_code)
         paths = [artifact_for(model, export_options) for model in (models or [None])]
@@ -69,9 +120,16 @@ def serve(
                                payload_limit=payload_limit, read_timeout_s=read_timeout, max_connections=max_connections,
                                shutdown_grace_s=shutdown_grace, allow_request_chat_template=allow_request_chat_template,
                                allow_priority_boost=allow_priority_boost, allow_image_urls=list(allow_image_url or []),
-                               image_url_timeout_s=image_url_timeout, log_level=log_level.lower())
+                               image_url_timeout_s=image_url_timeout, log_level=log_level.lower(),
+                               json_output=json_output, cors_allow_origins=_origins(cors_allow_origin or []),
+                               cors_allow_methods=tuple(_items(cors_allow_methods)), cors_allow_headers=tuple(_items(cors_allow_headers)),
+                               cors_allow_credentials=cors_allow_credentials, ssl_keyfile=ssl_keyfile,
+                               ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, otlp_endpoint=otlp_endpoint,
+                               otlp_service_name=otlp_service_name, disable_spans=disable_spans, uds_path=uds_path,
+                               prometheus_port=prometheus_port)
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
-                                 max_embed_len=max_embed_len)
+                                 max_embed_len=max_embed_len, auto_truncate=auto_truncate,
+                                 default_prompt_name=default_prompt_name, default_prompt=default_prompt)
         from toolkit.server.process import run_server
 
         code = run_server(paths, served_model_name or [], server, runtime, listener)
