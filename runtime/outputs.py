@@ -39,9 +39,13 @@ def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, modality: str = "text") -> OutputPlan:
+def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, modality: str = "text",
+                any_size: bool = False) -> OutputPlan:
     """Map (dimensions, normalize) to a graph output of ``modality``'s encoder; UnsupportedDimensionError lists
-    the valid sizes. A tower beside the text graph (``encoder.outputs``: final, raw) has one size."""
+    the valid sizes. A tower beside the text graph (``encoder.outputs``: final, raw) has one size.
+
+    ``any_size`` (TEI's ``/embed``): any size up to the model's is the raw output cut to it, normalized again
+    when ``normalize`` says so, whether or not the model declares Matryoshka sizes."""
     emb.require("embed")
     card = emb.card
     norm = card.normalize if normalize is None else normalize
@@ -58,6 +62,13 @@ def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, m
         return OutputPlan("sentence_embedding_raw", normalize=norm)
     if isinstance(dimensions, bool) or not isinstance(dimensions, int):
         raise UnsupportedDimensionError(f"dimensions must be an integer, got {dimensions!r}")
+    if any_size and dimensions not in card.matryoshka_dims:
+        if dimensions < 1:
+            raise UnsupportedDimensionError("`dimensions` should be positive")
+        if dimensions > native:
+            raise UnsupportedDimensionError(f"`dimensions` should be smaller than the maximum embedding dimension "
+                                            f"({native})")
+        return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
     if dimensions in card.matryoshka_dims:
         if norm == card.normalize:
             return OutputPlan(f"sentence_embedding_{dimensions}")

@@ -27,7 +27,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.encoders import by_modality, modality_of
 from toolkit.runtime.images import as_image_list
-from toolkit.runtime.outputs import chunk_plan, finish
+from toolkit.runtime.outputs import chunk_plan, finish, plan_output
 from toolkit.runtime.pooling import (
     activate,
     cosine_scores,
@@ -122,8 +122,8 @@ def _tokens(items) -> int:
 
 # ---------------------------------------------------------------- embed (text)
 def prepare_embed(emb: Embedder, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
-                  **tokenize) -> Prepared:
-    plan = emb.plan_output(dimensions, normalize)
+                  any_size: bool = False, **tokenize) -> Prepared:
+    plan = plan_output(emb, dimensions, normalize, any_size=any_size)
     return embed_items(emb, emb.tokenize_inputs(inputs, **tokenize), plan)
 
 

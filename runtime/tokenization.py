@@ -246,6 +246,20 @@ class Tokenizer:
                                "(--max-request-tokens)", param="prompt")
         return self._tok.post_process(enc, add_special_tokens=True).ids if add_special_tokens else enc.ids
 
+    def spans(self, text: str, add_special_tokens: bool = True, limit: int | None = None) -> list[dict]:
+        """TEI's ``/tokenize`` answer for one text: ``{"id", "text", "special", "start", "stop"}`` per token, the
+        offsets in UTF-8 bytes of ``text`` (as TEI's Rust tokenizer gives them), a special token's ``text`` its
+        vocabulary string and its offsets null. RequestError past ``limit`` tokens, found before the full pass."""
+        if limit is not None:
+            self.ids(text, add_special_tokens, limit)
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        at = [0]
+        for ch in text:
+            at.append(at[-1] + len(ch.encode("utf-8", "surrogatepass")))
+        return [{"id": i, "text": token, "special": True, "start": None, "stop": None} if special else
+                {"id": i, "text": text[a:b], "special": False, "start": at[a], "stop": at[b]}
+                for i, token, special, (a, b) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

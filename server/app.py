@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from pathlib import Path
@@ -19,27 +18,38 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
 
 from toolkit.errors import (
-    AuthenticationError,
     ConfigError,
     NotReadyError,
-    OverloadedError,
-    RouteNotFoundError,
-    ToolkitError,
+    RequestError,
 )
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.cohere_api import CohereController
 from toolkit.server.decoding import ToolkitRequest
-from toolkit.server.dispatch import BodyRoute, dispatch_body
-from toolkit.server.errors import error_body, handle_exception
+from toolkit.server.dispatch import BodyRoute, convert_body, dispatch_body
+from toolkit.server.errors import handle_exception
+from toolkit.server.gateway import Gateway
 from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
-from toolkit.server.openai_api import OpenAIController, OpenAIEmbeddingRequest, create_embeddings
+from toolkit.server.openai_api import (
+    OpenAIController,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    create_embeddings,
+)
 from toolkit.server.pooling_api import PoolingController
-from toolkit.server.rerank_api import RerankController
-from toolkit.server.schema import document_schema, open_paths
-from toolkit.server.tei_api import TEIController
-from toolkit.server.telemetry import RequestRecord, Tracer, begin_request, end_request, note_work
+from toolkit.server.rerank_api import RERANK_BODIES, RerankController, TEIRerankRequest, tei_rerank
+from toolkit.server.schema import document_schema
+from toolkit.server.tei_api import (
+    TEIController,
+    TEIEmbedRequest,
+    TEISimilarityRequest,
+    TEITokensRequest,
+    tei_embed,
+    tei_embed_sparse,
+    tei_similarity,
+)
+from toolkit.server.telemetry import Tracer, note_work
 from toolkit.server.vllm_api import (
     DetokenizeRequest,
     ScoreRequest,
@@ -54,98 +64,14 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 __all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
-INVOCATIONS = (  # SageMaker's entry point: the route a body's fields select
+INVOCATIONS = (  # SageMaker's entry point: the route a body's fields select (vLLM's requests, then TEI's)
     BodyRoute(("input", "messages"), OpenAIEmbeddingRequest, create_embeddings),
     BodyRoute(("queries", "data_1", "text_1"), ScoreRequest, create_score),
     BodyRoute(("prompt",), TokenizeRequest, create_tokens),
     BodyRoute(("tokens",), DetokenizeRequest, create_text),
+    *RERANK_BODIES,  # query + documents (vLLM, Cohere) or query + texts (TEI)
 )
 READY_TTL_S = 1.0  # one probe inference per second at most, however often /ready is polled
-
-
-class Gateway:
-    """ASGI middleware: API key (401), in-flight limit (429), per-route metrics, and a 503 in the
-    API's shape for a request cancelled by shutdown past the grace period."""
-
-    def __init__(self, app, options: ServerOptions, metrics: Metrics, routes: set[str],
-                 tracer: Tracer | None = None) -> None:
-        self.app = app
-        self.options = options
-        self.metrics = metrics
-        self.routes = routes  # metric labels: known routes only (an unbounded label set is a memory leak)
-        self.in_flight = 0
-        self._key = options.api_key.encode() if options.api_key else None
-        self.tracer = tracer
-        self.open_paths = open_paths(options)  # no key needed (/metrics: on the metrics port only, when there is one)
-
-    async def _reject(self, send, path: str, exc: ToolkitError, headers: list | None = None) -> None:
-        status, body = error_body(path, exc.status_code, exc.message, exc.error_type, exc.param, exc=exc)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                *(headers or [])]})
-        await send({"type": "http.response.body", "body": body})
-        self.metrics.request(self._route(path), status, 0.0)
-
-    def _route(self, path: str) -> str:
-        return path if path in self.routes else "(unmatched)"
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        record, token = begin_request(scope)
-        if self.tracer is not None:
-            self.tracer.start(record, scope)
-        request_id = (b"x-request-id", record.id.encode())
-
-        async def capture(message) -> None:
-            if message["type"] == "http.response.start":
-                record.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), request_id]}
-            await send(message)
-
-        try:
-            await self._serve(scope, receive, capture, record)
-        finally:
-            end_request(record, token, self.tracer)
-
-    async def _serve(self, scope, receive, send, record: RequestRecord) -> None:
-        path = scope["path"]
-        server = scope.get("server") or ("", None)
-        if self.options.prometheus_port is not None and server[1] == self.options.prometheus_port:
-            if path != "/metrics":  # the metrics port serves nothing else
-                return await self._reject(send, path, RouteNotFoundError(f"{path}: this port serves /metrics only"))
-            return await self.app(scope, receive, send)
-        open_path = path.startswith(self.open_paths)
-        if self._key is not None and not open_path:
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            token = auth[7:] if auth[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, self._key):
-                return await self._reject(send, path, AuthenticationError(
-                    "missing or invalid API key (Authorization: Bearer ...)"), [(b"www-authenticate", b"Bearer")])
-        if self.in_flight >= self.options.max_concurrent_requests and not open_path:
-            error = OverloadedError(f"more than {self.options.max_concurrent_requests} requests in flight; retry shortly")
-            return await self._reject(send, path, error, [(b"retry-after", str(error.retry_after_s).encode())])
-        started_response = False
-
-        async def capture(message) -> None:
-            nonlocal started_response
-            if message["type"] == "http.response.start":
-                started_response = True
-            await send(message)
-
-        self.in_flight += 1
-        started = time.perf_counter()
-        try:
-            await self.app(scope, receive, capture)
-        except asyncio.CancelledError:
-            # uvicorn cancels what is still running when the shutdown grace period ends
-            if not started_response:
-                await self._reject(send, path, NotReadyError(
-                    "the server is shutting down and this request did not finish within its grace period; retry"))
-            log.warning("%s %s cancelled by shutdown", scope.get("method"), path)
-        finally:
-            self.in_flight -= 1
-            self.metrics.request(self._route(path), record.status, time.perf_counter() - started)
 
 
 class Readiness:
@@ -195,8 +121,54 @@ class Ready(msgspec.Struct):
 @post("/invocations", status_code=200, tags=["vLLM extras"],
       summary="SageMaker entry point: an embeddings, score, tokenize or detokenize body, told apart by its fields")
 async def invocations(request: Request) -> Response:
+    body = await request.json()
+    if isinstance(body, dict) and "inputs" in body:
+        return await tei_root(request)
     return await dispatch_body(request, INVOCATIONS, "`input` or `messages` (embeddings), `queries` (score), "
-                                                     "`prompt` (tokenize) or `tokens` (detokenize)")
+                                                     "`prompt` (tokenize), `tokens` (detokenize), `query` (rerank) "
+                                                     "or `inputs` (TEI)")
+
+
+async def tei_root(request: Request) -> Response:
+    """TEI's ``POST /`` (and ``/invocations`` with ``inputs``): what the artifact does, as TEI dispatches it: a
+    query with texts is ranked, ``inputs.source_sentence`` is compared with ``inputs.sentences``, other inputs
+    are embedded (sparse for a SPLADE artifact)."""
+    request.state.dialect = "tei"
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with inputs (or query and texts)", param="inputs")
+    if "query" in body:
+        return await tei_rerank(request, convert_body(body, TEIRerankRequest))
+    if isinstance(body.get("inputs"), dict):
+        return await tei_similarity(request, convert_body(body, TEISimilarityRequest))
+    tasks = request.app.state.registry.get(body.get("model")).embedder.tasks
+    if "embed" in tasks:
+        return await tei_embed(request, convert_body(body, TEIEmbedRequest))
+    if "embed_sparse" in tasks:
+        return await tei_embed_sparse(request, convert_body(body, TEITokensRequest))
+    raise RequestError(f"this artifact answers {', '.join(tasks)}: POST / ranks a query against texts "
+                       "({'query', 'texts'})", param="inputs")
+
+
+@post("/", status_code=200, tags=["TEI"], summary="TEI's entry point: embed (sparse for SPLADE), rerank (query + "
+                                                  "texts) or similarity (inputs.source_sentence), by body and model")
+async def root(request: Request) -> Response:
+    body = await request.json()
+    if isinstance(body, dict) and "inputs" not in body and "query" not in body:
+        return await dispatch_body(request, INVOCATIONS, "inputs (TEI), or a vLLM request body")
+    return await tei_root(request)
+
+
+@post("/embeddings", status_code=200, tags=["OpenAI"], summary="Create embeddings (OpenAI's route without /v1, "
+                                                                "as TEI serves it)")
+async def embeddings_unversioned(request: Request, data: OpenAIEmbeddingRequest) -> Response[OpenAIEmbeddingResponse]:
+    return await create_embeddings(request, data)
+
+
+@get(["/", "/ping"], summary="Liveness (TEI's and SageMaker's probes): 200, empty", tags=["Operations"],
+     media_type="text/plain", sync_to_thread=False)
+def ping() -> str:
+    return ""
 
 
 @get("/health", summary="Liveness", tags=["Operations"])
@@ -287,7 +259,8 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
-                        PoolingController, invocations, health, ready, prometheus, openapi_json, *assets],
+                        PoolingController, invocations, root, embeddings_unversioned, ping, health, ready, prometheus,
+                        openapi_json, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
         request_class=ToolkitRequest,

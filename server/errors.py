@@ -31,7 +31,7 @@ from toolkit.errors import (
 
 __all__ = ["TEI_PATHS", "dialect_of", "error_body", "error_response", "handle_exception"]
 
-TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/info")
+TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/similarity", "/decode", "/info")
 
 log = logging.getLogger("toolkit.server")
 

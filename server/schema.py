@@ -200,6 +200,7 @@ def _single_one_of(schema: Schema) -> None:
             schema.properties[name] = field.one_of[0]
 
 
+EITHER_PATHS = ("/rerank", "/tokenize", "/", "/invocations")  # one path, TEI's body or another's: either error shape
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")  # no API key needed
 
 
@@ -207,6 +208,14 @@ def open_paths(options: ServerOptions) -> tuple[str, ...]:
     """The paths that need no API key; with a metrics port (``--prometheus-port``) /metrics is open there and
     behind the key on the API port."""
     return OPEN_PATHS if options.prometheus_port is None else tuple(p for p in OPEN_PATHS if p != "/metrics")
+
+
+PROBES = ("/", "/ping")  # TEI's and SageMaker's liveness probes: open for GET (POST / is TEI's API entry point)
+
+
+def is_open(method: str, path: str, options: ServerOptions) -> bool:
+    """Whether a request needs no API key (and is never refused as overload): the open paths, GET probes."""
+    return path.startswith(open_paths(options)) or (method in ("GET", "HEAD") and path in PROBES)
 
 
 def document_schema(app: Litestar, options: ServerOptions) -> None:
@@ -222,9 +231,9 @@ def document_schema(app: Litestar, options: ServerOptions) -> None:
             if operation is None:
                 continue
             statuses = {503} if path == "/ready" else set()
-            shape = "tei" if path in TEI_PATHS else "either" if path == "/rerank" else (
+            shape = "tei" if path in TEI_PATHS else "either" if path in EITHER_PATHS else (
                 "cohere" if path.startswith("/v2/") else "openai")
-            if not path.startswith(("/health", "/ready", "/metrics", "/docs")):
+            if not (path.startswith(("/health", "/ready", "/metrics", "/docs")) or is_open(method.upper(), path, options)):
                 statuses = {400, 404, 429, 500, 503} | ({413, 415} if method == "post" else set())
                 statuses = _TEI_STATUSES | statuses if shape == "either" else _TEI_STATUSES if shape == "tei" else statuses
                 if options.api_key:
@@ -234,7 +243,7 @@ def document_schema(app: Litestar, options: ServerOptions) -> None:
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status, shape)
             operation.responses = responses
-            if options.api_key and not path.startswith(open_paths(options)):
+            if options.api_key and not is_open(method.upper(), path, options):
                 operation.security = [{"BearerAuth": []}]
                 if path == "/metrics":  # open on the metrics port only
                     operation.description = (f"Behind the API key on this port; open on port "

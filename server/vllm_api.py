@@ -9,7 +9,7 @@ import uuid
 from typing import Literal
 
 import msgspec
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
 from toolkit.errors import RequestError
@@ -49,8 +49,12 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
 
 
 class TokenizeRequest(ChatRequest, kw_only=True):
+    """vLLM's tokenize request; with ``inputs`` instead of ``prompt`` it is TEI's (answered in TEI's shape)."""
+
     model: str | None = None
     prompt: str | None = None
+    inputs: str | list[str] | None = None  # TEI's body
+    prompt_name: str | None = None  # TEI's
     return_token_strs: bool = False
 
 
@@ -113,6 +117,8 @@ async def create_score(request: Request, data: ScoreRequest) -> ScoreResponse:
 
 
 async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResponse:
+    if data.inputs is not None:
+        return await _tei_tokens(request, data)
     served = request.app.state.registry.get(data.model)
     emb = served.embedder
     prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
@@ -123,6 +129,24 @@ async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResp
         ids = await asyncio.to_thread(emb.tokenizer.ids, prompt, specials, limit)
     return TokenizeResponse(count=len(ids), max_model_len=emb.manifest.max_seq_len, tokens=ids,
                             token_strs=emb.tokenizer.token_strings(ids) if data.return_token_strs else None)
+
+
+async def _tei_tokens(request: Request, data: TokenizeRequest) -> Response:
+    """TEI's ``/tokenize``: ``[[{"id", "text", "special", "start", "stop"}, ...], ...]``, a list per input (one
+    for a single string), offsets in UTF-8 bytes of the prompt-prefixed text."""
+    request.state.dialect = "tei"
+    if data.prompt is not None or data.messages is not None:
+        raise RequestError("give inputs (TEI) or prompt / messages (vLLM), not both", param="inputs")
+    emb = request.app.state.registry.get(data.model).embedder
+    texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
+    if not texts:
+        raise RequestError("`inputs` cannot be empty", param="inputs")
+    check_limits(len(texts), request.app.state.options, param="inputs")
+    prefix = emb.prompt_text(data.prompt_name, None)
+    specials = data.add_special_tokens is not False
+    limit = request.app.state.options.max_request_tokens
+    spans = await asyncio.to_thread(lambda: [emb.tokenizer.spans(prefix + t, specials, limit) for t in texts])
+    return Response(spans)
 
 
 async def create_text(request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
@@ -139,7 +163,8 @@ class VLLMController(Controller):
     async def score(self, request: Request, data: ScoreRequest) -> ScoreResponse:
         return await create_score(request, data)
 
-    @post("/tokenize", status_code=200, summary="Token ids of a prompt (or of chat messages)")
+    @post("/tokenize", status_code=200, summary="Token ids of a prompt or chat messages (vLLM); with `inputs`, TEI's "
+                                                 "token list per input")
     async def tokenize(self, request: Request, data: TokenizeRequest) -> TokenizeResponse:
         return await create_tokens(request, data)
 

@@ -44,7 +44,7 @@ def test_tei_embed_and_embed_all(client, tiny):
 
 @pytest.mark.parametrize("body, status", [
     ({"inputs": []}, 422), ({"inputs": "x", "truncation_direction": "Middle"}, 422), ({"nope": 1}, 422),
-    ({"inputs": "x", "dimensions": 7}, 422),
+    ({"inputs": "x", "dimensions": 0}, 422), ({"inputs": "x", "dimensions": 25}, 422),  # TEI: any size up to 24
 ])
 def test_tei_errors_have_tei_shape(client, body, status):
     r = client.post("/embed", json=body)

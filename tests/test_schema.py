@@ -91,7 +91,8 @@ def test_schema_documents_errors_security_and_required_inputs(app):
 @pytest.mark.parametrize("method_path", ["POST /v1/embeddings", "POST /v2/embed", "POST /v1/score", "POST /tokenize",
                                          "POST /detokenize", "GET /v1/models", "GET /tokenizer_info", "GET /ready",
                                          "POST /embed", "POST /embed_all", "POST /v1/rerank", "POST /v2/rerank",
-                                         "POST /pooling", "POST /embedding", "POST /invocations"])
+                                         "POST /pooling", "POST /embedding", "POST /invocations", "POST /similarity",
+                                         "POST /decode", "POST /", "POST /embeddings"])
 def test_fuzz_against_the_schema(app, method_path):
     method, path = method_path.split()
     operation = _schema(app)[path][method]
