@@ -118,12 +118,9 @@ class Tokenizer:
                     out.append(self._chunks(enc, content, add_special_tokens))
                     continue
                 if truncate is None:
-                    count = "more tokens than" if cut else f"{len(enc.ids) + specials} tokens, more than"
-                    most = (f"the chunked-processing maximum of {max_embed_len}" if chunked
-                            else f"the model's maximum of {self.max_length}")
-                    raise InputTooLongError(
-                        f"input {i} has {count} {most}; shorten it or set truncate_prompt_tokens"
-                    )
+                    most = max_embed_len if chunked else self.max_length
+                    raise InputTooLongError(too_long(most, len(enc.ids) + specials, cut, f"input {i}",
+                                                     "the chunked-processing maximum" if chunked else ""))
                 enc.truncate(content, direction=side)
             if add_special_tokens:
                 enc = self._tok.post_process(enc, add_special_tokens=True)
@@ -150,8 +147,9 @@ class Tokenizer:
                 a, b = self._encode_many([firsts[i], seconds[i]])
             if len(a.ids) + len(b.ids) > content:
                 if truncate is None:
-                    raise InputTooLongError(f"pair {i} has more tokens than the model's maximum of {self.max_length}; "
-                                            "shorten it or set truncate_prompt_tokens")
+                    specials = self._tok.num_special_tokens_to_add(True)
+                    raise InputTooLongError(too_long(self.max_length, len(a.ids) + len(b.ids) + specials,
+                                                     cut_a or cut_b, f"pair {i}"))
                 n1, n2 = longest_first(len(a.ids), len(b.ids), content)
                 a.truncate(n1)
                 b.truncate(n2)
@@ -269,6 +267,16 @@ class Tokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.id_to_token(i) or "" for i in ids]
+
+
+def too_long(maximum: int, count: int, partial: bool, where: str, what: str = "") -> str:
+    """OpenAI's and vLLM's context-length sentence (clients such as LiteLLM map a context-window error by it),
+    naming the input and the fix. ``partial``: only a window of the text was tokenized, so it has more."""
+    requested = f"more than {count}" if partial else str(count)
+    limit = f" ({what} of {maximum})" if what else ""
+    return (f"This model's maximum context length is {maximum} tokens{limit}. However, you requested {requested} "
+            f"tokens in the input for embedding generation ({where}). Please reduce the length of the input, or "
+            "set truncate_prompt_tokens (-1: cut to the maximum).")
 
 
 def _json_kind(value: object) -> str:

@@ -106,8 +106,13 @@ def test_prompts(tiny):
 
 def test_truncation(tiny):
     long = " ".join(["word"] * 500)
-    with pytest.raises(InputTooLongError, match="maximum of 96"):
+    with pytest.raises(InputTooLongError, match="This model's maximum context length is 96 tokens. However, you "
+                                                "requested "):
         tiny.embed(long)
+    exact = "word " * 100  # tokenized in full: the count is exact, in OpenAI's and vLLM's words
+    with pytest.raises(InputTooLongError, match=rf"However, you requested {len(tiny.tokenizer.ids(exact))} tokens in the "
+                                                r"input for embedding generation \(input 0\)\. Please reduce"):
+        tiny.embed(exact)
     ids_right = tiny.tokenize(long + " end", truncate_prompt_tokens=10)
     ids_left = tiny.tokenize("start " + long, truncate_prompt_tokens=10, truncation_side="left")
     assert len(ids_right) == len(ids_left) == 10
