@@ -3,7 +3,9 @@
 ``/v2/*`` answers Cohere's ``{"message"}``; TEI's routes (``/embed``, ``/embed_all``, ``/embed_sparse``,
 ``/info``, and ``/rerank`` when its body is TEI's) TEI's ``{"error", "error_type"}`` with TEI's status
 codes (validation 413 for too-long inputs, 422 for other bad input, 424 backend, 429 overloaded, 503
-unhealthy); every other route OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Nothing
+unhealthy); every other route OpenAI's ``{"error": {"message", "type", "param", "code"}}``, where vLLM's own
+routes (``VLLM_PATHS``) put vLLM's exception name in ``type`` (``BadRequestError``, ``NotFoundError``,
+``InternalServerError``) as vLLM's server does, and OpenAI's ``/v1/embeddings`` keeps OpenAI's types. Nothing
 escapes as a bare 500.
 
 A ``model`` the server does not serve is 404 in OpenAI's and Cohere's dialects (OpenAI's own answer) and
@@ -29,9 +31,15 @@ from toolkit.errors import (
     ToolkitError,
 )
 
-__all__ = ["TEI_PATHS", "dialect_of", "error_body", "error_response", "handle_exception"]
+__all__ = ["TEI_PATHS", "VLLM_PATHS", "dialect_of", "error_body", "error_response", "handle_exception"]
 
 TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/similarity", "/decode", "/info")
+# vLLM's own routes: OpenAI's shape with vLLM's `type`, the name of the exception vLLM raised (a TEI body on
+# /rerank, /tokenize or /invocations switches to TEI's dialect before anything can fail)
+VLLM_PATHS = ("/pooling", "/score", "/v1/score", "/rerank", "/v1/rerank", "/tokenize", "/detokenize",
+              "/tokenizer_info", "/invocations")
+_VLLM_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError", 415: "BadRequestError",
+               422: "BadRequestError", 500: "InternalServerError"}
 
 log = logging.getLogger("toolkit.server")
 
@@ -46,6 +54,8 @@ def dialect_of(path: str, request: Request | None = None) -> str:
         return request.state.dialect
     if path in TEI_PATHS:
         return "tei"
+    if path in VLLM_PATHS:
+        return "vllm"
     return "cohere" if path.startswith("/v2/") else "openai"
 
 
@@ -75,8 +85,9 @@ def error_body(path: str, status: int, message: str, error_type: str | None = No
         case "tei":
             status, kind = _tei_status(status, exc)
             return status, msgspec.json.encode({"error": message, "error_type": kind})
-        case _:
-            error = {"message": message, "type": error_type or _TYPES.get(status, "internal_error"), "param": param,
+        case dialect_name:
+            kind = _VLLM_TYPES.get(status) if dialect_name == "vllm" else None
+            error = {"message": message, "type": kind or error_type or _TYPES.get(status, "internal_error"), "param": param,
                      "code": status}
             return status, msgspec.json.encode({"error": error})
 

@@ -32,8 +32,23 @@ def test_an_unknown_model_elsewhere_stays_404_in_each_shape(client):
     assert r.json()["error"]["param"] == "model"
     r = client.post("/v2/embed", json={"texts": ["x"], "input_type": "query", "model": "nope"})
     assert r.status_code == 404 and r.json() == {"message": "model 'nope' is not served here; served: a, b"}
-    r = client.post("/rerank", json={"query": "q", "documents": ["a"], "model": "nope"})  # vLLM's body: OpenAI's
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = client.post("/rerank", json={"query": "q", "documents": ["a"], "model": "nope"})  # vLLM's body and route
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"  # vLLM's exception name
+
+
+def test_vllms_routes_name_vllms_exception(client):
+    """vLLM's own routes answer OpenAI's shape with vLLM's `type` (what vLLM's server and its tests check);
+    OpenAI's route keeps OpenAI's."""
+    for route, body in (("/pooling", {"input": "x", "task": "nope"}), ("/score", {"text_1": "a"}),
+                        ("/v1/rerank", {"query": "", "documents": ["a"]}), ("/tokenize", {}),
+                        ("/detokenize", {"tokens": [10**9]}), ("/invocations", {"nothing": 1})):
+        r = client.post(route, json={**body, "model": "a"})  # two models are served here
+        assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError", (route, r.text)
+        assert r.json()["error"]["code"] == 400 and r.json()["error"]["message"]
+    r = client.post("/v1/embeddings", json={"input": [], "model": "a"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/tokenize", json={"inputs": [], "model": "a"})  # TEI's body on the shared path: TEI's shape
+    assert set(r.json()) == {"error", "error_type"}
 
 
 @pytest.mark.parametrize("nested, got", [(["a"], "a string ('a')"), ([1, 2.5], "a number (2.5)"),
