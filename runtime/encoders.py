@@ -57,7 +57,7 @@ class TextEncoder:
 
     @staticmethod
     def accepts(item) -> bool:
-        return not any(enc.accepts(item) for name, enc in ENCODERS.items() if name != "text")
+        return modality_of(item) == "text"
 
     def __init__(self, emb: Embedder, path: Path) -> None:
         self.emb = emb
