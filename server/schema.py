@@ -182,11 +182,13 @@ def _success(operation, path: str, keys: dict[str, str]) -> None:
     if path in _TEI_SUCCESS:
         ok.content = {"application/json": OpenAPIMediaType(schema=_TEI_SUCCESS[path])}
     elif path == "/invocations":
-        ok.content = {"application/json": OpenAPIMediaType(
-            schema=Schema(one_of=[_ref(keys[r]) for r in _INVOCATIONS.values()]))}
+        answers = [_ref(keys[r]) for r in (*_INVOCATIONS.values(), "VLLMRerankResponse") if r in keys]
+        tei = Schema(type=OpenAPIType.ARRAY, description="TEI's answers (inputs, or query + texts): a list, as "
+                                                         "POST / gives it")
+        ok.content = {"application/json": OpenAPIMediaType(schema=Schema(one_of=[*answers, tei]))}
         operation.request_body = RequestBody(required=True, description=(
-            "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt) or "
-            "detokenize (tokens) body"), content={"application/json": OpenAPIMediaType(
+            "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt), "
+            "detokenize (tokens) or rerank (query + documents) body, or TEI's (inputs; query + texts)"), content={"application/json": OpenAPIMediaType(
                 schema=Schema(any_of=[_ref(keys[r]) for r in _INVOCATIONS]))})
     if path in ("/v1/embeddings", "/invocations"):  # encoding_format bytes / bytes_only
         ok.content = {**(ok.content or {}), "application/octet-stream": _BYTES}
