@@ -183,8 +183,10 @@ def _success(operation, path: str, keys: dict[str, str]) -> None:
         ok.content = {"application/json": OpenAPIMediaType(schema=_TEI_SUCCESS[path])}
     elif path == "/invocations":
         answers = [_ref(keys[r]) for r in (*_INVOCATIONS.values(), "VLLMRerankResponse") if r in keys]
-        tei = Schema(type=OpenAPIType.ARRAY, description="TEI's answers (inputs, or query + texts): a list, as "
-                                                         "POST / gives it")
+        tei_items = [_array(_NUMBER), *([_ref(keys["TEIRank"])] if "TEIRank" in keys else [])]
+        tei = Schema(type=OpenAPIType.ARRAY, items=Schema(one_of=tei_items) if len(tei_items) > 1 else tei_items[0],
+                     description="TEI's answers, as POST / gives them: a vector per input (inputs) or the ranks "
+                                 "(query + texts)")
         ok.content = {"application/json": OpenAPIMediaType(schema=Schema(one_of=[*answers, tei]))}
         operation.request_body = RequestBody(required=True, description=(
             "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt), "
