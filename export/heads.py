@@ -10,9 +10,12 @@ export is verified. The rest of the exporter asks the head and never checks a ki
 - ``SparseHead`` (SPLADE): masked-LM logits -> log1p(relu) -> max over real tokens. Outputs ``sparse_embedding``.
 - ``TowerHead`` (CLIP, SigLIP): the text tower's projected features (``get_text_features``), normalized; the
   image tower is a second graph (``export.towers``). Outputs ``sentence_embedding``, ``sentence_embedding_raw``.
-- ``ClassifierHead`` (cross-encoders, pooling ``rank``): the sequence-classification logits (batch, num_labels);
+- ``ClassifierHead`` (cross-encoders, pooling ``rank``, one label): the sequence-classification logits (batch, 1);
   the activation is recorded in the card and applied by the runtime. Verified on (query, document) pairs by
   max absolute difference, against sentence-transformers' ``CrossEncoder.predict`` where it loads the model.
+- ``LabelsHead`` (text classifiers: sentiment, NLI, emotion, topic; pooling ``rank``, N labels): the same logits
+  (batch, N) with the config's ``id2label`` and the activation transformers' text-classification pipeline applies.
+  Verified on single texts against torch (the logits) and the pipeline (the probabilities).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
 from toolkit.manifest import HeadSpec
 
-__all__ = ["ClassifierHead", "DenseHead", "Head", "M3Head", "SparseHead", "TowerHead", "cross_encoder_activation", "head_for",
-           "num_labels"]
+__all__ = ["ClassifierHead", "DenseHead", "Head", "LabelsHead", "M3Head", "SparseHead", "TowerHead",
+           "cross_encoder_activation", "head_for", "label_names", "num_labels", "pipeline_activation"]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +227,19 @@ class ClassifierHead(Head):
         return (out.logits,)  # (batch, num_labels)
 
     def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
-        return {**fields, "normalize": False, "activation": fields.get("activation") or cross_encoder_activation(config)}
+        return {**fields, "normalize": False, "activation": fields.get("activation") or cross_encoder_activation(config),
+                "labels": label_names(config)}
+
+
+class LabelsHead(ClassifierHead):
+    name = "labels"
+    label = "text classifier"
+    tasks = ("classify",)  # per-label probabilities; a pair score needs one label
+    st_reference = False  # transformers' text-classification pipeline is the reference (export.parity)
+    pairs = False  # single texts (a pair, as TEI's /predict takes it, is read as the model's tokenizer pairs it)
+
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
+        return {**fields, "normalize": False, "activation": pipeline_activation(config), "labels": label_names(config)}
 
 
 class TowerHead(Head):
@@ -281,6 +296,25 @@ def num_labels(config: dict) -> int:
     return len(labels) if isinstance(labels, dict) and labels else int(config.get("num_labels", 1) or 1)
 
 
+def label_names(config: dict) -> list[str]:
+    """Each logit's label, in id order: the config's ``id2label`` (keys are ids, as strings in config.json), else
+    transformers' default ``LABEL_i``."""
+    labels = config.get("id2label")
+    if isinstance(labels, dict) and labels:
+        return [str(labels[k]) for k in sorted(labels, key=int)]
+    return [f"LABEL_{i}" for i in range(num_labels(config))]
+
+
+def pipeline_activation(config: dict) -> str:
+    """What transformers' text-classification pipeline applies by default (vLLM's classify too): nothing for a
+    regression, sigmoid for one label or a multi-label problem, softmax otherwise."""
+    if config.get("problem_type") == "regression":
+        return "identity"
+    if num_labels(config) == 1 or config.get("problem_type") == "multi_label_classification":
+        return "sigmoid"
+    return "softmax"
+
+
 def cross_encoder_activation(config: dict) -> str:
     """What sentence-transformers' CrossEncoder applies: its saved activation_fn, else sigmoid for one label and
     identity otherwise."""
@@ -312,11 +346,12 @@ def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-_DENSE, _SPARSE, _CLASSIFIER, _TOWERS = DenseHead(), SparseHead(), ClassifierHead(), TowerHead()
+_DENSE, _SPARSE, _CLASSIFIER, _LABELS, _TOWERS = DenseHead(), SparseHead(), ClassifierHead(), LabelsHead(), TowerHead()
 
 
-def head_for(pooling: Pooling, *, image_tower: bool = False) -> Head:
-    """The head a card's pooling calls for (two-tower architectures have their own)."""
+def head_for(pooling: Pooling, *, image_tower: bool = False, labels: int = 1) -> Head:
+    """The head a card's pooling calls for (two-tower architectures have their own; ``rank`` with more than one
+    label is a text classifier)."""
     if image_tower:
         return _TOWERS
     match pooling:
@@ -327,5 +362,5 @@ def head_for(pooling: Pooling, *, image_tower: bool = False) -> Head:
         case Pooling.SPLADE:
             return _SPARSE
         case Pooling.RANK:
-            return _CLASSIFIER
+            return _CLASSIFIER if labels == 1 else _LABELS
     raise ConfigError(f"pooling '{pooling}' is not one of: {', '.join(p.value for p in Pooling)}")

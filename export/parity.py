@@ -107,7 +107,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
                                     padded=len({len(t) for t in items}) > 1, padding_side=str(emb.card.padding_side.value),
                                     min_cosine=cos_min, max_abs_diff=diff_max))
     reference = "torch"
-    if pairs:  # scores: judged by their largest absolute difference, against CrossEncoder.predict too
+    if resolved.head.parity_metric == "abs":  # scores: their largest absolute difference, against the library too
         return _score_parity(resolved, emb, probes, cap, precision, cases, largest)
     if resolved.head.image_tower:  # the model's own tokenizer and get_text_features, on the raw texts
         from toolkit.export.towers import text_reference_check
@@ -139,8 +139,17 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
 def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str], cap: int, precision: str,
                   cases: list[ParityCase], largest: dict[str, float]) -> ParityReport:
     """A cross-encoder's gate: the logits' largest absolute difference from torch, and the scores' from
-    sentence-transformers' CrossEncoder.predict (activation included) where it loads the model."""
+    sentence-transformers' CrossEncoder.predict (activation included) where it loads the model. A text classifier's:
+    the logits' from torch, and the probabilities' from transformers' text-classification pipeline."""
     threshold = ABS_THRESHOLDS[precision]
+    if not resolved.head.pairs:
+        diff = _pipeline_check(resolved, emb, [probes[k] for k in ("short", "medium", "max", "short2")], cap)
+        largest["probabilities (text-classification pipeline)"] = diff
+        cases.append(ParityCase(output="probabilities (text-classification pipeline)", batch=4, seq_len=cap,
+                                padded=True, padding_side=str(emb.card.padding_side.value), min_cosine=-1.0,
+                                max_abs_diff=diff))
+        return ParityReport(reference="transformers text-classification pipeline", threshold=threshold,
+                            max_abs_diff=largest, cases=cases, passed=all(v <= threshold for v in largest.values()))
     reference = "torch"
     try:
         from sentence_transformers import CrossEncoder
@@ -159,6 +168,21 @@ def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str]
                                 padding_side=str(emb.card.padding_side.value), min_cosine=-1.0, max_abs_diff=diff))
     passed = all(v <= threshold for v in largest.values())
     return ParityReport(reference=reference, threshold=threshold, max_abs_diff=largest, cases=cases, passed=passed)
+
+
+def _pipeline_check(resolved: ResolvedModel, emb: Embedder, texts: list[str], cap: int) -> float:
+    """transformers' text-classification pipeline (its default activation, every label) on the raw texts, cut at
+    ``cap`` tokens as the artifact was, vs the artifact's probabilities: the largest absolute difference."""
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=str(resolved.model_dir), device="cpu", top_k=None,
+                          trust_remote_code=resolved.arch.remote_code)
+    expected = np.zeros((len(texts), len(emb.card.labels)))
+    for row, scores in enumerate(classifier(texts, truncation=True, max_length=cap)):
+        for entry in scores:
+            expected[row, emb.card.labels.index(entry["label"])] = entry["score"]
+    got = emb.classify(texts, truncate_prompt_tokens=cap)
+    return float(np.abs(got - expected).max())
 
 
 def _noise_floor(module: EmbeddingModule, checked, missed: list[int], outputs: list[str], uses_types: bool,

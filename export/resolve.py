@@ -15,7 +15,7 @@ import msgspec
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
-from toolkit.export.heads import Head, M3Head, cross_encoder_activation, head_for
+from toolkit.export.heads import Head, M3Head, cross_encoder_activation, head_for, num_labels
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
 from toolkit.settings import ExportOptions
@@ -218,7 +218,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("instruction_end_tokens") and Pooling(merged["pooling"]) != Pooling.MEAN:
         raise ConfigError("instruction_end_tokens (skip the instruction when pooling) needs mean pooling, got "
                           f"{Pooling(merged['pooling']).value}")
-    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower)
+    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower, labels=num_labels(config))
     m3 = next((d for d in (transformer_dir, model_dir) if all((d / f).is_file() for f in M3Head.FILES)), None)
     if m3 is not None and head.name == "dense":  # FlagEmbedding's layout: BGE-M3's sparse and ColBERT layers too
         head = M3Head(m3)

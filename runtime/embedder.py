@@ -286,8 +286,26 @@ class Embedder:
         return self.perform("rerank", query, documents, top_n=top_n, return_documents=return_documents, **kwargs)
 
     def classify(self, inputs: Inputs, *, use_activation: bool = True, **tokenize) -> np.ndarray:
-        """(n, labels) a cross-encoder's per-label scores of single texts (vLLM's classify task)."""
+        """(n, labels) per-label probabilities (the model's activation; raw logits with ``use_activation=False``)
+        of texts, or of (text, text) pairs given as two-string tuples in the list; column j is ``labels[j]``
+        (vLLM's classify task)."""
         return self.perform("classify", inputs, use_activation=use_activation, **tokenize)
+
+    def predict(self, inputs: Inputs, *, raw_scores: bool = False, top_k: int | None = None,
+                **tokenize) -> list[list[dict]]:
+        """Labels and their probabilities per input, best first: ``[{"label", "score"}, ...]`` (every label, or the
+        first ``top_k``), as TEI's /predict and transformers' text-classification pipeline give them; raw logits
+        with ``raw_scores``."""
+        from toolkit.runtime.tasks import labelled
+
+        return labelled(self, self.classify(inputs, use_activation=not raw_scores, **tokenize), top_k)
+
+    @property
+    def labels(self) -> list[str]:
+        """The label of each classify column (the config's id2label; ``LABEL_i`` for artifacts that predate it)."""
+        if self.card.labels:
+            return list(self.card.labels)
+        return [f"LABEL_{i}" for i in range(self.manifest.embedding_dim)] if "classify" in self.tasks else []
 
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""

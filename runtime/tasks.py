@@ -44,7 +44,7 @@ from toolkit.runtime.tokenization import INLINE_CHARS
 if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
 
-__all__ = ["TASKS", "Prepared", "Run", "Task", "register", "task_for"]
+__all__ = ["TASKS", "Prepared", "Run", "Task", "is_pair", "labelled", "register", "task_for"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ _INLINE_INPUTS = 8
 def small_text(inputs, *rest) -> bool:
     """Few, short texts (or token ids): tokenized inline on the event loop; anything bigger in a thread."""
     items = [inputs] if isinstance(inputs, str) else inputs
-    return len(items) <= _INLINE_INPUTS and sum(len(x) for x in items if isinstance(x, str)) <= INLINE_CHARS
+    chars = sum(len(x) if isinstance(x, str) else sum(len(s) for s in x) if is_pair(x) else 0 for x in items)
+    return len(items) <= _INLINE_INPUTS and chars <= INLINE_CHARS
 
 
 def _tokens(items) -> int:
@@ -204,14 +205,44 @@ def sparse_items(items: list) -> Prepared:
 
 
 # ---------------------------------------------------------------- classify
-def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = True, **tokenize) -> Prepared:
-    items = emb.tokenize_inputs(inputs, **tokenize)
+def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = True,
+                     truncate_prompt_tokens: int | None = None, **tokenize) -> Prepared:
+    """Per-label scores (the card's activation unless ``use_activation`` is False) of texts, token ids, or text
+    pairs (a two-string list or tuple in the list, as TEI's /predict takes them: read as the tokenizer pairs them)."""
+    listed = [inputs] if isinstance(inputs, str) else list(inputs)
+    paired = [i for i, x in enumerate(listed) if is_pair(x)]
+    if not paired:
+        items = emb.tokenize_inputs(inputs, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
+    else:
+        items = [None] * len(listed)
+        single = [i for i in range(len(listed)) if i not in set(paired)]
+        if single:
+            texts = [listed[i] for i in single]
+            for i, item in zip(single, emb.tokenize_inputs(texts, truncate_prompt_tokens=truncate_prompt_tokens,
+                                                           **tokenize)):
+                items[i] = item
+        encoded = tokenize_pairs(emb, [listed[i][0] for i in paired], [listed[i][1] for i in paired],
+                                 truncate_prompt_tokens=truncate_prompt_tokens)
+        for i, item in zip(paired, encoded):
+            items[i] = item
 
     def reduce(rows):
         logits = np.stack(rows[0])
         return activate(logits, emb.card.activation) if use_activation is not False else logits
 
     return Prepared([Run(items, "logits")], reduce, tokens=_tokens(items))
+
+
+def is_pair(item) -> bool:
+    """A (text, text) pair among classify's inputs."""
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def labelled(emb: Embedder, scores: np.ndarray, top_k: int | None = None) -> list[list[dict]]:
+    """(n, labels) scores -> per input ``{"label", "score"}`` best first (ties in label order), the first ``top_k``
+    (all when None)."""
+    names = emb.labels
+    return [[{"label": names[j], "score": float(row[j])} for j in rank_order(row, top_k)] for row in scores]
 
 
 # ---------------------------------------------------------------- score

@@ -30,6 +30,7 @@ fi
 # Tiny random-weight models for the README's cross-encoder and image examples (and the tests that run them).
 [ -f .cache/models/tiny-reranker/config.json ] || .venv/bin/python tests/tiny_models.py reranker .cache/models/tiny-reranker
 [ -f .cache/models/tiny-clip/config.json ] || .venv/bin/python tests/tiny_models.py clip .cache/models/tiny-clip
+[ -f .cache/models/tiny-classifier/config.json ] || .venv/bin/python tests/tiny_models.py classifier .cache/models/tiny-classifier
 # openapi-python-client (tests/test_openapi_client.py generates a client from /openapi.json with it) pins an older
 # typer than the toolkit, so it gets a virtualenv of its own; it needs Python >= 3.11.
 TOOL=.cache/tools/openapi-python-client

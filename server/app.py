@@ -24,6 +24,13 @@ from toolkit.errors import (
 )
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
+from toolkit.server.classify_api import (
+    ClassifyController,
+    ClassifyRequest,
+    TEIPredictRequest,
+    create_classification,
+    tei_predict,
+)
 from toolkit.server.cohere_api import CohereController
 from toolkit.server.decoding import ToolkitRequest
 from toolkit.server.dispatch import BodyRoute, convert_body, dispatch_body
@@ -64,8 +71,19 @@ from toolkit.settings import RuntimeOptions, ServerOptions
 __all__ = ["create_app", "load_models"]
 
 log = logging.getLogger("toolkit.server")
+async def embeddings_or_classify(request: Request, data: OpenAIEmbeddingRequest) -> Response:
+    """/invocations' ``input``: embeddings, or on a text classifier (no embeddings) vLLM's classification, as
+    vLLM dispatches by the served model's task."""
+    served = request.app.state.registry.get(data.model)
+    if "embed" not in served.embedder.tasks and "classify" in served.embedder.tasks:
+        body = {k: v for k, v in msgspec.to_builtins(data).items()
+                if k in ClassifyRequest.__struct_fields__ and v is not None}
+        return await create_classification(request, convert_body(body, ClassifyRequest))
+    return await create_embeddings(request, data)
+
+
 INVOCATIONS = (  # SageMaker's entry point: the route a body's fields select (vLLM's requests, then TEI's)
-    BodyRoute(("input", "messages"), OpenAIEmbeddingRequest, create_embeddings),
+    BodyRoute(("input", "messages"), OpenAIEmbeddingRequest, embeddings_or_classify),
     BodyRoute(("queries", "data_1", "text_1"), ScoreRequest, create_score),
     BodyRoute(("prompt",), TokenizeRequest, create_tokens),
     BodyRoute(("tokens",), DetokenizeRequest, create_text),
@@ -131,8 +149,8 @@ async def invocations(request: Request) -> Response:
 
 async def tei_root(request: Request) -> Response:
     """TEI's ``POST /`` (and ``/invocations`` with ``inputs``): what the artifact does, as TEI dispatches it: a
-    query with texts is ranked, ``inputs.source_sentence`` is compared with ``inputs.sentences``, other inputs
-    are embedded (sparse for a SPLADE artifact)."""
+    query with texts is ranked, ``inputs.source_sentence`` is compared with ``inputs.sentences``, a classifier
+    predicts labels, other inputs are embedded (sparse for a SPLADE artifact)."""
     request.state.dialect = "tei"
     body = await request.json()
     if not isinstance(body, dict):
@@ -142,6 +160,8 @@ async def tei_root(request: Request) -> Response:
     if isinstance(body.get("inputs"), dict):
         return await tei_similarity(request, convert_body(body, TEISimilarityRequest))
     tasks = request.app.state.registry.get(body.get("model")).embedder.tasks
+    if "classify" in tasks and "score" not in tasks:  # a text classifier: TEI's /predict (a reranker's / ranks)
+        return await tei_predict(request, convert_body(body, TEIPredictRequest))
     if "embed" in tasks:
         return await tei_embed(request, convert_body(body, TEIEmbedRequest))
     if "embed_sparse" in tasks:
@@ -259,7 +279,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
-                        PoolingController, invocations, root, embeddings_unversioned, ping, health, ready, prometheus,
+                        PoolingController, ClassifyController, invocations, root, embeddings_unversioned, ping, health, ready, prometheus,
                         openapi_json, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],

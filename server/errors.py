@@ -33,13 +33,13 @@ from toolkit.errors import (
 
 __all__ = ["TEI_PATHS", "VLLM_PATHS", "dialect_of", "error_body", "error_response", "handle_exception"]
 
-TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/similarity", "/decode", "/info")
+TEI_PATHS = ("/embed", "/embed_all", "/embed_sparse", "/similarity", "/decode", "/info", "/predict")
 # vLLM's own routes: OpenAI's shape with vLLM's `type`, the name of the exception vLLM raised (a TEI body on
 # /rerank, /tokenize or /invocations switches to TEI's dialect before anything can fail)
 VLLM_PATHS = ("/pooling", "/score", "/v1/score", "/rerank", "/v1/rerank", "/tokenize", "/detokenize",
-              "/tokenizer_info", "/invocations")
+              "/tokenizer_info", "/invocations", "/classify")
 _VLLM_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError", 415: "BadRequestError",
-               422: "BadRequestError", 500: "InternalServerError"}
+               422: "BadRequestError", 424: "BadRequestError", 500: "InternalServerError"}
 
 log = logging.getLogger("toolkit.server")
 
@@ -60,20 +60,21 @@ def dialect_of(path: str, request: Request | None = None) -> str:
 
 
 def _tei_status(status: int, exc: Exception | None) -> tuple[int, str]:
-    """TEI's status and error_type for a failure (text-embeddings-inference's ErrorType mapping)."""
+    """TEI's status and error_type for a failure (text-embeddings-inference's ErrorType mapping; its enum is
+    serialized by variant name, so the types are capitalized: "Validation", "Backend", ...)."""
     if isinstance(exc, OverloadedError) or status == 429:
-        return 429, "overloaded"
+        return 429, "Overloaded"
     if isinstance(exc, NotReadyError) or status == 503:
-        return 503, "unhealthy"
-    if isinstance(exc, BackendError) or status >= 500:
-        return 424, "backend"
+        return 503, "Unhealthy"
+    if isinstance(exc, BackendError) or status >= 500 or status == 424:  # 424: the model cannot do that (TEI's)
+        return 424, "Backend"
     if isinstance(exc, InputTooLongError) or status == 413:
-        return 413, "validation"
+        return 413, "Validation"
     if isinstance(exc, ModelNotFoundError):  # TEI has no 404: a bad `model` is bad input
-        return 422, "validation"
+        return 422, "Validation"
     if status in (401, 404, 405, 415):
-        return status, "validation"
-    return 422, "validation"
+        return status, "Validation"
+    return 422, "Validation"
 
 
 def error_body(path: str, status: int, message: str, error_type: str | None = None, param: str | None = None,

@@ -16,7 +16,7 @@ import msgspec
 from litestar import Controller, Request, Response, post
 from msgspec import UNSET, UnsetType
 
-from toolkit.errors import RequestError
+from toolkit.errors import ModelKindError, RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.server.dispatch import BodyRoute, dispatch_body
 from toolkit.server.limits import check_limits, tei_truncation
@@ -154,6 +154,10 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
 
 async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response[list[TEIRank]]:
     request.state.dialect = "tei"
+    emb = request.app.state.registry.get(data.model).embedder
+    if "classify" in emb.tasks and "score" not in emb.tasks:  # an embedding artifact ranks by cosine (ours)
+        raise ModelKindError(f"Backend error: model is not a re-ranker model (this is a {emb.kind} artifact; it "
+                             f"answers {', '.join(emb.tasks)})", param="query")
     started, timings = time.perf_counter(), Timings()
     truncation = tei_truncation(data.truncate, data.truncation_direction)
     limit = truncation["truncate_prompt_tokens"]

@@ -129,10 +129,15 @@ _COMPONENTS = {
     "CohereError": _COHERE_ERROR,
     "TEIError": _TEI_ERROR,
     "TEISparseValue": _object(index=_INTEGER, value=_NUMBER),
+    "TEIPrediction": _object(score=_NUMBER, label=_STRING),
+    "TEIClassifierModel": _object(id2label=Schema(type=OpenAPIType.OBJECT, additional_properties=_STRING),
+                                  label2id=Schema(type=OpenAPIType.OBJECT, additional_properties=_INTEGER)),
     "TEIInfo": _object(
         "text-embeddings-inference's /info",
         model_id=_STRING, model_sha=Schema(one_of=[_STRING, Schema(type=OpenAPIType.NULL)]), model_dtype=_STRING,
-        model_type=_object(embedding=_object(pooling=Schema(one_of=[_STRING, Schema(type=OpenAPIType.NULL)]))),
+        model_type=Schema(one_of=[
+            _object(embedding=_object(pooling=Schema(one_of=[_STRING, Schema(type=OpenAPIType.NULL)]))),
+            _object(classifier=_ref("TEIClassifierModel")), _object(reranker=_ref("TEIClassifierModel"))]),
         max_concurrent_requests=_INTEGER, max_input_length=_INTEGER, max_batch_tokens=_INTEGER,
         max_client_batch_size=_INTEGER, auto_truncate=Schema(type=OpenAPIType.BOOLEAN),
         tokenization_workers=_INTEGER, version=_STRING),
@@ -142,6 +147,8 @@ _TEI_SUCCESS = {
     "/embed_all": _array(_array(_array(_NUMBER))),  # a vector per token per input
     "/embed_sparse": _array(_array(_ref("TEISparseValue"))),  # the non-zero (index, value) pairs per input
     "/info": _ref("TEIInfo"),
+    # every label best first: a list for one input, a list per input for a batch (or any Inference API body)
+    "/predict": Schema(one_of=[_array(_ref("TEIPrediction")), _array(_array(_ref("TEIPrediction")))]),
 }
 # /invocations: SageMaker's entry point answers the route its body selects
 _INVOCATIONS = {"OpenAIEmbeddingRequest": "OpenAIEmbeddingResponse", "ScoreRequest": "ScoreResponse",
@@ -182,11 +189,12 @@ def _success(operation, path: str, keys: dict[str, str]) -> None:
     if path in _TEI_SUCCESS:
         ok.content = {"application/json": OpenAPIMediaType(schema=_TEI_SUCCESS[path])}
     elif path == "/invocations":
-        answers = [_ref(keys[r]) for r in (*_INVOCATIONS.values(), "VLLMRerankResponse") if r in keys]
-        tei_items = [_array(_NUMBER), *([_ref(keys["TEIRank"])] if "TEIRank" in keys else [])]
+        answers = [_ref(keys[r]) for r in (*_INVOCATIONS.values(), "VLLMRerankResponse", "ClassificationResponse") if r in keys]
+        tei_items = [_array(_NUMBER), *([_ref(keys["TEIRank"])] if "TEIRank" in keys else []),
+                     _ref("TEIPrediction"), _array(_ref("TEIPrediction"))]
         tei = Schema(type=OpenAPIType.ARRAY, items=Schema(one_of=tei_items) if len(tei_items) > 1 else tei_items[0],
-                     description="TEI's answers, as POST / gives them: a vector per input (inputs) or the ranks "
-                                 "(query + texts)")
+                     description="TEI's answers, as POST / gives them: a vector per input (inputs), the ranks "
+                                 "(query + texts) or a classifier's predictions")
         ok.content = {"application/json": OpenAPIMediaType(schema=Schema(one_of=[*answers, tei]))}
         operation.request_body = RequestBody(required=True, description=(
             "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt), "

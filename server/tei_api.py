@@ -116,6 +116,17 @@ async def tei_similarity(request: Request, data: TEISimilarityRequest) -> Respon
     return Response([float(s) for s in scores], headers=_headers(timings, started, tokens))
 
 
+def tei_model_type(emb) -> dict:
+    """/info's ``model_type`` as TEI writes it: ``classifier`` (more than one label) or ``reranker`` (one) with
+    ``id2label`` and ``label2id``, else ``embedding`` with its pooling."""
+    if "classify" in emb.tasks:
+        labels = emb.labels
+        kind = "reranker" if len(labels) == 1 else "classifier"
+        return {kind: {"id2label": {str(i): name for i, name in enumerate(labels)},
+                       "label2id": {name: i for i, name in enumerate(labels)}}}
+    return {"embedding": {"pooling": emb.card.pooling.value if emb.card.pooling else None}}
+
+
 class TEIController(Controller):
     tags = ["TEI"]
 
@@ -155,7 +166,7 @@ class TEIController(Controller):
         name, served = next(iter(request.app.state.registry.models.items()))
         emb, options = served.embedder, request.app.state.options
         return {"model_id": name, "model_sha": None, "model_dtype": emb.manifest.precision,
-                "model_type": {"embedding": {"pooling": emb.card.pooling.value if emb.card.pooling else None}},
+                "model_type": tei_model_type(emb),
                 "max_concurrent_requests": options.max_concurrent_requests, "max_input_length": emb.manifest.max_seq_len,
                 "max_batch_tokens": emb.options.max_batch_tokens, "max_client_batch_size": options.max_client_batch_size,
                 "auto_truncate": emb.options.auto_truncate, "tokenization_workers": 1, "version": "onnx-embed-toolkit 0.1.0"}

@@ -81,6 +81,18 @@ def cross_encoder_artifact(cross_encoder_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> Path:
+    """A tiny three-label BertForSequenceClassification (id2label negative / neutral / positive)."""
+    return build_tiny_model("bert", tmp_path_factory.mktemp("tiny-cls") / "model",
+                            classifier=["negative", "neutral", "positive"], config={"initializer_range": 0.2})
+
+
+@pytest.fixture(scope="session")
+def classifier_artifact(classifier_dir) -> Path:
+    return _export(str(classifier_dir), classifier_dir.parent / "cls.onnx").path
+
+
+@pytest.fixture(scope="session")
 def clip_artifact(tmp_path_factory) -> Path:
     """A tiny CLIPModel with CLIP's real 49408-token BPE vocabulary: clip.onnx + clip.image.onnx."""
     folder = build_tiny_model("clip", tmp_path_factory.mktemp("tiny-clip") / "model")
@@ -102,12 +114,8 @@ def tiny(tiny_artifact):
     return Embedder(tiny_artifact, device="cpu")
 
 
-def app_client(artifacts, names=("tiny",), runtime=None, **options):
-    """Litestar's TestClient over the real app (``load_models`` + ``create_app``) serving ``artifacts`` as ``names``
-    with ServerOptions(**options); use it in a ``with`` block (the lifespan runs there).
-    ``client.app.state.registry`` holds the served models."""
-    from litestar.testing import TestClient
-
+def _app(artifacts, names, runtime, options):
+    """The real app (``load_models`` + ``create_app``) serving ``artifacts`` as ``names``."""
     from toolkit.server.app import create_app, load_models
     from toolkit.server.metrics import Metrics
     from toolkit.settings import RuntimeOptions, ServerOptions
@@ -115,7 +123,27 @@ def app_client(artifacts, names=("tiny",), runtime=None, **options):
     paths = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
     metrics = Metrics()
     registry = load_models(paths, list(names), runtime or RuntimeOptions(device="cpu"), metrics)
-    return TestClient(create_app(registry, ServerOptions(**options), metrics))
+    return create_app(registry, ServerOptions(**options), metrics)
+
+
+def app_client(artifacts, names=("tiny",), runtime=None, **options):
+    """Litestar's TestClient over the real app serving ``artifacts`` as ``names`` with ServerOptions(**options);
+    use it in a ``with`` block (the lifespan runs there). ``client.app.state.registry`` holds the served models."""
+    from litestar.testing import TestClient
+
+    return TestClient(_app(artifacts, names, runtime, options))
+
+
+def async_app_client(artifacts, names=("tiny",), runtime=None, **options):
+    """Litestar's AsyncTestClient over the same app; use it in an ``async with`` block (tests marked anyio)."""
+    from litestar.testing import AsyncTestClient
+
+    return AsyncTestClient(_app(artifacts, names, runtime, options))
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
 
 
 def free_port() -> int:

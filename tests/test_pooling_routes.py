@@ -34,7 +34,7 @@ def test_tei_embed_and_embed_all(client, tiny):
     np.testing.assert_allclose(r.json(), tiny.embed("hello", prompt_name="query"), atol=1e-6)
     long = "word " * 500
     r = client.post("/embed", json={"inputs": long})  # TEI: truncate defaults to false, too long is 413 validation
-    assert r.status_code == 413 and r.json()["error_type"] == "validation" and set(r.json()) == {"error", "error_type"}
+    assert r.status_code == 413 and r.json()["error_type"] == "Validation" and set(r.json()) == {"error", "error_type"}
     r = client.post("/embed", json={"inputs": long, "truncate": True, "truncation_direction": "Left"})
     np.testing.assert_allclose(r.json(), tiny.embed(long, truncate_prompt_tokens=-1, truncation_side="left"), atol=1e-6)
     r = client.post("/embed_all", json={"inputs": ["hello there"]})
@@ -88,7 +88,7 @@ def test_rerank_dialects(client, tiny):
         r = client.post("/rerank", json=body)
         assert r.status_code == 400 and "exactly one" in r.json()["error"]["message"]
     r = client.post("/rerank", json={"query": QUERY, "texts": []})
-    assert r.status_code == 422 and r.json()["error_type"] == "validation"  # TEI's shape for TEI's body
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"  # TEI's shape for TEI's body
     assert client.post("/v2/rerank", json={"query": "", "documents": DOCS}).json().keys() == {"message"}
 
 

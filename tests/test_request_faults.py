@@ -23,7 +23,7 @@ def test_an_unknown_model_on_tei_routes_is_tei_validation(client, path, body):
                         (None, "several models are served; name one of: a, b")):
         r = client.post(path, json={**body, **({"model": model} if model else {})})
         assert r.status_code == 422, r.text
-        assert r.json() == {"error": says, "error_type": "validation"}
+        assert r.json() == {"error": says, "error_type": "Validation"}
 
 
 def test_an_unknown_model_elsewhere_stays_404_in_each_shape(client):
@@ -61,7 +61,7 @@ def test_a_nested_list_must_be_token_ids(client, nested, got):
         assert r.status_code == 400, r.text
         assert fault in r.json()["error"]["message"] and r.json()["error"]["param"] == "input"
     r = client.post("/embed", json={"inputs": [nested], "model": "a"})  # TEI's `inputs`, TEI's shape
-    assert r.status_code == 422 and fault in r.json()["error"] and r.json()["error_type"] == "validation"
+    assert r.status_code == 422 and fault in r.json()["error"] and r.json()["error_type"] == "Validation"
     # still a vocabulary fault when it is one
     r = client.post("/v1/embeddings", json={"input": [[1, 10**9]], "model": "a"})
     assert r.status_code == 400 and "token id 1000000000" in r.json()["error"]["message"]

@@ -81,7 +81,7 @@ def test_embed_dimensions_as_tei_and_vllm_each_do(tiny_artifact, tiny):
         np.testing.assert_allclose(r.json()[0], raw[:10], atol=1e-5)
         for bad in (0, 25):
             r = client.post("/embed", json={"inputs": "hello", "dimensions": bad})
-            assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+            assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
         r = client.post("/v1/embeddings", json={"input": "hello", "dimensions": 10})  # vLLM: declared sizes only
         assert r.status_code == 400 and "allowed: 8, 16, 24" in r.json()["error"]["message"]
 

@@ -103,10 +103,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, classifier: bool = False, seed: int = 0,
-                     config: dict | None = None) -> Path:
+def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, classifier: bool | list[str] = False,
+                     seed: int = 0, config: dict | None = None) -> Path:
     """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder`` (``config``: overrides);
-    ``splade``: with a masked-LM head; ``classifier``: a one-label sequence classifier (a cross-encoder)."""
+    ``splade``: with a masked-LM head; ``classifier``: a sequence classifier, True for one label (a cross-encoder)
+    or its label names (a text classifier with ``id2label``)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
@@ -122,7 +123,10 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
     if classifier:
         from transformers import AutoModelForSequenceClassification
 
-        config.num_labels = 1
+        labels = ["LABEL_0"] if classifier is True else list(classifier)
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
         model = AutoModelForSequenceClassification.from_config(config).eval()
     elif generic:  # saved as the Hub ships a causal LM: the *ForCausalLM class, its weights under "model."
         from transformers import AutoModelForCausalLM
@@ -329,11 +333,14 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "clip"])
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     if not (args.folder / "config.json").is_file():
         if args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
             build_tiny_model("bert", args.folder, classifier=True, config={"initializer_range": 0.2})
+        elif args.kind == "classifier":  # a three-label sentiment-style BertForSequenceClassification
+            build_tiny_model("bert", args.folder, classifier=["negative", "neutral", "positive"],
+                             config={"initializer_range": 0.2})
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
             build_tiny_model("clip", args.folder)

@@ -69,7 +69,9 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     # mean pooling skips the instruction: the tokens up to the first occurrence of these (GritLM's "<|embed|>\n"
     # marker, as vLLM's GritLM pooler finds it); token strings of the model's vocabulary
     instruction_end_tokens: list[str] = []
-    activation: str | None = None  # rank: applied to the logits (sentence-transformers' CrossEncoder decides it)
+    activation: str | None = None  # rank: applied to the logits (sentence-transformers' CrossEncoder decides it;
+    # a text classifier: transformers' text-classification pipeline)
+    labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "InputTooLongError",
+    "ModelKindError",
     "ModelNotFoundError",
     "NotReadyError",
     "OverloadedError",
@@ -96,6 +97,13 @@ class InputTooLongError(RequestError):
     """An input has more tokens than the model accepts and truncation is off."""
 
     param = "input"
+
+
+class ModelKindError(RequestError):
+    """TEI's answer to a route the served model's kind does not have (/predict on an embedding model, /rerank on
+    a classifier): 424, ``Backend`` in TEI's shape."""
+
+    status_code = 424
 
 
 class UnsupportedDimensionError(RequestError):

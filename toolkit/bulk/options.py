@@ -46,8 +46,9 @@ class BulkOptions(msgspec.Struct, frozen=True, kw_only=True):
     on_error: str = "stop"
     rows_per_part: int = 50_000
     window: int = 2048  # rows tokenized and length-sorted together
-    # the task table's entry to run (toolkit.runtime.tasks): None is "embed", or "embed_sparse" for a sparse
-    # (SPLADE) artifact; any other text task with a row per input writes its rows as a list column `embedding`
+    # the task table's entry to run (toolkit.runtime.tasks): None is "embed", "embed_sparse" for a sparse (SPLADE)
+    # artifact, "classify" for a classifier (columns `label` and `probabilities`); any other text task with a row
+    # per input writes its rows as a list column `embedding`
     task: str | None = None
 
     def validate(self) -> None:

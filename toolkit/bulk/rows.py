@@ -43,7 +43,9 @@ class RowEncoder:
         pa = require_pyarrow()
         options.validate()
         self.embedder, self.options = embedder, options
-        self.task = options.task or ("embed" if "embed" in embedder.tasks else "embed_sparse")  # BGE-M3: its dense
+        # the artifact's own task: BGE-M3's dense vectors, SPLADE's sparse ones, a classifier's labels
+        self.task = options.task or next((t for t in ("embed", "embed_sparse", "classify") if t in embedder.tasks),
+                                         "embed")
         self.sparse = self.task == "embed_sparse"
         self.images = options.image_column is not None
         entry = TASKS.get(self.task)
@@ -60,6 +62,8 @@ class RowEncoder:
                                   "--embedding-type and --image-column do not apply")
             self.plan = None
             self.fields = [pa.field("embedding", pa.list_(pa.float32()))]
+            if self.task == "classify":  # the most likely label, and every label's probability in label order
+                self.fields = [pa.field("label", pa.string()), pa.field("probabilities", pa.list_(pa.float32()))]
         elif self.sparse:
             if options.dimensions is not None or options.embedding_type != "float":
                 raise ConfigError("a sparse (SPLADE) artifact writes (indices, values); --dimensions and "
@@ -190,6 +194,10 @@ class RowEncoder:
             return [pa.array([], field.type) for field in self.fields]
         if self.sparse:
             return self._sparse_columns(rows)
+        if self.task == "classify":
+            labels = self.embedder.labels
+            return [pa.array([labels[int(np.argmax(r))] for r in rows], pa.string()),
+                    _list_column([np.asarray(r, np.float32) for r in rows], pa.float32())]
         if self.generic:
             return [_list_column([np.asarray(r, np.float32).reshape(-1) for r in rows], pa.float32())]
         match self.options.embedding_type:

@@ -27,7 +27,7 @@ __all__ = ["embed"]
 def embed(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="An artifact (.onnx), a bundled card name, a Hub id or a local model directory (exported once into TOOLKIT_CACHE and reused)")],
     inputs: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet, JSON Lines, CSV or text (one text a line): a file, a directory or a quoted glob")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory of Parquet parts (id, embedding | indices, values)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory of Parquet parts (id, embedding | indices, values | label, probabilities)")],
     text_column: Annotated[str, typer.Option(help="Column (field) holding the text")] = "text",
     id_column: Annotated[str | None, typer.Option(help="Column kept as the row id [default: the row number, as column 'row']")] = None,
     image_column: Annotated[str | None, typer.Option(help="CLIP / SigLIP artifacts: embed this column of image paths or encoded bytes instead of text")] = None,
@@ -36,7 +36,7 @@ def embed(
     prompt_name: Annotated[str | None, typer.Option(help="Card prompt to prepend, e.g. query / document [default: the card's default]")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Write raw (un-normalized) vectors")] = False,
     embedding_type: Annotated[str, typer.Option(help="float | int8 | uint8 | binary | ubinary (Cohere's types)")] = "float",
-    task: Annotated[str | None, typer.Option(help="The runtime's task to run: embed, token_embed, embed_sparse, classify, ... [default: embed, or embed_sparse for a sparse artifact]")] = None,
+    task: Annotated[str | None, typer.Option(help="The runtime's task to run: embed, token_embed, embed_sparse, classify, ... [default: embed; embed_sparse for a sparse artifact, classify (label, probabilities) for a classifier]")] = None,
     truncate: Annotated[bool, typer.Option(help="Cut texts past the model's maximum instead of refusing them")] = False,
     on_error: Annotated[str, typer.Option(help="stop: the first bad row (empty, missing, too long) stops the run, naming its id; skip: record it in OUTPUT/_skipped.jsonl and go on")] = "stop",
     rows_per_part: Annotated[int, typer.Option(help="Rows per Parquet part (the unit a crash can lose)")] = 50_000,
