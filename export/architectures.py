@@ -87,7 +87,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 def get_arch(model_type: str, config: dict | None = None) -> ArchSpec:
     """The spec for ``model_type``. Outside the registry, ``config`` may still name a path: a causal LM
-    (``*ForCausalLM``) is exported by the generic decoder path (vLLM's ``--convert embed``), a model shipping its
+    (``*ForCausalLM``, or its base class) is exported by the generic decoder path (vLLM's ``--convert embed``), a model shipping its
     own code (``auto_map``) runs that code; anything else lists the supported architectures."""
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
@@ -100,9 +100,20 @@ def get_arch(model_type: str, config: dict | None = None) -> ArchSpec:
     supported = ", ".join(sorted(ARCHITECTURES))
     raise UnsupportedArchitectureError(
         f"architecture '{model_type}' is not supported; supported: {supported}, and any causal LM "
-        "(*ForCausalLM, converted to embeddings)"
+        "(a *ForCausalLM or its base model, converted to embeddings)"
     )
 
 
 def _causal_lm(config: dict) -> bool:
-    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+    """A decoder: saved as its ``*ForCausalLM`` class, or as its base class (``GraniteModel``, ``Olmo2Model``, as
+    many embedding checkpoints are) of a model type transformers knows as a causal LM and not as a masked LM
+    (encoders such as BERT have both heads and are not decoders)."""
+    if any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or []):
+        return True
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = str(config.get("model_type"))
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

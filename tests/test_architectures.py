@@ -39,12 +39,16 @@ def _hidden(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).last_hidden_state[0]
 
 
+@pytest.mark.parametrize("base_class", [False, True], ids=["causal-lm", "base-class"])
 @pytest.mark.parametrize("model_type", sorted(GENERIC_DECODERS))
-def test_any_causal_lm_exports_by_the_generic_decoder_path(model_type, tmp_path):
+def test_any_causal_lm_exports_by_the_generic_decoder_path(model_type, base_class, tmp_path):
+    """Saved as *ForCausalLM, or as the base class (``architectures: ["GraniteModel"]``)."""
     from transformers import AutoModel
 
     assert model_type not in ARCHITECTURES
-    folder = build_tiny_model(model_type, tmp_path / "model")
+    folder = build_tiny_model(model_type, tmp_path / "model", base_class=base_class)
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    assert architecture.endswith("Model" if base_class else "ForCausalLM"), architecture
     result = _export(folder, tmp_path / "a.onnx")
     m = result.manifest
     assert (m.card.pooling, m.card.padding_side.value, m.card.normalize) == (Pooling.LAST_TOKEN, "left", True)

@@ -40,6 +40,7 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
 # causal LMs outside the registry: the generic decoder path (vLLM's --convert embed) exports them
 GENERIC_DECODERS: dict[str, tuple[dict, str]] = {
     "phi3": ({**_DECODER, "pad_token_id": 0}, "bpe"),
+    "olmo2": (_DECODER, "bpe"),
     "granite": ({**_DECODER, "embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                  "logits_scaling": 4.0}, "bpe"),
 }
@@ -104,10 +105,11 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, classifier: bool | list[str] = False,
-                     seed: int = 0, config: dict | None = None) -> Path:
+                     seed: int = 0, config: dict | None = None, base_class: bool = False) -> Path:
     """Save a random-weight ``model_type`` model with a trained tokenizer into ``folder`` (``config``: overrides);
     ``splade``: with a masked-LM head; ``classifier``: a sequence classifier, True for one label (a cross-encoder)
-    or its label names (a text classifier with ``id2label``)."""
+    or its label names (a text classifier with ``id2label``); ``base_class``: a generic decoder saved as its base
+    model (``GraniteModel``), as many embedding checkpoints are."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
@@ -128,7 +130,7 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
         model = AutoModelForSequenceClassification.from_config(config).eval()
-    elif generic:  # saved as the Hub ships a causal LM: the *ForCausalLM class, its weights under "model."
+    elif generic and not base_class:  # saved as the Hub ships a causal LM: *ForCausalLM, weights under "model."
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(config).eval()
