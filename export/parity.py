@@ -154,7 +154,8 @@ def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str]
     try:
         from sentence_transformers import CrossEncoder
 
-        ce = CrossEncoder(str(resolved.model_dir), device="cpu", max_length=cap)
+        ce = CrossEncoder(str(resolved.model_dir), device="cpu", max_length=cap,
+                          trust_remote_code=resolved.arch.remote_code)
     except Exception:  # noqa: BLE001 - not every sequence classifier loads as a CrossEncoder; torch stays the reference
         ce = None
     if ce is not None:
@@ -223,7 +224,8 @@ def _sentence_transformers_check(resolved: ResolvedModel, emb: Embedder, texts: 
     """sentence-transformers' own encode() on the raw texts vs the artifact."""
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(resolved.model_dir), device="cpu")
+    # a Transformer module with its own modeling code loads only as its user loads it: trusting that code
+    st = SentenceTransformer(str(resolved.model_dir), device="cpu", trust_remote_code=resolved.arch.remote_code)
     st.max_seq_length = cap
     st.tokenizer.padding_side = emb.card.padding_side.value
     ref = st.encode(texts, convert_to_numpy=True, batch_size=len(texts))

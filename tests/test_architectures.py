@@ -14,7 +14,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import GENERIC_DECODERS, build_remote_code_model, build_tiny_model  # noqa: E402
+from tiny_models import (  # noqa: E402
+    GENERIC_DECODERS,
+    add_sentence_transformers_layout,
+    build_remote_code_model,
+    build_tiny_model,
+)
 
 from toolkit.cards import Pooling  # noqa: E402
 from toolkit.errors import ConfigError, UnsupportedArchitectureError  # noqa: E402
@@ -127,6 +132,23 @@ def test_remote_code_needs_the_flag_then_exports_with_parity(tmp_path):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     reference = np.stack([_hidden(model, t.ids).mean(0).numpy() for t in emb.tokenize_inputs(TEXTS)])
     assert _cosines(emb.embed(TEXTS), reference).min() >= 0.99999
+
+
+def test_a_sentence_transformers_folder_with_remote_code_is_checked_against_sentence_transformers(tmp_path):
+    """The Transformer module carries its own modeling code (auto_map): the parity reference loads it trusting
+    that code, as its user does, and the export passes against sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = add_sentence_transformers_layout(build_remote_code_model(tmp_path / "remote"), pooling="mean",
+                                              trust_remote_code=True)
+    result = _export(folder, tmp_path / "r.onnx", trust_remote_code=True)
+    parity = result.manifest.parity
+    assert parity.passed and parity.reference == "sentence-transformers", parity
+    (st_case,) = [c for c in parity.cases if c.output == "sentence_embedding (sentence-transformers)"]
+    assert st_case.min_cosine >= 0.99999
+    st = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
+    got = Embedder(result.path, device="cpu").embed(TEXTS)
+    assert _cosines(got, st.encode(TEXTS, convert_to_numpy=True)).min() >= 0.99999
 
 
 def test_gritlm_pools_the_text_after_its_instruction_like_vllm(tmp_path, monkeypatch):

@@ -156,11 +156,13 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
 
 def add_sentence_transformers_layout(folder: Path, *, pooling: str, dense_dims: list[int] | None = None,
                                      normalize: bool = True, prompts: dict[str, str] | None = None,
-                                     max_seq_length: int = 96) -> Path:
+                                     max_seq_length: int = 96, trust_remote_code: bool = False) -> Path:
     """Wrap a saved model in sentence-transformers' on-disk layout (Pooling, Dense, Normalize, prompts)."""
     from sentence_transformers import SentenceTransformer, models
 
-    transformer = models.Transformer(str(folder), max_seq_length=max_seq_length)
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    transformer = models.Transformer(str(folder), max_seq_length=max_seq_length, model_args=remote,
+                                     tokenizer_args=remote, config_args=remote)
     mode = {"last_token": "lasttoken"}.get(pooling, pooling)
     modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=mode)]
     width = transformer.get_word_embedding_dimension()
