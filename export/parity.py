@@ -26,7 +26,7 @@ import torch
 
 from toolkit.corpus import load_corpus
 from toolkit.export.graph import EmbeddingModule
-from toolkit.export.resolve import ResolvedModel
+from toolkit.export.resolve import ResolvedModel, declared_length
 from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.pooling import cosines
@@ -154,7 +154,8 @@ def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str]
     try:
         from sentence_transformers import CrossEncoder
 
-        ce = CrossEncoder(str(resolved.model_dir), device="cpu", max_length=cap,
+        limit = _reference_length(emb, cap, declared_length(resolved.transformer_dir))
+        ce = CrossEncoder(str(resolved.model_dir), device="cpu", max_length=limit,
                           trust_remote_code=resolved.arch.remote_code)
     except Exception:  # noqa: BLE001 - not every sequence classifier loads as a CrossEncoder; torch stays the reference
         ce = None
@@ -162,13 +163,20 @@ def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str]
         reference = "sentence-transformers CrossEncoder"
         documents = [probes[k] for k in ("short", "medium", "max", "short2")]
         expected = np.asarray(ce.predict([(probes["short2"], d) for d in documents], batch_size=4), dtype=np.float64)
-        got = emb.score(probes["short2"], documents, truncate_prompt_tokens=-1)
+        got = emb.score(probes["short2"], documents, truncate_prompt_tokens=limit or -1)
         diff = float(np.abs(got - expected.reshape(got.shape)).max())
         largest["scores (CrossEncoder.predict)"] = diff
         cases.append(ParityCase(output="scores (CrossEncoder.predict)", batch=4, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=-1.0, max_abs_diff=diff))
     passed = all(v <= threshold for v in largest.values())
     return ParityReport(reference=reference, threshold=threshold, max_abs_diff=largest, cases=cases, passed=passed)
+
+
+def _reference_length(emb: Embedder, cap: int, declared: int | None) -> int | None:
+    """Where the library reference is told to cut: nowhere (None: it truncates at its own ``declared`` length, and
+    the artifact at its own, so a different length shows as a parity miss) unless the probes are capped below the
+    model's length or the reference declares none (it would not truncate at all)."""
+    return None if cap >= emb.manifest.max_seq_len and declared else cap
 
 
 def _pipeline_check(resolved: ResolvedModel, emb: Embedder, texts: list[str], cap: int) -> float:
@@ -226,10 +234,11 @@ def _sentence_transformers_check(resolved: ResolvedModel, emb: Embedder, texts: 
 
     # a Transformer module with its own modeling code loads only as its user loads it: trusting that code
     st = SentenceTransformer(str(resolved.model_dir), device="cpu", trust_remote_code=resolved.arch.remote_code)
-    st.max_seq_length = cap
+    if (limit := _reference_length(emb, cap, st.max_seq_length)) is not None:
+        st.max_seq_length = limit
     st.tokenizer.padding_side = emb.card.padding_side.value
     ref = st.encode(texts, convert_to_numpy=True, batch_size=len(texts))
-    got = emb.embed(texts, truncate_prompt_tokens=cap)
+    got = emb.embed(texts, truncate_prompt_tokens=limit or -1)
     return float(cosines(got, ref).min())
 
 

@@ -7,7 +7,7 @@ files > the bundled card in ``model_cards/`` > the architecture's defaults.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -175,6 +175,9 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         raise ConfigError(f"{transformer_dir}: '{arch.model_type}' ships its own modeling code (config auto_map); "
                           "pass --trust-remote-code to run it (only for a model you trust)")
 
+    if arch.token_type_ids and "token_type_ids" not in _tokenizer_inputs(transformer_dir, arch.remote_code):
+        arch = replace(arch, token_type_ids=False)  # transformers feeds none: the model reads zeros
+
     merged = msgspec.structs.asdict(card) if card else {"name": model_dir.name}
     for key, value in fields.items():  # the model's own files win over the bundled card
         if card is None or key not in ("prompts",) or value:
@@ -194,8 +197,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     tok_cfg = transformer_dir / "tokenizer_config.json"
     if card is None and tok_cfg.is_file() and (side := _read_json(tok_cfg).get("padding_side")):
         merged["padding_side"] = PaddingSide(side)
-    if merged.get("max_seq_len") is None:
-        merged["max_seq_len"] = _config_max_len(config, arch)
+    if merged.get("max_seq_len") is None:  # where transformers' tokenizer (and CrossEncoder with it) truncates
+        merged["max_seq_len"] = min(_config_max_len(config, arch), declared_length(transformer_dir) or 1_000_000)
     if options.pooling is not None:
         if arch.pooling is not None and Pooling(options.pooling) != arch.pooling:
             raise ConfigError(f"'{arch.model_type}' pools by its own rule ({arch.pooling.value}); drop --pooling")
@@ -230,6 +233,25 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)
     files = read_model_files(model_dir, transformer_dir, name=resolved_card.name, source=resolved_card.source)
     return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head, files)
+
+
+def declared_length(folder: Path) -> int | None:
+    """The tokenizer's ``model_max_length`` where it declares one (transformers' "no limit" is a huge number)."""
+    tok_cfg = folder / "tokenizer_config.json"
+    value = _read_json(tok_cfg).get("model_max_length") if tok_cfg.is_file() else None
+    return int(value) if isinstance(value, (int, float)) and 0 < value < 1_000_000 else None
+
+
+def _tokenizer_inputs(folder: Path, trust_remote_code: bool) -> tuple[str, ...]:
+    """What the model's own tokenizer returns (``model_input_names``, as transformers loads it): token type ids are
+    fed exactly when it returns them. A folder whose tokenizer transformers cannot load keeps the architecture's."""
+    try:
+        from transformers import AutoTokenizer
+
+        names = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code).model_input_names
+    except Exception:  # noqa: BLE001 - no loadable tokenizer config: the architecture's inputs stand
+        return ("token_type_ids",)
+    return tuple(names)
 
 
 def _config_max_len(config: dict, arch: ArchSpec) -> int:

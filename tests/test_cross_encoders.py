@@ -3,6 +3,8 @@ reranking in Python, and every rerank/score dialect over HTTP (the official cohe
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from conftest import _export
 from litestar.testing import TestClient
 from tiny_models import build_tiny_model
 
+from toolkit.cards import Pooling
 from toolkit.corpus import load_corpus
 from toolkit.runtime import Embedder
 from toolkit.server.app import create_app, load_models
@@ -57,6 +60,56 @@ def test_cross_encoder_export_matches_crossencoder_predict(model_type, tmp_path)
         emb.embed("x")
     with pytest.raises(Exception, match="maximum"):
         emb.score(QUERY, documents)  # no truncation asked: an over-long pair is an error
+
+
+def _declare_model_max_length(folder, length: int) -> None:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": length}))
+
+
+def test_truncation_where_the_reference_truncates(tmp_path):
+    """The tokenizer says model_max_length 80 while the positions allow 96: CrossEncoder (and transformers'
+    tokenizer) cut at 80, so the artifact does, and parity is checked with CrossEncoder at its own length."""
+    import torch  # noqa: F401 - CrossEncoder's
+    from sentence_transformers import CrossEncoder
+
+    folder = build_tiny_model("bert", tmp_path / "m", classifier=True,
+                              config={"initializer_range": 0.2, "max_position_embeddings": 96})
+    _declare_model_max_length(folder, 80)
+    result = _export(str(folder), tmp_path / "ce.onnx")
+    assert result.manifest.max_seq_len == 80
+    assert result.manifest.parity.passed and result.manifest.parity.reference == "sentence-transformers CrossEncoder"
+    emb = Embedder(result.path, device="cpu")
+    corpus = load_corpus(limit=300)
+    documents = [" ".join(corpus[:60]), " ".join(corpus[60:90]), corpus[3]]  # past 80 and 96 tokens, and short
+    expected = CrossEncoder(str(folder), device="cpu").predict([(QUERY, d) for d in documents])  # its own length
+    got = emb.score(QUERY, documents, truncate_prompt_tokens=-1)
+    assert np.abs(got - expected).max() <= 1e-5
+    # an embedding model without sentence-transformers files: transformers' tokenizer cuts at its model_max_length
+    plain = build_tiny_model("bert", tmp_path / "plain", config={"max_position_embeddings": 96})
+    _declare_model_max_length(plain, 72)
+    assert _export(str(plain), tmp_path / "plain.onnx", pooling=Pooling.MEAN).manifest.max_seq_len == 72
+
+
+def test_token_type_ids_only_where_the_tokenizer_returns_them(tmp_path):
+    """A BERT whose tokenizer returns no token type ids (model_input_names without them): transformers feeds none,
+    so the second segment reads type 0; the artifact does the same, and scores pairs as CrossEncoder does."""
+    from sentence_transformers import CrossEncoder
+
+    folder = build_tiny_model("bert", tmp_path / "m", classifier=True, config={"initializer_range": 0.2})
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    result = _export(str(folder), tmp_path / "ce.onnx")
+    assert result.manifest.inputs == ["input_ids", "attention_mask"] and result.manifest.parity.passed
+    emb = Embedder(result.path, device="cpu")
+    expected = CrossEncoder(str(folder), device="cpu").predict([(QUERY, d) for d in DOCS])
+    assert np.abs(emb.score(QUERY, DOCS) - expected).max() <= 1e-5
+    # the default tokenizer returns them: fed, segment B is type 1 (the scores differ from the zeros above)
+    with_types = Embedder(_export(str(build_tiny_model("bert", tmp_path / "t", classifier=True,
+                                                       config={"initializer_range": 0.2})), tmp_path / "t.onnx").path)
+    assert "token_type_ids" in with_types.manifest.inputs
+    assert np.abs(with_types.score(QUERY, DOCS) - expected).max() > 1e-4
 
 
 def test_activation_is_decided_as_sentence_transformers_does():
