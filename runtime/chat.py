@@ -75,6 +75,26 @@ def _compile(template: str):
         raise RequestError(f"chat template does not compile: {exc}", param="chat_template") from None
 
 
+def load_template(value: str) -> str:
+    """vLLM's ``--chat-template``: a Jinja file, or the template itself; it must compile (ConfigError otherwise)."""
+    from pathlib import Path
+
+    from toolkit.errors import ConfigError
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ConfigError(f"--chat-template: no file '{value}' (give a Jinja file, or the template itself)")
+    try:
+        _compile(text)
+    except RequestError as exc:
+        raise ConfigError(f"--chat-template: {exc.message}") from None
+    return text
+
+
 def _check(messages: Sequence[Any]) -> list[dict]:
     if not messages:
         raise RequestError("messages must not be empty", param="messages")

@@ -32,8 +32,9 @@ async def prompt_or_chat(embedder, data: ChatRequest, plain: Any, field: str, op
     the chat template, and ``add_special_tokens`` resolved: by default True for plain input, False for
     messages (the template writes the special tokens itself, as in vLLM).
 
-    Templates render off the event loop, within RENDER_TIMEOUT_S; a caller's own ``chat_template`` is a
-    Jinja program, accepted only where the operator allows it (``--allow-request-chat-template``).
+    Templates render off the event loop, within RENDER_TIMEOUT_S: the caller's own ``chat_template``, a Jinja
+    program accepted only where the operator allows it (``--allow-request-chat-template``), else the server's
+    (``--chat-template``), else the model's.
     """
     specials = data.add_special_tokens
     if data.messages is None:
@@ -48,7 +49,8 @@ async def prompt_or_chat(embedder, data: ChatRequest, plain: Any, field: str, op
     if data.chat_template is not None and not options.allow_request_chat_template:
         raise RequestError("this server renders messages with the model's own chat template only; a request "
                            "chat_template needs --allow-request-chat-template", param="chat_template")
-    render = asyncio.to_thread(embedder.render_chat, data.messages, chat_template=data.chat_template,
+    render = asyncio.to_thread(embedder.render_chat, data.messages,
+                               chat_template=data.chat_template or options.chat_template,
                                add_generation_prompt=data.add_generation_prompt,
                                continue_final_message=data.continue_final_message,
                                chat_template_kwargs=data.chat_template_kwargs)

@@ -180,4 +180,5 @@ class VLLMController(Controller):
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": manifest.max_seq_len,
             "vocab_size": emb.tokenizer.vocab_size, "pad_token_id": manifest.pad_token_id,
             "padding_side": emb.card.padding_side.value, "truncation_side": "right",
-            **manifest.special_tokens, "chat_template": manifest.chat_template}, TokenizerInfo)
+            **manifest.special_tokens,
+            "chat_template": request.app.state.options.chat_template or manifest.chat_template}, TokenizerInfo)

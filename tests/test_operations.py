@@ -224,6 +224,8 @@ def test_https_with_the_openai_client(tiny_artifact, tiny, tmp_path):
     (["--auto-truncate", "--max-embed-len", "4096"], "--auto-truncate and --max-embed-len"),
     (["--default-prompt-name", "nope"], "default prompt name 'nope' is not one of this model's prompts: query, document"),
     (["--allowed-origins", "[not json"], "is not a JSON list of origins"),
+    (["--chat-template", "no/such/template.jinja"], "--chat-template: no file 'no/such/template.jinja'"),
+    (["--chat-template", "{% for m in messages %}"], "--chat-template: chat template does not compile"),
 ])
 def test_bad_operator_flags_are_one_line(tiny_artifact, args, message):
     result = subprocess.run([sys.executable, "-m", "toolkit.cli", "serve", str(tiny_artifact), "--port",
@@ -269,3 +271,40 @@ def test_tracing_without_the_otel_extra_is_one_line(tiny_artifact):
                              "--otlp-endpoint", "http://127.0.0.1:4318"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "[otel]" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+SERVER_TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
+CONVERSATION = [{"role": "system", "content": "Embed this."}, {"role": "user", "content": "What is ONNX?"}]
+
+
+@pytest.mark.anyio
+async def test_the_servers_chat_template(tiny_artifact, tiny, tiny_decoder_artifact, tmp_path):
+    """vLLM's --chat-template: it renders messages for a model without a template, and replaces a model's own;
+    /tokenizer_info reports it; a request's own template still needs --allow-request-chat-template."""
+    from conftest import async_app_client
+
+    from toolkit.runtime import Embedder
+
+    (tmp_path / "t.jinja").write_text(SERVER_TEMPLATE)
+    from toolkit.runtime.chat import load_template
+
+    assert load_template(str(tmp_path / "t.jinja")) == SERVER_TEMPLATE == load_template(SERVER_TEMPLATE)
+    decoder = Embedder(tiny_decoder_artifact, device="cpu")
+    for artifact, emb in ((tiny_artifact, tiny), (tiny_decoder_artifact, decoder)):
+        async with async_app_client(artifact, ["m"], chat_template=SERVER_TEMPLATE) as client:
+            r = await client.post("/v1/embeddings", json={"messages": CONVERSATION})
+            assert r.status_code == 200, r.text
+            text = emb.render_chat(CONVERSATION, chat_template=SERVER_TEMPLATE)
+            assert text == "<system> Embed this.\n<user> What is ONNX?\n"
+            np.testing.assert_allclose(r.json()["data"][0]["embedding"],
+                                       emb.embed(text, add_special_tokens=False)[0], atol=1e-5)
+            r = await client.post("/tokenize", json={"messages": CONVERSATION})
+            assert r.json()["tokens"] == emb.tokenize(text, add_special_tokens=False)
+            assert (await client.get("/tokenizer_info")).json()["chat_template"] == SERVER_TEMPLATE
+            r = await client.post("/v1/embeddings", json={"messages": CONVERSATION, "chat_template": "{{ 1 }}"})
+            assert r.status_code == 400 and "--allow-request-chat-template" in r.json()["error"]["message"]
+    async with async_app_client(tiny_decoder_artifact, ["m"]) as client:  # without the flag: the model's own
+        r = await client.post("/tokenize", json={"messages": CONVERSATION})
+        own = decoder.render_chat(CONVERSATION)
+        assert own != decoder.render_chat(CONVERSATION, chat_template=SERVER_TEMPLATE)
+        assert r.json()["tokens"] == decoder.tokenize(own, add_special_tokens=False)

@@ -88,6 +88,7 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 1024  # open connections before uvicorn answers 503
     shutdown_grace_s: int = 30  # SIGTERM: in-flight requests get this long, then a 503
     allow_request_chat_template: bool = False  # accept a caller's `chat_template` (a Jinja program) at all
+    chat_template: str | None = None  # --chat-template: renders `messages` in place of the model's own template
     allow_priority_boost: bool = False  # accept negative `priority` (ahead of everyone else's default 0)
     allow_image_urls: list[str] = []  # hosts whose http(s) image URLs may be fetched (host, host:port, *.domain)
     image_url_timeout_s: float = 10.0  # one image fetch, connect to last byte

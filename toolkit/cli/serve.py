@@ -67,6 +67,7 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503")] = 1024,
     shutdown_grace: Annotated[int, typer.Option(help="SIGTERM: seconds in-flight requests get before a 503")] = 30,
     allow_request_chat_template: Annotated[bool, typer.Option(help="Accept a request's own `chat_template` (a Jinja program, rendered sandboxed with limits)")] = False,
+    chat_template: Annotated[str | None, typer.Option(envvar="TOOLKIT_CHAT_TEMPLATE", help="Render chat `messages` with this Jinja template (a file, or the template itself) instead of the model's own, or for a model without one, as vLLM's flag does [default: the model's]")] = None,
     allow_priority_boost: Annotated[bool, typer.Option(help="Accept negative `priority` (ahead of other requests)")] = False,
     allow_image_url: Annotated[list[str] | None, typer.Option(help="Fetch http(s) image URLs from this host (repeat it; HOST, HOST:PORT or *.DOMAIN). Off by default: only data:image URIs are read [default: none]")] = None,
     image_url_timeout: Annotated[float, typer.Option(help="Seconds one image fetch may take")] = 10.0,
@@ -111,6 +112,10 @@ def serve(
             from toolkit.server.telemetry import check_otlp
 
             check_otlp(otlp_endpoint)
+        if chat_template is not None:
+            from toolkit.runtime.chat import load_template
+
+            chat_template = load_template(chat_template)
         listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
         export_options = export_options_for_sources(precision, target, revision, trust_remote_code)
         paths = [artifact_for(model, export_options) for model in (models or [None])]
@@ -119,6 +124,7 @@ def serve(
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
                                payload_limit=payload_limit, read_timeout_s=read_timeout, max_connections=max_connections,
                                shutdown_grace_s=shutdown_grace, allow_request_chat_template=allow_request_chat_template,
+                               chat_template=chat_template,
                                allow_priority_boost=allow_priority_boost, allow_image_urls=list(allow_image_url or []),
                                image_url_timeout_s=image_url_timeout, log_level=log_level.lower(),
                                json_output=json_output, cors_allow_origins=_origins(cors_allow_origin or []),
