@@ -7,6 +7,18 @@ by 0.005-0.05. So the exporter measures each MatMul's damage on its own,
 orders them from harmless to harmful, and keeps the longest prefix of that
 order whose whole-model quantization still passes the gate (binary search:
 damage grows with the prefix, near enough to monotone).
+
+Before the search, activation outliers are moved into the weights (SmoothQuant's
+per-channel scaling): dynamic quantization gives each MatMul's input ONE scale
+for the whole batch, so a few large channels (the FFN's GELU outputs) leave the
+rest a handful of levels. Each input channel j is divided by
+s_j = max|x_j|^a / max|w_j|^(1-a) (a Mul before the MatMul) and the weight's row
+j multiplied by it: the same product in exact arithmetic (fp32 cosine vs the
+unscaled graph 1 - 3e-13, measured), calibrated on corpus texts the gate does not
+use. On all-MiniLM-L6-v2 (AMD EPYC, AVX-512 VNNI) it lets 16 of 18 MatMuls pass
+the gate instead of 11; a = 0.7 measured best among 0.5-1.0 (every MatMul int8:
+top-10 overlap 0.862 / 0.926 / 0.924 / 0.910 / 0.891 at 0.5 / 0.7 / 0.8 / 0.9 /
+1.0, against 0.899 unscaled).
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ from toolkit.runtime.pooling import cosines
 from toolkit.runtime.tokenization import Tokenizer, pad_batch
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["Int8Choice", "Probe", "choose_int8_nodes"]
+__all__ = ["SMOOTHING_ALPHA", "Int8Choice", "Probe", "choose_int8_nodes", "smooth_activations"]
+
+SMOOTHING_ALPHA = 0.7  # how much of an input channel's range moves into the weight (SmoothQuant's alpha)
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class Int8Choice:
     total: int  # quantizable MatMuls in the graph
     overlap: float  # top-10 neighbour overlap vs fp32 on the probe corpus
     min_cosine: float  # vs fp32
+    smoothing: float | None = None  # the activation smoothing's alpha (None: the MatMuls' inputs as exported)
 
 
 class Probe:
@@ -51,6 +66,28 @@ class Probe:
         self._n = len(items)
         self._output = output
 
+    def channel_ranges(self, graph: Path, tensors: list[str]) -> dict[str, np.ndarray]:
+        """max |x| per last-axis channel of each of ``tensors`` (intermediate values of ``graph``) over the probe's
+        real tokens (padding positions left out)."""
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(graph))
+        for name in tensors:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        ranges: dict[str, np.ndarray] = {}
+        for _, feeds in self._batches:
+            mask = feeds["attention_mask"].astype(bool)
+            for name, x in zip(tensors, session.run(tensors, {k: v for k, v in feeds.items() if k in names})):
+                rows = x[mask] if x.ndim == 3 and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+                peak = np.abs(rows).max(0)
+                ranges[name] = peak if name not in ranges else np.maximum(ranges[name], peak)
+        return ranges
+
     def vectors(self, graph: Path) -> np.ndarray:
         import onnxruntime as ort
 
@@ -67,15 +104,64 @@ class Probe:
         return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
 
 
+def smooth_activations(fp32: Path, dst: Path, calibration: Probe, alpha: float = SMOOTHING_ALPHA) -> Path:
+    """``fp32`` with every quantizable MatMul's input channels scaled down and its weight rows scaled up by
+    s_j = max|x_j|^alpha / max|w_j|^(1 - alpha), ranges measured on ``calibration`` (see the module docstring)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes = set(quantizable_matmuls(fp32))
+    model = onnx.load(str(fp32))
+    matmuls = [n for n in model.graph.node if n.name in nodes]
+    ranges = calibration.channel_ranges(fp32, sorted({n.input[0] for n in matmuls}))
+    weights = {init.name: init for init in model.graph.initializer}
+    scaled: list = []
+    for node in matmuls:
+        weight_name = node.input[1]
+        weight = numpy_helper.to_array(weights[weight_name]).astype(np.float32)  # (in, out)
+        x_peak = np.maximum(ranges[node.input[0]], 1e-5)
+        w_peak = np.maximum(np.abs(weight).max(1), 1e-5)
+        scale = (x_peak ** alpha / w_peak ** (1 - alpha)).astype(np.float32)
+        smoothed_name = f"{weight_name}_smoothed_{len(scaled)}"  # a weight shared by two MatMuls is copied
+        model.graph.initializer.append(numpy_helper.from_array(weight * scale[:, None], smoothed_name))
+        inverse = numpy_helper.from_array((1.0 / scale).astype(np.float32), f"{node.name}_smoothing")
+        model.graph.initializer.append(inverse)
+        scaled_input = f"{node.name}_smoothed_input"
+        scaled.append((node, helper.make_node("Mul", [node.input[0], inverse.name], [scaled_input],
+                                              name=f"{node.name}_smooth")))
+        node.input[0], node.input[1] = scaled_input, smoothed_name
+    ordered = []  # each Mul right before its MatMul keeps the graph topologically sorted
+    muls = {id(node): mul for node, mul in scaled}
+    for node in model.graph.node:
+        if id(node) in muls:
+            ordered.append(muls[id(node)])
+        ordered.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1_500_000_000)
+    return dst
+
+
 def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: Probe, min_overlap: float,
-                      min_cosine: float, report: Callable[[str], None] = lambda _msg: None) -> Int8Choice:
-    """Quantize as many MatMuls as the gate allows; the gate is measured on ``gate_probe``."""
+                      min_cosine: float, calibration: Probe | None = None,
+                      report: Callable[[str], None] = lambda _msg: None) -> Int8Choice:
+    """Quantize as many MatMuls as the gate allows; the gate is measured on ``gate_probe`` against ``fp32``.
+    With a ``calibration`` probe the MatMuls' inputs are smoothed first (``smooth_activations``)."""
     nodes = quantizable_matmuls(fp32)
     reference = gate_probe.vectors(fp32)
     rank_reference = rank_probe.vectors(fp32)
+    source, alpha = fp32, None
+    if calibration is not None and nodes:
+        report("moving activation outliers into the weights (calibrating)")
+        source, alpha = smooth_activations(fp32, tmp / "smoothed.onnx", calibration), SMOOTHING_ALPHA
+        nodes = quantizable_matmuls(source)
 
     def measure(subset: list[str], probe: Probe, ref: np.ndarray) -> tuple[float, float, Path]:
-        path = quantize_int8(fp32, tmp / f"int8-{len(subset)}.onnx", nodes=subset)
+        path = quantize_int8(source, tmp / f"int8-{len(subset)}.onnx", nodes=subset)
         vec = probe.vectors(path)
         return neighbour_overlap(vec, ref), float(cosines(vec, ref).min()), path
 
@@ -84,7 +170,7 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
 
     full = measure(nodes, gate_probe, reference)
     if passes(full) or not nodes:
-        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1])
+        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha)
     damage = {}
     for k, node in enumerate(nodes):
         report(f"measuring MatMul {k + 1}/{len(nodes)} alone")
@@ -101,6 +187,6 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
         else:
             hi = mid - 1
     if best is None:  # not even the most harmless one passes: return the full quantization, the gate refuses it
-        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1])
+        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha)
     count, (overlap, cos, path) = best
-    return Int8Choice(path, order[:count], len(nodes), overlap, cos)
+    return Int8Choice(path, order[:count], len(nodes), overlap, cos, alpha)

@@ -39,6 +39,7 @@ StepReporter = Callable[[str], contextlib.AbstractContextManager]
 _INT8_MIN_OVERLAP = 0.95
 _INT8_GATE_TEXTS = 500  # the gate's texts: the search measures its choice on them once
 _INT8_RANK_TEXTS = 200
+_INT8_CALIBRATION_TEXTS = 200  # activation ranges for the smoothing: the corpus texts after the gate's
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 choice = _choose_int8(fp32, tmp, resolved, tokenizer, pad_id)
             final = choice.path
             optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
+            if choice.smoothing is not None:
+                optimization["int8_smoothing"] = choice.smoothing
+            from toolkit.cpu import describe
+
+            optimization["int8_gated_on"] = describe()  # the kernels differ by CPU: the gate ran on these
         image_graph = None
         if resolved.head.image_tower:
             with step("Exporting the image tower (torch.onnx, dynamo)"):
@@ -275,12 +281,13 @@ def _choose_int8(fp32: Path, tmp: Path, resolved: ResolvedModel, tokenizer: Toke
     from toolkit.corpus import load_corpus
     from toolkit.export.int8 import Probe, choose_int8_nodes
 
-    texts = load_corpus(limit=_INT8_GATE_TEXTS)
+    texts = load_corpus(limit=_INT8_GATE_TEXTS + _INT8_CALIBRATION_TEXTS)
     common = {"pad_id": pad_id, "padding_side": resolved.card.padding_side, "type_ids": resolved.arch.token_type_ids}
-    gate = Probe(texts, tokenizer, **common)
+    gate = Probe(texts[:_INT8_GATE_TEXTS], tokenizer, **common)
     rank = Probe(texts[:_INT8_RANK_TEXTS], tokenizer, **common)
+    calibration = Probe(texts[_INT8_GATE_TEXTS:], tokenizer, **common)  # texts the gate does not see
     return choose_int8_nodes(fp32, tmp, rank_probe=rank, gate_probe=gate, min_overlap=_INT8_MIN_OVERLAP,
-                             min_cosine=THRESHOLDS["int8"])
+                             min_cosine=THRESHOLDS["int8"], calibration=calibration)
 
 
 def _option_values(options: ExportOptions) -> dict:

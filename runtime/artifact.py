@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ def resolve_artifact_path(model: str | os.PathLike) -> Path:
     return cached
 
 
+log = logging.getLogger("toolkit.runtime")
+
+
 def open_artifact(path: str | os.PathLike, options: RuntimeOptions | None = None) -> Artifact:
     """Load ``path`` (see ``resolve_artifact_path``); every failure is one readable ConfigError line."""
     path = resolve_artifact_path(path)
@@ -60,4 +64,19 @@ def open_artifact(path: str | os.PathLike, options: RuntimeOptions | None = None
     if manifest.tower != "text":
         handle = path.with_name(path.name.removesuffix(f".{manifest.tower}.onnx") + ".onnx")
         raise ConfigError(f"{path} is the {manifest.tower} tower of {handle.name}: open {handle} (it opens both towers)")
+    _check_int8_kernels(path, manifest)
     return Artifact(path, session, manifest, meta[TOKENIZER_KEY], meta.get(MODEL_CARD_KEY, ""))
+
+
+def _check_int8_kernels(path: Path, manifest) -> None:
+    """An int8 artifact gated on a VNNI CPU, served on one without VNNI (or the reverse), runs other int8 kernels
+    than its accuracy gate measured (AVX2's u8s8 kernel saturates 16-bit sums where VNNI's does not): say so."""
+    gated = manifest.optimization.get("int8_gated_on")
+    if manifest.precision != "int8" or not isinstance(gated, str) or manifest.target != "cpu":
+        return
+    from toolkit.cpu import describe, has_vnni
+
+    here = describe()
+    if has_vnni(gated) != has_vnni(here):
+        log.warning("%s: its int8 accuracy gate ran on %s; this CPU, %s, runs other int8 kernels, so its accuracy "
+                    "was not measured here (re-export on this kind of CPU to gate it here)", path.name, gated, here)

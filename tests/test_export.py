@@ -159,6 +159,44 @@ def test_deep_model_is_judged_against_the_rounding_noise_floor(tmp_path):
     assert not report.passed, report.noise_floor
 
 
+def test_activation_smoothing_keeps_the_graph_exact_and_int8_records_its_cpu(tmp_path, monkeypatch, caplog):
+    """The SmoothQuant scaling before int8: a Mul per quantizable MatMul, the fp32 output unchanged; the int8
+    artifact records the smoothing and the CPU its gate ran on, and opening it on a CPU with other int8 kernels
+    (VNNI vs not) warns."""
+    import onnx
+
+    from toolkit import cpu
+    from toolkit.corpus import load_corpus
+    from toolkit.export.int8 import Probe, smooth_activations
+    from toolkit.export.optimize import quantizable_matmuls
+    from toolkit.runtime.pooling import cosines
+
+    folder = build_tiny_model("bert", tmp_path / "m", config={"initializer_range": 0.2})
+    fp32 = _export(str(folder), tmp_path / "fp32.onnx", pooling=Pooling.MEAN)
+    emb = Embedder(fp32.path, device="cpu")
+    kw = {"pad_id": emb.manifest.pad_token_id, "padding_side": emb.card.padding_side, "type_ids": True}
+    texts = load_corpus(limit=260)
+    smoothed = smooth_activations(fp32.path, tmp_path / "smoothed.onnx", Probe(texts[200:], emb.tokenizer, **kw))
+    nodes = quantizable_matmuls(fp32.path)
+    graph = onnx.load(str(smoothed)).graph
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in graph.node) == len(nodes) > 0
+    probe = Probe(texts[:200], emb.tokenizer, **kw)
+    assert cosines(probe.vectors(smoothed), probe.vectors(fp32.path)).min() >= 0.999999
+
+    int8 = _export(str(folder), tmp_path / "int8.onnx", pooling=Pooling.MEAN, precision="int8",
+                   allow_low_accuracy=True)
+    optimization = int8.manifest.optimization
+    assert optimization["int8_smoothing"] == 0.7 and optimization["int8_gated_on"] == cpu.describe()
+    caplog.clear()
+    Embedder(int8.path, device="cpu")
+    assert "int8 accuracy gate ran on" not in caplog.text  # the same CPU: nothing to say
+    other = {"cpu": "Another CPU", "isa": [] if cpu.has_vnni(cpu.describe()) else ["avx2", "avx512_vnni"]}
+    monkeypatch.setattr(cpu, "cpu_info", lambda: other)
+    with caplog.at_level("WARNING", logger="toolkit.runtime"):
+        Embedder(int8.path, device="cpu")
+    assert "its int8 accuracy gate ran on" in caplog.text and "Another CPU" in caplog.text
+
+
 def test_int8_that_misses_its_gate_is_refused(tmp_path, monkeypatch):
     from toolkit.export import pipeline
 
