@@ -1,0 +1,118 @@
+"""Qwen2-VL's image side without torch: its image processor in numpy + Pillow, the number of image placeholder
+tokens a picture takes in the prompt, and the multimodal rotary positions (M-RoPE) of a prompt holding images.
+
+The first pieces of serving Qwen2-VL embedders (GME, DSE) from ONNX (issue #22): the vision graph reads
+``pixel_values`` (patches, channels x temporal x patch x patch) with ``image_grid_thw``; the language graph reads
+token ids, the image features where the prompt's placeholders are, and these position ids. What transformers'
+``Qwen2VLImageProcessorPil`` does, step by step:
+
+1. RGB (transparency composited on white, as every toolkit image path does), EXIF orientation applied;
+2. the size: both sides rounded to multiples of ``patch_size * merge_size`` (28), then scaled down or up as
+   a whole so that the pixel count stays within [min_pixels, max_pixels], the aspect ratio kept
+   (``fit_size``); Pillow's bicubic resize of the uint8 image;
+3. ``x / 255`` in float64 then float32, ``(x - mean) / std`` (CLIP's mean and std);
+4. patches in the order the vision tower merges them: (h / m, w / m, m, m) blocks of (C, T, p, p) values, the
+   single frame repeated ``temporal_patch_size`` times.
+
+Checked against transformers' own processor in ``tests/test_qwen_vl.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.errors import RequestError
+from toolkit.runtime.images import _FILTERS, _rgb
+
+__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 200  # Qwen2-VL refuses a more extreme aspect ratio
+
+
+@dataclass(frozen=True)
+class QwenVLImageSpec:
+    """The processor's facts (``preprocessor_config.json``): what the manifest will record."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    resample: str = "bicubic"
+
+
+def fit_size(height: int, width: int, spec: QwenVLImageSpec, index: int = 0) -> tuple[int, int]:
+    """(height, width) the processor resizes to: multiples of patch x merge, pixels within [min, max]."""
+    factor = spec.patch_size * spec.merge_size
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise RequestError(f"image {index}: {width}x{height} has an aspect ratio past {MAX_ASPECT}:1", param="input")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > spec.max_pixels:
+        shrink = math.sqrt(height * width / spec.max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < spec.min_pixels:
+        grow = math.sqrt(spec.min_pixels / (height * width))
+        h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
+    return h, w
+
+
+def preprocess_qwen_vl(image, spec: QwenVLImageSpec, index: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A decoded PIL image -> (patches float32 (grid_h * grid_w, 3 * T * p * p), (1, grid_h, grid_w))."""
+    image = _rgb(image)
+    height, width = fit_size(image.height, image.width, spec, index)
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=_FILTERS[spec.resample])
+    pixels = (np.asarray(image).astype(np.float64) / 255.0).astype(np.float32)  # (H, W, 3)
+    pixels = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    grid_h, grid_w = height // p, width // p
+    blocks = pixels.transpose(2, 0, 1).reshape(3, grid_h // m, m, p, grid_w // m, m, p)
+    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (h/m, w/m, m, m, C, p, p)
+    frames = np.repeat(blocks[:, :, :, :, :, None], t, axis=5)  # (h/m, w/m, m, m, C, T, p, p)
+    return np.ascontiguousarray(frames.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
+
+
+def placeholder_count(grid_thw: Sequence[int], merge_size: int) -> int:
+    """How many image tokens the prompt holds for an image of this grid (the tower merges m x m patches)."""
+    t, h, w = grid_thw
+    return t * h * w // merge_size**2
+
+
+def mrope_positions(is_image: Sequence[bool], grids: Sequence[Sequence[int]], merge_size: int) -> tuple[np.ndarray, int]:
+    """M-RoPE position ids (3, seq) of one prompt whose tokens ``is_image`` marks, and the offset (max + 1 - seq)
+    that positions after it continue from. Text runs count up on all three axes; an image's tokens take
+    (t, row, column) of its merged grid, each offset by the position where the image starts, and the text after
+    it resumes at that start plus the grid's larger side."""
+    positions = np.zeros((3, len(is_image)), dtype=np.int64)
+    images = iter(grids)
+    at, current = 0, 0
+    flags = list(is_image)
+    while at < len(flags):
+        end = at
+        while end < len(flags) and flags[end] == flags[at]:
+            end += 1
+        if not flags[at]:
+            positions[:, at:end] = np.arange(end - at) + current
+            current += end - at
+        else:
+            t, h, w = next(images)
+            gh, gw = h // merge_size, w // merge_size
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            block = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current
+            if block.shape[1] != end - at:
+                raise RequestError(f"an image of grid {t}x{h}x{w} takes {block.shape[1]} placeholder tokens; the "
+                                   f"prompt holds {end - at} there", param="input")
+            positions[:, at:end] = block
+            current += max(h, w) // merge_size
+        at = end
+    delta = int(positions.max()) + 1 - len(flags) if len(flags) else 0
+    return positions, delta
