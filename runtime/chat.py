@@ -123,7 +123,7 @@ def render_chat(template: str | None, messages: Sequence[Any], *, special_tokens
     if not template:
         raise RequestError(f"model '{model}' has no chat template: send `input`, or give `chat_template`", param="messages")
     if add_generation_prompt and continue_final_message:
-        raise RequestError("add_generation_prompt and continue_final_message cannot both be true",
+        raise RequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                            param="continue_final_message")
     compiled = _compile(template)
     conversation = _check(messages)

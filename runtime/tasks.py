@@ -247,7 +247,8 @@ def labelled(emb: Embedder, scores: np.ndarray, top_k: int | None = None) -> lis
 
 # ---------------------------------------------------------------- score
 def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: bool | None = None,
-                  truncate_prompt_tokens: int | None = None, **tokenize) -> Prepared:
+                  truncate_prompt_tokens: int | None = None, max_tokens_per_doc: int | None = None,
+                  **tokenize) -> Prepared:
     """vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores (its activation unless ``use_activation`` is
     False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
     left, right = score_pairs(queries, documents)
@@ -255,7 +256,8 @@ def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: boo
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
                            "whose scores are cosine similarities", param="use_activation")
     if emb.cross_encoder:
-        items = tokenize_pairs(emb, left, right, truncate_prompt_tokens=truncate_prompt_tokens)
+        items = tokenize_pairs(emb, left, right, truncate_prompt_tokens=truncate_prompt_tokens,
+                               max_tokens_per_doc=max_tokens_per_doc)
         return Prepared([Run(items, "logits")], lambda rows: pair_scores(emb, rows[0], use_activation),
                         tokens=_tokens(items))
     both = prepare_mixed(emb, left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
@@ -264,12 +266,15 @@ def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: boo
 
 
 def tokenize_pairs(emb: Embedder, queries: list[str], documents: list[str], *,
-                   truncate_prompt_tokens: int | None = None) -> list:
-    """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document."""
+                   truncate_prompt_tokens: int | None = None, max_tokens_per_doc: int | None = None) -> list:
+    """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document, each
+    document first cut to ``max_tokens_per_doc`` tokens when given (vLLM's rerank field: the document's, not the
+    pair's)."""
     if any(not t for t in (*queries, *documents)):
         raise RequestError("queries and documents must not be empty strings", param="documents")
     firsts = queries * len(documents) if len(queries) == 1 else queries
-    return emb.tokenizer.encode_pairs(firsts, documents, truncate=emb.truncation(truncate_prompt_tokens))
+    return emb.tokenizer.encode_pairs(firsts, documents, truncate=emb.truncation(truncate_prompt_tokens),
+                                      second_limit=max_tokens_per_doc)
 
 
 def pair_scores(emb: Embedder, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
@@ -291,14 +296,14 @@ def _score_inputs(emb: Embedder, queries, documents=None) -> int:
 def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n: int | None = None,
                    return_documents: bool = False, use_activation: bool | None = None,
                    truncate_prompt_tokens: int | None = None, query_truncate_prompt_tokens: int | None = None,
-                   truncation_side: str = "right") -> Prepared:
+                   truncation_side: str = "right", max_tokens_per_doc: int | None = None) -> Prepared:
     """Documents best first: ``{"index", "relevance_score"[, "document"]}``. A cross-encoder scores each
     (query, document) pair cut to ``truncate_prompt_tokens``; an embedding artifact the cosine of the query's and
     each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit)."""
     documents = list(documents)
     if emb.cross_encoder:
         scored = prepare_score(emb, query, documents, use_activation=use_activation,
-                               truncate_prompt_tokens=truncate_prompt_tokens)
+                               truncate_prompt_tokens=truncate_prompt_tokens, max_tokens_per_doc=max_tokens_per_doc)
     else:
         side = {"truncation_side": truncation_side, "normalize": True}
         q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens

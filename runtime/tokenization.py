@@ -127,13 +127,15 @@ class Tokenizer:
             out.append(Tokenized(enc.ids, enc.type_ids))
         return out
 
-    def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str], *, truncate: int | None = None) -> list[Tokenized]:
+    def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str], *, truncate: int | None = None,
+                     second_limit: int | None = None) -> list[Tokenized]:
         """(query, document) pairs as one sequence each, with the pair's special tokens and type ids.
 
         Over-long pairs are cut as Hugging Face's fast tokenizers cut them (``longest_first``: the longer side
         first, then both to half); ``truncate`` None raises InputTooLongError instead. Each side is tokenized
         over a bounded window, so a huge document costs what the model can use (except where both sides are
         longer than half the budget: which is longer then decides the odd token, so both are read in full).
+        ``second_limit``: the document side is first cut to this many tokens (vLLM's ``max_tokens_per_doc``).
         """
         limit = self._limit(truncate)
         content = max(limit - self._tok.num_special_tokens_to_add(True), 2)
@@ -145,6 +147,9 @@ class Tokenizer:
                 # both sides get cut to halves and the longer one gets the odd token: a window hides which
                 # side is longer, so this pair is tokenized in full (bounded by the payload limit)
                 a, b = self._encode_many([firsts[i], seconds[i]])
+            if second_limit is not None and len(b.ids) > second_limit:
+                b.truncate(second_limit)
+                cut_b = False
             if len(a.ids) + len(b.ids) > content:
                 if truncate is None:
                     specials = self._tok.num_special_tokens_to_add(True)
@@ -275,8 +280,8 @@ def too_long(maximum: int, count: int, partial: bool, where: str, what: str = ""
     requested = f"more than {count}" if partial else str(count)
     limit = f" ({what} of {maximum})" if what else ""
     return (f"This model's maximum context length is {maximum} tokens{limit}. However, you requested {requested} "
-            f"tokens in the input for embedding generation ({where}). Please reduce the length of the input, or "
-            "set truncate_prompt_tokens (-1: cut to the maximum).")
+            f"tokens in the input for embedding generation ({where}). Please reduce the length of the input prompt, "
+            "or set truncate_prompt_tokens (-1: cut to the maximum).")
 
 
 def _json_kind(value: object) -> str:

@@ -103,7 +103,9 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     options = request.app.state.options
     served = request.app.state.registry.get(data.model)
     check_choice(data.encoding_format, ENCODING_FORMATS, "encoding_format")
-    check_choice(data.embed_dtype, EMBED_DTYPES, "embed_dtype")
+    if data.embed_dtype not in EMBED_DTYPES:  # vLLM's sentence, then the valid choices
+        raise RequestError(f"embed_dtype={data.embed_dtype!r} is not supported. Supported types: "
+                           f"{', '.join(EMBED_DTYPES)}", param="embed_dtype")
     check_choice(data.endianness, ENDIANNESS, "endianness")
     check_priority(data.priority, options)
     check_choice(data.modality, ("text", "image"), "modality")

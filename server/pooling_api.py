@@ -85,10 +85,9 @@ class PoolingController(Controller):
         emb, options = served.embedder, request.app.state.options
         task = data.task or "embed"
         entries = _pooling_entries(emb)
-        check_choice(task, tuple(dict.fromkeys([*VLLM_TASKS, *entries])), "task")
-        if task not in entries:
-            raise RequestError(f"task '{task}' does not apply to this model; applicable: {', '.join(entries)}",
-                               param="task")
+        if task not in entries:  # vLLM's words, then what applies (an unknown name and a task of another kind alike)
+            raise RequestError(f"Unsupported task: '{task}' (this model answers: {', '.join(entries)}; vLLM's tasks: "
+                               f"{', '.join(VLLM_TASKS)})", param="task")
         check_choice(data.encoding_format, ("float", "base64"), "encoding_format")
         check_limits(count_inputs(data.input), options)
         name = entries[task]

@@ -36,6 +36,8 @@ class VLLMRerankRequest(msgspec.Struct, kw_only=True):
     return_documents: bool | None = None  # default: true on /rerank and /v1/rerank (Jina, vLLM), false on /v2 (Cohere)
     max_tokens_per_doc: int | None = None
     truncate_prompt_tokens: int | None = None
+    use_activation: bool | None = None  # cross-encoders: False gives the logits (vLLM's; `activation` its old name)
+    activation: bool | None = None
 
 
 class TEIRerankRequest(msgspec.Struct, kw_only=True):
@@ -106,7 +108,8 @@ def _document_text(doc: Any, i: int) -> str:
 
 async def _ranking(request: Request, model: str | None, query: str, documents: list[str], doc_tokens: int | None,
                    query_tokens: int | None, side: str = "right", timings: Timings | None = None,
-                   use_activation: bool | None = None, top_n: int | None = None) -> tuple[Any, list[dict], int]:
+                   use_activation: bool | None = None, top_n: int | None = None,
+                   max_tokens_per_doc: int | None = None) -> tuple[Any, list[dict], int]:
     """(served model, documents best first as the engine's ``rerank`` ranks them, prompt tokens): a cross-encoder's
     pair scores (``doc_tokens`` bounds each pair), or an embedding model's cosine of query and document (each side
     truncated on its own)."""
@@ -120,7 +123,9 @@ async def _ranking(request: Request, model: str | None, query: str, documents: l
     ranked, tokens = await served.engine.rerank(query, documents, top_n=top_n, use_activation=use_activation,
                                                 truncate_prompt_tokens=doc_tokens,
                                                 query_truncate_prompt_tokens=query_tokens, truncation_side=side,
-                                                timings=timings, max_tokens=options.max_request_tokens)
+                                                timings=timings, max_tokens=options.max_request_tokens,
+                                                **({"max_tokens_per_doc": max_tokens_per_doc}
+                                                   if max_tokens_per_doc is not None else {}))
     return served, ranked, tokens
 
 
@@ -130,14 +135,21 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
     if data.top_n is not None and data.top_n < 0:
         raise RequestError("top_n must be >= 0 (0: all documents)", param="top_n")
     served = request.app.state.registry.get(data.model)
-    if data.max_tokens_per_doc is not None:  # Cohere / Jina: a cap, so clamped to the model's maximum
+    doc_cap = None
+    if data.max_tokens_per_doc is not None:  # Cohere / Jina / vLLM: a cap on each document, clamped to the model's
         if data.max_tokens_per_doc < 1:
-            raise RequestError("max_tokens_per_doc must be >= 1", param="max_tokens_per_doc")
-        per_doc = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
-    else:  # Cohere truncates long documents by default; vLLM refuses them unless truncate_prompt_tokens says so
-        per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
+            raise RequestError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
+        doc_cap = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
+    per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
+    if doc_cap is not None:
+        if served.embedder.cross_encoder:  # the document is cut, then the pair fits the model's window
+            per_doc = -1 if per_doc is None else per_doc
+        else:  # each side is embedded alone: the document's own limit
+            per_doc, doc_cap = doc_cap if per_doc in (None, -1) else min(per_doc, doc_cap), None
+    activation = next((v for v in (data.activation, data.use_activation) if v is not None), None)
     served, ranked, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
-                                            data.truncate_prompt_tokens, timings=timings, top_n=data.top_n)
+                                            data.truncate_prompt_tokens, timings=timings, top_n=data.top_n,
+                                            use_activation=activation, max_tokens_per_doc=doc_cap)
     with_docs = data.return_documents if data.return_documents is not None else not cohere
     results = [RerankResult(r["index"], r["relevance_score"], RerankDocument(texts[r["index"]]) if with_docs else UNSET)
                for r in ranked]

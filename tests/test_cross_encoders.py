@@ -196,3 +196,30 @@ def test_a_saved_crossencoder_folder_keeps_its_activation(cross_encoder_dir, tmp
     assert max(result.manifest.parity.max_abs_diff.values()) <= 1e-5
     emb = Embedder(result.path, device="cpu")
     np.testing.assert_allclose(emb.score(QUERY, DOCS), emb.score(QUERY, DOCS, use_activation=False), atol=0)
+
+
+def test_max_tokens_per_doc_cuts_the_document_not_the_pair(cross_encoder_artifact):
+    """vLLM's max_tokens_per_doc: each document is cut to N tokens, then paired with the whole query (the pair's
+    own limit is the window); use_activation (and its old name activation) false gives the logits."""
+    emb = Embedder(cross_encoder_artifact, device="cpu")
+    shared = "the capital of france is paris and it is large " * 2
+    docs = [shared + "alpha beta gamma", shared + "weather sunny cats dogs"]
+    query = "which city is the capital of france, and how large is that city"
+    n = 10
+    assert len(emb.tokenize(shared, add_special_tokens=False)) > n
+    with TestClient(create_app(load_models([cross_encoder_artifact], ["ce"], RuntimeOptions(device="cpu"), Metrics()),
+                               ServerOptions())) as client:
+        r = client.post("/rerank", json={"query": query, "documents": docs, "max_tokens_per_doc": n})
+        assert r.status_code == 200, r.text
+        scores = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert scores[0] == pytest.approx(scores[1], abs=1e-7)  # the same first N tokens
+        query_tokens = len(emb.tokenize(query, add_special_tokens=False))
+        assert r.json()["usage"]["prompt_tokens"] == 2 * (query_tokens + n + 3)  # [CLS] q [SEP] d [SEP]
+        full = client.post("/rerank", json={"query": query, "documents": docs}).json()["results"]
+        assert abs(full[0]["relevance_score"] - full[1]["relevance_score"]) > 1e-4
+        for name in ("use_activation", "activation"):
+            raw = client.post("/rerank", json={"query": query, "documents": docs[:1], name: False}).json()
+            assert raw["results"][0]["relevance_score"] == pytest.approx(
+                float(emb.score(query, docs[:1], use_activation=False)[0]), abs=1e-5)
+        r = client.post("/rerank", json={"query": query, "documents": docs, "max_tokens_per_doc": 0})
+        assert r.status_code == 400 and "must be a positive integer" in r.json()["error"]["message"]
