@@ -94,6 +94,21 @@ def to_bytes(vectors: np.ndarray, embed_dtype: str = "float32", endianness: str 
     return to_dtype(vectors, embed_dtype, endianness).tobytes()
 
 
+def pack_rows(rows, embed_dtype: str = "float32", endianness: str = "native") -> tuple[bytes, list[dict]]:
+    """Rows of any shape (vectors, per-token matrices) back to back, and vLLM's per-item metadata for
+    ``encoding_format=bytes``: ``index``, ``embed_dtype``, ``endianness``, ``start``, ``end`` (byte offsets),
+    ``shape``."""
+    chunks, items, at = [], [], 0
+    for i, row in enumerate(rows):
+        row = np.asarray(row, dtype=np.float32)
+        data = to_dtype(row.reshape(1, -1), embed_dtype, endianness).tobytes()
+        items.append({"index": i, "embed_dtype": embed_dtype, "endianness": endianness, "start": at,
+                      "end": at + len(data), "shape": list(row.shape)})
+        chunks.append(data)
+        at += len(data)
+    return b"".join(chunks), items
+
+
 def pack_bits(vectors: np.ndarray) -> np.ndarray:
     """(n, d) -> (n, ceil(d/8)) uint8: bit = component > 0, MSB first."""
     return np.packbits(vectors > 0, axis=-1)

@@ -20,6 +20,7 @@ from toolkit.errors import ModelKindError, RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.pooling import activate
 from toolkit.runtime.tasks import labelled
+from toolkit.server.inputs import ChatRequest, prompt_or_chat
 from toolkit.server.limits import check_limits, check_priority, tei_truncation
 from toolkit.server.metrics import timing_headers
 from toolkit.server.schema import ListResponse, UsageInfo
@@ -104,16 +105,16 @@ async def tei_predict(request: Request, data: TEIPredictRequest) -> Response:
     return Response(body, headers={**timing_headers(timings, started), "x-compute-tokens": str(tokens)})
 
 
-class ClassifyRequest(msgspec.Struct, kw_only=True):
-    """vLLM's classification request (``activation`` and ``softmax`` are its older names of ``use_activation``)."""
+class ClassifyRequest(ChatRequest, kw_only=True):
+    """vLLM's classification request: ``input``, or chat ``messages`` (one item); ``activation`` and ``softmax``
+    are older names of ``use_activation``."""
 
     model: str | None = None
-    input: str | list[Any]  # a text, texts, token ids, or lists of token ids (checked by the tokenizer step)
+    input: str | list[Any] | None = None  # a text, texts, token ids, or lists of token ids (checked when tokenized)
     truncate_prompt_tokens: int | None = None
     use_activation: bool | None = None
     activation: bool | None = None
     softmax: bool | None = None
-    add_special_tokens: bool = True
     priority: int = 0
     user: str | None = None
     request_id: str | None = None
@@ -137,10 +138,10 @@ async def create_classification(request: Request, data: ClassifyRequest) -> Clas
     emb, options = served.embedder, request.app.state.options
     response_id = f"classify-{data.request_id or uuid.uuid4().hex}"
     emb.require("classify")
-    if data.input == "":
+    if data.input == "" or (data.input is None and not data.messages):
         raise RequestError("Input or messages must be provided", param="input")
-    listed = [data.input] if isinstance(data.input, str) or (data.input and isinstance(data.input[0], int)) \
-        else data.input
+    inputs, specials = await prompt_or_chat(emb, data, data.input, "input", options)
+    listed = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else inputs
     if not listed:  # vLLM answers an empty list with an empty list
         return ClassificationResponse(id=response_id, object="list", created=int(time.time()), model=served.name,
                                       data=[], usage=UsageInfo.of(0))
@@ -148,7 +149,7 @@ async def create_classification(request: Request, data: ClassifyRequest) -> Clas
     activation = next((v for v in (data.softmax, data.activation, data.use_activation) if v is not None), True)
     scores, tokens = await served.engine.classify(
         listed, use_activation=activation, truncate_prompt_tokens=data.truncate_prompt_tokens,
-        add_special_tokens=data.add_special_tokens, priority=check_priority(data.priority, options),
+        add_special_tokens=specials, priority=check_priority(data.priority, options),
         max_tokens=options.max_request_tokens)
     labels = emb.labels
     rows = [ClassificationData(i, labels[int(row.argmax())], [float(x) for x in row], len(row))

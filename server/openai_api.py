@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Literal
@@ -14,12 +13,8 @@ from msgspec import UNSET, UnsetType
 from toolkit.errors import RequestError
 from toolkit.runtime.async_embedder import Timings
 from toolkit.runtime.encoding import (
-    EMBED_DTYPES,
     ENCODING_FORMATS,
-    ENDIANNESS,
-    dtype_width,
     to_base64,
-    to_bytes,
 )
 from toolkit.server.content import (
     admit_content,
@@ -31,6 +26,7 @@ from toolkit.server.content import (
 from toolkit.server.inputs import ChatRequest, prompt_or_chat
 from toolkit.server.limits import check_choice, check_limits, check_priority
 from toolkit.server.metrics import timing_headers
+from toolkit.server.outputs import bytes_response, check_row_encoding
 from toolkit.server.schema import ListResponse, UsageInfo
 
 __all__ = ["ModelList", "OpenAIController", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "create_embeddings"]
@@ -102,11 +98,7 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     started = time.perf_counter()
     options = request.app.state.options
     served = request.app.state.registry.get(data.model)
-    check_choice(data.encoding_format, ENCODING_FORMATS, "encoding_format")
-    if data.embed_dtype not in EMBED_DTYPES:  # vLLM's sentence, then the valid choices
-        raise RequestError(f"embed_dtype={data.embed_dtype!r} is not supported. Supported types: "
-                           f"{', '.join(EMBED_DTYPES)}", param="embed_dtype")
-    check_choice(data.endianness, ENDIANNESS, "endianness")
+    check_row_encoding(data.encoding_format, ENCODING_FORMATS, data.embed_dtype, data.endianness)
     check_priority(data.priority, options)
     check_choice(data.modality, ("text", "image"), "modality")
     normalize = data.use_activation if data.use_activation is not None else data.normalize
@@ -130,16 +122,7 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
             "model": served.name, "usage": usage}
     headers = timing_headers(timings, started)
     if data.encoding_format in ("bytes", "bytes_only"):
-        if data.encoding_format == "bytes":  # vLLM's layout: per-item dtype, byte order, span and shape
-            width = vectors.shape[1] * dtype_width(data.embed_dtype)
-            items = [{"index": i, "embed_dtype": data.embed_dtype, "endianness": data.endianness,
-                      "start": i * width, "end": (i + 1) * width, "shape": [vectors.shape[1]]}
-                     for i in range(len(vectors))]
-            meta = {"id": head["id"], "created": head["created"], "model": served.name, "data": items,
-                    "usage": msgspec.to_builtins(usage)}
-            headers["metadata"] = json.dumps(meta)  # ASCII-escaped: a header carries Latin-1 only
-        return Response(to_bytes(vectors, data.embed_dtype, data.endianness), media_type="application/octet-stream",
-                        headers=headers)
+        return bytes_response(vectors, data.encoding_format, data.embed_dtype, data.endianness, head, headers)
     if data.encoding_format == "base64":
         embeddings: list = to_base64(vectors, data.embed_dtype, data.endianness)
     else:

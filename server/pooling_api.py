@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Controller, Request, post
+from litestar import Controller, Request, Response, post
 
 from toolkit.errors import RequestError
-from toolkit.runtime.encoding import to_base64
+from toolkit.runtime.encoding import ENCODING_FORMATS, to_base64
 from toolkit.runtime.pooling import count_inputs
 from toolkit.runtime.tasks import TASKS as TASK_TABLE
-from toolkit.server.limits import check_choice, check_limits
+from toolkit.server.inputs import ChatRequest, prompt_or_chat
+from toolkit.server.limits import check_limits
+from toolkit.server.outputs import bytes_response, check_row_encoding
 from toolkit.server.schema import ListResponse, UsageInfo
 
 __all__ = ["LlamaEmbedding", "PoolingController", "PoolingResponse", "pooling_tasks"]
@@ -22,11 +24,15 @@ __all__ = ["LlamaEmbedding", "PoolingController", "PoolingResponse", "pooling_ta
 VLLM_TASKS = ("embed", "token_embed", "classify", "token_classify")
 
 
-class PoolingRequest(msgspec.Struct, kw_only=True):
-    input: str | list[Any]
+class PoolingRequest(ChatRequest, kw_only=True):
+    """vLLM's pooling request: ``input``, or chat ``messages`` rendered with the chat template (one item)."""
+
+    input: str | list[Any] | None = None
     model: str | None = None
     task: str | None = None  # default: embed
-    encoding_format: str = "float"
+    encoding_format: str = "float"  # float | base64 | bytes | bytes_only (vLLM's)
+    embed_dtype: str = "float32"  # base64 / bytes rows: float32, float16, bfloat16, fp8_e4m3, fp8_e5m2
+    endianness: str = "native"
     dimensions: int | None = None
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "right"
@@ -80,7 +86,7 @@ class PoolingController(Controller):
     tags = ["vLLM extras"]
 
     @post("/pooling", status_code=200, summary="vLLM's pooling API: every task of the artifact with a row per input")
-    async def pooling(self, request: Request, data: PoolingRequest) -> PoolingResponse:
+    async def pooling(self, request: Request, data: PoolingRequest) -> Response[PoolingResponse]:
         served = request.app.state.registry.get(data.model)
         emb, options = served.embedder, request.app.state.options
         task = data.task or "embed"
@@ -88,19 +94,23 @@ class PoolingController(Controller):
         if task not in entries:  # vLLM's words, then what applies (an unknown name and a task of another kind alike)
             raise RequestError(f"Unsupported task: '{task}' (this model answers: {', '.join(entries)}; vLLM's tasks: "
                                f"{', '.join(VLLM_TASKS)})", param="task")
-        check_choice(data.encoding_format, ("float", "base64"), "encoding_format")
-        check_limits(count_inputs(data.input), options)
+        check_row_encoding(data.encoding_format, ENCODING_FORMATS, data.embed_dtype, data.endianness)
+        inputs, specials = await prompt_or_chat(emb, data, data.input, "input", options)
+        check_limits(count_inputs(inputs), options)
         name = entries[task]
         params = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
+                  "add_special_tokens": specials,
                   **{"embed": {"dimensions": data.dimensions, "normalize": data.use_activation},
                      "classify": {"use_activation": data.use_activation is not False}}.get(name, {})}
-        result, prepared = await served.engine.perform(name, data.input, max_tokens=options.max_request_tokens, **params)
+        result, prepared = await served.engine.perform(name, inputs, max_tokens=options.max_request_tokens, **params)
         rows, tokens = TASK_TABLE[name].rows(emb, result), prepared.tokens
-        encoded = ([to_base64(np.asarray(r).reshape(1, -1))[0] for r in rows] if data.encoding_format == "base64"
-                   else [np.asarray(r).tolist() for r in rows])
-        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", object="list", created=int(time.time()),
-                               model=served.name, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)],
-                               usage=UsageInfo.of(tokens))
+        head = {"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
+                "usage": UsageInfo.of(tokens)}
+        if data.encoding_format in ("bytes", "bytes_only"):
+            return bytes_response(rows, data.encoding_format, data.embed_dtype, data.endianness, head, {})
+        encoded = ([to_base64(np.asarray(r, np.float32).reshape(1, -1), data.embed_dtype, data.endianness)[0]
+                    for r in rows] if data.encoding_format == "base64" else [np.asarray(r).tolist() for r in rows])
+        return Response(PoolingResponse(**head, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)]))
 
     @post("/embedding", status_code=200, summary="llama.cpp's native embedding route (pooled, normalized)")
     async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> list[LlamaEmbedding]:

@@ -200,7 +200,7 @@ def _success(operation, path: str, keys: dict[str, str]) -> None:
             "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt), "
             "detokenize (tokens) or rerank (query + documents) body, or TEI's (inputs; query + texts)"), content={"application/json": OpenAPIMediaType(
                 schema=Schema(any_of=[_ref(keys[r]) for r in _INVOCATIONS]))})
-    if path in ("/v1/embeddings", "/invocations"):  # encoding_format bytes / bytes_only
+    if path in ("/v1/embeddings", "/invocations", "/pooling"):  # encoding_format bytes / bytes_only
         ok.content = {**(ok.content or {}), "application/octet-stream": _BYTES}
         ok.headers = {**(ok.headers or {}), "metadata": _BYTES_METADATA}
 

@@ -160,7 +160,7 @@ def test_rerank_and_score_routes_on_a_cross_encoder(served_ce):
     r = client.post("/pooling", json={"input": DOCS, "task": "classify"})
     np.testing.assert_allclose([d["data"] for d in r.json()["data"]], emb.classify(DOCS), atol=1e-6)
     r = client.post("/pooling", json={"input": "x", "task": "embed"})
-    assert r.status_code == 400 and "applicable: classify" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "this model answers: classify;" in r.json()["error"]["message"]
     r = client.post("/v1/embeddings", json={"input": "x"})
     assert r.status_code == 400 and "cross-encoder" in r.json()["error"]["message"]
     assert client.get("/v1/models").json()["data"][0]["task"] == "rerank"

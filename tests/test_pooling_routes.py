@@ -66,7 +66,7 @@ def test_tei_embed_sparse_on_splade(splade_artifact):
         dense = np.array(r.json()["data"][0]["data"])
         assert dense.shape == (30522,) and np.flatnonzero(dense).tolist() == idx.tolist()
         r = c.post("/pooling", json={"input": "x", "task": "token_embed"})
-        assert r.status_code == 400 and "applicable: embed" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "this model answers: embed;" in r.json()["error"]["message"]
 
 
 def test_rerank_dialects(client, tiny):
@@ -104,7 +104,7 @@ def test_pooling_and_llama_cpp(client, tiny):
     np.testing.assert_allclose(vec, tiny.embed("hello there")[0], atol=1e-6)
     for task in ("classify", "token_classify"):
         r = client.post("/pooling", json={"input": "x", "task": task})
-        assert r.status_code == 400 and "applicable: embed, token_embed" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "this model answers: embed, token_embed;" in r.json()["error"]["message"]
     assert client.post("/pooling", json={"input": "x", "task": "rank"}).json()["error"]["param"] == "task"
     r = client.post("/embedding", json={"content": ["hello there", "bye"]})
     assert [x["index"] for x in r.json()] == [0, 1]

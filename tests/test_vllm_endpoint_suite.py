@@ -1020,8 +1020,6 @@ def test_pooling_completion_request_batched(embed_server):
 
 
 # pooling/pooling/test_online.py::test_conversation_pooling
-@pytest.mark.xfail(strict=True, reason="/pooling takes no chat `messages`: ours is 400 'invalid request: Object "
-                   "missing required field `input` (at data)'; vLLM embeds the rendered conversation")
 def test_pooling_conversation_pooling(embed_server):
     chat_response = embed_server.post("pooling", {"model": EMBED_MODEL, "messages": MESSAGES,
                                                   "encoding_format": "float"})
@@ -1049,9 +1047,6 @@ def test_pooling_batch_base64_pooling(embed_server):
 
 
 # pooling/pooling/test_online.py::test_base64_embed_dtype_and_endianness
-@pytest.mark.xfail(strict=True, reason="/pooling ignores embed_dtype and endianness: base64 rows are always native "
-                   "float32 (e.g. embed_dtype float16 answers 1536 bytes for a 384-vector); vLLM encodes each row "
-                   "in the asked dtype and byte order, as our /v1/embeddings does")
 def test_pooling_base64_embed_dtype_and_endianness(embed_server):
     input_texts = ["The chef prepared a delicious meal."] * 3
     float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
@@ -1066,8 +1061,6 @@ def test_pooling_base64_embed_dtype_and_endianness(embed_server):
 
 
 # pooling/pooling/test_online.py::test_bytes_embed_dtype_and_endianness
-@pytest.mark.xfail(strict=True, reason="/pooling has no bytes encoding: 400 \"encoding_format 'bytes' is not one "
-                   "of: float, base64\" (our /v1/embeddings has it)")
 def test_pooling_bytes_embed_dtype_and_endianness(embed_server):
     input_texts = ["The chef prepared a delicious meal."] * 3
     float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
@@ -1082,8 +1075,6 @@ def test_pooling_bytes_embed_dtype_and_endianness(embed_server):
 
 
 # pooling/pooling/test_online.py::test_bytes_only_embed_dtype_and_endianness
-@pytest.mark.xfail(strict=True, reason="/pooling has no bytes_only encoding: 400 \"encoding_format 'bytes_only' "
-                   "is not one of: float, base64\" (our /v1/embeddings has it)")
 def test_pooling_bytes_only_embed_dtype_and_endianness(embed_server):
     input_texts = ["The chef prepared a delicious meal."] * 3
     float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
@@ -1099,9 +1090,10 @@ def test_pooling_bytes_only_embed_dtype_and_endianness(embed_server):
 
 
 # pooling/pooling/test_online.py::test_params_not_supported
-@pytest.mark.xfail(strict=True, reason="/pooling: a bad encoding_format is 400 \"encoding_format "
-                   "'bad_encoding_format' is not one of: float, base64\" (no 'literal_error'); a bad embed_dtype or "
-                   "endianness is ignored (200); vLLM answers 400 with pydantic's 'literal_error' for all three")
+@pytest.mark.xfail(strict=True, reason="error wording: ours is 400 naming the value and the valid choices "
+                   "(\"encoding_format 'bad_encoding_format' is not one of: float, base64, bytes, bytes_only\", "
+                   "\"embed_dtype='bad_embed_dtype' is not supported. Supported types: ...\"), without pydantic's "
+                   "'literal_error' that vLLM's contains")
 @pytest.mark.parametrize("param_name", ["encoding_format", "embed_dtype", "endianness"])
 def test_pooling_params_not_supported(embed_server, param_name):
     response = embed_server.post("pooling", {"model": EMBED_MODEL, "input": "The chef prepared a delicious meal.",
@@ -1568,8 +1560,6 @@ def test_classify_add_special_tokens(classify_server, inp):
 
 
 # pooling/classify/test_online.py::test_chat_request
-@pytest.mark.xfail(strict=True, reason="/classify takes no chat `messages`: ours is 400 'invalid request: Object "
-                   "missing required field `input` (at data)'; vLLM renders the conversation with the chat template")
 def test_classify_chat_request(classify_server):
     emb = classify_server.emb
     prompt = render_dummy(MESSAGES)
@@ -1610,9 +1600,6 @@ def test_classify_invocations_completion_request(classify_server):
 
 
 # pooling/classify/test_online.py::test_invocations_chat_request
-@pytest.mark.xfail(strict=True, reason="/classify (and /invocations on a classifier) take no chat `messages`: "
-                   "400 'invalid request: Object missing required field `input` (at data)' ('... `input`' on "
-                   "/invocations)")
 def test_classify_invocations_chat_request(classify_server):
     request_args = {"model": CLASSIFY_MODEL, "messages": MESSAGES}
     classification = classify_server.post("classify", request_args)
