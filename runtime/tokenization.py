@@ -235,7 +235,8 @@ class Tokenizer:
             raise RequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {truncate}", param="truncate_prompt_tokens")
         if truncate > self.max_length:  # as vLLM: an error, not a silent clamp
             raise RequestError(f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len "
-                               f"({self.max_length}); select a smaller truncation size or -1 for the maximum",
+                               f"({self.max_length}). Please request a smaller truncation size. (-1 cuts to the "
+                               "maximum.)",
                                param="truncate_prompt_tokens")
         return truncate
 

@@ -431,6 +431,23 @@ def test_embed_conversation_embedding(embed_server):
     assert {k: v for k, v in chat.items() if k not in strip} == {k: v for k, v in completion.items() if k not in strip}
 
 
+def _same_through_invocations(served, route: str, request_args: dict, field: str, rel: float = 0.01) -> None:
+    """vLLM's /invocations tests: the route's answer and /invocations' for the same body have the same keys, and
+    their rows' ``field`` values agree within ``rel``."""
+    direct = served.post(route, request_args)
+    direct.raise_for_status()
+    invocation = served.post("invocations", request_args)
+    invocation.raise_for_status()
+    direct_output, invocation_output = direct.json(), invocation.json()
+    rows = "results" if "results" in direct_output else "data"
+    assert direct_output.keys() == invocation_output.keys()
+    assert len(direct_output[rows]) == len(invocation_output[rows])
+    for a, b in zip(direct_output[rows], invocation_output[rows]):
+        assert a.keys() == b.keys()
+        assert np.asarray(a[field], dtype=float) == pytest.approx(np.asarray(b[field], dtype=float), rel=rel,
+                                                                  abs=1e-6)
+
+
 # pooling/embed/test_online.py::test_invocations_completion_request
 # (also pooling/openai/test_embedding.py::test_invocations)
 def test_embed_invocations_completion_request(embed_server):
@@ -448,16 +465,8 @@ def test_embed_invocations_completion_request(embed_server):
 # pooling/embed/test_online.py::test_invocations_chat_request
 # (also pooling/openai/test_embedding.py::test_invocations_conversation)
 def test_embed_invocations_chat_request(embed_server):
-    request_args = {"model": EMBED_MODEL, "messages": MESSAGES, "encoding_format": "float"}
-    chat_response = embed_server.post("v1/embeddings", request_args)
-    chat_response.raise_for_status()
-    invocation_response = embed_server.post("invocations", request_args)
-    invocation_response.raise_for_status()
-    chat_output, invocation_output = chat_response.json(), invocation_response.json()
-    assert chat_output.keys() == invocation_output.keys()
-    for chat_data, invocation_data in zip(chat_output["data"], invocation_output["data"]):
-        assert chat_data.keys() == invocation_data.keys()
-        check_embeddings_close([chat_data["embedding"]], [invocation_data["embedding"]])
+    _same_through_invocations(embed_server, "v1/embeddings", {"model": EMBED_MODEL, "messages": MESSAGES,
+                                                              "encoding_format": "float"}, "embedding")
 
 
 # pooling/embed/test_online.py::test_base64_embedding
@@ -474,59 +483,6 @@ def test_embed_base64_embedding(embed_server):
     # the default response is float32 decoded from base64 by the OpenAI client
     responses_default = client.embeddings.create(input=input_texts, model=EMBED_MODEL)
     correctness(emb, input_texts, [d.embedding for d in responses_default.data])
-
-
-# pooling/embed/test_online.py::test_base64_embed_dtype_and_endianness
-# (also pooling/openai/test_embedding.py::test_base64_embed_dtype)
-def test_embed_base64_embed_dtype_and_endianness(embed_server):
-    input_texts = [EMBED_TEXT] * 3
-    responses_float = embed_server.client().embeddings.create(input=input_texts, model=EMBED_MODEL,
-                                                              encoding_format="float")
-    float_data = [d.embedding for d in responses_float.data]
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            responses_base64 = embed_server.post("/v1/embeddings", {
-                "model": EMBED_MODEL, "input": input_texts, "encoding_format": "base64",
-                "embed_dtype": embed_dtype, "endianness": endianness})
-            base64_data = [binary2tensor(base64.b64decode(d["embedding"]), (-1,), embed_dtype, endianness)
-                           .float().tolist() for d in responses_base64.json()["data"]]
-            check_embeddings_close(float_data, base64_data, tol=1e-2)
-
-
-# pooling/embed/test_online.py::test_bytes_embed_dtype_and_endianness
-def test_embed_bytes_embed_dtype_and_endianness(embed_server):
-    input_texts = [EMBED_TEXT] * 3
-    responses_float = embed_server.client().embeddings.create(input=input_texts, model=EMBED_MODEL,
-                                                              encoding_format="float")
-    float_data = [d.embedding for d in responses_float.data]
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            responses_bytes = embed_server.post("/v1/embeddings", {
-                "model": EMBED_MODEL, "input": input_texts, "encoding_format": "bytes",
-                "embed_dtype": embed_dtype, "endianness": endianness})
-            metadata = json.loads(responses_bytes.headers["metadata"])
-            items = [dict(x) for x in metadata["data"]]
-            assert all(set(x) == {"index", "embed_dtype", "endianness", "start", "end", "shape"} for x in items)
-            bytes_data = [x.float().tolist() for x in decode_pooling_output(items, responses_bytes.content)]
-            check_embeddings_close(float_data, bytes_data, tol=1e-2)
-
-
-# pooling/embed/test_online.py::test_bytes_only_embed_dtype_and_endianness
-def test_embed_bytes_only_embed_dtype_and_endianness(embed_server):
-    input_texts = [EMBED_TEXT] * 2
-    responses_float = embed_server.client().embeddings.create(input=input_texts, model=EMBED_MODEL,
-                                                              encoding_format="float")
-    float_data = [d.embedding for d in responses_float.data]
-    embedding_size = len(float_data[0])
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            responses_bytes = embed_server.post("/v1/embeddings", {
-                "model": EMBED_MODEL, "input": input_texts, "encoding_format": "bytes_only",
-                "embed_dtype": embed_dtype, "endianness": endianness})
-            assert "metadata" not in responses_bytes.headers
-            items = build_metadata_items(embed_dtype, endianness, (embedding_size,), len(input_texts))
-            bytes_data = [x.float().tolist() for x in decode_pooling_output(items, responses_bytes.content)]
-            check_embeddings_close(float_data, bytes_data, tol=1e-2)
 
 
 # pooling/embed/test_online.py::test_params_not_supported
@@ -980,6 +936,37 @@ def test_cohere_truncate_start_vs_end_differ(embed_server):
 # the embedding model, whose default /pooling task is `embed`: the row is its pooled 384-vector
 
 
+# pooling/embed/test_online.py::test_base64_embed_dtype_and_endianness (also pooling/openai/test_embedding.py::
+# test_base64_embed_dtype), ::test_bytes_embed_dtype_and_endianness, ::test_bytes_only_embed_dtype_and_endianness,
+# and pooling/pooling/test_online.py's three tests of the same names: one test, per route and encoding
+@pytest.mark.parametrize("encoding_format", ["base64", "bytes", "bytes_only"])
+@pytest.mark.parametrize("route", ["v1/embeddings", "pooling"])
+def test_rows_in_every_embed_dtype_and_endianness(embed_server, route, encoding_format):
+    input_texts = [EMBED_TEXT] * 3
+    field = "embedding" if route == "v1/embeddings" else "data"
+    float_response = embed_server.post(route, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
+    float_data = [d[field] for d in float_response.json()["data"]]
+    for embed_dtype in EMBED_DTYPES:
+        for endianness in ENDIANNESS:
+            response = embed_server.post(route, {"model": EMBED_MODEL, "input": input_texts,
+                                                 "encoding_format": encoding_format, "embed_dtype": embed_dtype,
+                                                 "endianness": endianness})
+            response.raise_for_status()
+            if encoding_format == "base64":
+                decoded = [binary2tensor(base64.b64decode(d[field]), (-1,), embed_dtype, endianness).float().tolist()
+                           for d in response.json()["data"]]
+            else:
+                if encoding_format == "bytes":
+                    items = [dict(x) for x in json.loads(response.headers["metadata"])["data"]]
+                    assert all(set(x) == {"index", "embed_dtype", "endianness", "start", "end", "shape"}
+                               for x in items)
+                else:
+                    assert "metadata" not in response.headers
+                    items = build_metadata_items(embed_dtype, endianness, (len(float_data[0]),), len(input_texts))
+                decoded = [x.float().view(-1).tolist() for x in decode_pooling_output(items, response.content)]
+            check_embeddings_close(float_data, decoded, tol=1e-2)
+
+
 def _pooling_rows(served, body: dict) -> list:
     response = served.post("pooling", body)
     response.raise_for_status()
@@ -1044,49 +1031,6 @@ def test_pooling_batch_base64_pooling(embed_server):
                                         for d in base64_rows])
     default_data = _pooling_rows(embed_server, {"input": input_texts, "model": EMBED_MODEL})
     check_embeddings_close(float_data, default_data)
-
-
-# pooling/pooling/test_online.py::test_base64_embed_dtype_and_endianness
-def test_pooling_base64_embed_dtype_and_endianness(embed_server):
-    input_texts = ["The chef prepared a delicious meal."] * 3
-    float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            rows = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts,
-                                                "encoding_format": "base64", "embed_dtype": embed_dtype,
-                                                "endianness": endianness})
-            base64_data = [binary2tensor(base64.b64decode(d), (-1,), embed_dtype, endianness).float().tolist()
-                           for d in rows]
-            check_embeddings_close(float_data, base64_data, tol=1e-2)
-
-
-# pooling/pooling/test_online.py::test_bytes_embed_dtype_and_endianness
-def test_pooling_bytes_embed_dtype_and_endianness(embed_server):
-    input_texts = ["The chef prepared a delicious meal."] * 3
-    float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            responses_bytes = embed_server.post("pooling", {"model": EMBED_MODEL, "input": input_texts,
-                                                            "encoding_format": "bytes", "embed_dtype": embed_dtype,
-                                                            "endianness": endianness})
-            items = json.loads(responses_bytes.headers["metadata"])["data"]
-            bytes_data = [x.float().view(-1).tolist() for x in decode_pooling_output(items, responses_bytes.content)]
-            check_embeddings_close(float_data, bytes_data, tol=1e-2)
-
-
-# pooling/pooling/test_online.py::test_bytes_only_embed_dtype_and_endianness
-def test_pooling_bytes_only_embed_dtype_and_endianness(embed_server):
-    input_texts = ["The chef prepared a delicious meal."] * 3
-    float_data = _pooling_rows(embed_server, {"model": EMBED_MODEL, "input": input_texts, "encoding_format": "float"})
-    for embed_dtype in EMBED_DTYPES:
-        for endianness in ENDIANNESS:
-            responses_bytes = embed_server.post("pooling", {"model": EMBED_MODEL, "input": input_texts,
-                                                            "encoding_format": "bytes_only",
-                                                            "embed_dtype": embed_dtype, "endianness": endianness})
-            assert "metadata" not in responses_bytes.headers
-            items = build_metadata_items(embed_dtype, endianness, (len(float_data[0]),), len(input_texts))
-            bytes_data = [x.float().view(-1).tolist() for x in decode_pooling_output(items, responses_bytes.content)]
-            check_embeddings_close(float_data, bytes_data, tol=1e-2)
 
 
 # pooling/pooling/test_online.py::test_params_not_supported
@@ -1184,28 +1128,6 @@ _TRUNCATION_REASON = ("; for truncate_prompt_tokens > max_model_len ours says 't
                       "vLLM's '{}'")
 
 
-# pooling/scoring/test_bi_encoder_online.py::test_rerank_api_max_model_len
-def test_bi_encoder_rerank_api_max_model_len(embed_server):
-    response = embed_server.post("rerank", {"model": EMBED_MODEL, "query": too_long(embed_server.emb, RERANK_QUERY, 100),
-                                            "documents": RERANK_DOCS})
-    assert response.status_code == 400
-    assert "Please reduce the length of the input prompt" in response.text
-
-
-# pooling/scoring/test_bi_encoder_online.py::test_score_api_max_model_len
-@pytest.mark.xfail(strict=True, reason=_MAX_LEN_REASON.format("Please reduce the length of the input prompt")
-                   + _TRUNCATION_REASON.format("Please request a smaller truncation size."))
-def test_bi_encoder_score_api_max_model_len(embed_server):
-    queries = too_long(embed_server.emb, RERANK_QUERY, 20)
-    response = embed_server.post("score", {"model": EMBED_MODEL, "queries": queries, "documents": RERANK_DOCS})
-    assert response.status_code == 400
-    assert "Please reduce the length of the input prompt" in response.text
-    response = embed_server.post("score", {"model": EMBED_MODEL, "queries": queries, "documents": RERANK_DOCS,
-                                           "truncate_prompt_tokens": embed_server.max_len + 1})
-    assert response.status_code == 400
-    assert "Please request a smaller truncation size." in response.text
-
-
 # pooling/score/test_online_score.py::TestModel::test_score_max_model_len (its bge-base-en-v1.5 parameter)
 @pytest.mark.xfail(strict=True, reason=_MAX_LEN_REASON.format("Please reduce the length of the input.")
                    + _TRUNCATION_REASON.format("Please, select a smaller truncation size."))
@@ -1220,34 +1142,12 @@ def test_bi_encoder_score_max_model_len_text_1_text_2(embed_server):
     assert "Please, select a smaller truncation size." in response.text
 
 
-# pooling/scoring/test_bi_encoder_online.py::test_invocations
-def test_bi_encoder_invocations(embed_server):
-    request_args = {"model": EMBED_MODEL, "query": RERANK_QUERY, "documents": RERANK_DOCS}
-    rerank = embed_server.post("rerank", request_args)
-    rerank.raise_for_status()
-    invocation = embed_server.post("invocations", request_args)
-    invocation.raise_for_status()
-    rerank_output, invocation_output = rerank.json(), invocation.json()
-    assert rerank_output.keys() == invocation_output.keys()
-    for a, b in zip(rerank_output["results"], invocation_output["results"]):
-        assert a.keys() == b.keys()
-        assert a["relevance_score"] == pytest.approx(b["relevance_score"], rel=0.01)
-
-
 # pooling/score/test_online_score.py::TestModel::test_invocations (both parameters: bi-encoder and cross-encoder)
 @pytest.mark.parametrize("server", ["embed_server", "rerank_server"])
 def test_score_invocations_text_1_text_2(request, server):
     served = request.getfixturevalue(server)
-    request_args = {"model": served.model, "text_1": RERANK_QUERY, "text_2": TEXTS_2[0]}
-    score = served.post("score", request_args)
-    score.raise_for_status()
-    invocation = served.post("invocations", request_args)
-    invocation.raise_for_status()
-    score_output, invocation_output = score.json(), invocation.json()
-    assert score_output.keys() == invocation_output.keys()
-    for a, b in zip(score_output["data"], invocation_output["data"]):
-        assert a.keys() == b.keys()
-        assert a["score"] == pytest.approx(b["score"], rel=0.05)
+    _same_through_invocations(served, "score", {"model": served.model, "text_1": RERANK_QUERY, "text_2": TEXTS_2[0]},
+                              "score", rel=0.05)
 
 
 # pooling/score/test_online_score.py::TestModel::test_use_activation (its bge-base-en-v1.5 parameter)
@@ -1316,14 +1216,6 @@ def test_cross_encoder_rerank_api_top_n(rerank_server):
         assert result["index"] == index and result["relevance_score"] == pytest.approx(score, rel=0.01)
 
 
-# pooling/scoring/test_cross_encoder_online.py::test_rerank_api_max_model_len
-def test_cross_encoder_rerank_api_max_model_len(rerank_server):
-    response = rerank_server.post("rerank", {"model": RERANK_MODEL, "query": RERANK_QUERY * 100,
-                                             "documents": RERANK_DOCS})
-    assert response.status_code == 400
-    assert "Please reduce the length of the input prompt" in response.text
-
-
 # pooling/score/test_online_rerank.py::test_rerank_max_model_len (also pooling/openai/test_rerank.py)
 @pytest.mark.xfail(strict=True, reason=_MAX_LEN_REASON.format("Please reduce the length of the input."))
 def test_cross_encoder_rerank_max_model_len_older_message(rerank_server):
@@ -1333,33 +1225,40 @@ def test_cross_encoder_rerank_max_model_len_older_message(rerank_server):
     assert "Please reduce the length of the input." in response.text
 
 
-# pooling/scoring/test_cross_encoder_online.py::test_score_api_max_model_len
-@pytest.mark.xfail(strict=True, reason=_MAX_LEN_REASON.format("Please reduce the length of the input prompt")
-                   + _TRUNCATION_REASON.format("Please request a smaller truncation size."))
-def test_cross_encoder_score_api_max_model_len(rerank_server):
-    queries = too_long(rerank_server.emb, RERANK_QUERY, 20)
-    response = rerank_server.post("score", {"model": RERANK_MODEL, "queries": queries, "documents": RERANK_DOCS})
+# pooling/scoring/test_bi_encoder_online.py and test_cross_encoder_online.py, each with its model: the same three
+# tests (test_rerank_api_max_model_len, test_score_api_max_model_len, test_invocations; the last also in
+# pooling/score/test_online_rerank.py and pooling/openai/test_rerank.py)
+_SCORING_SERVERS = ("embed_server", "rerank_server")
+
+
+@pytest.mark.parametrize("server", _SCORING_SERVERS)
+def test_scoring_rerank_api_max_model_len(request, server):
+    served = request.getfixturevalue(server)
+    response = served.post("rerank", {"model": served.model, "query": RERANK_QUERY * 100,
+                                      "documents": RERANK_DOCS})
     assert response.status_code == 400
     assert "Please reduce the length of the input prompt" in response.text
-    response = rerank_server.post("score", {"model": RERANK_MODEL, "queries": queries, "documents": RERANK_DOCS,
-                                            "truncate_prompt_tokens": rerank_server.max_len + 1})
+
+
+@pytest.mark.parametrize("server", _SCORING_SERVERS)
+def test_scoring_score_api_max_model_len(request, server):
+    served = request.getfixturevalue(server)
+    queries = too_long(served.emb, RERANK_QUERY, 20)
+    model = served.model
+    response = served.post("score", {"model": model, "queries": queries, "documents": RERANK_DOCS})
+    assert response.status_code == 400
+    assert "Please reduce the length of the input prompt" in response.text
+    response = served.post("score", {"model": model, "queries": queries, "documents": RERANK_DOCS,
+                                     "truncate_prompt_tokens": served.max_len + 1})
     assert response.status_code == 400
     assert "Please request a smaller truncation size." in response.text
 
 
-# pooling/scoring/test_cross_encoder_online.py::test_invocations
-# (also pooling/score/test_online_rerank.py::test_invocations, pooling/openai/test_rerank.py::test_invocations)
-def test_cross_encoder_invocations(rerank_server):
-    request_args = {"model": RERANK_MODEL, "query": RERANK_QUERY, "documents": RERANK_DOCS}
-    rerank = rerank_server.post("rerank", request_args)
-    rerank.raise_for_status()
-    invocation = rerank_server.post("invocations", request_args)
-    invocation.raise_for_status()
-    rerank_output, invocation_output = rerank.json(), invocation.json()
-    assert rerank_output.keys() == invocation_output.keys()
-    for a, b in zip(rerank_output["results"], invocation_output["results"]):
-        assert a.keys() == b.keys()
-        assert a["relevance_score"] == pytest.approx(b["relevance_score"], rel=0.01)
+@pytest.mark.parametrize("server", _SCORING_SERVERS)
+def test_scoring_invocations(request, server):
+    served = request.getfixturevalue(server)
+    _same_through_invocations(served, "rerank", {"model": served.model, "query": RERANK_QUERY,
+                                                 "documents": RERANK_DOCS}, "relevance_score")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -1587,29 +1486,12 @@ def test_classify_chat_request(classify_server):
 # pooling/classify/test_online.py::test_invocations_completion_request
 # (also pooling/openai/test_classification.py::test_invocations)
 def test_classify_invocations_completion_request(classify_server):
-    request_args = {"model": CLASSIFY_MODEL, "input": CLASSIFY_TEXT}
-    classification = classify_server.post("classify", request_args)
-    classification.raise_for_status()
-    invocation = classify_server.post("invocations", request_args)
-    invocation.raise_for_status()
-    classification_output, invocation_output = classification.json(), invocation.json()
-    assert classification_output.keys() == invocation_output.keys()
-    for a, b in zip(classification_output["data"], invocation_output["data"]):
-        assert a.keys() == b.keys()
-        assert a["probs"] == pytest.approx(b["probs"], rel=0.01)
+    _same_through_invocations(classify_server, "classify", {"model": CLASSIFY_MODEL, "input": CLASSIFY_TEXT}, "probs")
 
 
 # pooling/classify/test_online.py::test_invocations_chat_request
 def test_classify_invocations_chat_request(classify_server):
-    request_args = {"model": CLASSIFY_MODEL, "messages": MESSAGES}
-    classification = classify_server.post("classify", request_args)
-    classification.raise_for_status()
-    invocation = classify_server.post("invocations", request_args)
-    invocation.raise_for_status()
-    assert classification.json().keys() == invocation.json().keys()
-    for a, b in zip(classification.json()["data"], invocation.json()["data"]):
-        assert a.keys() == b.keys()
-        assert a["probs"] == pytest.approx(b["probs"], rel=0.01)
+    _same_through_invocations(classify_server, "classify", {"model": CLASSIFY_MODEL, "messages": MESSAGES}, "probs")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
