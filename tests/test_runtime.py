@@ -288,7 +288,7 @@ def test_chat_messages_render_with_the_artifacts_template(tiny_decoder_artifact,
     assert emb.render_chat(messages, continue_final_message=True).endswith("<|user|>What is ONNX?")
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "ONNX?"}]}]
     assert emb.render_chat(parts) == "<|user|>What is ONNX?</s>\n"
-    with pytest.raises(RequestError, match="cannot both"):
+    with pytest.raises(RequestError, match="Cannot set both"):
         emb.render_chat(messages, add_generation_prompt=True, continue_final_message=True)
     with pytest.raises(RequestError, match="role"):
         emb.render_chat([{"content": "no role"}])
