@@ -178,6 +178,11 @@ class Embedder:
         return self.head.pairs
 
     @property
+    def text_classifier(self) -> bool:
+        """It labels inputs and scores no pairs (a model with several labels; a one-label cross-encoder scores)."""
+        return "classify" in self.tasks and "score" not in self.tasks
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         """The task table's entries this artifact answers (its manifest's head says which)."""
         return tuple(self.head.tasks)

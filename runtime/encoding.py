@@ -17,18 +17,12 @@ import numpy as np
 
 from toolkit.errors import RequestError
 
-__all__ = ["EMBED_DTYPES", "ENCODING_FORMATS", "ENDIANNESS", "dtype_width", "pack_bits", "quantize", "to_base64",
+__all__ = ["EMBED_DTYPES", "ENCODING_FORMATS", "ENDIANNESS", "pack_bits", "pack_rows", "quantize", "to_base64",
            "to_bytes", "to_dtype", "to_fp8"]
 
 EMBED_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 ENDIANNESS = ("native", "little", "big")
 ENCODING_FORMATS = ("float", "base64", "bytes", "bytes_only")
-_WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1}
-
-
-def dtype_width(embed_dtype: str) -> int:
-    """Bytes per component of ``embed_dtype``."""
-    return _WIDTH[embed_dtype]
 
 
 def _fp8_grid(man_bits: int, bias: int, finite_codes: int) -> np.ndarray:

@@ -213,17 +213,17 @@ def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = Tru
     paired = [i for i, x in enumerate(listed) if is_pair(x)]
     if not paired:
         items = emb.tokenize_inputs(inputs, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
-    else:
+    else:  # texts and pairs tokenized apart, put back in input order
+        single = [i for i, x in enumerate(listed) if not is_pair(x)]
         items = [None] * len(listed)
-        single = [i for i in range(len(listed)) if i not in set(paired)]
         if single:
-            texts = [listed[i] for i in single]
-            for i, item in zip(single, emb.tokenize_inputs(texts, truncate_prompt_tokens=truncate_prompt_tokens,
-                                                           **tokenize)):
+            texts = emb.tokenize_inputs([listed[i] for i in single], truncate_prompt_tokens=truncate_prompt_tokens,
+                                        **tokenize)
+            for i, item in zip(single, texts):
                 items[i] = item
-        encoded = tokenize_pairs(emb, [listed[i][0] for i in paired], [listed[i][1] for i in paired],
-                                 truncate_prompt_tokens=truncate_prompt_tokens)
-        for i, item in zip(paired, encoded):
+        pairs = tokenize_pairs(emb, [listed[i][0] for i in paired], [listed[i][1] for i in paired],
+                               truncate_prompt_tokens=truncate_prompt_tokens)
+        for i, item in zip(paired, pairs):
             items[i] = item
 
     def reduce(rows):

@@ -75,7 +75,7 @@ async def embeddings_or_classify(request: Request, data: OpenAIEmbeddingRequest)
     """/invocations' ``input``: embeddings, or on a text classifier (no embeddings) vLLM's classification, as
     vLLM dispatches by the served model's task."""
     served = request.app.state.registry.get(data.model)
-    if "embed" not in served.embedder.tasks and "classify" in served.embedder.tasks:
+    if served.embedder.text_classifier:
         body = {k: v for k, v in msgspec.to_builtins(data).items()
                 if k in ClassifyRequest.__struct_fields__ and v is not None}
         return await create_classification(request, convert_body(body, ClassifyRequest))
@@ -159,8 +159,9 @@ async def tei_root(request: Request) -> Response:
         return await tei_rerank(request, convert_body(body, TEIRerankRequest))
     if isinstance(body.get("inputs"), dict):
         return await tei_similarity(request, convert_body(body, TEISimilarityRequest))
-    tasks = request.app.state.registry.get(body.get("model")).embedder.tasks
-    if "classify" in tasks and "score" not in tasks:  # a text classifier: TEI's /predict (a reranker's / ranks)
+    emb = request.app.state.registry.get(body.get("model")).embedder
+    tasks = emb.tasks
+    if emb.text_classifier:  # TEI's /predict (a reranker's / ranks)
         return await tei_predict(request, convert_body(body, TEIPredictRequest))
     if "embed" in tasks:
         return await tei_embed(request, convert_body(body, TEIEmbedRequest))

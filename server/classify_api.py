@@ -84,7 +84,7 @@ async def tei_predict(request: Request, data: TEIPredictRequest) -> Response:
     emb, options = served.embedder, request.app.state.options
     if "classify" not in emb.tasks:
         raise ModelKindError(f"Backend error: Model is not a classifier model (this is a {emb.kind} "
-                                  f"artifact; it answers {', '.join(emb.tasks)})", param="inputs")
+                             f"artifact; it answers {', '.join(emb.tasks)})", param="inputs")
     items, batch = predict_inputs(data.inputs)
     check_limits(len(items), options, param="inputs")
     params = data.parameters

@@ -124,8 +124,7 @@ async def _ranking(request: Request, model: str | None, query: str, documents: l
                                                 truncate_prompt_tokens=doc_tokens,
                                                 query_truncate_prompt_tokens=query_tokens, truncation_side=side,
                                                 timings=timings, max_tokens=options.max_request_tokens,
-                                                **({"max_tokens_per_doc": max_tokens_per_doc}
-                                                   if max_tokens_per_doc is not None else {}))
+                                                max_tokens_per_doc=max_tokens_per_doc)
     return served, ranked, tokens
 
 
@@ -141,11 +140,11 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
             raise RequestError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
         doc_cap = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
     per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
-    if doc_cap is not None:
-        if served.embedder.cross_encoder:  # the document is cut, then the pair fits the model's window
-            per_doc = -1 if per_doc is None else per_doc
-        else:  # each side is embedded alone: the document's own limit
-            per_doc, doc_cap = doc_cap if per_doc in (None, -1) else min(per_doc, doc_cap), None
+    if doc_cap is not None and not served.embedder.cross_encoder:  # each side embedded alone: the document's limit
+        per_doc = doc_cap if per_doc in (None, -1) else min(per_doc, doc_cap)
+        doc_cap = None
+    elif doc_cap is not None and per_doc is None:  # a cross-encoder: the document is cut, then the pair to the window
+        per_doc = -1
     activation = next((v for v in (data.activation, data.use_activation) if v is not None), None)
     served, ranked, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
                                             data.truncate_prompt_tokens, timings=timings, top_n=data.top_n,
@@ -167,7 +166,7 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
 async def tei_rerank(request: Request, data: TEIRerankRequest) -> Response[list[TEIRank]]:
     request.state.dialect = "tei"
     emb = request.app.state.registry.get(data.model).embedder
-    if "classify" in emb.tasks and "score" not in emb.tasks:  # an embedding artifact ranks by cosine (ours)
+    if emb.text_classifier:  # TEI refuses every non-reranker; an embedding artifact ranks by cosine here (ours)
         raise ModelKindError(f"Backend error: model is not a re-ranker model (this is a {emb.kind} artifact; it "
                              f"answers {', '.join(emb.tasks)})", param="query")
     started, timings = time.perf_counter(), Timings()

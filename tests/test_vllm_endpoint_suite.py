@@ -1264,6 +1264,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
 
 
+def _assert_sigmoid_activation(get_outputs) -> None:
+    """vLLM's use_activation checks: the default applies the activation, False gives the logits, sigmoid(logits)
+    is the default."""
+    default, w_activation, wo_activation = get_outputs(None), get_outputs(True), get_outputs(False)
+    assert np.allclose(default, w_activation, atol=1e-2), "Default should use activation."
+    assert not np.allclose(w_activation, wo_activation, atol=1e-2), "wo_activation should not use activation."
+    assert np.allclose(_sigmoid(wo_activation), w_activation, atol=1e-2)
+
+
 # pooling/scoring/test_cross_encoder_online.py::test_use_activation
 # (also pooling/score/test_online_rerank.py::test_use_activation; pooling/openai/test_rerank.py::test_activation
 #  sends the older name `activation`)
@@ -1274,10 +1283,7 @@ def test_cross_encoder_rerank_use_activation(rerank_server, field):
                                                  "documents": RERANK_DOCS, field: value})
         return np.array([x["relevance_score"] for x in response.json()["results"]])
 
-    default, w_activation, wo_activation = get_outputs(None), get_outputs(True), get_outputs(False)
-    assert np.allclose(default, w_activation, atol=1e-2), "Default should use activation."
-    assert not np.allclose(w_activation, wo_activation, atol=1e-2), "wo_activation should not use activation."
-    assert np.allclose(_sigmoid(wo_activation), w_activation, atol=1e-2)
+    _assert_sigmoid_activation(get_outputs)
 
 
 # pooling/score/test_online_score.py::TestModel::test_use_activation (its bge-reranker-v2-m3 parameter)
@@ -1287,10 +1293,7 @@ def test_cross_encoder_score_use_activation(rerank_server):
                                                 "text_2": TEXTS_2[0], "use_activation": use_activation})
         return np.array([x["score"] for x in response.json()["data"]])
 
-    default, w_activation, wo_activation = get_outputs(None), get_outputs(True), get_outputs(False)
-    assert np.allclose(default, w_activation, atol=1e-2), "Default should use activation."
-    assert not np.allclose(w_activation, wo_activation, atol=1e-2), "wo_activation should not use activation."
-    assert np.allclose(_sigmoid(wo_activation), w_activation, atol=1e-2)
+    _assert_sigmoid_activation(get_outputs)
 
 
 # pooling/scoring/test_cross_encoder_online.py::test_pooling_classify
