@@ -42,6 +42,7 @@ class ArchSpec:
     bidirectional_mask: bool = False
     converted: bool = False  # not in the registry: a causal LM exported by the generic decoder path
     remote_code: bool = False  # the model's own modeling code (config auto_map), run with --trust-remote-code
+    vision_language: bool = False  # a vision-language model: a vision graph and a language graph (export.vision_language)
 
     @property
     def padding_side(self) -> PaddingSide:
@@ -81,6 +82,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # without an attention mask (as its processor feeds it).
         ArchSpec("clip", image_tower=True, pooling=Pooling.EOS, image_resize="shortest_edge", image_class_token=True),
         ArchSpec("siglip", image_tower=True, pooling=Pooling.LAST_TOKEN, text_inputs=("input_ids",)),
+        # vision-language embedders (GME, DSE): the last token's state of Qwen2-VL's language model, normalized,
+        # as their authors and vLLM pool them; the vision tower runs once per image (export.vision_language)
+        ArchSpec("qwen2_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
+                 text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds")),
     )
 }
 

@@ -28,7 +28,7 @@ from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
 from toolkit.manifest import HeadSpec
 
-__all__ = ["ClassifierHead", "DenseHead", "Head", "LabelsHead", "M3Head", "SparseHead", "TowerHead",
+__all__ = ["ClassifierHead", "DenseHead", "Head", "LabelsHead", "M3Head", "SparseHead", "TowerHead", "VisionLanguageHead",
            "cross_encoder_activation", "head_for", "label_names", "num_labels", "pipeline_activation"]
 
 
@@ -51,6 +51,8 @@ class Head(ABC):
     pairs: bool = False  # inputs are (query, document) pairs
     parity_metric: str = "cosine"  # "cosine" (vectors) or "abs" (scores: max absolute difference)
     image_tower: bool = False  # an image tower is exported beside the text graph (export.towers)
+    vision_language: bool = False  # a vision graph beside a language graph (export.vision_language)
+    modalities: tuple[str, ...] = ("text",)  # what the artifact reads (the runtime opens an encoder for each)
     # what the manifest records (toolkit.manifest.HeadSpec): the runtime reads these, never the outputs' names
     label: str
     tasks: tuple[str, ...]  # entries of the runtime's task table (toolkit.runtime.tasks)
@@ -60,7 +62,7 @@ class Head(ABC):
     def spec(self) -> HeadSpec:
         """The manifest's description of this head."""
         return HeadSpec(name=self.name, label=self.label, tasks=list(self.tasks), token_output=self.token_output,
-                        token_offset=self.token_offset, pairs=self.pairs, modalities=["text", "image"] if self.image_tower else ["text"])
+                        token_offset=self.token_offset, pairs=self.pairs, modalities=list(self.modalities))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the graph calls as its encoder (the loaded model itself, unless a head says otherwise)."""
@@ -253,6 +255,7 @@ class TowerHead(Head):
     calibrated_range = True
     st_reference = False  # checked against the model's own tokenizer + get_text_features instead
     image_tower = True
+    modalities = ("text", "image")
 
     def outputs(self, card: ModelCard) -> list[str]:
         return ["sentence_embedding", "sentence_embedding_raw"]
@@ -275,6 +278,28 @@ class TowerHead(Head):
                 "max_seq_len": length if fixed else min(int(fields.get("max_seq_len") or length), length),
                 "matryoshka_dims": [],
                 "matryoshka_any": False}
+
+
+class VisionLanguageHead(DenseHead):
+    """Vision-language embedders (Qwen2-VL: GME, DSE): the dense head's last-token pooling, Matryoshka slices and
+    normalization on the language model's states, over prompts that hold images; exported as two graphs
+    (``export.vision_language``), verified against transformers with its own image processor."""
+
+    name = "vision_language"
+    label = "vision-language embedding"
+    tasks = ("embed", "score")
+    token_output = None
+    auto_class = "AutoModelForImageTextToText"
+    optimizable = False
+    compact_table = False
+    dense_layers = False
+    calibrated_range = False
+    st_reference = False
+    vision_language = True
+    modalities = ("text", "image", "multimodal")  # a text, an image, or both in one item
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 0)
 
 
 class TextFeatures(torch.nn.Module):
@@ -347,13 +372,16 @@ def pool(pooling: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 _DENSE, _SPARSE, _CLASSIFIER, _LABELS, _TOWERS = DenseHead(), SparseHead(), ClassifierHead(), LabelsHead(), TowerHead()
+_VISION_LANGUAGE = VisionLanguageHead()
 
 
-def head_for(pooling: Pooling, *, image_tower: bool = False, labels: int = 1) -> Head:
-    """The head a card's pooling calls for (two-tower architectures have their own; ``rank`` with more than one
-    label is a text classifier)."""
+def head_for(pooling: Pooling, *, image_tower: bool = False, vision_language: bool = False, labels: int = 1) -> Head:
+    """The head a card's pooling calls for (two-tower and vision-language architectures have their own; ``rank``
+    with more than one label is a text classifier)."""
     if image_tower:
         return _TOWERS
+    if vision_language:
+        return _VISION_LANGUAGE
     match pooling:
         case Pooling.CLS | Pooling.MEAN | Pooling.LAST_TOKEN:
             return _DENSE

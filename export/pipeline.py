@@ -121,6 +121,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         resolved = resolve_model(model, options)
     precision, target = _check_precision(resolved, options)
     out = Path(options.output) if options.output else default_output(resolved.card.name, precision)
+    if resolved.head.vision_language:
+        return _export_vision_language(resolved, options, out, step, started)
     with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
         tmp = Path(tmp_name)
         with step(f"Loading {resolved.arch.model_type} in PyTorch"):
@@ -178,6 +180,47 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
 
 
+def _export_vision_language(resolved: ResolvedModel, options: ExportOptions, out: Path, step: StepReporter,
+                            started: float) -> ExportResult:
+    """A vision-language embedder: its language graph as the artifact and its vision graph beside it
+    (``export.vision_language``), verified on text, image and text + image items against transformers."""
+    from toolkit.export.vision_language import (
+        export_vision_language_graphs,
+        load_vision_language,
+        vision_language_parity,
+        vision_language_spec,
+    )
+    from toolkit.runtime.embedder import Embedder
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        with step(f"Loading {resolved.arch.model_type} in PyTorch"):
+            model = load_vision_language(resolved)
+            tokenizer = Tokenizer(resolved.files.tokenizer_json, max_length=resolved.card.max_seq_len or 512)
+            pad_id = _pad_id(tokenizer, resolved)
+            spec = vision_language_spec(resolved, tokenizer)
+        with step("Exporting the vision and language graphs (torch.onnx, dynamo)"):
+            language, vision = export_vision_language_graphs(model, resolved, spec, opset=options.opset, tmp=tmp)
+        manifest = msgspec.structs.replace(_manifest(resolved, options, language, tokenizer, pad_id, {}),
+                                           vision_language=spec, hidden_size=spec.hidden_size)
+        candidate = _write(language, vision, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
+        report, warnings = manifest.parity, []
+        if options.skip_parity:
+            warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
+        else:
+            with step("Verifying parity against transformers (text, image and text + image items)"):
+                report = vision_language_parity(Embedder(candidate, device="cpu"), resolved, model, "fp32")
+            if not report.passed:
+                raise _parity_error(report)
+        manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings,
+                                           vision_language=msgspec.structs.replace(spec, parity=report))
+        del model
+        _release_memory()
+        with step(f"Writing {out.name} and {image_tower_path(out).name}"):
+            _write(language, vision, out, manifest, resolved)
+    return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
+
+
 def _release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise: measured ~1 GiB retained
     after the parity step of a 2 GB model), so the write's copy of the weights lands on a smaller peak."""
@@ -207,6 +250,8 @@ def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[P
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
     if precision == Precision.INT8 and resolved.head.pairs:
         raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
+    if precision != Precision.FP32 and resolved.head.vision_language:
+        raise ExportError("vision-language models export in fp32 only for now (int8 and fp16 are not offered yet)")
     if precision == Precision.INT8 and resolved.head.image_tower:
         raise ExportError("int8 is not offered for CLIP / SigLIP yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and target == Target.CPU:

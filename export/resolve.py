@@ -221,7 +221,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("instruction_end_tokens") and Pooling(merged["pooling"]) != Pooling.MEAN:
         raise ConfigError("instruction_end_tokens (skip the instruction when pooling) needs mean pooling, got "
                           f"{Pooling(merged['pooling']).value}")
-    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower, labels=num_labels(config))
+    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower, vision_language=arch.vision_language,
+                    labels=num_labels(config))
     m3 = next((d for d in (transformer_dir, model_dir) if all((d / f).is_file() for f in M3Head.FILES)), None)
     if m3 is not None and head.name == "dense":  # FlagEmbedding's layout: BGE-M3's sparse and ColBERT layers too
         head = M3Head(m3)
@@ -255,5 +256,6 @@ def _tokenizer_inputs(folder: Path, trust_remote_code: bool) -> tuple[str, ...]:
 
 
 def _config_max_len(config: dict, arch: ArchSpec) -> int:
-    value = int(config.get("max_position_embeddings") or 512) - arch.position_offset
+    text = config.get("text_config") or {}  # vision-language configs keep the language model's facts there
+    value = int(config.get("max_position_embeddings") or text.get("max_position_embeddings") or 512) - arch.position_offset
     return min(value, 8192)

@@ -118,15 +118,17 @@ def _check(messages: Sequence[Any]) -> list[dict]:
 
 def render_chat(template: str | None, messages: Sequence[Any], *, special_tokens: Mapping[str, str],
                 add_generation_prompt: bool = False, continue_final_message: bool = False,
-                chat_template_kwargs: Mapping[str, Any] | None = None, model: str = "this model") -> str:
-    """The prompt text for one conversation."""
+                chat_template_kwargs: Mapping[str, Any] | None = None, model: str = "this model",
+                keep_parts: bool = False) -> str:
+    """The prompt text for one conversation (``keep_parts``: the messages' content parts go to the template as
+    they are, images included, for a caller that built them itself: a vision-language prompt)."""
     if not template:
         raise RequestError(f"model '{model}' has no chat template: send `input`, or give `chat_template`", param="messages")
     if add_generation_prompt and continue_final_message:
         raise RequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                            param="continue_final_message")
     compiled = _compile(template)
-    conversation = _check(messages)
+    conversation = list(messages) if keep_parts else _check(messages)
     from jinja2 import TemplateError
 
     variables = {**special_tokens, **(chat_template_kwargs or {})}

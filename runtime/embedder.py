@@ -237,8 +237,10 @@ class Embedder:
         The next batch decodes while this one runs; no more than two batches of pixels are held at once (the
         table's ``embed_images`` decodes all first: the batcher needs every input before it can plan).
         """
-        plan = self.plan_output(dimensions, normalize, modality="image")
         images_in = self.encoder("image")
+        if hasattr(images_in, "model_inputs"):  # a vision-language encoder: its own prompts around each image
+            return self.perform("embed_images", images, dimensions=dimensions, normalize=normalize)
+        plan = self.plan_output(dimensions, normalize, modality="image")
         sources = as_image_list(images)
         step = self.options.max_batch_size
         rows: list[np.ndarray] = []

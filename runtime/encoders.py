@@ -141,7 +141,14 @@ def by_modality(items: Sequence, modality=modality_of) -> dict[str, list[int]]:
 
 
 def open_encoders(emb: Embedder, path: Path) -> dict[str, Encoder]:
-    """The artifact's encoders, one per modality its manifest lists; ConfigError for one this toolkit lacks."""
+    """The artifact's encoders, one per modality its manifest lists; ConfigError for one this toolkit lacks. A
+    vision-language artifact has one encoder for all its modalities (texts, images and items with both go
+    through the same two graphs)."""
+    if emb.manifest.vision_language is not None:
+        from toolkit.runtime.vision_language import VisionLanguageEncoder
+
+        shared = VisionLanguageEncoder(emb, path)
+        return {modality: shared for modality in emb.head.modalities}
     unknown = [m for m in emb.head.modalities if m not in ENCODERS]
     if unknown:
         raise ConfigError(f"{path}: modality {', '.join(unknown)} is not one this toolkit reads "

@@ -28,7 +28,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl"]
+__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,3 +116,15 @@ def mrope_positions(is_image: Sequence[bool], grids: Sequence[Sequence[int]], me
         at = end
     delta = int(positions.max()) + 1 - len(flags) if len(flags) else 0
     return positions, delta
+
+
+def vision_positions(grid_thw: Sequence[int], merge_size: int) -> np.ndarray:
+    """(patches, 2) int64 (row, column) of each patch in the order ``preprocess_qwen_vl`` lays them out (merge
+    blocks first): what the vision graph's 2-D rotary embedding reads, as transformers' get_vision_position_ids."""
+    t, h, w = grid_thw
+    m = merge_size
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    order = (h // m, m, w // m, m)
+    rows = rows.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
+    cols = cols.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int64)

@@ -124,8 +124,23 @@ def _tokens(items) -> int:
 # ---------------------------------------------------------------- embed (text)
 def prepare_embed(emb: Embedder, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
                   any_size: bool = False, **tokenize) -> Prepared:
+    own = own_inputs(emb, "text", inputs, dimensions=dimensions, normalize=normalize, any_size=any_size, **tokenize)
+    if own is not None:
+        return own
     plan = plan_output(emb, dimensions, normalize, any_size=any_size)
     return embed_items(emb, emb.tokenize_inputs(inputs, **tokenize), plan)
+
+
+def own_inputs(emb: Embedder, modality: str, inputs, **params) -> Prepared | None:
+    """The embedding of ``inputs`` where ``modality``'s encoder builds its own model inputs from raw items (a
+    vision-language encoder renders prompts around texts and images itself); None where it does not."""
+    encoder = emb.encoders.get(modality)
+    build = getattr(encoder, "model_inputs", None)
+    if build is None:
+        return None
+    items, plan = build(inputs, **params)
+    return Prepared([Run(items, plan.output, encoder.modality)], lambda rows: finish(np.stack(rows[0]), plan),
+                    tokens=_tokens(items))
 
 
 def embed_items(emb: Embedder, items: list, plan) -> Prepared:
@@ -139,6 +154,9 @@ def embed_items(emb: Embedder, items: list, plan) -> Prepared:
 
 # ---------------------------------------------------------------- embed_images (two-tower artifacts)
 def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
+    own = own_inputs(emb, "image", as_image_list(images), dimensions=dimensions, normalize=normalize)
+    if own is not None:
+        return own
     plan = emb.plan_output(dimensions, normalize, modality="image")
     pixels = emb.load_images(images)
     return Prepared([Run(pixels, plan.output, "image")], lambda rows: finish(np.stack(rows[0]), plan),
@@ -151,6 +169,11 @@ def prepare_mixed(emb: Embedder, inputs: list, *, modality=modality_of, dimensio
     task (``embed_task``), rows back in input order; an image counts the positions its tower reads as tokens.
     ``modality`` tells an input's modality (default: whichever encoder accepts it, ``modality_of``)."""
     groups = by_modality(inputs, modality)
+    shared = {id(emb.encoders.get(name)) for name in groups}
+    if len(shared) == 1:  # one encoder reads every modality here: one run where it builds its own (vision-language)
+        own = own_inputs(emb, next(iter(groups)), inputs, dimensions=dimensions, normalize=normalize, **tokenize)
+        if own is not None:
+            return own
     if set(groups) <= {"text"}:
         return prepare_embed(emb, inputs, dimensions=dimensions, normalize=normalize, **tokenize)
     parts = [(at, embed_task(name).prepare(emb, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize,

@@ -160,7 +160,7 @@ class CohereController(Controller):
         meta = CohereEmbedMeta(api_version=CohereApiVersion("2"), billed_units=billed,
                                tokens=CohereTokens(input_tokens=tokens - image_tokens))
         body = CohereEmbedResponse(id=str(uuid.uuid4()), embeddings=embeddings, response_type="embeddings_by_type",
-                                   meta=meta, texts=UNSET if images else items)
+                                   meta=meta, texts=items if all(isinstance(x, str) for x in items) else UNSET)
         if images:  # Cohere's image metadata: the images as they came
             body.images = [CohereImage(width=p.width, height=p.height, format=p.format, bit_depth=8) for p in images]
         return Response(body, headers=timing_headers(timings, started))

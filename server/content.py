@@ -2,7 +2,8 @@
 modality: the dialects only parse (texts stay ``str``, images become ``ImageRef``); ``admit_content`` checks
 each input's modality against the artifact's encoders and resolves what must be fetched.
 
-Accepted shapes (for CLIP / SigLIP each item is a text OR an image; an item with both is a 400 that says so):
+Accepted shapes (an item with text and images, or several images, is a ``Multimodal`` item: vision-language
+artifacts embed it as one; for CLIP / SigLIP, which read a text OR an image per item, it is a 400 that says so):
 
 - vLLM's chat-style ``messages``: content parts ``{"type": "image_url", "image_url": {"url": ...}}`` and
   ``{"type": "text", "text": ...}`` - the whole conversation is one item;
@@ -18,6 +19,7 @@ from typing import Any
 from toolkit.errors import RequestError
 from toolkit.runtime.encoders import declared_modality
 from toolkit.runtime.images import ImageRef
+from toolkit.runtime.vision_language import Multimodal
 from toolkit.server.images import fetch_images
 from toolkit.settings import ServerOptions
 
@@ -40,8 +42,8 @@ def image_url(part: Any, where: str) -> str:
     return value
 
 
-def content_item(parts: list, where: str) -> str | ImageRef:
-    """Text parts joined by a space, or the one image; both kinds at once, or two images, is a 400."""
+def content_item(parts: list, where: str) -> str | ImageRef | Multimodal:
+    """Text parts joined by a space, or the one image, or a ``Multimodal`` item of the images and the text."""
     texts: list[str] = []
     images: list[str] = []
     for part in parts:
@@ -53,11 +55,8 @@ def content_item(parts: list, where: str) -> str | ImageRef:
         else:
             raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
                                "{'type': 'image_url', 'image_url': {'url': ...}}", param="input")
-    if texts and images:
-        raise RequestError(f"{where} mixes text and an image: this model embeds a text or an image per item "
-                           "(send them as separate items)", param="input")
-    if len(images) > 1:
-        raise RequestError(f"{where} has {len(images)} images: one image per item", param="input")
+    if (texts and images) or len(images) > 1:
+        return Multimodal(" ".join(texts) or None, [ImageRef(u) for u in images])
     if images:
         return ImageRef(images[0])
     if not texts:
@@ -92,7 +91,7 @@ def messages_are_content(messages: list, embedder) -> bool:
     return has_image_parts(messages) or tuple(embedder.modalities) != ("text",)
 
 
-def message_item(messages: list) -> str | ImageRef:
+def message_item(messages: list) -> str | ImageRef | Multimodal:
     """vLLM's chat ``messages`` as ONE item: their content parts together."""
     parts: list = []
     for i, message in enumerate(messages):
@@ -106,17 +105,19 @@ def message_item(messages: list) -> str | ImageRef:
     return content_item(parts, "messages")
 
 
-def sglang_items(items: list) -> list[str | ImageRef] | None:
-    """SGLang's ``input: [{"text": ...}, {"image": ...}]``; None when ``items`` is not that shape."""
+def sglang_items(items: list) -> list[str | ImageRef | Multimodal] | None:
+    """SGLang's ``input: [{"text": ...}, {"image": ...}, {"text": ..., "image": ...}]``; None when ``items`` is not
+    that shape."""
     if not items or not all(isinstance(x, dict) for x in items):
         return None
-    out: list[str | ImageRef] = []
+    out: list[str | ImageRef | Multimodal] = []
     for i, item in enumerate(items):
         text, image = item.get("text"), item.get("image")
         if text is not None and image is not None:
-            raise RequestError(f"input[{i}] mixes text and an image: this model embeds a text or an image per item",
-                               param="input")
-        if image is not None:
+            if not isinstance(text, str):
+                raise RequestError(f"input[{i}].text must be a string", param="input")
+            out.append(Multimodal(text, [ImageRef(_string(image, f"input[{i}]"))]))
+        elif image is not None:
             out.append(ImageRef(_string(image, f"input[{i}]")))
         elif isinstance(text, str):
             out.append(text)
@@ -134,6 +135,10 @@ async def admit_content(items: list, embedder, options: ServerOptions, field: st
         modality = declared_modality(item)
         if modality not in readable:
             where = field if len(items) == 1 and field == "messages" else f"{field}[{i}]"
+            if isinstance(item, Multimodal):  # a two-tower model reads one text or one image per item
+                raise RequestError(f"{where} mixes text and an image: this model embeds a text or an image per item "
+                                   "(send them as separate items)" if item.text else
+                                   f"{where} has {len(item.images)} images: one image per item", param=field)
             raise RequestError(f"{where} is {modality} content: this {embedder.kind} artifact reads "
                                f"{' and '.join(readable)} only", param=field)
     return await fetch_images(items, options)

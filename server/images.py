@@ -71,27 +71,34 @@ def _fetch(url: str, index: int, options: ServerOptions) -> bytes:
 
 
 async def fetch_images(items: list, options: ServerOptions) -> list:
-    """``items`` with every image URL made decodable: data URIs kept, allowed http(s) URLs fetched (concurrently,
-    each within the time and size limits), anything else refused naming the item."""
-    jobs: dict[int, asyncio.Future] = {}
+    """``items`` with every image URL made decodable (those inside ``Multimodal`` items too): data URIs kept,
+    allowed http(s) URLs fetched (concurrently, each within the time and size limits), anything else refused
+    naming the item."""
+    from toolkit.runtime.vision_language import Multimodal
+
+    jobs: dict[tuple[int, int], asyncio.Future] = {}
     out = list(items)
     for i, item in enumerate(items):
-        if not isinstance(item, ImageRef):
-            continue
-        url = item.source
-        if is_image_uri(url):
-            continue
-        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
-            raise RequestError(f"image {i}: an image must be a data:image/...;base64 URI or an http(s) URL",
-                               param="input")
-        if not host_allowed(url, options.allow_image_urls):
-            raise RequestError(f"image {i}: fetching {urllib.parse.urlsplit(url).hostname} is not allowed on this "
-                               "server; send the image as a data:image/...;base64 URI (the operator can allow hosts "
-                               "with --allow-image-url)", param="input")
-        jobs[i] = asyncio.ensure_future(asyncio.to_thread(_fetch, url, i, options))
+        refs = item.images if isinstance(item, Multimodal) else [item]
+        for k, ref in enumerate(refs):
+            if not isinstance(ref, ImageRef) or is_image_uri(ref.source):
+                continue
+            url = ref.source
+            if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+                raise RequestError(f"image {i}: an image must be a data:image/...;base64 URI or an http(s) URL",
+                                   param="input")
+            if not host_allowed(url, options.allow_image_urls):
+                raise RequestError(f"image {i}: fetching {urllib.parse.urlsplit(url).hostname} is not allowed on "
+                                   "this server; send the image as a data:image/...;base64 URI (the operator can "
+                                   "allow hosts with --allow-image-url)", param="input")
+            jobs[i, k] = asyncio.ensure_future(asyncio.to_thread(_fetch, url, i, options))
     try:
-        for i, job in jobs.items():
-            out[i] = ImageRef(await job)
+        for (i, k), job in jobs.items():
+            fetched = ImageRef(await job)
+            if isinstance(out[i], Multimodal):
+                out[i] = Multimodal(out[i].text, [fetched if j == k else ref for j, ref in enumerate(out[i].images)])
+            else:
+                out[i] = fetched
     finally:
         for job in jobs.values():
             job.cancel()

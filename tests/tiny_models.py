@@ -348,3 +348,53 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
                              config={"initializer_range": 0.2})
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
             build_tiny_model("clip", args.folder)
+
+
+QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = None) -> Path:
+    """A random-weight ``Qwen2VLForConditionalGeneration`` (2 vision blocks of width 32, 2 decoder layers) with a
+    trained BPE tokenizer holding Qwen's special tokens, Qwen's chat template and a Pillow image processor config
+    whose pixel bounds keep images small, saved as the Hub checkpoints are."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = _train_tokenizer("bpe", 512, False)
+    tok.add_special_tokens(QWEN_VL_SPECIALS)
+    ids = {t: tok.token_to_id(t) for t in QWEN_VL_SPECIALS}
+    text = {**_DECODER, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+            "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "bos_token_id": None}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], **(config or {}))
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   padding_side="right", model_input_names=["input_ids", "attention_mask"])
+    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16,
+                 "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder
+
+
+# Qwen2-VL's own chat template, as its tokenizer_config.json ships it (images as vision_start, pad, vision_end)
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "
+    "'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] "
+    "}}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
+    "'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -71,6 +71,9 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     instruction_end_tokens: list[str] = []
     activation: str | None = None  # rank: applied to the logits (sentence-transformers' CrossEncoder decides it;
     # a text classifier: transformers' text-classification pipeline)
+    # vision-language embedders: text after the rendered chat template (GME and DSE end their prompts with
+    # <|endoftext|>, whose state is pooled); None: <|endoftext|> where the vocabulary has it
+    prompt_suffix: str | None = None
     labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 

@@ -20,6 +20,7 @@ __all__ = [
     "ImagePreprocess",
     "ImageTower",
     "Manifest",
+    "VisionLanguage",
     "ParityCase",
     "ParityReport",
     "decode_manifest",
@@ -89,6 +90,29 @@ class ImageTower(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     parity: ParityReport
 
 
+class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A vision-language embedder (Qwen2-VL: GME, DSE): the vision graph beside the artifact (``<name>.image.onnx``,
+    one image per run: patches -> features) and what the runtime needs to build its prompts and positions. The
+    artifact itself is the language graph: token ids, the image features where the prompt's image tokens are,
+    and the multimodal rotary positions."""
+
+    family: str = "qwen2_vl"
+    image_token: str  # the placeholder the chat template writes once per image, expanded to one per feature row
+    image_token_id: int
+    prompt_suffix: str = ""  # text after the rendered template (GME and DSE end with <|endoftext|>, pooled last)
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    mean: list[float]
+    std: list[float]
+    resample: str = "bicubic"
+    max_images: int = 8  # images per item
+    hidden_size: int  # width of the vision graph's output rows (the language model's)
+    parity: ParityReport
+
+
 class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What the artifact IS, written by the exporter from its head (``export.heads``): the runtime reads this and
     never infers a kind from output names."""
@@ -145,6 +169,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     quantization_range: list[float] | None = None  # [lo, hi] of native unit-vector components
     parity: ParityReport
     image: ImageTower | None = None  # two-tower models (CLIP, SigLIP)
+    vision_language: VisionLanguage | None = None  # vision-language embedders (Qwen2-VL)
     tower: str = "text"  # which tower this file holds: "text" (the handle) or "image"
     head: HeadSpec | None = None  # None only in format-1 artifacts: see ``head_spec``
     warnings: list[str] = []

@@ -1,0 +1,260 @@
+"""Vision-language embedders (Qwen2-VL: GME, DSE) as two graphs, verified against transformers.
+
+- the vision graph (``<name>.image.onnx``): one image's patches (as ``runtime.qwen_vl.preprocess_qwen_vl`` lays
+  them out) and their (row, column) positions -> its feature rows, one per prompt placeholder. It is transformers'
+  vision tower with its attention written over the one image, so the graph holds no per-image Python loop and
+  the runtime runs it once per image;
+- the language graph (the artifact): token ids, attention mask, M-RoPE positions (3, batch, seq) and every image's
+  feature rows in prompt order -> the rows placed where the image tokens are, the language model, then the dense
+  head's last-token pooling, Matryoshka slices and normalization (``export.heads.VisionLanguageHead``);
+- ``vision_language_spec``: the processor's and prompt's facts the runtime needs (the manifest's
+  ``vision_language``);
+- ``vision_language_parity``: the artifact's ``Embedder.embed`` on text-only, image-only and text + image items
+  (images of awkward kinds and mixed sizes, batched and alone) vs the model's own forward on transformers' image
+  processor's pixels and its tokenizer's chat-template prompt, pooled the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.cards import ModelCard
+from toolkit.errors import ConfigError
+from toolkit.export.heads import Head
+from toolkit.export.onnx_export import torch_onnx_boundary
+from toolkit.export.resolve import ResolvedModel
+from toolkit.manifest import ParityCase, ParityReport, VisionLanguage
+
+__all__ = ["LanguageGraph", "VisionGraph", "export_vision_language_graphs", "load_vision_language",
+           "vision_language_parity", "vision_language_spec"]
+
+THRESHOLDS = {"fp32": 0.99999}
+_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+class VisionGraph(nn.Module):
+    """One image: patches (n, 3 * T * p * p), positions (n, 2) -> feature rows (n / merge**2, hidden)."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        cos, sin = visual.rotary_pos_emb(hidden, positions)
+        for block in visual.blocks:
+            attn, states = block.attn, block.norm1(hidden)
+            n = states.shape[0]
+            q, k, v = attn.qkv(states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, n, head_dim)
+            out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+            hidden = hidden + attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        return visual.merger(hidden)
+
+
+class LanguageGraph(nn.Module):
+    """Token ids with image placeholders, their mask and M-RoPE positions, and the images' feature rows (in prompt
+    order over the batch, row-major; one unused row when there are none) -> the head's outputs."""
+
+    def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard) -> None:
+        super().__init__()
+        self.model, self.head, self.card = model, head, card
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                image_embeds: torch.Tensor):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        embeds = self.model.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        # the k-th placeholder (row-major over the batch) takes the k-th feature row, as masked_scatter places them
+        index = (is_image.reshape(-1).to(torch.int64).cumsum(0) - 1).clamp(min=0).reshape(input_ids.shape)
+        embeds = torch.where(is_image.unsqueeze(-1), image_embeds[index], embeds)
+        hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                           position_ids=position_ids).last_hidden_state
+        return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, nn.Identity(), self.card)
+
+
+def load_vision_language(resolved: ResolvedModel) -> nn.Module:
+    """The checkpoint's vision-language model (``Qwen2VLModel``), fp32, eval mode, whichever class saved it."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        full = AutoModelForImageTextToText.from_pretrained(resolved.transformer_dir, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{resolved.transformer_dir}: cannot load the model: {exc}") from None
+    return full.model.eval()
+
+
+def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
+    """The manifest's ``vision_language`` facts from config.json, preprocessor_config.json and the vocabulary
+    (``tokenizer``: the artifact's ``runtime.tokenization.Tokenizer``)."""
+    path = resolved.model_dir / "preprocessor_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{resolved.model_dir}: no preprocessor_config.json: the image preprocessing is unknown")
+    cfg = json.loads(path.read_text())
+    vision = resolved.config.get("vision_config") or {}
+    token_id = int(resolved.config.get("image_token_id", -1))
+    (token,) = tokenizer.token_strings([token_id]) if 0 <= token_id < tokenizer.vocab_size else (None,)
+    if token is None:
+        raise ConfigError(f"{resolved.model_dir}: image_token_id {token_id} is not in the tokenizer's vocabulary")
+    size = cfg.get("size") or {}
+    min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+    max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+    resample = cfg.get("resample", 3)
+    if resample not in _FILTERS:
+        raise ConfigError(f"{path}: resample {resample} is not one of Pillow's filters 0..5")
+    if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
+        raise ConfigError(f"{path}: only Qwen2-VL's default resize, rescale and normalize are reproduced")
+    suffix = resolved.card.prompt_suffix
+    if suffix is None:
+        suffix = "<|endoftext|>" if tokenizer.token_id("<|endoftext|>") is not None else ""
+    return VisionLanguage(
+        image_token=token, image_token_id=token_id, prompt_suffix=suffix,
+        patch_size=int(cfg.get("patch_size") or vision.get("patch_size") or 14),
+        merge_size=int(cfg.get("merge_size") or vision.get("spatial_merge_size") or 2),
+        temporal_patch_size=int(cfg.get("temporal_patch_size") or vision.get("temporal_patch_size") or 2),
+        min_pixels=min_pixels, max_pixels=max_pixels,
+        mean=[float(v) for v in cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))],
+        std=[float(v) for v in cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))],
+        resample=_FILTERS[resample], hidden_size=resolved.head.dim(resolved.config, None),
+        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
+
+
+def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
+                                  tmp: Path) -> tuple[Path, Path]:
+    """(language graph, vision graph), dynamo-exported with dynamic batch, sequence, patch and row axes."""
+    from toolkit.runtime.qwen_vl import vision_positions
+
+    group = spec.merge_size ** 2
+    grid = (1, 4 * spec.merge_size, 2 * spec.merge_size)  # an example image: 8 feature rows
+    width = 3 * spec.temporal_patch_size * spec.patch_size ** 2
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(grid[1] * grid[2], width, generator=gen)
+    positions = torch.from_numpy(vision_positions(grid, spec.merge_size))
+    vision_path, language_path = tmp / "image.onnx", tmp / "graph.onnx"
+    rows = torch.export.Dim("rows")
+    with torch_onnx_boundary("of the vision graph"):
+        program = torch.onnx.export(
+            VisionGraph(model.visual).eval(), (patches, positions), input_names=["pixel_values", "positions"],
+            output_names=["image_embeds"], dynamic_shapes={"pixel_values": {0: group * rows}, "positions": {0: group * rows}},
+            dynamo=True, opset_version=opset, verbose=False, external_data=True)
+        program.save(str(vision_path), external_data=True)
+    features = patches.shape[0] // group
+    ids = torch.randint(5, 200, (2, features + 6), generator=gen)
+    ids[0, 2:2 + features] = spec.image_token_id
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    embeds = torch.randn(features, spec.hidden_size, generator=gen)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card).eval()
+    with torch_onnx_boundary("of the language graph"):
+        program = torch.onnx.export(
+            graph, (ids, mask, position_ids, embeds), input_names=list(resolved.arch.inputs),
+            output_names=resolved.head.outputs(resolved.card),
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                            "position_ids": {1: batch, 2: seq}, "image_embeds": {0: torch.export.Dim("image_rows")}},
+            dynamo=True, opset_version=opset, verbose=False, external_data=True)
+        program.save(str(language_path), external_data=True)
+    return language_path, vision_path
+
+
+# ---------------------------------------------------------------- verification
+def _probe_items() -> dict[str, dict]:
+    """Items of every kind the runtime takes: text only (with and without an instruction), one image of each
+    awkward kind (wide, tall, tiny, RGBA, grayscale, palette, JPEG), text + image, and two images with text."""
+    from toolkit.export.towers import probe_images
+
+    images = probe_images()
+    items: dict[str, dict] = {
+        "text": {"text": "A cat sits on the warm windowsill in the afternoon sun."},
+        "text+instruction": {"text": "where do cats sleep?", "instruction": "Find an image that matches the text."},
+    }
+    for name, data in images.items():
+        items[f"image:{name}"] = {"images": [data]}
+    items["text+image"] = {"text": "a chart of the results", "images": [images["wide.png"]]}
+    items["text+2 images"] = {"text": "compare these", "images": [images["tall.png"], images["photo.jpg"]]}
+    return items
+
+
+def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
+    """The model's own answer for one item: its tokenizer's chat template, transformers' image processor, the
+    forward with ``mm_token_type_ids``, the last token's state normalized."""
+    from PIL import Image
+
+    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])]
+    content = [{"type": "image"} for _ in decoded]
+    if item.get("text"):
+        content.append({"type": "text", "text": item["text"]})
+    messages = ([{"role": "system", "content": item["instruction"]}] if item.get("instruction") else []) + \
+        [{"role": "user", "content": content}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
+    feeds = {}
+    if decoded:
+        pixels = processor(images=decoded, return_tensors="np")
+        grids = pixels["image_grid_thw"]
+        parts = prompt.split(spec.image_token)
+        counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
+        prompt = parts[0] + "".join(spec.image_token * n + rest for n, rest in zip(counts, parts[1:]))
+        feeds = {"pixel_values": torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
+                 "image_grid_thw": torch.from_numpy(np.asarray(grids))}
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
+    last = hidden[0, -1].numpy().astype(np.float64)
+    return last / max(np.linalg.norm(last), 1e-12)
+
+
+def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, precision: str) -> ParityReport:
+    """The artifact's embeddings of every probe item, all in one batch, in batches of 4 (mixed kinds and image
+    sizes) and one at a time, vs the model's own forward per item (``_reference``)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from toolkit.runtime.pooling import cosines
+    from toolkit.runtime.vision_language import Multimodal
+
+    spec = emb.manifest.vision_language
+    tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
+    try:
+        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil")
+    except (TypeError, ValueError):
+        processor = AutoImageProcessor.from_pretrained(resolved.model_dir)
+    items = _probe_items()
+    names = list(items)
+    reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
+    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", [])) for n in names}
+    cases, worst = [], 1.0
+    batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
+    batches += [(n, [n]) for n in names]
+    for label, group in batches:
+        rows = [names.index(n) for n in group]
+        instruction = {items[n].get("instruction") for n in group}
+        if len(instruction) > 1:  # one instruction per call: the instructed item runs on its own
+            group = [n for n in group if not items[n].get("instruction")]
+            rows = [names.index(n) for n in group]
+        (prompt,) = instruction if len(instruction) == 1 else (None,)
+        got = emb.embed([inputs[n] for n in group], prompt=prompt)
+        cos = cosines(got, reference[rows])
+        worst = min(worst, float(cos.min()))
+        cases.append(ParityCase(output=f"sentence_embedding ({label})", batch=len(group), seq_len=0, padded=len(group) > 1,
+                                padding_side=emb.padding.value, min_cosine=float(cos.min()),
+                                max_abs_diff=float(np.abs(got - reference[rows]).max())))
+    threshold = THRESHOLDS.get(precision, 0.999)
+    return ParityReport(reference="transformers (Qwen2VLModel + its image processor + its chat template, last token)",
+                        threshold=threshold, min_cosine={"sentence_embedding": worst}, cases=cases,
+                        passed=worst >= threshold)

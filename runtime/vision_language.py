@@ -1,0 +1,197 @@
+"""Vision-language embedders at serving time (Qwen2-VL: GME, DSE), without torch: one encoder for texts, images and
+items that hold both.
+
+An item becomes model inputs here (``VisionLanguageEncoder.build``): its images decoded and preprocessed as
+transformers' image processor does (``runtime.qwen_vl``), the prompt rendered with the model's own chat template
+(the instruction, a card prompt, as the system message; one image part per image, then the text), the card's
+suffix appended, each image placeholder expanded to one token per feature row, and the M-RoPE positions computed.
+``run`` takes a batch: the vision graph once per image, then the language graph over the padded batch with the
+feature rows in prompt order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from toolkit.cards import PaddingSide
+from toolkit.errors import ConfigError, RequestError
+from toolkit.manifest import MANIFEST_KEY, decode_manifest
+from toolkit.runtime.artifact import image_tower_path
+from toolkit.runtime.images import ImageRef, decode_image, is_image_input, require_pillow
+from toolkit.runtime.outputs import plan_output
+from toolkit.runtime.qwen_vl import (
+    QwenVLImageSpec,
+    mrope_positions,
+    preprocess_qwen_vl,
+    vision_positions,
+)
+from toolkit.runtime.session import OrtSession
+
+if TYPE_CHECKING:
+    from toolkit.runtime.embedder import Embedder
+    from toolkit.runtime.outputs import OutputPlan
+
+__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder"]
+
+
+class Multimodal:
+    """One item holding a text and images together (an image with its caption or instruction, an interleaved
+    query): what a vision-language artifact embeds as ONE vector. ``images``: PIL images, bytes, paths, data URIs
+    or ``ImageRef``."""
+
+    __slots__ = ("images", "text")
+    modality = "multimodal"
+
+    def __init__(self, text: str | None = None, images: Sequence = ()) -> None:
+        self.text = text
+        self.images = list(images)
+
+    def __repr__(self) -> str:
+        return f"Multimodal(text={self.text!r}, images={len(self.images)})"
+
+
+class VisionInput:
+    """One item's model inputs: token ids (placeholders expanded), M-RoPE positions, each image's patches and grid."""
+
+    __slots__ = ("grids", "ids", "patches", "positions")
+
+    def __init__(self, ids: list[int], positions: np.ndarray, patches: list[np.ndarray], grids: list[tuple]) -> None:
+        self.ids, self.positions, self.patches, self.grids = ids, positions, patches, grids
+
+    def __len__(self) -> int:  # the batcher's budget: the prompt's tokens
+        return len(self.ids)
+
+
+class VisionLanguageEncoder:
+    """Texts, images and ``Multimodal`` items of a vision-language artifact, through its two graphs."""
+
+    modality = "multimodal"
+
+    @staticmethod
+    def accepts(item) -> bool:
+        return isinstance(item, Multimodal)
+
+    def __init__(self, emb: Embedder, path: Path) -> None:
+        spec = emb.manifest.vision_language
+        if spec is None:
+            raise ConfigError(f"{path}: its head is vision-language but its manifest has no vision_language facts")
+        if not emb.manifest.chat_template:
+            raise ConfigError(f"{path}: a vision-language artifact needs the model's chat template; it has none")
+        vision_path = image_tower_path(path)
+        if not vision_path.is_file():
+            raise ConfigError(f"{path}: its vision graph {vision_path.name} is not beside it (an export writes both "
+                              "files; keep them together)")
+        self.session = OrtSession(vision_path, emb.options)
+        own = decode_manifest(self.session.metadata.get(MANIFEST_KEY, "{}"), source=str(vision_path))
+        if own.tower != "image" or own.card != emb.card:
+            raise ConfigError(f"{vision_path}: not the vision graph of {path.name} (its manifest differs)")
+        self.emb, self.spec = emb, spec
+        self.image_spec = QwenVLImageSpec(patch_size=spec.patch_size, merge_size=spec.merge_size,
+                                          temporal_patch_size=spec.temporal_patch_size, min_pixels=spec.min_pixels,
+                                          max_pixels=spec.max_pixels, mean=tuple(spec.mean), std=tuple(spec.std),
+                                          resample=spec.resample)
+        self.outputs = ("sentence_embedding", "sentence_embedding_raw")
+
+    # ---------------------------------------------------------------- inputs
+    def item(self, value, index: int) -> Multimodal:
+        """Any accepted input as a ``Multimodal`` item: a text, an image, or one already."""
+        if isinstance(value, Multimodal):
+            item = value
+        elif isinstance(value, ImageRef) or (not isinstance(value, str) and is_image_input(value)):
+            item = Multimodal(images=[value])
+        elif isinstance(value, str):
+            item = Multimodal(text=value)
+        else:
+            raise RequestError(f"input[{index}]: a vision-language model takes texts, images or text + images items, "
+                               f"got {type(value).__name__}", param="input")
+        if not item.images and not item.text:
+            raise RequestError(f"input[{index}] has no content", param="input")
+        if len(item.images) > self.spec.max_images:
+            raise RequestError(f"input[{index}] has {len(item.images)} images; this model takes at most "
+                               f"{self.spec.max_images} per item", param="input")
+        return item
+
+    def build(self, item: Multimodal, instruction: str, index: int, limit: int) -> VisionInput:
+        """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
+        from toolkit.runtime.chat import render_chat
+
+        patches, grids = [], []
+        if item.images:
+            require_pillow()
+        for source in item.images:
+            image = decode_image(source.source if isinstance(source, ImageRef) else source, index)
+            pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
+            patches.append(pixels)
+            grids.append(grid)
+        content = [{"type": "image"} for _ in grids]
+        if item.text:
+            content.append({"type": "text", "text": item.text})
+        messages = ([{"role": "system", "content": instruction}] if instruction else []) + \
+            [{"role": "user", "content": content}]
+        emb = self.emb
+        prompt = render_chat(emb.manifest.chat_template, messages, special_tokens=emb.manifest.special_tokens,
+                             add_generation_prompt=True, keep_parts=True) + self.spec.prompt_suffix
+        ids = emb.tokenizer.ids(prompt, add_special_tokens=False)
+        token, rows = self.spec.image_token_id, [g[0] * g[1] * g[2] // self.spec.merge_size ** 2 for g in grids]
+        if ids.count(token) != len(rows):
+            raise RequestError(f"input[{index}]: the prompt holds {ids.count(token)} image placeholders for "
+                               f"{len(rows)} images (the text may not contain the image token itself)", param="input")
+        expanded: list[int] = []
+        counts = iter(rows)
+        for t in ids:
+            expanded.extend([token] * next(counts) if t == token else [t])
+        if len(expanded) > limit:
+            raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
+                               f"reads at most {limit}", param="input")
+        positions, _ = mrope_positions([t == token for t in expanded], grids, self.spec.merge_size)
+        return VisionInput(expanded, positions, patches, grids)
+
+    def model_inputs(self, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
+                     prompt_name: str | None = None, prompt: str | None = None, truncate_prompt_tokens=None,
+                     any_size: bool = False, **ignored) -> tuple[list[VisionInput], OutputPlan]:
+        """The embedding task's model inputs for any mix of texts, images and ``Multimodal`` items (one vector
+        each) and the output plan; ``prompt`` / ``prompt_name`` choose the instruction (the system message).
+        Items are not cut: one longer than the model's window is a RequestError, and so is a truncation
+        length (cutting a prompt could split an image's tokens)."""
+        emb = self.emb
+        listed = [inputs] if isinstance(inputs, (str, Multimodal, ImageRef)) else list(inputs)
+        if not listed:
+            raise RequestError("input must not be empty", param="input")
+        if isinstance(truncate_prompt_tokens, int) and not isinstance(truncate_prompt_tokens, bool) \
+                and truncate_prompt_tokens > 0:
+            raise RequestError("truncate_prompt_tokens is not supported for vision-language models: an item longer "
+                               f"than the model's {emb.manifest.max_seq_len} tokens is refused", param="truncate_prompt_tokens")
+        plan = plan_output(emb, dimensions, normalize, any_size=any_size)
+        instruction = emb.prompt_text(prompt_name, prompt)
+        limit = emb.manifest.max_seq_len
+        return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
+
+    # ---------------------------------------------------------------- graphs
+    def features(self, patches: np.ndarray, grid: tuple) -> np.ndarray:
+        """One image's feature rows from the vision graph."""
+        (rows,) = self.session.run(["image_embeds"], {"pixel_values": patches,
+                                                      "positions": vision_positions(grid, self.spec.merge_size)})
+        return rows
+
+    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
+        """A batch of ``VisionInput`` (or bare token ids, ``Tokenized``: a text prompt as given, as /ready's probe
+        sends) through the vision graph per image, then the language graph."""
+        emb = self.emb
+        items = [item if isinstance(item, VisionInput) else
+                 VisionInput(list(item.ids), np.tile(np.arange(len(item)), (3, 1)), [], []) for item in items]
+        rows = [self.features(p, g) for item in items for p, g in zip(item.patches, item.grids)]
+        embeds = np.concatenate(rows) if rows else np.zeros((1, self.spec.hidden_size), np.float32)
+        seq = max(len(item) for item in items)
+        ids = np.full((len(items), seq), emb.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(items), seq), dtype=np.int64)
+        positions = np.zeros((3, len(items), seq), dtype=np.int64)
+        for row, item in enumerate(items):
+            n = len(item)
+            cols = slice(0, n) if emb.padding == PaddingSide.RIGHT else slice(seq - n, seq)
+            ids[row, cols], mask[row, cols], positions[:, row, cols] = item.ids, 1, item.positions
+        return emb.session.run(outputs, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                         "image_embeds": embeds.astype(np.float32, copy=False)})

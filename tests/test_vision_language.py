@@ -1,0 +1,218 @@
+"""Vision-language embedders (Qwen2-VL, as GME and DSE are): the export's two graphs against transformers (its model,
+its image processor, its chat template) on text-only, image-only and text + image items, batched with mixed image
+sizes and alone; the Python API's input forms; the serving process without torch; every HTTP dialect's way of
+sending an item with text and images, through the real openai and cohere clients."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import async_app_client, serve_subprocess
+from tiny_models import build_tiny_qwen2_vl
+
+from toolkit.errors import RequestError
+from toolkit.export.towers import probe_images
+from toolkit.runtime import Embedder
+from toolkit.runtime.pooling import cosines
+from toolkit.runtime.vision_language import Multimodal
+
+IMAGES = probe_images()
+
+
+def _uri(name: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(IMAGES[name]).decode()
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
+
+
+@pytest.fixture(scope="module")
+def vl_export(vl_dir):
+    from toolkit.export import export_model
+    from toolkit.settings import ExportOptions
+
+    return export_model(str(vl_dir), ExportOptions(output=vl_dir.parent / "vl.onnx"))
+
+
+@pytest.fixture(scope="module")
+def vl(vl_export):
+    return Embedder(vl_export.path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(vl_dir, vl_export):
+    """The model's own embedding of one item (``export.vision_language``'s transformers reference)."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.export.resolve import resolve_model
+    from toolkit.export.vision_language import _reference, load_vision_language
+    from toolkit.settings import ExportOptions
+
+    resolved = resolve_model(str(vl_dir), ExportOptions())
+    model = load_vision_language(resolved)
+    tokenizer = AutoTokenizer.from_pretrained(vl_dir)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(vl_dir)
+    spec = vl_export.manifest.vision_language
+
+    def embed(text=None, images=(), instruction=None):
+        item = {"text": text, "images": list(images), "instruction": instruction}
+        return _reference(model, resolved, spec, tokenizer, processor, item)
+
+    return embed
+
+
+def test_the_export_is_two_graphs_verified_on_every_kind_of_item(vl_export):
+    manifest = vl_export.manifest
+    assert manifest.head.name == "vision_language" and manifest.head.modalities == ["text", "image", "multimodal"]
+    assert vl_export.path.with_name("vl.image.onnx").is_file()
+    spec = manifest.vision_language
+    assert spec.image_token == "<|image_pad|>" and spec.prompt_suffix == "<|endoftext|>"
+    assert (spec.min_pixels, spec.max_pixels, spec.merge_size) == (56 * 56, 28 * 28 * 16, 2)
+    report = manifest.parity
+    assert report.passed and report.min_cosine["sentence_embedding"] >= 0.99999
+    labels = {case.output for case in report.cases}
+    assert {"sentence_embedding (text+image)", "sentence_embedding (text+2 images)",
+            "sentence_embedding (image:palette.png)", "sentence_embedding (batch of all)"} <= labels
+    assert all(case.min_cosine >= 0.99999 for case in report.cases)
+    assert spec.parity == report
+
+
+def test_embeddings_match_transformers_alone_and_in_mixed_batches(vl, reference):
+    items = [Multimodal("a photo of a cat"), Multimodal(images=[IMAGES["tall.png"]]),
+             Multimodal("what does this chart say?", [IMAGES["wide.png"]]),
+             Multimodal("two pictures", [IMAGES["small.png"], IMAGES["photo.jpg"]])]
+    expected = np.stack([reference("a photo of a cat"), reference(images=[IMAGES["tall.png"]]),
+                         reference("what does this chart say?", [IMAGES["wide.png"]]),
+                         reference("two pictures", [IMAGES["small.png"], IMAGES["photo.jpg"]])])
+    batched = vl.embed(items)  # batch of 4: images of three sizes and none
+    assert batched.shape == (4, vl.dimensions)
+    assert cosines(batched, expected).min() >= 0.99999
+    alone = np.concatenate([vl.embed([item]) for item in items])
+    assert cosines(alone, expected).min() >= 0.99999
+    # every input form: a string, an image, a Multimodal item, mixed in one list
+    mixed = vl.embed(["a photo of a cat", IMAGES["tall.png"], items[2]])
+    np.testing.assert_allclose(mixed, batched[:3], atol=1e-5)
+    np.testing.assert_allclose(vl.embed_images([IMAGES["tall.png"]]), batched[1:2], atol=1e-5)
+    instructed = vl.embed("where do cats sleep?", prompt="Find an image that matches the text.")
+    assert cosines(instructed, reference("where do cats sleep?", instruction="Find an image that matches the text."))[0] >= 0.99999
+    scores = vl.score("a photo of a cat", [IMAGES["tall.png"], items[2]])
+    np.testing.assert_allclose(scores, batched[[1, 2]] @ batched[0], atol=1e-5)
+
+
+def test_bad_items_are_refused_alone(vl):
+    with pytest.raises(RequestError, match="at most 8 per item"):
+        vl.embed(Multimodal("x", [IMAGES["tiny.png"] if "tiny.png" in IMAGES else IMAGES["small.png"]] * 9))
+    with pytest.raises(RequestError, match="no content"):
+        vl.embed([Multimodal()])
+    with pytest.raises(RequestError, match="image placeholders"):
+        vl.embed("a text holding <|image_pad|> itself")
+    with pytest.raises(RequestError, match="truncate_prompt_tokens is not supported"):
+        vl.embed("x", truncate_prompt_tokens=4)
+    with pytest.raises(RequestError, match="reads at most 512"):
+        vl.embed(" ".join(["word"] * 2000))
+    with pytest.raises(RequestError, match="image 1"):
+        vl.embed(["fine", b"not an image"])
+    with pytest.raises(RequestError, match="prompt_name 'nope'"):
+        vl.embed("x", prompt_name="nope")
+
+
+def test_serving_imports_neither_torch_nor_transformers(vl_export, tmp_path):
+    script = (
+        "import sys\n"
+        "from toolkit.runtime import Embedder\n"
+        "from toolkit.runtime.vision_language import Multimodal\n"
+        f"emb = Embedder({str(vl_export.path)!r}, device='cpu')\n"
+        f"image = open({str(tmp_path / 'wide.png')!r}, 'rb').read()\n"
+        "vectors = emb.embed(['a text', image, Multimodal('a caption', [image])])\n"
+        "assert vectors.shape[0] == 3\n"
+        "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print('LOADED', loaded)\n"
+    )
+    (tmp_path / "wide.png").write_bytes(IMAGES["wide.png"])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout
+
+
+def _vectors(body) -> np.ndarray:
+    return np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+
+
+@pytest.mark.anyio
+async def test_every_dialect_sends_text_and_images_in_one_item(vl_export, vl):
+    expected = vl.embed([Multimodal("what is this?", [IMAGES["wide.png"]]), Multimodal("what is this?"),
+                         IMAGES["tall.png"], Multimodal(images=[IMAGES["wide.png"], IMAGES["photo.jpg"]])])
+    image = {"type": "image_url", "image_url": {"url": _uri("wide.png")}}
+    text = {"type": "text", "text": "what is this?"}
+    async with async_app_client(vl_export.path, names=("vl",)) as client:
+        models = (await client.get("/v1/models")).json()["data"][0]
+        assert models["modalities"] == ["text", "image", "multimodal"]
+        r = await client.post("/v1/embeddings", json={"messages": [{"role": "user", "content": [image, text]}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r.json()), expected[:1], atol=1e-5)
+        assert r.json()["usage"]["prompt_tokens"] > 20  # the prompt's tokens, the image's placeholders included
+        r = await client.post("/v1/embeddings", json={"input": [{"text": "what is this?", "image": _uri("wide.png")},
+                                                                {"text": "what is this?"}, {"image": _uri("tall.png")}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r.json()), expected[:3], atol=1e-5)
+        two = [image, {"type": "image_url", "image_url": {"url": _uri("photo.jpg")}}]
+        r = await client.post("/v2/embed", json={"inputs": [{"content": [image, text]}, {"content": two}],
+                                                 "input_type": "search_document", "embedding_types": ["float"]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]["float"]), expected[[0, 3]], atol=1e-5)
+        r = await client.post("/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 3})
+        assert r.status_code == 400 and "not supported for vision-language" in r.json()["error"]["message"]
+        many = [{"type": "image_url", "image_url": {"url": _uri("small.png")}}] * 9
+        r = await client.post("/v1/embeddings", json={"messages": [{"role": "user", "content": many}]})
+        assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def live_vl(vl_export):
+    url, _, proc = serve_subprocess(vl_export.path, "--served-model-name", "vl")
+    yield url
+    proc.kill()
+
+
+def test_real_openai_and_cohere_clients(live_vl, vl):
+    import cohere
+    from openai import OpenAI
+    from openai.types import CreateEmbeddingResponse
+
+    expected = vl.embed([Multimodal("a red square", [IMAGES["photo.jpg"]]), Multimodal("a red square")])
+    client = OpenAI(base_url=live_vl + "/v1", api_key="unused")
+    parts = [{"type": "image_url", "image_url": {"url": _uri("photo.jpg")}}, {"type": "text", "text": "a red square"}]
+    # vLLM's own example for chat embeddings (openai_chat_embedding_client_for_multimodal.py) posts this way
+    response = client.post("/embeddings", cast_to=CreateEmbeddingResponse,
+                           body={"model": "vl", "encoding_format": "float",
+                                 "messages": [{"role": "user", "content": parts}]})
+    np.testing.assert_allclose(np.array([d.embedding for d in response.data]), expected[:1], atol=1e-5)
+    co = cohere.ClientV2(api_key="unused", base_url=live_vl)
+    answer = co.embed(model="vl", inputs=[{"content": parts}, {"content": [parts[1]]}], input_type="search_document",
+                      embedding_types=["float"])
+    np.testing.assert_allclose(np.array(answer.embeddings.float_), expected, atol=1e-5)
+
+
+def test_the_qwen_vl_export_refuses_int8(vl_dir, tmp_path):
+    from toolkit.errors import ExportError
+    from toolkit.export import export_model
+    from toolkit.settings import ExportOptions
+
+    with pytest.raises(ExportError, match="fp32 only"):
+        export_model(str(vl_dir), ExportOptions(output=tmp_path / "x.onnx", precision="int8"))
+
+
+def test_probe_images_decode(vl):  # the probe set the export verifies on holds every awkward kind
+    from PIL import Image
+
+    modes = {Image.open(io.BytesIO(data)).mode for data in IMAGES.values()}
+    assert {"RGB", "RGBA", "L", "P"} <= modes
