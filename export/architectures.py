@@ -86,6 +86,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # as their authors and vLLM pool them; the vision tower runs once per image (export.vision_language)
         ArchSpec("qwen2_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
                  text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds")),
+        # Qwen2.5-VL (jina-embeddings-v4's and ColQwen2.5's base): the same, its tower attending within windows
+        ArchSpec("qwen2_5_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
+                 text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds")),
     )
 }
 

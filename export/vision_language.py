@@ -39,28 +39,48 @@ _FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5
 
 
 class VisionGraph(nn.Module):
-    """One image: patches (n, 3 * T * p * p), positions (n, 2) -> feature rows (n / merge**2, hidden)."""
+    """One image: patches (n, 3 * T * p * p), positions (n, 2) -> feature rows (n / merge**2, hidden).
+
+    Qwen2.5-VL's tower attends within windows in most blocks (all but ``fullatt_block_indexes``): its graph also
+    takes the window layout of the image (``runtime.qwen_vl.window_layout``): the order of the merge groups by
+    window, each patch's window in that order, and the order back; a windowed block masks attention across
+    windows, as transformers' per-window loop over ``cu_window_seqlens`` does."""
 
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
         self.visual = visual
+        self.full = set(getattr(visual, "fullatt_block_indexes", None) or ())
+        self.windowed = hasattr(visual, "fullatt_block_indexes")
+        self.group = visual.spatial_merge_size ** 2
 
-    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor, window_order: torch.Tensor | None = None,
+                window_ids: torch.Tensor | None = None, restore: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         visual = self.visual
         hidden = visual.patch_embed(pixel_values)
-        cos, sin = visual.rotary_pos_emb(hidden, positions)
-        for block in visual.blocks:
+        n = hidden.shape[0]
+
+        def by_window(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(n // self.group, self.group, -1)[window_order].reshape(n, -1) if self.windowed else x
+
+        hidden = by_window(hidden)
+        cos, sin = (by_window(t) for t in visual.rotary_pos_emb(hidden, positions))
+        bias = None
+        if self.windowed:
+            apart = window_ids.unsqueeze(0) != window_ids.unsqueeze(1)
+            bias = torch.zeros(apart.shape, dtype=hidden.dtype).masked_fill(apart, torch.finfo(hidden.dtype).min)
+        for i, block in enumerate(visual.blocks):
             attn, states = block.attn, block.norm1(hidden)
-            n = states.shape[0]
             q, k, v = attn.qkv(states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, n, head_dim)
-            out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+            mask = None if (i in self.full or not self.windowed) else bias
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
-        return visual.merger(hidden)
+        rows = visual.merger(hidden)
+        return rows[restore] if self.windowed else rows
 
 
 class LanguageGraph(nn.Module):
@@ -112,18 +132,22 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
     if token is None:
         raise ConfigError(f"{resolved.model_dir}: image_token_id {token_id} is not in the tokenizer's vocabulary")
     size = cfg.get("size") or {}
-    min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
-    max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+    card = resolved.card
+    min_pixels = int(card.image_min_pixels or cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+    max_pixels = int(card.image_max_pixels or cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+    if min_pixels > max_pixels:
+        raise ConfigError(f"image pixel bounds {min_pixels}..{max_pixels}: the minimum is above the maximum")
     resample = cfg.get("resample", 3)
     if resample not in _FILTERS:
         raise ConfigError(f"{path}: resample {resample} is not one of Pillow's filters 0..5")
     if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
         raise ConfigError(f"{path}: only Qwen2-VL's default resize, rescale and normalize are reproduced")
-    suffix = resolved.card.prompt_suffix
+    suffix = card.prompt_suffix
     if suffix is None:
         suffix = "<|endoftext|>" if tokenizer.token_id("<|endoftext|>") is not None else ""
+    window = int(vision.get("window_size") or 0) if resolved.arch.model_type == "qwen2_5_vl" else 0
     return VisionLanguage(
-        image_token=token, image_token_id=token_id, prompt_suffix=suffix,
+        family=resolved.arch.model_type, window_size=window, image_token=token, image_token_id=token_id, prompt_suffix=suffix,
         patch_size=int(cfg.get("patch_size") or vision.get("patch_size") or 14),
         merge_size=int(cfg.get("merge_size") or vision.get("spatial_merge_size") or 2),
         temporal_patch_size=int(cfg.get("temporal_patch_size") or vision.get("temporal_patch_size") or 2),
@@ -137,7 +161,7 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
 def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
                                   tmp: Path) -> tuple[Path, Path]:
     """(language graph, vision graph), dynamo-exported with dynamic batch, sequence, patch and row axes."""
-    from toolkit.runtime.qwen_vl import vision_positions
+    from toolkit.runtime.qwen_vl import vision_positions, window_layout
 
     group = spec.merge_size ** 2
     grid = (1, 4 * spec.merge_size, 2 * spec.merge_size)  # an example image: 8 feature rows
@@ -147,11 +171,16 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
     positions = torch.from_numpy(vision_positions(grid, spec.merge_size))
     vision_path, language_path = tmp / "image.onnx", tmp / "graph.onnx"
     rows = torch.export.Dim("rows")
+    inputs, names = (patches, positions), ["pixel_values", "positions"]
+    dynamic = {"pixel_values": {0: group * rows}, "positions": {0: group * rows}}
+    if spec.window_size:
+        inputs += tuple(torch.from_numpy(a) for a in window_layout(grid, spec))
+        names += ["window_order", "window_ids", "restore"]
+        dynamic.update({"window_order": {0: rows}, "window_ids": {0: group * rows}, "restore": {0: rows}})
     with torch_onnx_boundary("of the vision graph"):
         program = torch.onnx.export(
-            VisionGraph(model.visual).eval(), (patches, positions), input_names=["pixel_values", "positions"],
-            output_names=["image_embeds"], dynamic_shapes={"pixel_values": {0: group * rows}, "positions": {0: group * rows}},
-            dynamo=True, opset_version=opset, verbose=False, external_data=True)
+            VisionGraph(model.visual).eval(), inputs, input_names=names, output_names=["image_embeds"],
+            dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False, external_data=True)
         program.save(str(vision_path), external_data=True)
     features = patches.shape[0] // group
     ids = torch.randint(5, 200, (2, features + 6), generator=gen)
@@ -230,10 +259,11 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
 
     spec = emb.manifest.vision_language
     tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
+    bounds = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}  # the card's, where it sets them
     try:
-        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil")
+        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil", **bounds)
     except (TypeError, ValueError):
-        processor = AutoImageProcessor.from_pretrained(resolved.model_dir)
+        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
     items = _probe_items()
     names = list(items)
     reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])

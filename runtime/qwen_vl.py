@@ -28,7 +28,8 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions"]
+__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions",
+           "window_layout"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,3 +129,21 @@ def vision_positions(grid_thw: Sequence[int], merge_size: int) -> np.ndarray:
     rows = rows.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
     cols = cols.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
     return np.tile(np.stack([rows, cols], axis=-1), (t, 1)).astype(np.int64)
+
+
+def window_layout(grid_thw: Sequence[int], spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's attention windows over one image (transformers' get_vision_window_index): (the merge groups in
+    window order, each patch's window id in that order, the order back), int64. Windows are
+    ``window_size / merge / patch`` merged groups on a side, laid out row by row, the last ones cut at the edge.
+    ``spec``: anything with ``merge_size``, ``patch_size`` and ``window_size`` (the manifest's facts)."""
+    t, h, w = grid_thw
+    m = spec.merge_size
+    gh, gw, side = h // m, w // m, spec.window_size // m // spec.patch_size
+    pad_h, pad_w = side - gh % side, side - gw % side
+    grid = np.pad(np.arange(t * gh * gw).reshape(t, gh, gw), ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+    across, down = (gh + pad_h) // side, (gw + pad_w) // side
+    grid = grid.reshape(t, across, side, down, side).transpose(0, 1, 3, 2, 4).reshape(-1)
+    windows = np.repeat(np.arange(t * across * down), side * side)
+    kept = grid >= 0
+    order = grid[kept].astype(np.int64)
+    return order, np.repeat(windows[kept], m * m).astype(np.int64), np.argsort(order).astype(np.int64)

@@ -28,6 +28,7 @@ from toolkit.runtime.qwen_vl import (
     mrope_positions,
     preprocess_qwen_vl,
     vision_positions,
+    window_layout,
 )
 from toolkit.runtime.session import OrtSession
 
@@ -173,8 +174,10 @@ class VisionLanguageEncoder:
     # ---------------------------------------------------------------- graphs
     def features(self, patches: np.ndarray, grid: tuple) -> np.ndarray:
         """One image's feature rows from the vision graph."""
-        (rows,) = self.session.run(["image_embeds"], {"pixel_values": patches,
-                                                      "positions": vision_positions(grid, self.spec.merge_size)})
+        feeds = {"pixel_values": patches, "positions": vision_positions(grid, self.spec.merge_size)}
+        if self.spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
+            feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, self.spec)
+        (rows,) = self.session.run(["image_embeds"], feeds)
         return rows
 
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:

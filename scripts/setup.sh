@@ -27,10 +27,11 @@ if [ ! -f .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz ]; then
   mkdir -p .cache/models/clip-bpe
   .venv/bin/python -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))" .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl .cache/models/clip-bpe/bpe_simple_vocab_16e6.txt.gz
 fi
-# Tiny random-weight models for the README's cross-encoder and image examples (and the tests that run them).
+# Tiny random-weight models for the README's cross-encoder, image and vision-language examples (and the tests that run them).
 [ -f .cache/models/tiny-reranker/config.json ] || .venv/bin/python tests/tiny_models.py reranker .cache/models/tiny-reranker
 [ -f .cache/models/tiny-clip/config.json ] || .venv/bin/python tests/tiny_models.py clip .cache/models/tiny-clip
 [ -f .cache/models/tiny-classifier/config.json ] || .venv/bin/python tests/tiny_models.py classifier .cache/models/tiny-classifier
+[ -f .cache/models/tiny-qwen2-vl/config.json ] || .venv/bin/python tests/tiny_models.py qwen2-vl .cache/models/tiny-qwen2-vl
 # openapi-python-client (tests/test_openapi_client.py generates a client from /openapi.json with it) pins an older
 # typer than the toolkit, so it gets a virtualenv of its own; it needs Python >= 3.11.
 TOOL=.cache/tools/openapi-python-client

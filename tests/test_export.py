@@ -21,7 +21,8 @@ def test_every_registry_key_has_a_tiny_model():
     assert set(TINY_CONFIGS) == set(ARCHITECTURES), "add a tiny config (tests/tiny_models.py) for each architecture"
 
 
-@pytest.mark.parametrize("model_type", sorted(k for k, spec in ARCHITECTURES.items() if not spec.image_tower))
+@pytest.mark.parametrize("model_type", sorted(k for k, spec in ARCHITECTURES.items()
+                                                      if not (spec.image_tower or spec.vision_language)))
 def test_architecture_exports_with_fp32_parity(model_type, tmp_path):
     folder = build_tiny_model(model_type, tmp_path / "model")
     arch = get_arch(model_type)

@@ -86,3 +86,23 @@ def test_rotary_positions_match_get_rope_index():
     assert zero == 0
     with pytest.raises(Exception, match="placeholder tokens"):
         mrope_positions([False, True, True, False], [(1, 4, 6)], 2)
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 4), (1, 8, 12), (1, 6, 36), (1, 12, 18), (2, 8, 8)])
+def test_windows_match_transformers(grid):
+    """Qwen2.5-VL's attention windows: the group order, each patch's window and the order back, as
+    transformers' get_vision_window_index lays them out (cu_window_seqlens marks where each window ends)."""
+    import torch
+    from transformers.vision_utils import get_vision_window_index
+
+    from toolkit.runtime.qwen_vl import window_layout
+
+    class Spec:
+        merge_size, patch_size, window_size = 2, 14, 56
+
+    order, windows, restore = window_layout(grid, Spec)
+    index, bounds = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=2, window_size=56, patch_size=14)
+    assert order.tolist() == index.tolist()
+    ends = np.flatnonzero(np.diff(windows)) + 1  # where a new window starts, in patches
+    assert [0, *ends.tolist(), len(windows)] == bounds.tolist()
+    assert (order[restore] == np.arange(len(order))).all()

@@ -30,7 +30,9 @@ def _uri(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory):
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
+    """A tiny Qwen2-VL in a folder named as GME's checkpoint, so the bundled card (its prompts, suffix, pixel
+    bounds and length) applies as it does to the real one."""
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "gme-Qwen2-VL-2B-Instruct")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,8 @@ def reference(vl_dir, vl_export):
     resolved = resolve_model(str(vl_dir), ExportOptions())
     model = load_vision_language(resolved)
     tokenizer = AutoTokenizer.from_pretrained(vl_dir)
-    processor = Qwen2VLImageProcessorPil.from_pretrained(vl_dir)
     spec = vl_export.manifest.vision_language
+    processor = Qwen2VLImageProcessorPil.from_pretrained(vl_dir, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
 
     def embed(text=None, images=(), instruction=None):
         item = {"text": text, "images": list(images), "instruction": instruction}
@@ -75,7 +77,9 @@ def test_the_export_is_two_graphs_verified_on_every_kind_of_item(vl_export):
     assert vl_export.path.with_name("vl.image.onnx").is_file()
     spec = manifest.vision_language
     assert spec.image_token == "<|image_pad|>" and spec.prompt_suffix == "<|endoftext|>"
-    assert (spec.min_pixels, spec.max_pixels, spec.merge_size) == (56 * 56, 28 * 28 * 16, 2)
+    assert manifest.card.name == "gme-Qwen2-VL-2B-Instruct" and manifest.max_seq_len == 1800
+    # the card's bounds, not preprocessor_config.json's (56 * 56 .. 28 * 28 * 16): 256 .. 1280 image tokens
+    assert (spec.min_pixels, spec.max_pixels, spec.merge_size) == (256 * 28 * 28, 1280 * 28 * 28, 2)
     report = manifest.parity
     assert report.passed and report.min_cosine["sentence_embedding"] >= 0.99999
     labels = {case.output for case in report.cases}
@@ -116,8 +120,8 @@ def test_bad_items_are_refused_alone(vl):
         vl.embed("a text holding <|image_pad|> itself")
     with pytest.raises(RequestError, match="truncate_prompt_tokens is not supported"):
         vl.embed("x", truncate_prompt_tokens=4)
-    with pytest.raises(RequestError, match="reads at most 512"):
-        vl.embed(" ".join(["word"] * 2000))
+    with pytest.raises(RequestError, match="reads at most 1800"):
+        vl.embed(" ".join(["word"] * 4000))
     with pytest.raises(RequestError, match="image 1"):
         vl.embed(["fine", b"not an image"])
     with pytest.raises(RequestError, match="prompt_name 'nope'"):
@@ -216,3 +220,21 @@ def test_probe_images_decode(vl):  # the probe set the export verifies on holds 
 
     modes = {Image.open(io.BytesIO(data)).mode for data in IMAGES.values()}
     assert {"RGB", "RGBA", "L", "P"} <= modes
+
+
+def test_qwen2_5_vl_with_windowed_attention(tmp_path):
+    """Qwen2.5-VL: most tower blocks attend within windows (2 x 2 merged groups here, so the probe images span
+    several); verified against transformers by the export, then the runtime batched against alone."""
+    from toolkit.export import export_model
+    from toolkit.settings import ExportOptions
+
+    folder = build_tiny_qwen2_vl(tmp_path / "model", family="qwen2_5_vl")
+    result = export_model(str(folder), ExportOptions(output=tmp_path / "q25.onnx"))
+    spec = result.manifest.vision_language
+    assert (spec.family, spec.window_size) == ("qwen2_5_vl", 56)
+    assert result.manifest.parity.passed and result.manifest.parity.min_cosine["sentence_embedding"] >= 0.99999
+    emb = Embedder(result.path, device="cpu")
+    items = [Multimodal("a", [IMAGES["wide.png"]]), IMAGES["photo.jpg"], "just text"]
+    together = emb.embed(items)
+    alone = np.concatenate([emb.embed([item]) for item in items])
+    assert cosines(together, alone).min() >= 0.99999

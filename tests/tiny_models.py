@@ -35,6 +35,9 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
     # two towers (build_multimodal): CLIP with the real CLIP BPE vocabulary, SigLIP with a trained Unigram
     "clip": ({}, "clip-bpe"),
     "siglip": ({}, "unigram"),
+    # a vision-language model (build_tiny_qwen2_vl): Qwen's special tokens added to a trained BPE
+    "qwen2_vl": ({}, "bpe"),
+    "qwen2_5_vl": ({}, "bpe"),
 }
 
 # causal LMs outside the registry: the generic decoder path (vLLM's --convert embed) exports them
@@ -120,6 +123,8 @@ def build_tiny_model(model_type: str, folder: Path, *, splade: bool = False, cla
     arch = get_arch(model_type, {"architectures": ["ForCausalLM"]} if generic else None)
     if arch.image_tower:
         return build_multimodal(model_type, folder, seed=seed, config=config)
+    if arch.vision_language:
+        return build_tiny_qwen2_vl(folder, seed=seed, config=config, family=model_type)
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**_COMMON, **overrides, **(config or {})})
     if classifier:
@@ -333,33 +338,23 @@ def build_remote_code_model(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's examples export
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "classifier", "clip"])
-    parser.add_argument("folder", type=Path)
-    args = parser.parse_args()
-    if not (args.folder / "config.json").is_file():
-        if args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
-            build_tiny_model("bert", args.folder, classifier=True, config={"initializer_range": 0.2})
-        elif args.kind == "classifier":  # a three-label sentiment-style BertForSequenceClassification
-            build_tiny_model("bert", args.folder, classifier=["negative", "neutral", "positive"],
-                             config={"initializer_range": 0.2})
-        else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
-            build_tiny_model("clip", args.folder)
-
-
 QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                     "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = None) -> Path:
-    """A random-weight ``Qwen2VLForConditionalGeneration`` (2 vision blocks of width 32, 2 decoder layers) with a
-    trained BPE tokenizer holding Qwen's special tokens, Qwen's chat template and a Pillow image processor config
-    whose pixel bounds keep images small, saved as the Hub checkpoints are."""
+def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = None, family: str = "qwen2_vl") -> Path:
+    """A random-weight ``Qwen2VLForConditionalGeneration`` (2 vision blocks of width 32, 2 decoder layers), or with
+    ``family="qwen2_5_vl"`` a ``Qwen2_5_VLForConditionalGeneration`` (4 blocks, 2 of them attending within 2 x 2
+    windows of merged patches), with a trained BPE tokenizer holding Qwen's special tokens, Qwen's chat template and
+    a Pillow image processor config whose pixel bounds keep images small, saved as the Hub checkpoints are."""
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     tok = _train_tokenizer("bpe", 512, False)
@@ -370,10 +365,16 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
             "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "bos_token_id": None}
     vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "mlp_ratio": 2, "patch_size": 14,
               "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], **(config or {}))
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if family == "qwen2_5_vl":  # hidden_size is the tower's width there; out_hidden_size the language model's
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
+                  "fullatt_block_indexes": [1, 3], "window_size": 56, "patch_size": 14, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2}
+    cfg = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                       video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                       vision_end_token_id=ids["<|vision_end|>"], **(config or {}))
+    model = model_class(cfg).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -398,3 +399,23 @@ QWEN_VL_CHAT_TEMPLATE = (
     "'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's examples export
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl"])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args()
+    if not (args.folder / "config.json").is_file():
+        if args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
+            build_tiny_model("bert", args.folder, classifier=True, config={"initializer_range": 0.2})
+        elif args.kind == "classifier":  # a three-label sentiment-style BertForSequenceClassification
+            build_tiny_model("bert", args.folder, classifier=["negative", "neutral", "positive"],
+                             config={"initializer_range": 0.2})
+        elif args.kind == "qwen2-vl":  # a vision-language embedder's shape (GME), images up to 16 feature rows
+            build_tiny_qwen2_vl(args.folder)
+        else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
+            build_tiny_model("clip", args.folder)
+

@@ -74,6 +74,10 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     # vision-language embedders: text after the rendered chat template (GME and DSE end their prompts with
     # <|endoftext|>, whose state is pooled); None: <|endoftext|> where the vocabulary has it
     prompt_suffix: str | None = None
+    # vision-language embedders: the pixel bounds images are resized within, where the model's authors set their
+    # own (GME: 256 to 1280 image tokens of 28 x 28 pixels); None: preprocessor_config.json's
+    image_min_pixels: int | None = None
+    image_max_pixels: int | None = None
     labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 
