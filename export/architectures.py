@@ -89,6 +89,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # Qwen2.5-VL (jina-embeddings-v4's and ColQwen2.5's base): the same, its tower attending within windows
         ArchSpec("qwen2_5_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
                  text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds")),
+        # Qwen3-VL (Qwen3-VL-Embedding): a learned position table in the tower, and DeepStack: rows from some tower
+        # layers added at the image tokens after the first language layers (the language graph's deepstack_embeds)
+        ArchSpec("qwen3_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
+                 text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds", "deepstack_embeds")),
     )
 }
 

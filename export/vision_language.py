@@ -16,8 +16,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,11 @@ class VisionGraph(nn.Module):
     Qwen2.5-VL's tower attends within windows in most blocks (all but ``fullatt_block_indexes``): its graph also
     takes the window layout of the image (``runtime.qwen_vl.window_layout``): the order of the merge groups by
     window, each patch's window in that order, and the order back; a windowed block masks attention across
-    windows, as transformers' per-window loop over ``cu_window_seqlens`` does."""
+    windows, as transformers' per-window loop over ``cu_window_seqlens`` does.
+
+    Qwen3-VL's tower adds its learned position table, resampled to the image's grid (``position_taps``: four
+    table rows and their bilinear weights per patch), and also returns DeepStack's rows: those of some middle
+    layers through their own mergers, (layers, rows, hidden)."""
 
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
@@ -52,14 +59,18 @@ class VisionGraph(nn.Module):
         self.full = set(getattr(visual, "fullatt_block_indexes", None) or ())
         self.windowed = hasattr(visual, "fullatt_block_indexes")
         self.group = visual.spatial_merge_size ** 2
+        self.deepstack = list(getattr(visual, "deepstack_visual_indexes", None) or ())
 
-    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor, window_order: torch.Tensor | None = None,
-                window_ids: torch.Tensor | None = None, restore: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor, *layout: torch.Tensor):
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         visual = self.visual
         hidden = visual.patch_embed(pixel_values)
         n = hidden.shape[0]
+        window_order, window_ids, restore = layout if self.windowed else (None, None, None)
+        if hasattr(visual, "pos_embed"):  # Qwen3-VL: taps, weights
+            taps, weights = layout
+            hidden = hidden + (visual.pos_embed(taps) * weights.unsqueeze(-1)).sum(1)
 
         def by_window(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(n // self.group, self.group, -1)[window_order].reshape(n, -1) if self.windowed else x
@@ -70,6 +81,7 @@ class VisionGraph(nn.Module):
         if self.windowed:
             apart = window_ids.unsqueeze(0) != window_ids.unsqueeze(1)
             bias = torch.zeros(apart.shape, dtype=hidden.dtype).masked_fill(apart, torch.finfo(hidden.dtype).min)
+        deep = []
         for i, block in enumerate(visual.blocks):
             attn, states = block.attn, block.norm1(hidden)
             q, k, v = attn.qkv(states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -79,7 +91,11 @@ class VisionGraph(nn.Module):
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
+            if i in self.deepstack:
+                deep.append(visual.deepstack_merger_list[self.deepstack.index(i)](hidden))
         rows = visual.merger(hidden)
+        if self.deepstack:
+            return rows, torch.stack(deep)
         return rows[restore] if self.windowed else rows
 
 
@@ -93,7 +109,7 @@ class LanguageGraph(nn.Module):
         self.image_token_id = image_token_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                image_embeds: torch.Tensor):
+                image_embeds: torch.Tensor, deepstack_embeds: torch.Tensor | None = None):
         from transformers.modeling_outputs import BaseModelOutput
 
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -101,9 +117,35 @@ class LanguageGraph(nn.Module):
         # the k-th placeholder (row-major over the batch) takes the k-th feature row, as masked_scatter places them
         index = (is_image.reshape(-1).to(torch.int64).cumsum(0) - 1).clamp(min=0).reshape(input_ids.shape)
         embeds = torch.where(is_image.unsqueeze(-1), image_embeds[index], embeds)
+        extra = {}
+        if deepstack_embeds is not None:  # Qwen3-VL: added at the image tokens after the first layers
+            extra = {"visual_pos_masks": is_image,
+                     "deepstack_visual_embeds": [deepstack_embeds[k] for k in range(deepstack_embeds.shape[0])]}
         hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                           position_ids=position_ids).last_hidden_state
+                                           position_ids=position_ids, **extra).last_hidden_state
         return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, nn.Identity(), self.card)
+
+
+def _placed_add(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+    """DeepStack's addition at the image tokens written with a gather (transformers' boolean-mask assignment has a
+    data-dependent shape, which the exporter cannot trace): the k-th image token gets the k-th row."""
+    index = (visual_pos_masks.reshape(-1).to(torch.int64).cumsum(0) - 1).clamp(min=0).reshape(visual_pos_masks.shape)
+    return hidden_states + torch.where(visual_pos_masks.unsqueeze(-1), visual_embeds[index], 0.0)
+
+
+@contextlib.contextmanager
+def _traceable_deepstack(model: nn.Module) -> Iterator[None]:
+    """The language model's DeepStack step as ``_placed_add`` while the graph is exported (then the model's own
+    again, so the parity reference runs transformers' code)."""
+    language = model.language_model
+    if not hasattr(language, "_deepstack_process"):
+        yield
+        return
+    language._deepstack_process = types.MethodType(_placed_add, language)
+    try:
+        yield
+    finally:
+        del language._deepstack_process
 
 
 def load_vision_language(resolved: ResolvedModel) -> nn.Module:
@@ -145,9 +187,12 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
     suffix = card.prompt_suffix
     if suffix is None:
         suffix = "<|endoftext|>" if tokenizer.token_id("<|endoftext|>") is not None else ""
-    window = int(vision.get("window_size") or 0) if resolved.arch.model_type == "qwen2_5_vl" else 0
+    family = resolved.arch.model_type
+    window = int(vision.get("window_size") or 0) if family == "qwen2_5_vl" else 0
+    grid = int(int(vision.get("num_position_embeddings") or 0) ** 0.5) if family == "qwen3_vl" else 0
+    deepstack = len(vision.get("deepstack_visual_indexes") or ()) if family == "qwen3_vl" else 0
     return VisionLanguage(
-        family=resolved.arch.model_type, window_size=window, image_token=token, image_token_id=token_id, prompt_suffix=suffix,
+        family=family, window_size=window, position_grid=grid, deepstack=deepstack, image_token=token, image_token_id=token_id, prompt_suffix=suffix,
         patch_size=int(cfg.get("patch_size") or vision.get("patch_size") or 14),
         merge_size=int(cfg.get("merge_size") or vision.get("spatial_merge_size") or 2),
         temporal_patch_size=int(cfg.get("temporal_patch_size") or vision.get("temporal_patch_size") or 2),
@@ -161,7 +206,7 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
 def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
                                   tmp: Path) -> tuple[Path, Path]:
     """(language graph, vision graph), dynamo-exported with dynamic batch, sequence, patch and row axes."""
-    from toolkit.runtime.qwen_vl import vision_positions, window_layout
+    from toolkit.runtime.qwen_vl import position_taps, vision_positions, window_layout
 
     group = spec.merge_size ** 2
     grid = (1, 4 * spec.merge_size, 2 * spec.merge_size)  # an example image: 8 feature rows
@@ -177,10 +222,18 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
         inputs += tuple(torch.from_numpy(a) for a in window_layout(grid, spec))
         names += ["window_order", "window_ids", "restore"]
         dynamic.update({"window_order": {0: rows}, "window_ids": {0: group * rows}, "restore": {0: rows}})
+    if spec.position_grid:
+        inputs += tuple(torch.from_numpy(a) for a in position_taps(grid, spec.position_grid, spec.merge_size))
+        names += ["position_taps", "position_weights"]
+        dynamic.update({"position_taps": {0: group * rows}, "position_weights": {0: group * rows}})
+    outputs = ["image_embeds", "deepstack_embeds"] if spec.deepstack else ["image_embeds"]
     with torch_onnx_boundary("of the vision graph"):
         program = torch.onnx.export(
-            VisionGraph(model.visual).eval(), inputs, input_names=names, output_names=["image_embeds"],
-            dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False, external_data=True)
+            VisionGraph(model.visual).eval(), inputs, input_names=names, output_names=outputs,
+            # by position, the layout inputs (the graph's *layout) as one group, as torch.export takes varargs
+            dynamic_shapes=(dynamic[names[0]], dynamic[names[1]],
+                            *((tuple(dynamic[name] for name in names[2:]),) if names[2:] else ())),
+            dynamo=True, opset_version=opset, verbose=False, external_data=True)
         program.save(str(vision_path), external_data=True)
     features = patches.shape[0] // group
     ids = torch.randint(5, 200, (2, features + 6), generator=gen)
@@ -189,15 +242,18 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
     mask[1, -2:] = 0
     position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 2, -1).contiguous()
     embeds = torch.randn(features, spec.hidden_size, generator=gen)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    batch, seq, image_rows = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("image_rows")
     graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card).eval()
-    with torch_onnx_boundary("of the language graph"):
+    inputs = (ids, mask, position_ids, embeds)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+               "position_ids": {1: batch, 2: seq}, "image_embeds": {0: image_rows}}
+    if spec.deepstack:
+        inputs += (torch.randn(spec.deepstack, features, spec.hidden_size, generator=gen),)
+        dynamic["deepstack_embeds"] = {1: image_rows}
+    with torch_onnx_boundary("of the language graph"), _traceable_deepstack(model):
         program = torch.onnx.export(
-            graph, (ids, mask, position_ids, embeds), input_names=list(resolved.arch.inputs),
-            output_names=resolved.head.outputs(resolved.card),
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                            "position_ids": {1: batch, 2: seq}, "image_embeds": {0: torch.export.Dim("image_rows")}},
-            dynamo=True, opset_version=opset, verbose=False, external_data=True)
+            graph, inputs, input_names=list(resolved.arch.inputs), output_names=resolved.head.outputs(resolved.card),
+            dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False, external_data=True)
         program.save(str(language_path), external_data=True)
     return language_path, vision_path
 

@@ -29,7 +29,7 @@ from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
 __all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions",
-           "window_layout"]
+           "position_taps", "window_layout"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -147,3 +147,27 @@ def window_layout(grid_thw: Sequence[int], spec) -> tuple[np.ndarray, np.ndarray
     kept = grid >= 0
     order = grid[kept].astype(np.int64)
     return order, np.repeat(windows[kept], m * m).astype(np.int64), np.argsort(order).astype(np.int64)
+
+
+def position_taps(grid_thw: Sequence[int], side: int, merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned position table (``side`` x ``side``) resampled to one image's patch grid, bilinear with
+    aligned corners: (patches, 4) int64 rows of the flattened table and (patches, 4) float32 weights, the patches in
+    the order ``preprocess_qwen_vl`` lays them out (merge blocks first), as transformers'
+    get_vision_interpolation_indices_and_weights gives them."""
+    t, h, w = grid_thw
+    m = merge_size
+    within = np.arange(h * w)
+    col = (within // (m * m)) % (w // m) * m + within % m
+    row = within // (m * m * (w // m)) * m + (within // m) % m
+
+    def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        offsets = np.arange(2)
+        taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+        return taps, np.clip(1 - np.abs(src[:, None] - floor[:, None] - offsets), 0, None).astype(np.float32)
+
+    (rows, row_weights), (cols, col_weights) = axis(row, h), axis(col, w)
+    taps = (rows[:, :, None] * side + cols[:, None, :]).reshape(-1, 4)
+    weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    return np.tile(taps, (t, 1)), np.tile(weights, (t, 1))

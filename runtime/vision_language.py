@@ -26,6 +26,7 @@ from toolkit.runtime.outputs import plan_output
 from toolkit.runtime.qwen_vl import (
     QwenVLImageSpec,
     mrope_positions,
+    position_taps,
     preprocess_qwen_vl,
     vision_positions,
     window_layout,
@@ -172,13 +173,15 @@ class VisionLanguageEncoder:
         return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
 
     # ---------------------------------------------------------------- graphs
-    def features(self, patches: np.ndarray, grid: tuple) -> np.ndarray:
-        """One image's feature rows from the vision graph."""
-        feeds = {"pixel_values": patches, "positions": vision_positions(grid, self.spec.merge_size)}
-        if self.spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
-            feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, self.spec)
-        (rows,) = self.session.run(["image_embeds"], feeds)
-        return rows
+    def features(self, patches: np.ndarray, grid: tuple) -> list[np.ndarray]:
+        """One image's feature rows from the vision graph (and Qwen3-VL's DeepStack rows, (layers, rows, hidden))."""
+        spec = self.spec
+        feeds = {"pixel_values": patches, "positions": vision_positions(grid, spec.merge_size)}
+        if spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
+            feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, spec)
+        if spec.position_grid:  # Qwen3-VL: the learned position table resampled to this grid
+            feeds["position_taps"], feeds["position_weights"] = position_taps(grid, spec.position_grid, spec.merge_size)
+        return self.session.run(["image_embeds", "deepstack_embeds"] if spec.deepstack else ["image_embeds"], feeds)
 
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
         """A batch of ``VisionInput`` (or bare token ids, ``Tokenized``: a text prompt as given, as /ready's probe
@@ -186,8 +189,9 @@ class VisionLanguageEncoder:
         emb = self.emb
         items = [item if isinstance(item, VisionInput) else
                  VisionInput(list(item.ids), np.tile(np.arange(len(item)), (3, 1)), [], []) for item in items]
-        rows = [self.features(p, g) for item in items for p, g in zip(item.patches, item.grids)]
-        embeds = np.concatenate(rows) if rows else np.zeros((1, self.spec.hidden_size), np.float32)
+        spec = self.spec
+        runs = [self.features(p, g) for item in items for p, g in zip(item.patches, item.grids)]
+        embeds = np.concatenate([r[0] for r in runs]) if runs else np.zeros((1, spec.hidden_size), np.float32)
         seq = max(len(item) for item in items)
         ids = np.full((len(items), seq), emb.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(items), seq), dtype=np.int64)
@@ -196,5 +200,9 @@ class VisionLanguageEncoder:
             n = len(item)
             cols = slice(0, n) if emb.padding == PaddingSide.RIGHT else slice(seq - n, seq)
             ids[row, cols], mask[row, cols], positions[:, row, cols] = item.ids, 1, item.positions
-        return emb.session.run(outputs, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                         "image_embeds": embeds.astype(np.float32, copy=False)})
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 "image_embeds": embeds.astype(np.float32, copy=False)}
+        if spec.deepstack:  # one unused row per layer when no item has an image, as image_embeds
+            feeds["deepstack_embeds"] = np.concatenate([r[1] for r in runs], axis=1) if runs else \
+                np.zeros((spec.deepstack, 1, spec.hidden_size), np.float32)
+        return emb.session.run(outputs, feeds)

@@ -106,3 +106,18 @@ def test_windows_match_transformers(grid):
     ends = np.flatnonzero(np.diff(windows)) + 1  # where a new window starts, in patches
     assert [0, *ends.tolist(), len(windows)] == bounds.tolist()
     assert (order[restore] == np.arange(len(order))).all()
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 4), (1, 8, 12), (1, 6, 36), (2, 10, 4)])
+def test_position_taps_match_transformers(grid):
+    """Qwen3-VL's learned position table resampled to a grid (bilinear, aligned corners), patches in merge order."""
+    import torch
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from toolkit.runtime.qwen_vl import position_taps
+
+    taps, weights = position_taps(grid, 48, 2)
+    index, reference = get_vision_interpolation_indices_and_weights(
+        torch.tensor([grid]), num_grid_per_side=48, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    assert taps.tolist() == index.tolist()
+    np.testing.assert_allclose(weights, reference.numpy(), atol=1e-6)

@@ -222,16 +222,19 @@ def test_probe_images_decode(vl):  # the probe set the export verifies on holds 
     assert {"RGB", "RGBA", "L", "P"} <= modes
 
 
-def test_qwen2_5_vl_with_windowed_attention(tmp_path):
+@pytest.mark.parametrize(("family", "facts"), [("qwen2_5_vl", (56, 0, 0)), ("qwen3_vl", (0, 8, 2))])
+def test_qwen2_5_vl_windows_and_qwen3_vl_deepstack(tmp_path, family, facts):
     """Qwen2.5-VL: most tower blocks attend within windows (2 x 2 merged groups here, so the probe images span
-    several); verified against transformers by the export, then the runtime batched against alone."""
+    several). Qwen3-VL: a learned 8 x 8 position table resampled per image, and DeepStack rows of two tower blocks
+    added at the image tokens after the first two language layers. Each verified against transformers by the
+    export, then the runtime batched against alone."""
     from toolkit.export import export_model
     from toolkit.settings import ExportOptions
 
-    folder = build_tiny_qwen2_vl(tmp_path / "model", family="qwen2_5_vl")
-    result = export_model(str(folder), ExportOptions(output=tmp_path / "q25.onnx"))
+    folder = build_tiny_qwen2_vl(tmp_path / "model", family=family)
+    result = export_model(str(folder), ExportOptions(output=tmp_path / "vl.onnx"))
     spec = result.manifest.vision_language
-    assert (spec.family, spec.window_size) == ("qwen2_5_vl", 56)
+    assert spec.family == family and (spec.window_size, spec.position_grid, spec.deepstack) == facts
     assert result.manifest.parity.passed and result.manifest.parity.min_cosine["sentence_embedding"] >= 0.99999
     emb = Embedder(result.path, device="cpu")
     items = [Multimodal("a", [IMAGES["wide.png"]]), IMAGES["photo.jpg"], "just text"]

@@ -38,6 +38,7 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
     # a vision-language model (build_tiny_qwen2_vl): Qwen's special tokens added to a trained BPE
     "qwen2_vl": ({}, "bpe"),
     "qwen2_5_vl": ({}, "bpe"),
+    "qwen3_vl": ({}, "bpe"),
 }
 
 # causal LMs outside the registry: the generic decoder path (vLLM's --convert embed) exports them
@@ -345,7 +346,8 @@ QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_sta
 def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = None, family: str = "qwen2_vl") -> Path:
     """A random-weight ``Qwen2VLForConditionalGeneration`` (2 vision blocks of width 32, 2 decoder layers), or with
     ``family="qwen2_5_vl"`` a ``Qwen2_5_VLForConditionalGeneration`` (4 blocks, 2 of them attending within 2 x 2
-    windows of merged patches), with a trained BPE tokenizer holding Qwen's special tokens, Qwen's chat template and
+    windows of merged patches), or ``"qwen3_vl"`` a ``Qwen3VLForConditionalGeneration`` (16-pixel patches, an 8 x 8
+    learned position table, DeepStack rows from 2 of its 4 blocks), with a trained BPE tokenizer holding Qwen's special tokens, Qwen's chat template and
     a Pillow image processor config whose pixel bounds keep images small, saved as the Hub checkpoints are."""
     import torch
     from transformers import (
@@ -354,6 +356,8 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     torch.manual_seed(seed)
@@ -371,6 +375,14 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
         vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
                   "fullatt_block_indexes": [1, 3], "window_size": 56, "patch_size": 14, "spatial_merge_size": 2,
                   "temporal_patch_size": 2}
+    patch, mean, std = 14, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    if family == "qwen3_vl":  # 16-pixel patches (32-pixel merged units), mean and std 0.5, as Qwen3-VL's processor
+        patch, mean, std = 16, [0.5] * 3, [0.5] * 3
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
+                  "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+                  "deepstack_visual_indexes": [1, 2]}
     cfg = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                        vision_end_token_id=ids["<|vision_end|>"], **(config or {}))
@@ -381,10 +393,11 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
                                    padding_side="right", model_input_names=["input_ids", "attention_mask"])
     fast.chat_template = QWEN_VL_CHAT_TEMPLATE
     fast.save_pretrained(folder)
-    processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16,
-                 "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "resample": 3, "do_rescale": True,
-                 "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    unit = 2 * patch  # a merged unit's side
+    processor = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 4 * unit * unit,
+                 "max_pixels": 16 * unit * unit, "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2,
+                 "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "do_convert_rgb": True, "image_mean": mean, "image_std": std}
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
 

@@ -96,8 +96,10 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     artifact itself is the language graph: token ids, the image features where the prompt's image tokens are,
     and the multimodal rotary positions."""
 
-    family: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl
+    family: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl
     window_size: int = 0  # Qwen2.5-VL: the tower's attention window (pixels); 0: every block attends the whole image
+    position_grid: int = 0  # Qwen3-VL: the side of the tower's learned position table (resampled per image); 0: none
+    deepstack: int = 0  # Qwen3-VL: feature rows from this many tower layers added to the first language layers
     image_token: str  # the placeholder the chat template writes once per image, expanded to one per feature row
     image_token_id: int
     prompt_suffix: str = ""  # text after the rendered template (GME and DSE end with <|endoftext|>, pooled last)
