@@ -77,6 +77,13 @@ def export_graph(module: EmbeddingModule, resolved: ResolvedModel, *, opset: int
     return path
 
 
+def _size(model: onnx.ModelProto) -> int:
+    """The model's serialized size, counted tensor by tensor: protobuf cannot measure (or write) a message past
+    2 GB, which is exactly the case this tells apart (measured: a 2.6 GB vision tower raised EncodeError)."""
+    parts = (*model.graph.initializer, *model.graph.node, *model.metadata_props, *model.graph.value_info)
+    return sum(part.ByteSize() for part in parts) + 2**20  # inputs, outputs, opsets: well under 1 MiB
+
+
 def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: str, model_card: str, *,
                    self_contained: bool = True) -> Path:
     """ONE file: graph + weights + manifest + tokenizer; external data only past 2 GB.
@@ -91,7 +98,7 @@ def write_artifact(graph_path: Path, out: Path, manifest: Manifest, tokenizer: s
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "onnx-embed-toolkit"
     out.parent.mkdir(parents=True, exist_ok=True)
-    large = self_contained and model.ByteSize() > _TWO_GB
+    large = self_contained and _size(model) > _TWO_GB
     onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=out.name + ".data" if large else None)
     return out

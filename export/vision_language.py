@@ -321,6 +321,9 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
     except (TypeError, ValueError):
         processor = AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
     items = _probe_items()
+    default = emb.prompt_text(None, None)  # the card's default instruction, which the runtime applies unasked
+    for item in items.values():
+        item.setdefault("instruction", default or None)
     names = list(items)
     reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
     inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", [])) for n in names}
@@ -329,11 +332,11 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
     batches += [(n, [n]) for n in names]
     for label, group in batches:
         rows = [names.index(n) for n in group]
-        instruction = {items[n].get("instruction") for n in group}
+        instruction = {items[n]["instruction"] for n in group}
         if len(instruction) > 1:  # one instruction per call: the instructed item runs on its own
-            group = [n for n in group if not items[n].get("instruction")]
+            group = [n for n in group if items[n]["instruction"] == (default or None)]
             rows = [names.index(n) for n in group]
-        (prompt,) = instruction if len(instruction) == 1 else (None,)
+        (prompt,) = instruction if len(instruction) == 1 else ((default or None),)
         got = emb.embed([inputs[n] for n in group], prompt=prompt)
         cos = cosines(got, reference[rows])
         worst = min(worst, float(cos.min()))

@@ -231,10 +231,14 @@ def test_qwen2_5_vl_windows_and_qwen3_vl_deepstack(tmp_path, family, facts):
     from toolkit.export import export_model
     from toolkit.settings import ExportOptions
 
-    folder = build_tiny_qwen2_vl(tmp_path / "model", family=family)
+    # Qwen3-VL in a folder named as Qwen3-VL-Embedding-2B's checkpoint: its card's default instruction applies
+    name = {"qwen2_5_vl": "model", "qwen3_vl": "Qwen3-VL-Embedding-2B"}[family]
+    folder = build_tiny_qwen2_vl(tmp_path / name, family=family)
     result = export_model(str(folder), ExportOptions(output=tmp_path / "vl.onnx"))
     spec = result.manifest.vision_language
     assert spec.family == family and (spec.window_size, spec.position_grid, spec.deepstack) == facts
+    if family == "qwen3_vl":  # the card's default instruction, "Represent the user's input.", as the system message
+        assert result.manifest.card.prompts["document"] == "Represent the user's input." and spec.prompt_suffix == ""
     assert result.manifest.parity.passed and result.manifest.parity.min_cosine["sentence_embedding"] >= 0.99999
     emb = Embedder(result.path, device="cpu")
     items = [Multimodal("a", [IMAGES["wide.png"]]), IMAGES["photo.jpg"], "just text"]
