@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -245,3 +246,40 @@ def test_qwen2_5_vl_windows_and_qwen3_vl_deepstack(tmp_path, family, facts):
     together = emb.embed(items)
     alone = np.concatenate([emb.embed([item]) for item in items])
     assert cosines(together, alone).min() >= 0.99999
+
+
+def test_toolkit_embed_pairs_an_image_column_with_a_text_column(vl, vl_export, tmp_path):
+    """``toolkit embed --image-column image --text-column caption``: each row's image and caption are ONE item
+    (a missing caption leaves the image alone, a missing or broken image is a bad row); texts alone go through the
+    model's prompt as the server's do; on a two-tower artifact the pairing is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from toolkit.bulk import BulkOptions, embed_files
+
+    images = [IMAGES["wide.png"], IMAGES["photo.jpg"], b"not an image", None]
+    captions = ["a chart", None, "broken", "no image"]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "image": images, "caption": captions}), tmp_path / "rows.parquet")
+    options = BulkOptions(image_column="image", text_column="caption", with_text=True, id_column="id", on_error="skip")
+    summary = embed_files(vl_export.path, tmp_path / "rows.parquet", tmp_path / "out", options)
+    table = pq.read_table(tmp_path / "out")
+    assert table.column("id").to_pylist() == [1, 2] and summary.skipped == 2
+    expected = vl.embed([Multimodal("a chart", [IMAGES["wide.png"]]), Multimodal(images=[IMAGES["photo.jpg"]])])
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()), expected, atol=1e-5)
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "_skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == [3, 4]
+
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["a cat", "a dog"]) + "\n")
+    embed_files(vl_export.path, tmp_path / "texts.jsonl", tmp_path / "texts", BulkOptions())
+    got = np.array(pq.read_table(tmp_path / "texts").column("embedding").to_pylist())
+    np.testing.assert_allclose(got, vl.embed(["a cat", "a dog"]), atol=1e-5)
+
+
+def test_pairing_columns_needs_a_vision_language_artifact(clip_artifact, tmp_path):
+    from toolkit.bulk import BulkOptions, embed_files
+    from toolkit.errors import ConfigError
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"image": "x.png", "caption": "y"}) + "\n")
+    options = BulkOptions(image_column="image", text_column="caption", with_text=True)
+    with pytest.raises(ConfigError, match="for vision-language artifacts"):
+        embed_files(clip_artifact, tmp_path / "rows.jsonl", tmp_path / "out", options)

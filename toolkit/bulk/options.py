@@ -36,6 +36,8 @@ class BulkOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     text_column: str = "text"
     image_column: str | None = None  # two-tower artifacts: a column of image paths or encoded bytes
+    # vision-language artifacts, with image_column: each row's image and this column's text are ONE item
+    with_text: bool = False
     id_column: str | None = None  # kept in the output; without one, the row number (0-based, across files)
     input_format: str | None = None  # parquet | jsonl | csv | text; default: from the file extension
     dimensions: int | None = None
@@ -56,6 +58,8 @@ class BulkOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"--embedding-type '{self.embedding_type}' is not one of: {', '.join(EMBEDDING_TYPES)}")
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"--on-error '{self.on_error}' is not one of: {', '.join(ON_ERROR)}")
+        if self.with_text and self.image_column is None:
+            raise ConfigError("a text column alongside images needs --image-column")
         if self.input_format is not None and self.input_format not in FORMATS:
             raise ConfigError(f"--input-format '{self.input_format}' is not one of: {', '.join(FORMATS)}")
         if self.rows_per_part < 1 or self.window < 1:
@@ -68,6 +72,19 @@ class BulkOptions(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def value_column(self) -> str:
         return self.image_column or self.text_column
+
+    @property
+    def value_columns(self) -> list[str]:
+        """The columns a row's value is read from: one, or (image, text) for items that hold both."""
+        return [self.value_column, self.text_column] if self.paired else [self.value_column]
+
+    @property
+    def paired(self) -> bool:
+        return self.with_text and self.image_column is not None
+
+    def row_values(self, columns: list[list]) -> list:
+        """A window's values from its ``value_columns`` (lists): the one column's, or (image, text) pairs."""
+        return list(zip(*columns)) if self.paired else columns[0]
 
 
 def require_pyarrow():

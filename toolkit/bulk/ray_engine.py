@@ -48,7 +48,8 @@ class _RayEmbed:
         import pyarrow as pa
 
         o = self.options
-        result = self.encoder(batch.column(o.id_name).combine_chunks(), batch.column(o.value_column).to_pylist())
+        values = o.row_values([batch.column(c).to_pylist() for c in o.value_columns])
+        result = self.encoder(batch.column(o.id_name).combine_chunks(), values)
         if o.on_error == "stop":
             return result.table
         errors = pa.array([None] * result.table.num_rows + [reason for _, reason in result.skipped], pa.string())
@@ -108,14 +109,15 @@ def read_dataset(files: list[Path], options: BulkOptions):
     paths = [str(p) for p in files]
     match formats.pop():
         case "parquet":
-            columns = [options.value_column] + ([options.id_column] if options.id_column else [])
+            columns = options.value_columns + ([options.id_column] if options.id_column else [])
             ds = ray.data.read_parquet(paths, columns=columns)
         case "jsonl":
             ds = ray.data.read_json(paths, lines=True)
         case "csv":
             import pyarrow.csv as pcsv
 
-            types = {options.text_column: require_pyarrow().string()} if options.image_column is None else {}
+            types = {options.text_column: require_pyarrow().string()} if options.image_column is None or options.paired \
+                else {}
             ds = ray.data.read_csv(paths, convert_options=pcsv.ConvertOptions(column_types=types))
         case "text":  # embed_with_ray's check_columns refused columns other than "text"
             ds = ray.data.read_text(paths, drop_empty_lines=False)

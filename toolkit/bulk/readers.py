@@ -90,7 +90,7 @@ def check_columns(files: list[Path], options: BulkOptions) -> None:
 
 
 def _wanted(options: BulkOptions) -> list[str]:
-    return [options.value_column] + ([options.id_column] if options.id_column else [])
+    return options.value_columns + ([options.id_column] if options.id_column else [])
 
 
 def _column_names(path: Path, fmt: str) -> list[str]:
@@ -158,7 +158,7 @@ def _read_file(path: Path, fmt: str, options: BulkOptions) -> Iterator[tuple[pa.
         case "csv":
             import pyarrow.csv as pcsv
 
-            types = {options.text_column: pa.string()} if options.image_column is None else {}
+            types = {options.text_column: pa.string()} if options.image_column is None or options.paired else {}
             try:
                 reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
             except pa.ArrowInvalid as exc:
@@ -198,7 +198,7 @@ def _read_jsonl(path: Path, options: BulkOptions) -> Iterator[tuple[pa.Array | N
     """JSON Lines windows. A column no row of the first window holds is missing from the file (ConfigError naming
     the fields those rows hold); a row without the id is an error at its line, one without its value a bad row."""
     pa = require_pyarrow()
-    id_column, column = options.id_column, options.value_column
+    id_column, columns = options.id_column, options.value_columns
     ids: list = []
     values: list = []
     fields: dict[str, None] | None = {}  # the first window's fields, in order of appearance; None once checked
@@ -229,7 +229,7 @@ def _read_jsonl(path: Path, options: BulkOptions) -> Iterator[tuple[pa.Array | N
                 if id_column not in record:
                     no_id = no_id or number
                 ids.append(record.get(id_column))
-            values.append(record.get(column))
+            values.append(options.row_values([[record.get(c)] for c in columns])[0])
             if len(values) == options.window:
                 yield emit()
                 ids, values, no_id = [], [], 0
@@ -239,6 +239,6 @@ def _read_jsonl(path: Path, options: BulkOptions) -> Iterator[tuple[pa.Array | N
 
 def _split(batch: pa.RecordBatch, options: BulkOptions) -> tuple[pa.Array | None, list]:
     ids = batch.column(options.id_column) if options.id_column else None
-    return ids, batch.column(options.value_column).to_pylist()
+    return ids, options.row_values([batch.column(c).to_pylist() for c in options.value_columns])
 
 

@@ -48,6 +48,11 @@ class RowEncoder:
                                          "embed")
         self.sparse = self.task == "embed_sparse"
         self.images = options.image_column is not None
+        # a vision-language artifact renders its own prompts around texts and images: its rows go through embed()
+        self.prompted = hasattr(embedder.encoders.get("text"), "model_inputs")
+        if options.paired and not self.prompted:
+            raise ConfigError(f"this {embedder.kind} artifact embeds a text or an image per row; a text column with "
+                              "--image-column is for vision-language artifacts (their items hold both)")
         entry = TASKS.get(self.task)
         if entry is None or entry.rows is None or entry.modality != "text":
             valid = [name for name, t in TASKS.items() if t.rows is not None and t.modality == "text"]
@@ -102,7 +107,13 @@ class RowEncoder:
         pa = require_pyarrow()
         bad: dict[int, str] = {}
         for i, value in enumerate(values):
-            if value is None:
+            if self.options.paired:  # (image, text): the image is required, the text may be missing
+                image, text = value
+                if image is None:
+                    bad[i] = f"no {self.options.value_column!r} value"
+                elif text is not None and not isinstance(text, str):
+                    bad[i] = f"{self.options.text_column!r} is not a string ({type(text).__name__})"
+            elif value is None:
                 bad[i] = f"no {self.options.value_column!r} value"
             elif not self.images and not isinstance(value, str):
                 bad[i] = f"{self.options.value_column!r} is not a string ({type(value).__name__})"
@@ -122,6 +133,8 @@ class RowEncoder:
     def _embed(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
         """(vectors, or SPLADE's (indices, weights) per row; tokens read) of ``values`` (rows ``index`` of the
         window), in order; rows found bad on the way go into ``bad`` and are left out."""
+        if self.prompted and not self.generic:
+            return self._embed_prompted(values, index, bad)
         if self.images:
             return self._embed_images(values, index, bad), 0
         if self.generic:
@@ -168,6 +181,32 @@ class RowEncoder:
 
     def _tokenize_options(self) -> dict:
         return {"prompt_name": self.options.prompt_name, "truncate_prompt_tokens": -1 if self.options.truncate else None}
+
+    def _embed_prompted(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
+        """A vision-language artifact's rows (texts, images, or (image, text) pairs as one item each) through
+        ``embed``, which renders the model's prompt; the window in one call, row by row only when some row is
+        refused (those go into ``bad``)."""
+        from toolkit.runtime.vision_language import Multimodal
+
+        items = [Multimodal(v[1] or None, [v[0]]) if self.options.paired else
+                 Multimodal(images=[v]) if self.images else v for v in values]
+        params = {"dimensions": self.options.dimensions, "normalize": self.options.normalize,
+                  "prompt_name": self.options.prompt_name}
+        embed = TASKS["embed"]
+        try:
+            prepared = embed.prepare(self.embedder, items, **params)
+            return self.embedder.complete(prepared), prepared.tokens
+        except RequestError:
+            pass
+        rows, tokens = [], 0
+        for item, row in zip(items, index):
+            try:
+                prepared = embed.prepare(self.embedder, [item], **params)
+                rows.append(self.embedder.complete(prepared)[0])
+                tokens += prepared.tokens
+            except RequestError as exc:
+                bad[row] = exc.message.removeprefix("input[0]: ").removeprefix("image 0: ")
+        return (np.stack(rows) if rows else []), tokens
 
     def _embed_images(self, images: list, index: list[int], bad: dict[int, str]) -> np.ndarray | list:
         """Image vectors; the window in one call, image by image only when some image cannot be read (each is then

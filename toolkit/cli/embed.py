@@ -28,9 +28,9 @@ def embed(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="An artifact (.onnx), a bundled card name, a Hub id or a local model directory (exported once into TOOLKIT_CACHE and reused)")],
     inputs: Annotated[str, typer.Argument(metavar="INPUT", help="Parquet, JSON Lines, CSV or text (one text a line): a file, a directory or a quoted glob")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory of Parquet parts (id, embedding | indices, values | label, probabilities)")],
-    text_column: Annotated[str, typer.Option(help="Column (field) holding the text")] = "text",
+    text_column: Annotated[str | None, typer.Option(help="Column (field) holding the text [default: text]; given with --image-column (vision-language artifacts), each row's image and text are one item")] = None,
     id_column: Annotated[str | None, typer.Option(help="Column kept as the row id [default: the row number, as column 'row']")] = None,
-    image_column: Annotated[str | None, typer.Option(help="CLIP / SigLIP artifacts: embed this column of image paths or encoded bytes instead of text")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Artifacts that read images (CLIP, SigLIP, vision-language): embed this column of image paths or encoded bytes instead of text")] = None,
     input_format: Annotated[str | None, typer.Option(help="parquet | jsonl | csv | text [default: from the extension]")] = None,
     dimensions: Annotated[int | None, typer.Option(help="Matryoshka size to write [default: the model's]")] = None,
     prompt_name: Annotated[str | None, typer.Option(help="Card prompt to prepend, e.g. query / document [default: the card's default]")] = None,
@@ -60,7 +60,8 @@ def embed(
 
     with one_line_errors():
         dev = parse_device(device)
-        options = bulk.BulkOptions(text_column=text_column, id_column=id_column, image_column=image_column,
+        options = bulk.BulkOptions(text_column=text_column or "text", id_column=id_column, image_column=image_column,
+                                   with_text=image_column is not None and text_column is not None,
                                    input_format=input_format, dimensions=dimensions, prompt_name=prompt_name,
                                    normalize=False if no_normalize else None, embedding_type=embedding_type,
                                    truncate=truncate, on_error=on_error, rows_per_part=rows_per_part, window=window,
