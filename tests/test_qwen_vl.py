@@ -121,3 +121,27 @@ def test_position_taps_match_transformers(grid):
         torch.tensor([grid]), num_grid_per_side=48, mode="bilinear", align_corners=True, spatial_merge_size=2)
     assert taps.tolist() == index.tolist()
     np.testing.assert_allclose(weights, reference.numpy(), atol=1e-6)
+
+
+def test_an_exif_rotated_photo_is_read_upright_as_transformers_loads_it(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6: the runtime's decode (bytes -> upright image) and
+    preprocessing against transformers' load_image (which applies the orientation) and its image processor."""
+    from PIL import Image
+    from transformers.image_utils import load_image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.runtime.images import decode_image
+
+    rng = np.random.default_rng(1)
+    stored = Image.fromarray(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8))  # 160 wide as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: upright it is 90 wide, 160 tall
+    path = tmp_path / "phone.jpg"
+    stored.save(path, "JPEG", quality=95, exif=exif)
+    ours, grid = preprocess_qwen_vl(decode_image(path.read_bytes()), SPEC)
+    upright = load_image(str(path))
+    assert upright.size == (90, 160)
+    reference = Qwen2VLImageProcessorPil(min_pixels=SPEC.min_pixels, max_pixels=SPEC.max_pixels)(
+        images=[upright], return_tensors="np")
+    assert list(grid) == reference["image_grid_thw"][0].tolist() and grid[1] > grid[2]  # taller than wide
+    assert np.abs(ours - reference["pixel_values"]).max() <= 1e-4
