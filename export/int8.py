@@ -36,9 +36,14 @@ from toolkit.runtime.pooling import cosines
 from toolkit.runtime.tokenization import Tokenizer, pad_batch
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["SMOOTHING_ALPHA", "Int8Choice", "Probe", "choose_int8_nodes", "smooth_activations"]
+__all__ = ["SMOOTHING_ALPHA", "Int8Choice", "Probe", "choose_for_model", "choose_int8_nodes", "int8_gate",
+           "smooth_activations"]
 
 SMOOTHING_ALPHA = 0.7  # how much of an input channel's range moves into the weight (SmoothQuant's alpha)
+MIN_OVERLAP = 0.95
+_GATE_TEXTS = 500  # the gate's texts: the search measures its choice on them once
+_RANK_TEXTS = 200
+_CALIBRATION_TEXTS = 200  # activation ranges for the smoothing: the corpus texts after the gate's
 
 
 @dataclass(frozen=True)
@@ -190,3 +195,31 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
         return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha)
     count, (overlap, cos, path) = best
     return Int8Choice(path, order[:count], len(nodes), overlap, cos, alpha)
+
+
+def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_id: int) -> Int8Choice:
+    """The export's int8 search for a text graph: the gate on 500 corpus texts, the ranking on 200 of them, the
+    smoothing calibrated on 200 texts the gate does not see (``resolved``: the export's ResolvedModel)."""
+    from toolkit.corpus import load_corpus
+    from toolkit.export.parity import THRESHOLDS
+
+    texts = load_corpus(limit=_GATE_TEXTS + _CALIBRATION_TEXTS)
+    common = {"pad_id": pad_id, "padding_side": resolved.card.padding_side, "type_ids": resolved.arch.token_type_ids}
+    gate = Probe(texts[:_GATE_TEXTS], tokenizer, **common)
+    rank = Probe(texts[:_RANK_TEXTS], tokenizer, **common)
+    calibration = Probe(texts[_GATE_TEXTS:], tokenizer, **common)  # texts the gate does not see
+    return choose_int8_nodes(fp32, tmp, rank_probe=rank, gate_probe=gate, min_overlap=MIN_OVERLAP,
+                             min_cosine=THRESHOLDS["int8"], calibration=calibration)
+
+
+def int8_gate(report, choice: Int8Choice):
+    """The int8 gate on the search's own measurement of the chosen MatMuls (500 corpus texts vs the fp32 graph:
+    top-10 neighbour overlap and min cosine), measured once, plus the sentence outputs' parity vs PyTorch
+    (``report``: the export's ParityReport)."""
+    import msgspec
+
+    # int8 gates the sentence-level outputs; token_embeddings are reported, not gated
+    sentence_ok = all(v >= report.threshold for k, v in report.min_cosine.items() if k != "token_embeddings")
+    passed = sentence_ok and choice.overlap >= MIN_OVERLAP and choice.min_cosine >= report.threshold
+    return msgspec.structs.replace(report, retrieval_top10_overlap=choice.overlap, vs_fp32_min_cosine=choice.min_cosine,
+                                   passed=passed)

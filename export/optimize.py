@@ -162,18 +162,29 @@ def quantizable_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in constants]
 
 
-def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Path:
+def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None, plain: bool = False) -> Path:
     """Dynamic int8: signed per-channel weights on MatMul (s8 measured faster than u8 here).
 
-    ``nodes``: quantize only these MatMuls (None: all); the rest stay fp32.
+    ``nodes``: quantize only these MatMuls (None: all); the rest stay fp32. ``plain``: drop the graph's value_info
+    first. Weights kept as external data stay so (a graph past 2 GB).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(src), load_external_data=False)
+    large = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    if plain and model.graph.value_info:  # the dynamo exporter's value_info can contradict onnx's shape inference,
+        # which the quantizer runs first (measured: a Qwen2-VL tower's (3840) vs (1280)): the quantizer infers its own
+        model = onnx.load(str(src))
+        del model.graph.value_info[:]
+        src = dst.with_name(dst.stem + "-plain.onnx")
+        onnx.save(model, str(src), save_as_external_data=large, all_tensors_to_one_file=True,
+                  location=src.name + ".data" if large else None)
+        del model
     logging.disable(logging.WARNING)  # the quantizer warns about pre-processing on every call
     try:
         quantize_dynamic(
             str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes or [],
+            nodes_to_quantize=nodes or [], use_external_data_format=large,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
         )
     finally:

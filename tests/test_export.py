@@ -199,9 +199,9 @@ def test_activation_smoothing_keeps_the_graph_exact_and_int8_records_its_cpu(tmp
 
 
 def test_int8_that_misses_its_gate_is_refused(tmp_path, monkeypatch):
-    from toolkit.export import pipeline
+    from toolkit.export import int8
 
-    monkeypatch.setattr(pipeline, "_INT8_MIN_OVERLAP", 1.01)  # a gate nothing can pass
+    monkeypatch.setattr(int8, "MIN_OVERLAP", 1.01)  # a gate nothing can pass
     folder = build_tiny_model("bert", tmp_path / "m")
     with pytest.raises(ParityError, match="top-10 overlap"):
         _export(str(folder), tmp_path / "refused.onnx", pooling=Pooling.MEAN, precision="int8")
