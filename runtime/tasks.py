@@ -140,7 +140,7 @@ def own_inputs(emb: Embedder, modality: str, inputs, **params) -> Prepared | Non
         return None
     items, plan = build(inputs, **params)
     return Prepared([Run(items, plan.output, encoder.modality)], lambda rows: finish(np.stack(rows[0]), plan),
-                    tokens=_tokens(items))
+                    tokens=_tokens(items), images=[image for item in items for image in getattr(item, "images", ())])
 
 
 def embed_items(emb: Embedder, items: list, plan) -> Prepared:

@@ -21,7 +21,7 @@ from toolkit.cards import PaddingSide
 from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
-from toolkit.runtime.images import ImageRef, decode_image, is_image_input, require_pillow
+from toolkit.runtime.images import ImageRef, Pixels, decode_image, is_image_input, require_pillow
 from toolkit.runtime.outputs import plan_output
 from toolkit.runtime.qwen_vl import (
     QwenVLImageSpec,
@@ -57,12 +57,16 @@ class Multimodal:
 
 
 class VisionInput:
-    """One item's model inputs: token ids (placeholders expanded), M-RoPE positions, each image's patches and grid."""
+    """One item's model inputs: token ids (placeholders expanded), M-RoPE positions, each image's patches and grid;
+    ``images``: each image as it came (``Pixels`` without pixels: its placeholder tokens, size and format), for
+    usage counts and Cohere's image metadata."""
 
-    __slots__ = ("grids", "ids", "patches", "positions")
+    __slots__ = ("grids", "ids", "images", "patches", "positions")
 
-    def __init__(self, ids: list[int], positions: np.ndarray, patches: list[np.ndarray], grids: list[tuple]) -> None:
+    def __init__(self, ids: list[int], positions: np.ndarray, patches: list[np.ndarray], grids: list[tuple],
+                 images: list[Pixels] | None = None) -> None:
         self.ids, self.positions, self.patches, self.grids = ids, positions, patches, grids
+        self.images = images or []
 
     def __len__(self) -> int:  # the batcher's budget: the prompt's tokens
         return len(self.ids)
@@ -121,7 +125,7 @@ class VisionLanguageEncoder:
         """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
         from toolkit.runtime.chat import render_chat
 
-        patches, grids = [], []
+        patches, grids, seen = [], [], []
         if item.images:
             require_pillow()
         for source in item.images:
@@ -129,6 +133,7 @@ class VisionLanguageEncoder:
             pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
             patches.append(pixels)
             grids.append(grid)
+            seen.append((image.width, image.height, (image.format or "").lower()))
         content = [{"type": "image"} for _ in grids]
         if item.text:
             content.append({"type": "text", "text": item.text})
@@ -150,7 +155,8 @@ class VisionLanguageEncoder:
             raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
                                f"reads at most {limit}", param="input")
         positions, _ = mrope_positions([t == token for t in expanded], grids, self.spec.merge_size)
-        return VisionInput(expanded, positions, patches, grids)
+        images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]
+        return VisionInput(expanded, positions, patches, grids, images)
 
     def model_inputs(self, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
                      prompt_name: str | None = None, prompt: str | None = None, truncate_prompt_tokens=None,

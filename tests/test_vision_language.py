@@ -173,6 +173,13 @@ async def test_every_dialect_sends_text_and_images_in_one_item(vl_export, vl):
                                                  "input_type": "search_document", "embedding_types": ["float"]})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json()["embeddings"]["float"]), expected[[0, 3]], atol=1e-5)
+        billed, encoder = r.json()["meta"]["billed_units"], vl.encoder("multimodal")
+        rows = [image.tokens for item in (Multimodal("x", [IMAGES["wide.png"]]),
+                                          Multimodal(images=[IMAGES["wide.png"], IMAGES["photo.jpg"]]))
+                for image in encoder.build(item, "", 0, 10**6).images]
+        assert min(rows) >= 256  # the card's minimum: 256 image tokens of 28 x 28 pixels
+        assert billed["images"] == 3 and billed["image_tokens"] == sum(rows) and billed["input_tokens"] > 0
+        assert r.json()["images"][0] == {"width": 96, "height": 40, "format": "png", "bit_depth": 8}
         r = await client.post("/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 3})
         assert r.status_code == 400 and "not supported for vision-language" in r.json()["error"]["message"]
         many = [{"type": "image_url", "image_url": {"url": _uri("small.png")}}] * 9
