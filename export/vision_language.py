@@ -192,7 +192,9 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
     grid = int(int(vision.get("num_position_embeddings") or 0) ** 0.5) if family == "qwen3_vl" else 0
     deepstack = len(vision.get("deepstack_visual_indexes") or ()) if family == "qwen3_vl" else 0
     return VisionLanguage(
-        family=family, window_size=window, position_grid=grid, deepstack=deepstack, image_token=token, image_token_id=token_id, prompt_suffix=suffix,
+        family=family, window_size=window, position_grid=grid, deepstack=deepstack, image_token=token,
+        image_token_id=token_id, prompt_suffix=suffix, instruction_at=card.instruction_at,
+        image_only_text=card.image_only_text, placeholder_image=card.placeholder_image,
         patch_size=int(cfg.get("patch_size") or vision.get("patch_size") or 14),
         merge_size=int(cfg.get("merge_size") or vision.get("spatial_merge_size") or 2),
         temporal_patch_size=int(cfg.get("temporal_patch_size") or vision.get("temporal_patch_size") or 2),
@@ -281,12 +283,10 @@ def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, 
     forward with ``mm_token_type_ids``, the last token's state normalized."""
     from PIL import Image
 
-    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])]
-    content = [{"type": "image"} for _ in decoded]
-    if item.get("text"):
-        content.append({"type": "text", "text": item["text"]})
-    messages = ([{"role": "system", "content": item["instruction"]}] if item.get("instruction") else []) + \
-        [{"role": "user", "content": content}]
+    from toolkit.runtime.vision_language import item_messages, placeholder_images
+
+    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or placeholder_images(spec)
+    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec)
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
     feeds = {}
     if decoded:

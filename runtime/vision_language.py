@@ -3,7 +3,7 @@ items that hold both.
 
 An item becomes model inputs here (``VisionLanguageEncoder.build``): its images decoded and preprocessed as
 transformers' image processor does (``runtime.qwen_vl``), the prompt rendered with the model's own chat template
-(the instruction, a card prompt, as the system message; one image part per image, then the text), the card's
+(the instruction, a card prompt, as the system message or, as DSE, before the text; one image part per image, or the card's placeholder image, then the text), the card's
 suffix appended, each image placeholder expanded to one token per feature row, and the M-RoPE positions computed.
 ``run`` takes a batch: the vision graph once per image, then the language graph over the padded batch with the
 feature rows in prompt order.
@@ -37,7 +37,30 @@ if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
     from toolkit.runtime.outputs import OutputPlan
 
-__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder"]
+__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_messages", "placeholder_images"]
+
+
+def item_messages(text: str | None, images: int, instruction: str | None, spec) -> list[dict]:
+    """The chat one item is rendered from, laid out as the model's authors do: ``images`` image parts, then the
+    text. The instruction is the system message (GME, Qwen3-VL), or, where the card puts it in the text
+    (``instruction_at = "text"``: DSE's "Query: "), it starts the user's text; an item with only images takes the
+    card's ``image_only_text`` (DSE: "What is shown in this image?"). ``spec``: the manifest's vision_language."""
+    if spec.instruction_at == "text":
+        text, instruction = (instruction or "") + (text or spec.image_only_text), None
+    elif not text:
+        text = spec.image_only_text
+    content = [{"type": "image"} for _ in range(images)] + ([{"type": "text", "text": text}] if text else [])
+    return ([{"role": "system", "content": instruction}] if instruction else []) + [{"role": "user", "content": content}]
+
+
+def placeholder_images(spec) -> list:
+    """What stands in an item without images: a black square of the card's side (DSE reads every query with one,
+    56 x 56, as vLLM's test and the model card's qwen_vl_utils resize give it), or nothing."""
+    if not spec.placeholder_image:
+        return []
+    from PIL import Image
+
+    return [Image.new("RGB", (spec.placeholder_image, spec.placeholder_image))]
 
 
 class Multimodal:
@@ -125,20 +148,18 @@ class VisionLanguageEncoder:
         """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
         from toolkit.runtime.chat import render_chat
 
-        patches, grids, seen = [], [], []
-        if item.images:
+        patches, grids = [], []
+        spec = self.spec
+        if item.images or spec.placeholder_image:
             require_pillow()
-        for source in item.images:
-            image = decode_image(source.source if isinstance(source, ImageRef) else source, index)
+        decoded = [decode_image(source.source if isinstance(source, ImageRef) else source, index)
+                   for source in item.images]
+        for image in decoded or placeholder_images(spec):
             pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
             patches.append(pixels)
             grids.append(grid)
-            seen.append((image.width, image.height, (image.format or "").lower()))
-        content = [{"type": "image"} for _ in grids]
-        if item.text:
-            content.append({"type": "text", "text": item.text})
-        messages = ([{"role": "system", "content": instruction}] if instruction else []) + \
-            [{"role": "user", "content": content}]
+        seen = [(image.width, image.height, (image.format or "").lower()) for image in decoded]
+        messages = item_messages(item.text, len(grids), instruction, spec)
         emb = self.emb
         prompt = render_chat(emb.manifest.chat_template, messages, special_tokens=emb.manifest.special_tokens,
                              add_generation_prompt=True, keep_parts=True) + self.spec.prompt_suffix
@@ -155,7 +176,7 @@ class VisionLanguageEncoder:
             raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
                                f"reads at most {limit}", param="input")
         positions, _ = mrope_positions([t == token for t in expanded], grids, self.spec.merge_size)
-        images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]
+        images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]  # the caller's, not a placeholder
         return VisionInput(expanded, positions, patches, grids, images)
 
     def model_inputs(self, inputs, *, dimensions: int | None = None, normalize: bool | None = None,

@@ -255,6 +255,57 @@ def test_qwen2_5_vl_windows_and_qwen3_vl_deepstack(tmp_path, family, facts):
     assert cosines(together, alone).min() >= 0.99999
 
 
+@pytest.mark.anyio
+async def test_dse_queries_read_a_placeholder_image_and_their_prompt_in_the_text(tmp_path):
+    """DSE (a Qwen2-VL in a folder named as dse-qwen2-2b-mrl-v1's checkpoint, so its card applies): a text query is
+    "Query: <text>" after a black 56 x 56 placeholder image, a page image alone reads "What is shown in this image?",
+    as vLLM's test_dse_qwen2_vl.py prompts it; verified against transformers by the export on every probe item,
+    and here against the reference built by hand. The placeholder is not the caller's image: Cohere bills none."""
+    from toolkit.export import export_model
+    from toolkit.settings import ExportOptions
+
+    folder = build_tiny_qwen2_vl(tmp_path / "dse-qwen2-2b-mrl-v1")
+    result = export_model(str(folder), ExportOptions(output=tmp_path / "dse.onnx"))
+    spec = result.manifest.vision_language
+    assert (spec.instruction_at, spec.placeholder_image, spec.image_only_text) == \
+        ("text", 56, "What is shown in this image?")
+    assert (spec.min_pixels, spec.max_pixels, result.manifest.max_seq_len) == (784, 2560 * 784, 8192)
+    assert result.manifest.parity.passed and result.manifest.parity.min_cosine["sentence_embedding"] >= 0.99999
+    emb = Embedder(result.path, device="cpu")
+    encoder = emb.encoder("multimodal")
+    query = encoder.build(Multimodal("where is the stop sign?"), "Query: ", 0, 10**6)
+    assert query.ids.count(spec.image_token_id) == 4 and query.images == []  # 56 x 56: 2 x 2 merged patches
+    prompt = emb.tokenizer.decode([t for t in query.ids if t != spec.image_token_id], skip_special_tokens=False)
+    assert "Query: where is the stop sign?" in prompt and "<|im_start|>system\nYou are a helpful" in prompt
+    page = encoder.build(Multimodal(images=[IMAGES["wide.png"]]), "", 0, 10**6)
+    assert "What is shown in this image?" in emb.tokenizer.decode(page.ids, skip_special_tokens=False)
+
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.export.resolve import resolve_model
+    from toolkit.export.vision_language import _reference, load_vision_language
+
+    resolved = resolve_model(str(folder), ExportOptions())
+    processor = Qwen2VLImageProcessorPil.from_pretrained(folder, min_pixels=784, max_pixels=2560 * 784)
+    model, tokenizer = load_vision_language(resolved), AutoTokenizer.from_pretrained(folder)
+    expected = np.stack([_reference(model, resolved, spec, tokenizer, processor, item) for item in
+                         ({"text": "where is the stop sign?", "instruction": "Query: "}, {"images": [IMAGES["wide.png"]]})])
+    got = np.concatenate([emb.embed(["where is the stop sign?"], prompt_name="query"), emb.embed([IMAGES["wide.png"]])])
+    assert cosines(got, expected).min() >= 0.99999
+    async with async_app_client(result.path, names=("dse",)) as client:
+        r = await client.post("/v2/embed", json={"texts": ["where is the stop sign?"], "input_type": "search_query",
+                                                 "embedding_types": ["float"]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]["float"]), got[:1], atol=1e-5)
+        assert not r.json()["meta"]["billed_units"].get("images")
+        # MRL as the model card's get_embedding: the last state cut to the dimension, then normalized
+        raw = emb.embed(["where is the stop sign?"], normalize=False)[:, :16]
+        r = await client.post("/v1/embeddings", json={"input": "where is the stop sign?", "dimensions": 16})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r.json()), raw / np.linalg.norm(raw), atol=1e-5)
+
+
 def test_toolkit_embed_pairs_an_image_column_with_a_text_column(vl, vl_export, tmp_path):
     """``toolkit embed --image-column image --text-column caption``: each row's image and caption are ONE item
     (a missing caption leaves the image alone, a missing or broken image is a bad row); texts alone go through the

@@ -11,6 +11,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from typing import Literal
+
 import msgspec
 
 from toolkit.errors import ConfigError
@@ -78,6 +80,11 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     # own (GME: 256 to 1280 image tokens of 28 x 28 pixels); None: preprocessor_config.json's
     image_min_pixels: int | None = None
     image_max_pixels: int | None = None
+    # vision-language embedders: where the instruction (a prompt) goes: "system", the system message (GME,
+    # Qwen3-VL), or "text", before the item's text in the user turn (DSE: "Query: ...")
+    instruction_at: Literal["system", "text"] = "system"
+    image_only_text: str = ""  # the text of an item that has only images (DSE: "What is shown in this image?")
+    placeholder_image: int = 0  # a black square of this side stands in an item without images (DSE: 56); 0: none
     labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 

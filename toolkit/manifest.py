@@ -103,6 +103,9 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     image_token: str  # the placeholder the chat template writes once per image, expanded to one per feature row
     image_token_id: int
     prompt_suffix: str = ""  # text after the rendered template (GME and DSE end with <|endoftext|>, pooled last)
+    instruction_at: str = "system"  # the instruction is the system message, or "text": before the item's text
+    image_only_text: str = ""  # the text of an item that has only images (DSE: "What is shown in this image?")
+    placeholder_image: int = 0  # a black square of this side stands in an item without images (DSE: 56)
     patch_size: int
     merge_size: int
     temporal_patch_size: int
