@@ -10,7 +10,6 @@ import enum
 import sys
 from importlib import resources
 from pathlib import Path
-
 from typing import Literal
 
 import msgspec
