@@ -93,6 +93,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # layers added at the image tokens after the first language layers (the language graph's deepstack_embeds)
         ArchSpec("qwen3_vl", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
                  text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds", "deepstack_embeds")),
+        # LLaVA-NeXT (e5-v): a CLIP tower over the whole image and its tiles, a Llama decoder; the positions
+        # (1, batch, seq) count up over each prompt's real tokens (export.llava_next)
+        ArchSpec("llava_next", decoder=True, vision_language=True, pooling=Pooling.LAST_TOKEN,
+                 text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds")),
     )
 }
 

@@ -187,9 +187,9 @@ def _export_vision_language(resolved: ResolvedModel, options: ExportOptions, out
     from toolkit.export.vision_language import (
         export_vision_language_graphs,
         load_vision_language,
-        vision_language_parity,
         vision_language_spec,
     )
+    from toolkit.export.vision_language_parity import vision_language_parity
     from toolkit.runtime.embedder import Embedder
 
     with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:

@@ -9,21 +9,18 @@
   head's last-token pooling, Matryoshka slices and normalization (``export.heads.VisionLanguageHead``);
 - ``vision_language_spec``: the processor's and prompt's facts the runtime needs (the manifest's
   ``vision_language``);
-- ``vision_language_parity``: the artifact's ``Embedder.embed`` on text-only, image-only and text + image items
-  (images of awkward kinds and mixed sizes, batched and alone) vs the model's own forward on transformers' image
-  processor's pixels and its tokenizer's chat-template prompt, pooled the same way.
+- the verification against transformers is ``export.vision_language_parity``; LLaVA-NeXT's own vision graph and
+  facts are ``export.llava_next``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,12 +29,10 @@ from toolkit.errors import ConfigError
 from toolkit.export.heads import Head
 from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.resolve import ResolvedModel
-from toolkit.manifest import ParityCase, ParityReport, VisionLanguage
+from toolkit.manifest import ParityReport, VisionLanguage
 
 __all__ = ["LanguageGraph", "VisionGraph", "export_vision_language_graphs", "load_vision_language",
-           "vision_language_parity", "vision_language_spec"]
-
-THRESHOLDS = {"fp32": 0.99999, "int8": 0.99}  # int8: the text models' gate (min cosine), here vs transformers
+           "vision_language_spec"]
 _FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -103,17 +98,18 @@ class LanguageGraph(nn.Module):
     """Token ids with image placeholders, their mask and M-RoPE positions, and the images' feature rows (in prompt
     order over the batch, row-major; one unused row when there are none) -> the head's outputs."""
 
-    def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard) -> None:
+    def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard, *, axes: int = 3) -> None:
         super().__init__()
         self.model, self.head, self.card = model, head, card
-        self.image_token_id = image_token_id
+        self.image_token_id, self.axes = image_token_id, axes  # M-RoPE's 3 position axes, or 1 (LLaVA-NeXT)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 image_embeds: torch.Tensor, deepstack_embeds: torch.Tensor | None = None):
         from transformers.modeling_outputs import BaseModelOutput
 
-        embeds = self.model.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
+        # the placeholder's own row is never used (e5-v's image token is past its embedding table)
+        embeds = self.model.get_input_embeddings()(torch.where(is_image, 0, input_ids))
         # the k-th placeholder (row-major over the batch) takes the k-th feature row, as masked_scatter places them
         index = (is_image.reshape(-1).to(torch.int64).cumsum(0) - 1).clamp(min=0).reshape(input_ids.shape)
         embeds = torch.where(is_image.unsqueeze(-1), image_embeds[index], embeds)
@@ -121,8 +117,9 @@ class LanguageGraph(nn.Module):
         if deepstack_embeds is not None:  # Qwen3-VL: added at the image tokens after the first layers
             extra = {"visual_pos_masks": is_image,
                      "deepstack_visual_embeds": [deepstack_embeds[k] for k in range(deepstack_embeds.shape[0])]}
+        positions = position_ids if self.axes == 3 else position_ids[0]
         hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                           position_ids=position_ids, **extra).last_hidden_state
+                                           position_ids=positions, **extra).last_hidden_state
         return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, nn.Identity(), self.card)
 
 
@@ -169,21 +166,25 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
         raise ConfigError(f"{resolved.model_dir}: no preprocessor_config.json: the image preprocessing is unknown")
     cfg = json.loads(path.read_text())
     vision = resolved.config.get("vision_config") or {}
-    token_id = int(resolved.config.get("image_token_id", -1))
+    token_id = int(resolved.config.get("image_token_id", resolved.config.get("image_token_index", -1)))
     (token,) = tokenizer.token_strings([token_id]) if 0 <= token_id < tokenizer.vocab_size else (None,)
     if token is None:
         raise ConfigError(f"{resolved.model_dir}: image_token_id {token_id} is not in the tokenizer's vocabulary")
+    resample = cfg.get("resample", 3)
+    if resample not in _FILTERS:
+        raise ConfigError(f"{path}: resample {resample} is not one of Pillow's filters 0..5")
+    if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
+        raise ConfigError(f"{path}: only the processor's default resize, rescale and normalize are reproduced")
+    if resolved.arch.model_type == "llava_next":
+        from toolkit.export.llava_next import llava_next_spec
+
+        return llava_next_spec(resolved, cfg, token, token_id, _FILTERS[resample])
     size = cfg.get("size") or {}
     card = resolved.card
     min_pixels = int(card.image_min_pixels or cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
     max_pixels = int(card.image_max_pixels or cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
     if min_pixels > max_pixels:
         raise ConfigError(f"image pixel bounds {min_pixels}..{max_pixels}: the minimum is above the maximum")
-    resample = cfg.get("resample", 3)
-    if resample not in _FILTERS:
-        raise ConfigError(f"{path}: resample {resample} is not one of Pillow's filters 0..5")
-    if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
-        raise ConfigError(f"{path}: only Qwen2-VL's default resize, rescale and normalize are reproduced")
     suffix = card.prompt_suffix
     if suffix is None:
         suffix = "<|endoftext|>" if tokenizer.token_id("<|endoftext|>") is not None else ""
@@ -208,6 +209,39 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
 def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
                                   tmp: Path) -> tuple[Path, Path]:
     """(language graph, vision graph), dynamo-exported with dynamic batch, sequence, patch and row axes."""
+    vision_path, language_path = tmp / "image.onnx", tmp / "graph.onnx"
+    if spec.family == "llava_next":
+        from toolkit.export.llava_next import export_llava_next_vision
+
+        export_llava_next_vision(model, resolved, spec, opset=opset, path=vision_path)
+    else:
+        _export_qwen_vision(model, spec, opset=opset, path=vision_path)
+    gen = torch.Generator().manual_seed(0)
+    features, axes = 8, 1 if spec.family == "llava_next" else 3
+    ids = torch.randint(5, 200, (2, features + 6), generator=gen)
+    ids[0, 2:2 + features] = spec.image_token_id
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(axes, 2, -1).contiguous()
+    embeds = torch.randn(features, spec.hidden_size, generator=gen)
+    batch, seq, image_rows = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("image_rows")
+    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card, axes=axes).eval()
+    inputs = (ids, mask, position_ids, embeds)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+               "position_ids": {1: batch, 2: seq}, "image_embeds": {0: image_rows}}
+    if spec.deepstack:
+        inputs += (torch.randn(spec.deepstack, features, spec.hidden_size, generator=gen),)
+        dynamic["deepstack_embeds"] = {1: image_rows}
+    with torch_onnx_boundary("of the language graph"), _traceable_deepstack(model):
+        program = torch.onnx.export(
+            graph, inputs, input_names=list(resolved.arch.inputs), output_names=resolved.head.outputs(resolved.card),
+            dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False, external_data=True)
+        program.save(str(language_path), external_data=True)
+    return language_path, vision_path
+
+
+def _export_qwen_vision(model: nn.Module, spec: VisionLanguage, *, opset: int, path: Path) -> None:
+    """Qwen-VL's vision graph (``VisionGraph``), an example image of 8 feature rows."""
     from toolkit.runtime.qwen_vl import position_taps, vision_positions, window_layout
 
     group = spec.merge_size ** 2
@@ -216,7 +250,6 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
     gen = torch.Generator().manual_seed(0)
     patches = torch.randn(grid[1] * grid[2], width, generator=gen)
     positions = torch.from_numpy(vision_positions(grid, spec.merge_size))
-    vision_path, language_path = tmp / "image.onnx", tmp / "graph.onnx"
     rows = torch.export.Dim("rows")
     inputs, names = (patches, positions), ["pixel_values", "positions"]
     dynamic = {"pixel_values": {0: group * rows}, "positions": {0: group * rows}}
@@ -236,114 +269,4 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
             dynamic_shapes=(dynamic[names[0]], dynamic[names[1]],
                             *((tuple(dynamic[name] for name in names[2:]),) if names[2:] else ())),
             dynamo=True, opset_version=opset, verbose=False, external_data=True)
-        program.save(str(vision_path), external_data=True)
-    features = patches.shape[0] // group
-    ids = torch.randint(5, 200, (2, features + 6), generator=gen)
-    ids[0, 2:2 + features] = spec.image_token_id
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
-    position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 2, -1).contiguous()
-    embeds = torch.randn(features, spec.hidden_size, generator=gen)
-    batch, seq, image_rows = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("image_rows")
-    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card).eval()
-    inputs = (ids, mask, position_ids, embeds)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-               "position_ids": {1: batch, 2: seq}, "image_embeds": {0: image_rows}}
-    if spec.deepstack:
-        inputs += (torch.randn(spec.deepstack, features, spec.hidden_size, generator=gen),)
-        dynamic["deepstack_embeds"] = {1: image_rows}
-    with torch_onnx_boundary("of the language graph"), _traceable_deepstack(model):
-        program = torch.onnx.export(
-            graph, inputs, input_names=list(resolved.arch.inputs), output_names=resolved.head.outputs(resolved.card),
-            dynamic_shapes=dynamic, dynamo=True, opset_version=opset, verbose=False, external_data=True)
-        program.save(str(language_path), external_data=True)
-    return language_path, vision_path
-
-
-# ---------------------------------------------------------------- verification
-def _probe_items() -> dict[str, dict]:
-    """Items of every kind the runtime takes: text only (with and without an instruction), one image of each
-    awkward kind (wide, tall, tiny, RGBA, grayscale, palette, JPEG), text + image, and two images with text."""
-    from toolkit.export.towers import probe_images
-
-    images = probe_images()
-    items: dict[str, dict] = {
-        "text": {"text": "A cat sits on the warm windowsill in the afternoon sun."},
-        "text+instruction": {"text": "where do cats sleep?", "instruction": "Find an image that matches the text."},
-    }
-    for name, data in images.items():
-        items[f"image:{name}"] = {"images": [data]}
-    items["text+image"] = {"text": "a chart of the results", "images": [images["wide.png"]]}
-    items["text+2 images"] = {"text": "compare these", "images": [images["tall.png"], images["photo.jpg"]]}
-    return items
-
-
-def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
-    """The model's own answer for one item: its tokenizer's chat template, transformers' image processor, the
-    forward with ``mm_token_type_ids``, the last token's state normalized."""
-    from PIL import Image
-
-    from toolkit.runtime.vision_language import item_messages, placeholder_images
-
-    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or placeholder_images(spec)
-    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
-    feeds = {}
-    if decoded:
-        pixels = processor(images=decoded, return_tensors="np")
-        grids = pixels["image_grid_thw"]
-        parts = prompt.split(spec.image_token)
-        counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
-        prompt = parts[0] + "".join(spec.image_token * n + rest for n, rest in zip(counts, parts[1:]))
-        feeds = {"pixel_values": torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
-                 "image_grid_thw": torch.from_numpy(np.asarray(grids))}
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
-    last = hidden[0, -1].numpy().astype(np.float64)
-    return last / max(np.linalg.norm(last), 1e-12)
-
-
-def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, precision: str) -> ParityReport:
-    """The artifact's embeddings of every probe item, all in one batch, in batches of 4 (mixed kinds and image
-    sizes) and one at a time, vs the model's own forward per item (``_reference``)."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from toolkit.runtime.pooling import cosines
-    from toolkit.runtime.vision_language import Multimodal
-
-    spec = emb.manifest.vision_language
-    tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
-    bounds = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}  # the card's, where it sets them
-    try:
-        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil", **bounds)
-    except (TypeError, ValueError):
-        processor = AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
-    items = _probe_items()
-    default = emb.prompt_text(None, None)  # the card's default instruction, which the runtime applies unasked
-    for item in items.values():
-        item.setdefault("instruction", default or None)
-    names = list(items)
-    reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
-    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", [])) for n in names}
-    cases, worst = [], 1.0
-    batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
-    batches += [(n, [n]) for n in names]
-    for label, group in batches:
-        rows = [names.index(n) for n in group]
-        instruction = {items[n]["instruction"] for n in group}
-        if len(instruction) > 1:  # one instruction per call: the instructed item runs on its own
-            group = [n for n in group if items[n]["instruction"] == (default or None)]
-            rows = [names.index(n) for n in group]
-        (prompt,) = instruction if len(instruction) == 1 else ((default or None),)
-        got = emb.embed([inputs[n] for n in group], prompt=prompt)
-        cos = cosines(got, reference[rows])
-        worst = min(worst, float(cos.min()))
-        cases.append(ParityCase(output=f"sentence_embedding ({label})", batch=len(group), seq_len=0, padded=len(group) > 1,
-                                padding_side=emb.padding.value, min_cosine=float(cos.min()),
-                                max_abs_diff=float(np.abs(got - reference[rows]).max())))
-    threshold = THRESHOLDS.get(precision, 0.999)
-    return ParityReport(reference="transformers (Qwen2VLModel + its image processor + its chat template, last token)",
-                        threshold=threshold, min_cosine={"sentence_embedding": worst}, cases=cases,
-                        passed=worst >= threshold)
+        program.save(str(path), external_data=True)

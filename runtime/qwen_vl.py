@@ -28,7 +28,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions",
+__all__ = ["QwenImages", "QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions",
            "position_taps", "window_layout"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -171,3 +171,30 @@ def position_taps(grid_thw: Sequence[int], side: int, merge_size: int) -> tuple[
     taps = (rows[:, :, None] * side + cols[:, None, :]).reshape(-1, 4)
     weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
     return np.tile(taps, (t, 1)), np.tile(weights, (t, 1))
+
+
+class QwenImages:
+    """The Qwen-VL families' part of ``runtime.vision_language.VisionLanguageEncoder``: one image's vision-graph
+    feeds (patches, rotary positions, Qwen2.5-VL's windows, Qwen3-VL's position taps) and feature-row count, and a
+    prompt's M-RoPE positions. ``spec``: the manifest's vision_language."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.image_spec = QwenVLImageSpec(patch_size=spec.patch_size, merge_size=spec.merge_size,
+                                          temporal_patch_size=spec.temporal_patch_size, min_pixels=spec.min_pixels,
+                                          max_pixels=spec.max_pixels, mean=tuple(spec.mean), std=tuple(spec.std),
+                                          resample=spec.resample)
+        self.outputs = ["image_embeds", "deepstack_embeds"] if spec.deepstack else ["image_embeds"]
+
+    def prepare(self, image, index: int) -> tuple[dict[str, np.ndarray], int, tuple]:
+        spec = self.spec
+        pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
+        feeds = {"pixel_values": pixels, "positions": vision_positions(grid, spec.merge_size)}
+        if spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
+            feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, spec)
+        if spec.position_grid:  # Qwen3-VL: the learned position table resampled to this grid
+            feeds["position_taps"], feeds["position_weights"] = position_taps(grid, spec.position_grid, spec.merge_size)
+        return feeds, placeholder_count(grid, spec.merge_size), grid
+
+    def positions(self, is_image: Sequence[bool], grids: Sequence) -> np.ndarray:
+        return mrope_positions(is_image, grids, self.spec.merge_size)[0]

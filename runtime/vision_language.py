@@ -22,22 +22,16 @@ from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
 from toolkit.runtime.images import ImageRef, Pixels, decode_image, is_image_input, require_pillow
+from toolkit.runtime.llava_next import LlavaNextImages
 from toolkit.runtime.outputs import plan_output
-from toolkit.runtime.qwen_vl import (
-    QwenVLImageSpec,
-    mrope_positions,
-    position_taps,
-    preprocess_qwen_vl,
-    vision_positions,
-    window_layout,
-)
+from toolkit.runtime.qwen_vl import QwenImages
 from toolkit.runtime.session import OrtSession
 
 if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
     from toolkit.runtime.outputs import OutputPlan
 
-__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_messages", "placeholder_images"]
+__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_messages", "placeholder_images", "template_prompt"]
 
 
 def item_messages(text: str | None, images: int, instruction: str | None, spec) -> list[dict]:
@@ -51,6 +45,20 @@ def item_messages(text: str | None, images: int, instruction: str | None, spec) 
         text = spec.image_only_text
     content = [{"type": "image"} for _ in range(images)] + ([{"type": "text", "text": text}] if text else [])
     return ([{"role": "system", "content": instruction}] if instruction else []) + [{"role": "user", "content": content}]
+
+
+def template_prompt(text: str | None, images: int, instruction: str | None, spec, index: int = 0) -> str:
+    """An item's prompt from the card's template for its kind (``text``, ``image`` or ``multimodal``; e5-v:
+    "<image>\\nSummary above image in one word: " in Llama 3's turn), ``{text}`` its text after the instruction,
+    ``{image}`` one image token per image; RequestError for a kind the card has no template for."""
+    kind = "multimodal" if text and images else "image" if images else "text"
+    template = spec.templates.get(kind)
+    if template is None:
+        kinds = {"text": "text-only", "image": "image-only", "multimodal": "text + image"}
+        raise RequestError(f"input[{index}] is a {kinds[kind]} item; this model embeds "
+                           f"{' and '.join(kinds[k] for k in spec.templates)} items only (its card's prompts)",
+                           param="input")
+    return template.replace("{text}", (instruction or "") + (text or "")).replace("{image}", spec.image_token * images)
 
 
 def placeholder_images(spec) -> list:
@@ -80,19 +88,23 @@ class Multimodal:
 
 
 class VisionInput:
-    """One item's model inputs: token ids (placeholders expanded), M-RoPE positions, each image's patches and grid;
-    ``images``: each image as it came (``Pixels`` without pixels: its placeholder tokens, size and format), for
-    usage counts and Cohere's image metadata."""
+    """One item's model inputs: token ids (placeholders expanded), their positions (M-RoPE's three axes, or one),
+    each image's vision-graph feeds; ``images``: each image as it came (``Pixels`` without pixels: its placeholder
+    tokens, size and format), for usage counts and Cohere's image metadata."""
 
-    __slots__ = ("grids", "ids", "images", "patches", "positions")
+    __slots__ = ("feeds", "ids", "images", "positions")
 
-    def __init__(self, ids: list[int], positions: np.ndarray, patches: list[np.ndarray], grids: list[tuple],
+    def __init__(self, ids: list[int], positions: np.ndarray, feeds: list[dict[str, np.ndarray]],
                  images: list[Pixels] | None = None) -> None:
-        self.ids, self.positions, self.patches, self.grids = ids, positions, patches, grids
+        self.ids, self.positions, self.feeds = ids, positions, feeds
         self.images = images or []
 
     def __len__(self) -> int:  # the batcher's budget: the prompt's tokens
         return len(self.ids)
+
+
+# each family's image side: its preprocessing, the vision graph's feeds, its feature rows and the prompt's positions
+FAMILIES = {"qwen2_vl": QwenImages, "qwen2_5_vl": QwenImages, "qwen3_vl": QwenImages, "llava_next": LlavaNextImages}
 
 
 class VisionLanguageEncoder:
@@ -108,8 +120,12 @@ class VisionLanguageEncoder:
         spec = emb.manifest.vision_language
         if spec is None:
             raise ConfigError(f"{path}: its head is vision-language but its manifest has no vision_language facts")
-        if not emb.manifest.chat_template:
-            raise ConfigError(f"{path}: a vision-language artifact needs the model's chat template; it has none")
+        if not emb.manifest.chat_template and not spec.templates:
+            raise ConfigError(f"{path}: a vision-language artifact needs the model's chat template or its card's "
+                              "item templates; it has neither")
+        if spec.family not in FAMILIES:
+            raise ConfigError(f"{path}: vision-language family '{spec.family}' is not one of: {', '.join(FAMILIES)} "
+                              "(an artifact from a newer toolkit?)")
         vision_path = image_tower_path(path)
         if not vision_path.is_file():
             raise ConfigError(f"{path}: its vision graph {vision_path.name} is not beside it (an export writes both "
@@ -118,11 +134,7 @@ class VisionLanguageEncoder:
         own = decode_manifest(self.session.metadata.get(MANIFEST_KEY, "{}"), source=str(vision_path))
         if own.tower != "image" or own.card != emb.card:
             raise ConfigError(f"{vision_path}: not the vision graph of {path.name} (its manifest differs)")
-        self.emb, self.spec = emb, spec
-        self.image_spec = QwenVLImageSpec(patch_size=spec.patch_size, merge_size=spec.merge_size,
-                                          temporal_patch_size=spec.temporal_patch_size, min_pixels=spec.min_pixels,
-                                          max_pixels=spec.max_pixels, mean=tuple(spec.mean), std=tuple(spec.std),
-                                          resample=spec.resample)
+        self.emb, self.spec, self.family = emb, spec, FAMILIES[spec.family](spec)
         self.outputs = ("sentence_embedding", "sentence_embedding_raw")
 
     # ---------------------------------------------------------------- inputs
@@ -148,23 +160,27 @@ class VisionLanguageEncoder:
         """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
         from toolkit.runtime.chat import render_chat
 
-        patches, grids = [], []
+        feeds, rows, grids = [], [], []
         spec = self.spec
         if item.images or spec.placeholder_image:
             require_pillow()
         decoded = [decode_image(source.source if isinstance(source, ImageRef) else source, index)
                    for source in item.images]
         for image in decoded or placeholder_images(spec):
-            pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
-            patches.append(pixels)
+            feed, count, grid = self.family.prepare(image, index)
+            feeds.append(feed)
+            rows.append(count)
             grids.append(grid)
         seen = [(image.width, image.height, (image.format or "").lower()) for image in decoded]
-        messages = item_messages(item.text, len(grids), instruction, spec)
         emb = self.emb
-        prompt = render_chat(emb.manifest.chat_template, messages, special_tokens=emb.manifest.special_tokens,
-                             add_generation_prompt=True, keep_parts=True) + self.spec.prompt_suffix
-        ids = emb.tokenizer.ids(prompt, add_special_tokens=False)
-        token, rows = self.spec.image_token_id, [g[0] * g[1] * g[2] // self.spec.merge_size ** 2 for g in grids]
+        if spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
+            ids = emb.tokenizer.ids(template_prompt(item.text, len(grids), instruction, spec, index))
+        else:
+            prompt = render_chat(emb.manifest.chat_template, item_messages(item.text, len(grids), instruction, spec),
+                                 special_tokens=emb.manifest.special_tokens, add_generation_prompt=True,
+                                 keep_parts=True) + spec.prompt_suffix
+            ids = emb.tokenizer.ids(prompt, add_special_tokens=False)
+        token = spec.image_token_id
         if ids.count(token) != len(rows):
             raise RequestError(f"input[{index}]: the prompt holds {ids.count(token)} image placeholders for "
                                f"{len(rows)} images (the text may not contain the image token itself)", param="input")
@@ -175,9 +191,9 @@ class VisionLanguageEncoder:
         if len(expanded) > limit:
             raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
                                f"reads at most {limit}", param="input")
-        positions, _ = mrope_positions([t == token for t in expanded], grids, self.spec.merge_size)
+        positions = self.family.positions([t == token for t in expanded], grids)
         images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]  # the caller's, not a placeholder
-        return VisionInput(expanded, positions, patches, grids, images)
+        return VisionInput(expanded, positions, feeds, images)
 
     def model_inputs(self, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
                      prompt_name: str | None = None, prompt: str | None = None, truncate_prompt_tokens=None,
@@ -200,29 +216,19 @@ class VisionLanguageEncoder:
         return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
 
     # ---------------------------------------------------------------- graphs
-    def features(self, patches: np.ndarray, grid: tuple) -> list[np.ndarray]:
-        """One image's feature rows from the vision graph (and Qwen3-VL's DeepStack rows, (layers, rows, hidden))."""
-        spec = self.spec
-        feeds = {"pixel_values": patches, "positions": vision_positions(grid, spec.merge_size)}
-        if spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
-            feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, spec)
-        if spec.position_grid:  # Qwen3-VL: the learned position table resampled to this grid
-            feeds["position_taps"], feeds["position_weights"] = position_taps(grid, spec.position_grid, spec.merge_size)
-        return self.session.run(["image_embeds", "deepstack_embeds"] if spec.deepstack else ["image_embeds"], feeds)
-
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
         """A batch of ``VisionInput`` (or bare token ids, ``Tokenized``: a text prompt as given, as /ready's probe
         sends) through the vision graph per image, then the language graph."""
         emb = self.emb
         items = [item if isinstance(item, VisionInput) else
-                 VisionInput(list(item.ids), np.tile(np.arange(len(item)), (3, 1)), [], []) for item in items]
+                 VisionInput(list(item.ids), self.family.positions([False] * len(item), []), []) for item in items]
         spec = self.spec
-        runs = [self.features(p, g) for item in items for p, g in zip(item.patches, item.grids)]
+        runs = [self.session.run(list(self.family.outputs), feeds) for item in items for feeds in item.feeds]
         embeds = np.concatenate([r[0] for r in runs]) if runs else np.zeros((1, spec.hidden_size), np.float32)
         seq = max(len(item) for item in items)
         ids = np.full((len(items), seq), emb.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(items), seq), dtype=np.int64)
-        positions = np.zeros((3, len(items), seq), dtype=np.int64)
+        positions = np.zeros((items[0].positions.shape[0], len(items), seq), dtype=np.int64)
         for row, item in enumerate(items):
             n = len(item)
             cols = slice(0, n) if emb.padding == PaddingSide.RIGHT else slice(seq - n, seq)

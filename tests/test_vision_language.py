@@ -56,7 +56,8 @@ def reference(vl_dir, vl_export):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from toolkit.export.resolve import resolve_model
-    from toolkit.export.vision_language import _reference, load_vision_language
+    from toolkit.export.vision_language import load_vision_language
+    from toolkit.export.vision_language_parity import _reference
     from toolkit.settings import ExportOptions
 
     resolved = resolve_model(str(vl_dir), ExportOptions())
@@ -284,7 +285,8 @@ async def test_dse_queries_read_a_placeholder_image_and_their_prompt_in_the_text
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from toolkit.export.resolve import resolve_model
-    from toolkit.export.vision_language import _reference, load_vision_language
+    from toolkit.export.vision_language import load_vision_language
+    from toolkit.export.vision_language_parity import _reference
 
     resolved = resolve_model(str(folder), ExportOptions())
     processor = Qwen2VLImageProcessorPil.from_pretrained(folder, min_pixels=784, max_pixels=2560 * 784)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolkit.corpus import load_corpus
 
-__all__ = ["GENERIC_DECODERS", "TINY_CONFIGS", "build_remote_code_model", "build_tiny_model"]
+__all__ = ["GENERIC_DECODERS", "TINY_CONFIGS", "build_remote_code_model", "build_tiny_llava_next", "build_tiny_model"]
 
 _COMMON = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 64, "max_position_embeddings": 128}
@@ -39,6 +39,7 @@ TINY_CONFIGS: dict[str, tuple[dict, str]] = {
     "qwen2_vl": ({}, "bpe"),
     "qwen2_5_vl": ({}, "bpe"),
     "qwen3_vl": ({}, "bpe"),
+    "llava_next": ({}, "bpe"),  # build_tiny_llava_next: Llama 3's special tokens and <image> added to a trained BPE
 }
 
 # causal LMs outside the registry: the generic decoder path (vLLM's --convert embed) exports them
@@ -414,11 +415,54 @@ QWEN_VL_CHAT_TEMPLATE = (
 )
 
 
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "<image>"]
+
+
+def build_tiny_llava_next(folder: Path, *, seed: int = 0) -> Path:
+    """A random-weight ``LlavaNextForConditionalGeneration`` shaped as e5-v: a CLIP tower (28-pixel views of 14-pixel
+    patches, 3 layers, features from the second to last as ``vision_feature_layer`` -2 says), tiles at 28 x 56,
+    56 x 28, 56 x 56, 84 x 28 and 28 x 84, a 2-layer Llama; a BPE tokenizer holding Llama 3's special tokens that
+    puts <|begin_of_text|> first, and ``<image>`` past the embedding table, as e5-v's image token 128256 is; its
+    Pillow image processor config; saved as the Hub checkpoint is."""
+    import torch
+    from tokenizers import processors
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    tok = _train_tokenizer("bpe", 512, False)
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    ids = {t: tok.token_to_id(t) for t in LLAMA3_SPECIALS}
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])])
+    pinpoints = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+    text = {**_DECODER, "model_type": "llama", "vocab_size": ids["<image>"], "max_position_embeddings": 512,
+            "pad_token_id": ids["<pad>"], "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|eot_id|>"]}
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "image_size": 28, "patch_size": 14, "projection_dim": 32}
+    cfg = LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                          image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<pad>", padding_side="left",
+                                   model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(folder)
+    processor = {"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": 28},
+                 "crop_size": {"height": 28, "width": 28}, "image_grid_pinpoints": pinpoints, "resample": 3,
+                 "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "do_pad": True, "do_convert_rgb": True,
+                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder
+
+
 if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's examples export
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl"])
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "llava-next"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     if not (args.folder / "config.json").is_file():
@@ -429,6 +473,8 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
                              config={"initializer_range": 0.2})
         elif args.kind == "qwen2-vl":  # a vision-language embedder's shape (GME), images up to 16 feature rows
             build_tiny_qwen2_vl(args.folder)
+        elif args.kind == "llava-next":  # e5-v's shape: 28-pixel views, up to 3 tiles
+            build_tiny_llava_next(args.folder)
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
             build_tiny_model("clip", args.folder)
 

@@ -84,6 +84,10 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     instruction_at: Literal["system", "text"] = "system"
     image_only_text: str = ""  # the text of an item that has only images (DSE: "What is shown in this image?")
     placeholder_image: int = 0  # a black square of this side stands in an item without images (DSE: 56); 0: none
+    # vision-language embedders prompted without a chat (e5-v): the prompt per kind of item ("text", "image",
+    # "multimodal"), {text} its text (after the instruction), {image} the image token once per image; a kind
+    # without a template is refused
+    item_templates: dict[str, str] = {}
     labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 

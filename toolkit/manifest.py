@@ -96,7 +96,7 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     artifact itself is the language graph: token ids, the image features where the prompt's image tokens are,
     and the multimodal rotary positions."""
 
-    family: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl
+    family: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl | llava_next
     window_size: int = 0  # Qwen2.5-VL: the tower's attention window (pixels); 0: every block attends the whole image
     position_grid: int = 0  # Qwen3-VL: the side of the tower's learned position table (resampled per image); 0: none
     deepstack: int = 0  # Qwen3-VL: feature rows from this many tower layers added to the first language layers
@@ -106,6 +106,9 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     instruction_at: str = "system"  # the instruction is the system message, or "text": before the item's text
     image_only_text: str = ""  # the text of an item that has only images (DSE: "What is shown in this image?")
     placeholder_image: int = 0  # a black square of this side stands in an item without images (DSE: 56)
+    templates: dict[str, str] = {}  # the card's prompt per kind of item (text, image, multimodal), not a chat (e5-v)
+    crop_size: int = 0  # LLaVA-NeXT: the tower's input side; each image is viewed whole and tiled at one of
+    grid_pinpoints: list[list[int]] = []  # these (height, width) resolutions
     patch_size: int
     merge_size: int
     temporal_patch_size: int

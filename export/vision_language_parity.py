@@ -1,0 +1,131 @@
+"""Vision-language embedders verified against transformers: the artifact's ``Embedder.embed`` on text-only,
+image-only and text + image items (images of awkward kinds and mixed sizes, batched and alone) vs the model's own
+forward on transformers' image processor's pixels and its tokenizer's prompt, pooled the same way."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.export.resolve import ResolvedModel
+from toolkit.manifest import ParityCase, ParityReport, VisionLanguage
+
+__all__ = ["THRESHOLDS", "vision_language_parity"]
+
+THRESHOLDS = {"fp32": 0.99999, "int8": 0.99}  # int8: the text models' gate (min cosine), here vs transformers
+
+
+def _probe_items() -> dict[str, dict]:
+    """Items of every kind the runtime takes: text only (with and without an instruction), one image of each
+    awkward kind (wide, tall, tiny, RGBA, grayscale, palette, JPEG), text + image, and two images with text."""
+    from toolkit.export.towers import probe_images
+
+    images = probe_images()
+    items: dict[str, dict] = {
+        "text": {"text": "A cat sits on the warm windowsill in the afternoon sun."},
+        "text+instruction": {"text": "where do cats sleep?", "instruction": "Find an image that matches the text."},
+    }
+    for name, data in images.items():
+        items[f"image:{name}"] = {"images": [data]}
+    items["text+image"] = {"text": "a chart of the results", "images": [images["wide.png"]]}
+    items["text+2 images"] = {"text": "compare these", "images": [images["tall.png"], images["photo.jpg"]]}
+    return items
+
+
+def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
+    if spec.family == "llava_next":
+        from toolkit.export.llava_next import llava_next_reference
+
+        return llava_next_reference(model, spec, tokenizer, processor, item)
+    return _qwen_reference(model, spec, tokenizer, processor, item)
+
+
+def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
+    """The model's own answer for one item: its tokenizer's chat template, transformers' image processor, the
+    forward with ``mm_token_type_ids``, the last token's state normalized."""
+    from PIL import Image
+
+    from toolkit.runtime.vision_language import item_messages, placeholder_images
+
+    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or placeholder_images(spec)
+    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
+    feeds = {}
+    if decoded:
+        pixels = processor(images=decoded, return_tensors="np")
+        grids = pixels["image_grid_thw"]
+        parts = prompt.split(spec.image_token)
+        counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
+        prompt = parts[0] + "".join(spec.image_token * n + rest for n, rest in zip(counts, parts[1:]))
+        feeds = {"pixel_values": torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
+                 "image_grid_thw": torch.from_numpy(np.asarray(grids))}
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
+    last = hidden[0, -1].numpy().astype(np.float64)
+    return last / max(np.linalg.norm(last), 1e-12)
+
+
+def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
+    """transformers' processor for the reference: LLaVA-NeXT's processor class, or Qwen-VL's image processor
+    (Pillow backend) within the card's pixel bounds."""
+    from transformers import AutoImageProcessor
+
+    if spec.family == "llava_next":
+        from toolkit.export.llava_next import llava_next_processor
+
+        return llava_next_processor(resolved, tokenizer)
+    bounds = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}  # the card's, where it sets them
+    try:
+        return AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil", **bounds)
+    except (TypeError, ValueError):
+        return AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
+
+
+def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, precision: str) -> ParityReport:
+    """The artifact's embeddings of every probe item, all in one batch, in batches of 4 (mixed kinds and image
+    sizes) and one at a time, vs the model's own forward per item (``_reference``)."""
+    from transformers import AutoTokenizer
+
+    from toolkit.runtime.pooling import cosines
+    from toolkit.runtime.vision_language import Multimodal
+
+    spec = emb.manifest.vision_language
+    tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
+    processor = _processor(resolved, spec, tokenizer)
+    items = _probe_items()
+    if spec.templates:  # the kinds of item the card prompts (e5-v: text alone, an image alone)
+        kind = {(True, False): "text", (False, True): "image", (True, True): "multimodal"}
+        items = {n: item for n, item in items.items()
+                 if kind[bool(item.get("text")), bool(item.get("images"))] in spec.templates}
+    default = emb.prompt_text(None, None)  # the card's default instruction, which the runtime applies unasked
+    for item in items.values():
+        item.setdefault("instruction", default or None)
+    names = list(items)
+    reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
+    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", [])) for n in names}
+    cases, worst = [], 1.0
+    batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
+    batches += [(n, [n]) for n in names]
+    for label, group in batches:
+        rows = [names.index(n) for n in group]
+        instruction = {items[n]["instruction"] for n in group}
+        if len(instruction) > 1:  # one instruction per call: the instructed item runs on its own
+            group = [n for n in group if items[n]["instruction"] == (default or None)]
+            rows = [names.index(n) for n in group]
+        (prompt,) = instruction if len(instruction) == 1 else ((default or None),)
+        got = emb.embed([inputs[n] for n in group], prompt=prompt)
+        cos = cosines(got, reference[rows])
+        worst = min(worst, float(cos.min()))
+        cases.append(ParityCase(output=f"sentence_embedding ({label})", batch=len(group), seq_len=0, padded=len(group) > 1,
+                                padding_side=emb.padding.value, min_cosine=float(cos.min()),
+                                max_abs_diff=float(np.abs(got - reference[rows]).max())))
+    threshold = THRESHOLDS.get(precision, 0.999)
+    return ParityReport(reference=f"transformers ({type(model).__name__} + its image processor + "
+                        f"{'the card prompts' if spec.templates else 'its chat template'}, last token)",
+                        threshold=threshold, min_cosine={"sentence_embedding": worst}, cases=cases,
+                        passed=worst >= threshold)
