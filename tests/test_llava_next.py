@@ -16,7 +16,12 @@ from tiny_models import build_tiny_llava_next
 from toolkit.errors import RequestError
 from toolkit.export.towers import probe_images
 from toolkit.runtime import Embedder
-from toolkit.runtime.llava_next import LlavaNextImageSpec, best_resolution, feature_layout, preprocess_llava_next
+from toolkit.runtime.llava_next import (
+    LlavaNextImageSpec,
+    best_resolution,
+    feature_layout,
+    preprocess_llava_next,
+)
 from toolkit.runtime.pooling import cosines
 from toolkit.runtime.vision_language import Multimodal
 

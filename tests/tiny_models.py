@@ -426,7 +426,11 @@ def build_tiny_llava_next(folder: Path, *, seed: int = 0) -> Path:
     Pillow image processor config; saved as the Hub checkpoint is."""
     import torch
     from tokenizers import processors
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(seed)
     tok = _train_tokenizer("bpe", 512, False)
