@@ -27,7 +27,12 @@ from toolkit.export.optimize import (
 )
 from toolkit.export.parity import NOISE_FACTOR, check_parity
 from toolkit.export.resolve import ResolvedModel, resolve_model
-from toolkit.export.towers import build_image_tower, check_image_tower, image_tower_path
+from toolkit.export.towers import (
+    build_image_tower,
+    check_image_tower,
+    image_tower_path,
+    quantize_image_tower,
+)
 from toolkit.manifest import Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
 from toolkit.settings import ExportOptions, Precision, Target
@@ -130,7 +135,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         with step(f"Optimizing for {target.value} / {precision.value}"):
             fp32, final, optimization = _optimize(module, resolved, graph, tmp, options, tokenizer)
         choice = None
-        if precision == Precision.INT8:
+        if precision == Precision.INT8 and not resolved.head.image_tower:  # two towers: the image tower's, below
             with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
                 from toolkit.export.int8 import choose_for_model
 
@@ -146,6 +151,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         if resolved.head.image_tower:
             with step("Exporting the image tower (torch.onnx, dynamo)"):
                 image_graph, tower = build_image_tower(module, resolved, options, tmp)
+            if precision == Precision.INT8:  # the GEMM-bound ViT; the text tower (a few ms a query) stays fp32
+                image_graph, optimization = quantize_image_tower(image_graph, tmp, optimization)
         manifest = _manifest(resolved, options, final, tokenizer, pad_id, optimization)
         if image_graph is not None:
             manifest = msgspec.structs.replace(manifest, image=tower)
@@ -160,7 +167,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against PyTorch"):
-                report = check_parity(candidate, resolved, module, precision.value)
+                text_precision = "fp32" if resolved.head.image_tower else precision.value  # that graph's own
+                report = check_parity(candidate, resolved, module, text_precision)
                 if choice is not None:
                     from toolkit.export.int8 import int8_gate
 
@@ -270,8 +278,6 @@ def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[P
         raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and resolved.head.vision_language:
         raise ExportError("vision-language models export in fp32 or int8 for now (fp16 is not offered yet)")
-    if precision == Precision.INT8 and resolved.head.image_tower:
-        raise ExportError("int8 is not offered for CLIP / SigLIP yet: export fp32 (or fp16 for cuda)")
     if precision == Precision.FP16 and target == Target.CPU:
         raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
     return precision, target

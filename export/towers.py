@@ -27,7 +27,7 @@ from toolkit.errors import ConfigError, ParityError
 from toolkit.export.architectures import ArchSpec
 from toolkit.export.heads import normalize
 from toolkit.export.onnx_export import torch_onnx_boundary
-from toolkit.export.optimize import convert_fp16
+from toolkit.export.optimize import convert_fp16, quantizable_matmuls, quantize_int8
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ImagePreprocess, ImageTower, Manifest, ParityCase, ParityReport
 from toolkit.runtime.artifact import (
@@ -36,9 +36,9 @@ from toolkit.runtime.artifact import (
 from toolkit.settings import ExportOptions, Precision
 
 __all__ = ["IMAGE_THRESHOLDS", "ImageFeatures", "build_image_tower", "check_image_tower", "export_image_graph", "image_parity", "image_preprocess",
-           "image_tower_path", "probe_images", "text_reference_check"]
+           "image_tower_path", "probe_images", "quantize_image_tower", "text_reference_check"]
 
-IMAGE_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999}
+IMAGE_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}  # int8: vs the fp32 model, as the text gate
 _FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -238,3 +238,13 @@ def check_image_tower(manifest: Manifest, candidate: Path, resolved: ResolvedMod
                           f"need >= {report.threshold}; pixels differ from the image processor's by up to "
                           f"{report.max_abs_diff['pixel_values']:.2e}); no artifact written", report.min_cosine)
     return msgspec.structs.replace(manifest, image=msgspec.structs.replace(manifest.image, parity=report))
+
+
+def quantize_image_tower(graph: Path, tmp: Path, optimization: dict) -> tuple[Path, dict]:
+    """The image tower with every MatMul in dynamic int8 (per-channel weights), and what the manifest records;
+    its accuracy gate is the tower's parity check at int8's threshold (``export.towers.IMAGE_THRESHOLDS``)."""
+    from toolkit.cpu import describe
+
+    count = len(quantizable_matmuls(graph))
+    return quantize_int8(graph, tmp / "image-int8.onnx", plain=True), {  # dynamo value_info: see quantize_int8
+        **optimization, "image_int8_matmuls": f"{count}/{count}", "text_tower": "fp32", "int8_gated_on": describe()}
