@@ -55,11 +55,9 @@ sys.path.insert(0, "tests")
 from pathlib import Path
 config = {config}
 folder = Path({folder!r})
-from tiny_models import _train_tokenizer, QWEN_VL_SPECIALS, QWEN_VL_CHAT_TEMPLATE
+from tiny_models import _tokenizer_with, QWEN_VL_SPECIALS, QWEN_VL_CHAT_TEMPLATE
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-tok = _train_tokenizer("bpe", 512, False)
-tok.add_special_tokens(QWEN_VL_SPECIALS)
-ids = {{t: tok.token_to_id(t) for t in QWEN_VL_SPECIALS}}
+tok, ids = _tokenizer_with(QWEN_VL_SPECIALS)
 text = {{**config["text"], "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}}
 cfg = Qwen2VLConfig(text_config=text, vision_config=config["vision"], image_token_id=ids["<|image_pad|>"],
                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],

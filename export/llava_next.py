@@ -11,10 +11,8 @@ gathers the rows in prompt order with the learned newline row after each row of 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -101,7 +99,7 @@ def export_llava_next_vision(model: nn.Module, resolved: ResolvedModel, spec: Vi
         program.save(str(path), external_data=True)
 
 
-def llava_next_processor(resolved: ResolvedModel, tokenizer):
+def llava_next_processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
     """transformers' own processor for the checkpoint: its Pillow image processor, and the token counts its
     processor class computes, told the tower's facts (e5-v's processor config lacks the patch size, which vLLM's
     own test patches in the same way)."""
@@ -111,16 +109,14 @@ def llava_next_processor(resolved: ResolvedModel, tokenizer):
         images = AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil")
     except (TypeError, ValueError):
         images = AutoImageProcessor.from_pretrained(resolved.model_dir)
-    vision = resolved.config.get("vision_config") or {}
-    cfg = json.loads((resolved.model_dir / "preprocessor_config.json").read_text())
-    images.image_grid_pinpoints = resolved.config.get("image_grid_pinpoints") or cfg.get("image_grid_pinpoints")
-    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=int(vision.get("patch_size", 14)),
+    images.image_grid_pinpoints = spec.grid_pinpoints  # the model config's, as the model itself tiles
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=spec.patch_size,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def llava_next_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
-    """The model's own answer for one item: the card's prompt (or the tokenizer's chat template), transformers'
-    processor (its image processor and its count of image tokens), the forward, the last token's state normalized."""
+def llava_next_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> torch.Tensor:
+    """The model's last hidden state for one item: the card's prompt (or the tokenizer's chat template),
+    transformers' processor (its image processor and its count of image tokens), the forward."""
     from PIL import Image
 
     from toolkit.runtime.vision_language import item_messages, placeholder_images, template_prompt
@@ -138,6 +134,4 @@ def llava_next_reference(model: nn.Module, spec: VisionLanguage, tokenizer, proc
         special = False
     feeds = processor(text=[prompt], images=decoded or None, return_tensors="pt", add_special_tokens=special)
     with torch.no_grad():
-        hidden = model(**feeds).last_hidden_state
-    last = hidden[0, -1].numpy().astype(np.float64)
-    return last / max(np.linalg.norm(last), 1e-12)
+        return model(**feeds).last_hidden_state

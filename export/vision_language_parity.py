@@ -36,16 +36,21 @@ def _probe_items() -> dict[str, dict]:
 
 
 def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
+    """The model's own embedding of one item: its family's forward (``_qwen_reference``, ``llava_next_reference``),
+    the last token's state, normalized."""
     if spec.family == "llava_next":
         from toolkit.export.llava_next import llava_next_reference
 
-        return llava_next_reference(model, spec, tokenizer, processor, item)
-    return _qwen_reference(model, spec, tokenizer, processor, item)
+        hidden = llava_next_reference(model, spec, tokenizer, processor, item)
+    else:
+        hidden = _qwen_reference(model, spec, tokenizer, processor, item)
+    last = hidden[0, -1].numpy().astype(np.float64)
+    return last / max(np.linalg.norm(last), 1e-12)
 
 
-def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
-    """The model's own answer for one item: its tokenizer's chat template, transformers' image processor, the
-    forward with ``mm_token_type_ids``, the last token's state normalized."""
+def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> torch.Tensor:
+    """The model's last hidden state for one item: its tokenizer's chat template, transformers' image processor,
+    the forward with ``mm_token_type_ids``."""
     from PIL import Image
 
     from toolkit.runtime.vision_language import item_messages, placeholder_images
@@ -64,10 +69,8 @@ def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor
                  "image_grid_thw": torch.from_numpy(np.asarray(grids))}
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
-    last = hidden[0, -1].numpy().astype(np.float64)
-    return last / max(np.linalg.norm(last), 1e-12)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
 
 
 def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
@@ -78,7 +81,7 @@ def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
     if spec.family == "llava_next":
         from toolkit.export.llava_next import llava_next_processor
 
-        return llava_next_processor(resolved, tokenizer)
+        return llava_next_processor(resolved, spec, tokenizer)
     bounds = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}  # the card's, where it sets them
     try:
         return AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil", **bounds)
@@ -92,16 +95,15 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
     from transformers import AutoTokenizer
 
     from toolkit.runtime.pooling import cosines
-    from toolkit.runtime.vision_language import Multimodal
+    from toolkit.runtime.vision_language import Multimodal, item_kind
 
     spec = emb.manifest.vision_language
     tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
     processor = _processor(resolved, spec, tokenizer)
     items = _probe_items()
     if spec.templates:  # the kinds of item the card prompts (e5-v: text alone, an image alone)
-        kind = {(True, False): "text", (False, True): "image", (True, True): "multimodal"}
         items = {n: item for n, item in items.items()
-                 if kind[bool(item.get("text")), bool(item.get("images"))] in spec.templates}
+                 if item_kind(item.get("text"), len(item.get("images", []))) in spec.templates}
     default = emb.prompt_text(None, None)  # the card's default instruction, which the runtime applies unasked
     for item in items.values():
         item.setdefault("instruction", default or None)

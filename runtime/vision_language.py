@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
     from toolkit.runtime.outputs import OutputPlan
 
-__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_messages", "placeholder_images", "template_prompt"]
+__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "item_messages", "placeholder_images",
+           "template_prompt"]
 
 
 def item_messages(text: str | None, images: int, instruction: str | None, spec) -> list[dict]:
@@ -47,11 +48,16 @@ def item_messages(text: str | None, images: int, instruction: str | None, spec) 
     return ([{"role": "system", "content": instruction}] if instruction else []) + [{"role": "user", "content": content}]
 
 
+def item_kind(text: str | None, images: int) -> str:
+    """The kind of an item, as the card's ``item_templates`` key it: ``text``, ``image`` or ``multimodal``."""
+    return "multimodal" if text and images else "image" if images else "text"
+
+
 def template_prompt(text: str | None, images: int, instruction: str | None, spec, index: int = 0) -> str:
     """An item's prompt from the card's template for its kind (``text``, ``image`` or ``multimodal``; e5-v:
     "<image>\\nSummary above image in one word: " in Llama 3's turn), ``{text}`` its text after the instruction,
     ``{image}`` one image token per image; RequestError for a kind the card has no template for."""
-    kind = "multimodal" if text and images else "image" if images else "text"
+    kind = item_kind(text, images)
     template = spec.templates.get(kind)
     if template is None:
         kinds = {"text": "text-only", "image": "image-only", "multimodal": "text + image"}

@@ -344,6 +344,13 @@ QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_sta
                     "<|image_pad|>", "<|video_pad|>"]
 
 
+def _tokenizer_with(specials: list[str]):
+    """A trained BPE tokenizer (512 tokens) with ``specials`` added, and their ids."""
+    tok = _train_tokenizer("bpe", 512, False)
+    tok.add_special_tokens(specials)
+    return tok, {t: tok.token_to_id(t) for t in specials}
+
+
 def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = None, family: str = "qwen2_vl") -> Path:
     """A random-weight ``Qwen2VLForConditionalGeneration`` (2 vision blocks of width 32, 2 decoder layers), or with
     ``family="qwen2_5_vl"`` a ``Qwen2_5_VLForConditionalGeneration`` (4 blocks, 2 of them attending within 2 x 2
@@ -362,9 +369,7 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
     )
 
     torch.manual_seed(seed)
-    tok = _train_tokenizer("bpe", 512, False)
-    tok.add_special_tokens(QWEN_VL_SPECIALS)
-    ids = {t: tok.token_to_id(t) for t in QWEN_VL_SPECIALS}
+    tok, ids = _tokenizer_with(QWEN_VL_SPECIALS)
     text = {**_DECODER, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 512,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
             "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "bos_token_id": None}
@@ -433,9 +438,7 @@ def build_tiny_llava_next(folder: Path, *, seed: int = 0) -> Path:
     )
 
     torch.manual_seed(seed)
-    tok = _train_tokenizer("bpe", 512, False)
-    tok.add_special_tokens(LLAMA3_SPECIALS)
-    ids = {t: tok.token_to_id(t) for t in LLAMA3_SPECIALS}
+    tok, ids = _tokenizer_with(LLAMA3_SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                        special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])])
     pinpoints = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
