@@ -29,7 +29,7 @@ from toolkit.errors import ConfigError
 from toolkit.export.heads import Head
 from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.resolve import ResolvedModel
-from toolkit.manifest import ParityReport, VisionLanguage
+from toolkit.manifest import ParityReport, VideoFacts, VisionLanguage
 
 __all__ = ["LanguageGraph", "VisionGraph", "export_vision_language_graphs", "load_vision_language",
            "vision_language_spec"]
@@ -203,7 +203,36 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
         mean=[float(v) for v in cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))],
         std=[float(v) for v in cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))],
         resample=_FILTERS[resample], hidden_size=resolved.head.dim(resolved.config, None),
+        video=_video_facts(resolved, tokenizer, cfg) if family == "qwen3_vl" else None,
         parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
+
+
+def _video_facts(resolved: ResolvedModel, tokenizer, image_cfg: dict) -> VideoFacts:
+    """Qwen3-VL's video facts: video_preprocessor_config.json (transformers' Qwen3VLVideoProcessor defaults where
+    absent), the card's sampling where its authors set their own, the prompt's token strings from config.json."""
+    path = resolved.model_dir / "video_preprocessor_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    size, card = cfg.get("size") or {}, resolved.card
+
+    def token(key: str, default: str) -> str:
+        found = tokenizer.token_strings([int(resolved.config.get(key, -1))]) if key in resolved.config else None
+        return found[0] if found and found[0] else default
+
+    factor = int(cfg.get("patch_size") or 16) * int(cfg.get("merge_size") or 2)
+    cap = int(cfg.get("max_video_tokens") or 768) * factor * factor if cfg.get("cap_pixels_per_frame") else 0
+    facts = VideoFacts(
+        token=token("video_token_id", "<|video_pad|>"), token_id=int(resolved.config.get("video_token_id", -1)),
+        vision_start=token("vision_start_token_id", "<|vision_start|>"),
+        vision_end=token("vision_end_token_id", "<|vision_end|>"),
+        fps=float(card.video_fps or cfg.get("fps") or 2.0), min_frames=int(cfg.get("min_frames") or 4),
+        max_frames=int(card.video_max_frames or cfg.get("max_frames") or 768),
+        min_pixels=int(size.get("shortest_edge") or 128 * 32 * 32),
+        max_pixels=int(card.video_max_pixels or size.get("longest_edge") or 768 * 32 * 32), frame_cap=cap,
+        mean=[float(v) for v in cfg.get("image_mean", image_cfg.get("image_mean", (0.5, 0.5, 0.5)))],
+        std=[float(v) for v in cfg.get("image_std", image_cfg.get("image_std", (0.5, 0.5, 0.5)))])
+    if facts.token_id < 0 or tokenizer.token_id(facts.token) != facts.token_id:
+        raise ConfigError(f"{resolved.model_dir}: video_token_id {facts.token_id} is not {facts.token} in the vocabulary")
+    return facts
 
 
 def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,

@@ -35,6 +35,26 @@ def _probe_items() -> dict[str, dict]:
     return items
 
 
+def _probe_videos() -> dict[str, dict]:
+    """Qwen3-VL's video items: 5 frames (an odd count: the last repeated into the final pair) of a moving
+    gradient, alone, with text, and with text and an image; frames taken at 2 per second."""
+    from PIL import Image
+
+    from toolkit.export.towers import probe_images
+
+    y, x = np.mgrid[0:45, 0:70]
+    frames = []
+    for k in range(5):
+        rgb = np.stack([(x * 3 + k * 20) % 256, (y * 5 + k * 9) % 256, ((x + y) * 2 + k * 31) % 256], -1)
+        buf = io.BytesIO()
+        Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+        frames.append(buf.getvalue())
+    video = {"frames": frames, "fps": 2.0}
+    return {"video": {"videos": [video]}, "text+video": {"text": "what happens in the clip", "videos": [video]},
+            "text+video+image": {"text": "the clip and a photo", "videos": [video],
+                                 "images": [probe_images()["photo.jpg"]]}}
+
+
 def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
     """The model's own embedding of one item: its family's forward (``_qwen_reference``, ``llava_next_reference``),
     the last token's state, normalized."""
@@ -55,22 +75,70 @@ def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor
 
     from toolkit.runtime.vision_language import item_messages, placeholder_images
 
-    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or placeholder_images(spec)
-    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec)
+    videos = [_qwen_video(spec, video) for video in item.get("videos", [])]
+    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or \
+        ([] if videos else placeholder_images(spec))
+    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec, videos=len(videos))
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
     feeds = {}
+    if videos:  # each video's placeholder (start, pad, end) replaced as vLLM's Qwen3-VL processor does
+        facts = spec.video
+        parts = prompt.split(facts.vision_start + facts.token + facts.vision_end)
+        prompt = parts[0] + "".join(text + rest for (_, _, text), rest in zip(videos, parts[1:]))
+        feeds = {"pixel_values_videos": torch.cat([v[0] for v in videos]),
+                 "video_grid_thw": torch.tensor([v[1] for v in videos])}
     if decoded:
         pixels = processor(images=decoded, return_tensors="np")
         grids = pixels["image_grid_thw"]
         parts = prompt.split(spec.image_token)
         counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
         prompt = parts[0] + "".join(spec.image_token * n + rest for n, rest in zip(counts, parts[1:]))
-        feeds = {"pixel_values": torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
-                 "image_grid_thw": torch.from_numpy(np.asarray(grids))}
+        feeds.update(pixel_values=torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
+                     image_grid_thw=torch.from_numpy(np.asarray(grids)))
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    kinds = (ids == spec.image_token_id).to(torch.int32)  # text 0, image 1, video 2
+    if spec.video is not None:
+        kinds += 2 * (ids == spec.video.token_id).to(torch.int32)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                     mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32), **feeds).last_hidden_state
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds,
+                     **feeds).last_hidden_state
+
+
+def _qwen_video(spec: VisionLanguage, video: dict) -> tuple[torch.Tensor, list[int], str]:
+    """One frame list through transformers' Qwen3-VL video processing: its ``smart_resize``, each frame resized
+    as torchvision resizes uint8 frames (antialiased bicubic in float32, clamped, rounded: the one step done
+    here, torchvision's CUDA-built wheel does not load beside a CPU torch), its fused rescale and normalize, its
+    ``patchify``, and its processor's timestamps and placeholder text -> (patches, grid, placeholder text)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+        smart_resize,
+    )
+    from transformers.video_utils import VideoMetadata
+
+    facts = spec.video
+    frames = np.stack([np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in video["frames"]])
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, C, H, W)
+    h, w = smart_resize(len(frames), x.shape[2], x.shape[3], temporal_factor=spec.temporal_patch_size,
+                        factor=spec.patch_size * spec.merge_size, min_pixels=facts.min_pixels,
+                        max_pixels=facts.max_pixels)
+    x = nn.functional.interpolate(x, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
+    x = x.clamp_(0, 255).round_()
+    mean, std = torch.tensor(facts.mean) * (1 / (1 / 255)), torch.tensor(facts.std) * (1 / (1 / 255))
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    patches, t, gh, gw = Qwen3VLVideoProcessor.patchify(None, x[None], spec.patch_size, spec.merge_size,
+                                                          spec.temporal_patch_size)
+    processor = SimpleNamespace(
+        video_processor=SimpleNamespace(merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size),
+        vision_start_token=facts.vision_start, vision_end_token=facts.vision_end, video_token=facts.token,
+        _calculate_timestamps=lambda *a: Qwen3VLProcessor._calculate_timestamps(None, *a))
+    metadata = VideoMetadata(total_num_frames=len(frames), fps=video["fps"], frames_indices=list(range(len(frames))))
+    text = Qwen3VLProcessor.replace_video_token(processor, {"video_grid_thw": torch.tensor([[t, gh, gw]]),
+                                                            "video_metadata": [metadata]}, 0)
+    return patches[0], [t, gh, gw], text
 
 
 def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
@@ -95,12 +163,13 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
     from transformers import AutoTokenizer
 
     from toolkit.runtime.pooling import cosines
+    from toolkit.runtime.video import Video
     from toolkit.runtime.vision_language import Multimodal, item_kind
 
     spec = emb.manifest.vision_language
     tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
     processor = _processor(resolved, spec, tokenizer)
-    items = _probe_items()
+    items = {**_probe_items(), **(_probe_videos() if spec.video is not None else {})}
     if spec.templates:  # the kinds of item the card prompts (e5-v: text alone, an image alone)
         items = {n: item for n, item in items.items()
                  if item_kind(item.get("text"), len(item.get("images", []))) in spec.templates}
@@ -109,7 +178,9 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
         item.setdefault("instruction", default or None)
     names = list(items)
     reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
-    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", [])) for n in names}
+    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", []),
+                            videos=[Video(v["frames"], fps=v["fps"]) for v in items[n].get("videos", [])])
+              for n in names}
     cases, worst = [], 1.0
     batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
     batches += [(n, [n]) for n in names]

@@ -148,7 +148,8 @@ def open_encoders(emb: Embedder, path: Path) -> dict[str, Encoder]:
         from toolkit.runtime.vision_language import VisionLanguageEncoder
 
         shared = VisionLanguageEncoder(emb, path)
-        return {modality: shared for modality in emb.head.modalities}
+        video = ("video",) if emb.manifest.vision_language.video is not None else ()  # Qwen3-VL
+        return {modality: shared for modality in (*emb.head.modalities, *video)}
     unknown = [m for m in emb.head.modalities if m not in ENCODERS]
     if unknown:
         raise ConfigError(f"{path}: modality {', '.join(unknown)} is not one this toolkit reads "

@@ -24,7 +24,7 @@ from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import ImagePreprocess
 from toolkit.model_source import install_hint
 
-__all__ = ["FORMATS", "IMAGE_OUTPUT", "ImageRef", "Pixels", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_PIXELS", "ImageInput", "as_image_list", "decode_image", "is_image_input", "is_image_uri", "load_pixels",
+__all__ = ["FORMATS", "IMAGE_OUTPUT", "ImageRef", "Pixels", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_PIXELS", "ImageInput", "as_image_list", "decode_image", "is_image_input", "is_image_uri", "load_pixels", "read_source",
            "preprocess", "require_pillow"]
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what Pillow decodes here that images come in
@@ -83,26 +83,35 @@ def is_image_input(value: object) -> bool:
             or type(value).__module__.startswith("PIL."))
 
 
-def _data_uri(uri: str, index: int) -> bytes:
-    head, sep, payload = uri.partition(",")
-    if not sep or not head.lower().endswith(";base64"):
-        raise RequestError(f"image {index}: a data URI must be 'data:image/<type>;base64,<data>'", param="input")
-    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise RequestError(f"image {index}: larger than {MAX_IMAGE_BYTES // 2**20} MiB encoded", param="input")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"image {index}: the data URI's base64 payload is invalid", param="input") from None
-
-
-def _read_path(path: Path, index: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise RequestError(f"image {index}: {path} is larger than {MAX_IMAGE_BYTES // 2**20} MiB", param="input")
-        return path.read_bytes()
-    except OSError as exc:
-        raise RequestError(f"image {index}: cannot read {path}: {exc.strerror or exc}", param="input") from None
+def read_source(source, index: int, what: str = "image", limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The encoded bytes of one input: bytes as they are, a ``data:<type>;base64`` URI decoded, a path read;
+    RequestError naming ``what`` and ``index`` past ``limit`` bytes or for anything else."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        head, sep, payload = source.partition(",")
+        if not sep or not head.lower().endswith(";base64"):
+            raise RequestError(f"{what} {index}: a data URI must be 'data:{what}/<type>;base64,<data>'", param="input")
+        if len(payload) > limit * 4 // 3 + 4:
+            raise RequestError(f"{what} {index}: larger than {limit // 2**20} MiB encoded", param="input")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{what} {index}: the data URI's base64 payload is invalid", param="input") from None
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        try:
+            if path.stat().st_size > limit:
+                raise RequestError(f"{what} {index}: {path} is larger than {limit // 2**20} MiB", param="input")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RequestError(f"{what} {index}: cannot read {path}: {exc.strerror or exc}", param="input") from None
+    else:
+        raise RequestError(f"{what} {index}: expected bytes, a path or a data:{what} URI, got "
+                           f"{type(source).__name__}", param="input")
+    if len(data) > limit:
+        raise RequestError(f"{what} {index}: larger than {limit // 2**20} MiB encoded", param="input")
+    return data
 
 
 def decode_image(source: ImageInput, index: int = 0, *, exif_transpose: bool = True):
@@ -114,17 +123,12 @@ def decode_image(source: ImageInput, index: int = 0, *, exif_transpose: bool = T
     if isinstance(source, Image.Image):
         image = source
     else:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-        elif is_image_uri(source):
-            data = _data_uri(source, index)
-        elif isinstance(source, (str, Path)):
-            data = _read_path(Path(source).expanduser(), index)
-        else:
+        if isinstance(source, str) and source[:5].lower() == "data:" and not is_image_uri(source):
+            raise RequestError(f"image {index}: a data URI must be 'data:image/<type>;base64,<data>'", param="input")
+        if not isinstance(source, (bytes, bytearray, memoryview, str, Path)):
             raise RequestError(f"image {index}: expected an image (PIL image, bytes, path or data:image URI), got "
                                f"{type(source).__name__}", param="input")
-        if len(data) > MAX_IMAGE_BYTES:
-            raise RequestError(f"image {index}: larger than {MAX_IMAGE_BYTES // 2**20} MiB encoded", param="input")
+        data = read_source(source, index)
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:

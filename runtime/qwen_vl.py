@@ -187,14 +187,18 @@ class QwenImages:
         self.outputs = ["image_embeds", "deepstack_embeds"] if spec.deepstack else ["image_embeds"]
 
     def prepare(self, image, index: int) -> tuple[dict[str, np.ndarray], int, tuple]:
-        spec = self.spec
         pixels, grid = preprocess_qwen_vl(image, self.image_spec, index)
+        return self.feeds(pixels, grid), placeholder_count(grid, self.spec.merge_size), grid
+
+    def feeds(self, pixels: np.ndarray, grid: tuple) -> dict[str, np.ndarray]:
+        """The vision graph's feeds for one grid of patches (an image, or a video's pair of frames)."""
+        spec = self.spec
         feeds = {"pixel_values": pixels, "positions": vision_positions(grid, spec.merge_size)}
         if spec.window_size:  # Qwen2.5-VL: attention within windows in most blocks
             feeds["window_order"], feeds["window_ids"], feeds["restore"] = window_layout(grid, spec)
         if spec.position_grid:  # Qwen3-VL: the learned position table resampled to this grid
             feeds["position_taps"], feeds["position_weights"] = position_taps(grid, spec.position_grid, spec.merge_size)
-        return feeds, placeholder_count(grid, spec.merge_size), grid
+        return feeds
 
     def positions(self, is_image: Sequence[bool], grids: Sequence) -> np.ndarray:
         return mrope_positions(is_image, grids, self.spec.merge_size)[0]

@@ -26,6 +26,7 @@ from toolkit.runtime.llava_next import LlavaNextImages
 from toolkit.runtime.outputs import plan_output
 from toolkit.runtime.qwen_vl import QwenImages
 from toolkit.runtime.session import OrtSession
+from toolkit.runtime.video import Video, VideoRef, expand_videos, prepare_video
 
 if TYPE_CHECKING:
     from toolkit.runtime.embedder import Embedder
@@ -35,16 +36,17 @@ __all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "i
            "template_prompt"]
 
 
-def item_messages(text: str | None, images: int, instruction: str | None, spec) -> list[dict]:
-    """The chat one item is rendered from, laid out as the model's authors do: ``images`` image parts, then the
-    text. The instruction is the system message (GME, Qwen3-VL), or, where the card puts it in the text
+def item_messages(text: str | None, images: int, instruction: str | None, spec, videos: int = 0) -> list[dict]:
+    """The chat one item is rendered from, laid out as the model's authors do: ``videos`` video parts, ``images``
+    image parts, then the text (Qwen3-VL-Embedding's order). The instruction is the system message (GME, Qwen3-VL), or, where the card puts it in the text
     (``instruction_at = "text"``: DSE's "Query: "), it starts the user's text; an item with only images takes the
     card's ``image_only_text`` (DSE: "What is shown in this image?"). ``spec``: the manifest's vision_language."""
     if spec.instruction_at == "text":
         text, instruction = (instruction or "") + (text or spec.image_only_text), None
     elif not text:
         text = spec.image_only_text
-    content = [{"type": "image"} for _ in range(images)] + ([{"type": "text", "text": text}] if text else [])
+    content = [{"type": "video"} for _ in range(videos)] + [{"type": "image"} for _ in range(images)]
+    content += [{"type": "text", "text": text}] if text else []
     return ([{"role": "system", "content": instruction}] if instruction else []) + [{"role": "user", "content": content}]
 
 
@@ -80,17 +82,19 @@ def placeholder_images(spec) -> list:
 class Multimodal:
     """One item holding a text and images together (an image with its caption or instruction, an interleaved
     query): what a vision-language artifact embeds as ONE vector. ``images``: PIL images, bytes, paths, data URIs
-    or ``ImageRef``."""
+    or ``ImageRef``; ``videos`` (Qwen3-VL): ``runtime.video.Video`` or ``VideoRef``."""
 
-    __slots__ = ("images", "text")
+    __slots__ = ("images", "text", "videos")
     modality = "multimodal"
 
-    def __init__(self, text: str | None = None, images: Sequence = ()) -> None:
+    def __init__(self, text: str | None = None, images: Sequence = (), videos: Sequence = ()) -> None:
         self.text = text
         self.images = list(images)
+        self.videos = list(videos)
 
     def __repr__(self) -> str:
-        return f"Multimodal(text={self.text!r}, images={len(self.images)})"
+        videos = f", videos={len(self.videos)}" if self.videos else ""
+        return f"Multimodal(text={self.text!r}, images={len(self.images)}{videos})"
 
 
 class VisionInput:
@@ -108,6 +112,8 @@ class VisionInput:
     def __len__(self) -> int:  # the batcher's budget: the prompt's tokens
         return len(self.ids)
 
+
+MAX_VIDEOS = 4  # videos per item
 
 # each family's image side: its preprocessing, the vision graph's feeds, its feature rows and the prompt's positions
 FAMILIES = {"qwen2_vl": QwenImages, "qwen2_5_vl": QwenImages, "qwen3_vl": QwenImages, "llava_next": LlavaNextImages}
@@ -148,6 +154,8 @@ class VisionLanguageEncoder:
         """Any accepted input as a ``Multimodal`` item: a text, an image, or one already."""
         if isinstance(value, Multimodal):
             item = value
+        elif isinstance(value, (Video, VideoRef)):
+            item = Multimodal(videos=[value])
         elif isinstance(value, ImageRef) or (not isinstance(value, str) and is_image_input(value)):
             item = Multimodal(images=[value])
         elif isinstance(value, str):
@@ -155,8 +163,14 @@ class VisionLanguageEncoder:
         else:
             raise RequestError(f"input[{index}]: a vision-language model takes texts, images or text + images items, "
                                f"got {type(value).__name__}", param="input")
-        if not item.images and not item.text:
+        if not item.images and not item.text and not item.videos:
             raise RequestError(f"input[{index}] has no content", param="input")
+        if item.videos and self.spec.video is None:
+            raise RequestError(f"input[{index}] has a video: this model reads texts and images only (videos: "
+                               "Qwen3-VL artifacts)", param="input")
+        if len(item.videos) > MAX_VIDEOS:
+            raise RequestError(f"input[{index}] has {len(item.videos)} videos; an item takes at most {MAX_VIDEOS}",
+                               param="input")
         if len(item.images) > self.spec.max_images:
             raise RequestError(f"input[{index}] has {len(item.images)} images; this model takes at most "
                                f"{self.spec.max_images} per item", param="input")
@@ -166,38 +180,52 @@ class VisionLanguageEncoder:
         """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
         from toolkit.runtime.chat import render_chat
 
-        feeds, rows, grids = [], [], []
+        feeds, rows, grids, stand_ins = [], [], [], []
         spec = self.spec
-        if item.images or spec.placeholder_image:
+        if item.images or item.videos or spec.placeholder_image:
             require_pillow()
+        for video in item.videos:  # in the prompt before the images (item_messages' order)
+            pair_feeds, pair_rows, pair_grids, text = prepare_video(video, spec, self.family, index)
+            feeds += pair_feeds
+            rows += pair_rows
+            grids += pair_grids
+            stand_ins.append(text)
+        first_image = len(rows)
         decoded = [decode_image(source.source if isinstance(source, ImageRef) else source, index)
                    for source in item.images]
-        for image in decoded or placeholder_images(spec):
+        for image in decoded or ([] if item.videos else placeholder_images(spec)):
             feed, count, grid = self.family.prepare(image, index)
             feeds.append(feed)
             rows.append(count)
             grids.append(grid)
         seen = [(image.width, image.height, (image.format or "").lower()) for image in decoded]
         emb = self.emb
+        images = len(rows) - first_image
         if spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
-            ids = emb.tokenizer.ids(template_prompt(item.text, len(grids), instruction, spec, index))
+            ids = emb.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index))
         else:
-            prompt = render_chat(emb.manifest.chat_template, item_messages(item.text, len(grids), instruction, spec),
-                                 special_tokens=emb.manifest.special_tokens, add_generation_prompt=True,
-                                 keep_parts=True) + spec.prompt_suffix
-            ids = emb.tokenizer.ids(prompt, add_special_tokens=False)
+            messages = item_messages(item.text, images, instruction, spec, videos=len(stand_ins))
+            prompt = render_chat(emb.manifest.chat_template, messages, special_tokens=emb.manifest.special_tokens,
+                                 add_generation_prompt=True, keep_parts=True) + spec.prompt_suffix
+            ids = emb.tokenizer.ids(expand_videos(prompt, stand_ins, spec.video, index), add_special_tokens=False)
         token = spec.image_token_id
-        if ids.count(token) != len(rows):
+        if ids.count(token) != images:
             raise RequestError(f"input[{index}]: the prompt holds {ids.count(token)} image placeholders for "
-                               f"{len(rows)} images (the text may not contain the image token itself)", param="input")
+                               f"{images} images (the text may not contain the image token itself)", param="input")
         expanded: list[int] = []
-        counts = iter(rows)
+        counts = iter(rows[first_image:])
         for t in ids:
             expanded.extend([token] * next(counts) if t == token else [t])
+        video = spec.video.token_id if spec.video else token
+        if stand_ins and expanded.count(video) != sum(rows[:first_image]):
+            raise RequestError(f"input[{index}]: the prompt holds {expanded.count(video)} video placeholders for "
+                               f"{sum(rows[:first_image])} video features (the text may not contain the video token)",
+                               param="input")
         if len(expanded) > limit:
             raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
                                f"reads at most {limit}", param="input")
-        positions = self.family.positions([t == token for t in expanded], grids)
+        positions = self.family.positions([t == token or t == video for t in expanded], grids)
+        expanded = [token if t == video else t for t in expanded]  # the language graph places rows at image tokens
         images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]  # the caller's, not a placeholder
         return VisionInput(expanded, positions, feeds, images)
 

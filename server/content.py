@@ -5,9 +5,10 @@ each input's modality against the artifact's encoders and resolves what must be 
 Accepted shapes (an item with text and images, or several images, is a ``Multimodal`` item: vision-language
 artifacts embed it as one; for CLIP / SigLIP, which read a text OR an image per item, it is a 400 that says so):
 
-- vLLM's chat-style ``messages``: content parts ``{"type": "image_url", "image_url": {"url": ...}}`` and
-  ``{"type": "text", "text": ...}`` - the whole conversation is one item;
-- SGLang's ``input: [{"text": ...}, {"image": ...}]`` - one item each;
+- vLLM's chat-style ``messages``: content parts ``{"type": "image_url", "image_url": {"url": ...}}``,
+  ``{"type": "video_url", "video_url": {"url": ...}}`` (Qwen3-VL) and ``{"type": "text", "text": ...}`` - the
+  whole conversation is one item;
+- SGLang's ``input: [{"text": ...}, {"image": ...}, {"video": ...}]`` - one item each;
 - infinity's ``"modality": "image"`` with ``input`` a list of image URLs;
 - Cohere's ``images`` and ``inputs[].content`` parts, ``image_url`` an object ``{"url": ...}`` or a bare string.
 """
@@ -19,6 +20,7 @@ from typing import Any
 from toolkit.errors import RequestError
 from toolkit.runtime.encoders import declared_modality
 from toolkit.runtime.images import ImageRef
+from toolkit.runtime.video import VideoRef
 from toolkit.runtime.vision_language import Multimodal
 from toolkit.server.images import fetch_images
 from toolkit.settings import ServerOptions
@@ -27,17 +29,19 @@ __all__ = ["admit_content", "content_item", "has_image_parts", "image_url", "ima
            "sglang_items"]
 
 _IMAGE_PARTS = ("image_url", "image")  # content-part types that carry an image
+_VIDEO_PARTS = ("video_url", "video")  # and a video (Qwen3-VL)
 
 
 # ---------------------------------------------------------------- parsing (no model checks)
-def image_url(part: Any, where: str) -> str:
-    """The URL of an ``image_url`` content part: ``{"url": ...}`` (OpenAI, Cohere's reference) or a bare string
-    (as some of Cohere's cloud partners send it)."""
-    value = part.get("image_url") if isinstance(part, dict) else None
+def image_url(part: Any, where: str, key: str = "image_url") -> str:
+    """The URL of an ``image_url`` (or ``video_url``) content part: ``{"url": ...}`` (OpenAI, Cohere's reference)
+    or a bare string (as some of Cohere's cloud partners send it)."""
+    value = part.get(key) if isinstance(part, dict) else None
     if isinstance(value, dict):
         value = value.get("url")
     if not isinstance(value, str) or not value:
-        raise RequestError(f"{where}: image_url must be {{'url': 'data:image/...;base64,...'}} or a URL string",
+        kind = key.split("_")[0]
+        raise RequestError(f"{where}: {key} must be {{'url': 'data:{kind}/...;base64,...'}} or a URL string",
                            param="input")
     return value
 
@@ -46,15 +50,22 @@ def content_item(parts: list, where: str) -> str | ImageRef | Multimodal:
     """Text parts joined by a space, or the one image, or a ``Multimodal`` item of the images and the text."""
     texts: list[str] = []
     images: list[str] = []
+    videos: list[str] = []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in _IMAGE_PARTS:
             images.append(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where))
+        elif kind in _VIDEO_PARTS:
+            videos.append(image_url(part, where, "video_url") if kind == "video_url"
+                          else _string(part.get("video"), where, "video"))
         else:
-            raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
-                               "{'type': 'image_url', 'image_url': {'url': ...}}", param="input")
+            raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}}, "
+                               "{'type': 'image_url', 'image_url': {'url': ...}} or "
+                               "{'type': 'video_url', 'video_url': {'url': ...}}", param="input")
+    if videos:
+        return Multimodal(" ".join(texts) or None, [ImageRef(u) for u in images], [VideoRef(u) for u in videos])
     if (texts and images) or len(images) > 1:
         return Multimodal(" ".join(texts) or None, [ImageRef(u) for u in images])
     if images:
@@ -64,9 +75,9 @@ def content_item(parts: list, where: str) -> str | ImageRef | Multimodal:
     return " ".join(texts)
 
 
-def _string(value: Any, where: str) -> str:
+def _string(value: Any, where: str, kind: str = "image") -> str:
     if not isinstance(value, str) or not value:
-        raise RequestError(f"{where}: an image must be a URL string (data:image/...;base64,...)", param="input")
+        raise RequestError(f"{where}: an {kind} must be a URL string (data:{kind}/...;base64,...)", param="input")
     return value
 
 
@@ -81,7 +92,7 @@ def image_urls(value: Any, field: str) -> list[ImageRef]:
 def has_image_parts(messages: list) -> bool:
     """Whether any chat message has an image content part."""
     return any(isinstance(m, dict) and isinstance(m.get("content"), list)
-               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS for p in m["content"])
+               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS + _VIDEO_PARTS for p in m["content"])
                for m in messages)
 
 
@@ -106,23 +117,26 @@ def message_item(messages: list) -> str | ImageRef | Multimodal:
 
 
 def sglang_items(items: list) -> list[str | ImageRef | Multimodal] | None:
-    """SGLang's ``input: [{"text": ...}, {"image": ...}, {"text": ..., "image": ...}]``; None when ``items`` is not
-    that shape."""
+    """SGLang's ``input: [{"text": ...}, {"image": ...}, {"text": ..., "image": ...}]`` (and ``"video"``, which
+    Qwen3-VL reads); None when ``items`` is not that shape."""
     if not items or not all(isinstance(x, dict) for x in items):
         return None
     out: list[str | ImageRef | Multimodal] = []
     for i, item in enumerate(items):
-        text, image = item.get("text"), item.get("image")
-        if text is not None and image is not None:
-            if not isinstance(text, str):
-                raise RequestError(f"input[{i}].text must be a string", param="input")
-            out.append(Multimodal(text, [ImageRef(_string(image, f"input[{i}]"))]))
-        elif image is not None:
-            out.append(ImageRef(_string(image, f"input[{i}]")))
+        text, image, video = item.get("text"), item.get("image"), item.get("video")
+        if text is not None and not isinstance(text, str):
+            raise RequestError(f"input[{i}].text must be a string", param="input")
+        images = [ImageRef(_string(image, f"input[{i}]"))] if image is not None else []
+        videos = [VideoRef(_string(video, f"input[{i}]", "video"))] if video is not None else []
+        if videos or (text is not None and images):
+            out.append(Multimodal(text, images, videos))
+        elif images:
+            out.append(images[0])
         elif isinstance(text, str):
             out.append(text)
         else:
-            raise RequestError(f"input[{i}] must be {{'text': str}} or {{'image': 'data:image/...'}}", param="input")
+            raise RequestError(f"input[{i}] must be {{'text': str}}, {{'image': 'data:image/...'}} or "
+                               "{'video': 'data:video/...'}", param="input")
     return out
 
 
@@ -133,8 +147,16 @@ async def admit_content(items: list, embedder, options: ServerOptions, field: st
     readable = tuple(embedder.modalities)
     for i, item in enumerate(items):
         modality = declared_modality(item)
+        where = field if len(items) == 1 and field == "messages" else f"{field}[{i}]"
+        for video in getattr(item, "videos", ()):
+            if "video" not in readable:
+                raise RequestError(f"{where} has a video: this {embedder.kind} artifact reads "
+                                   f"{' and '.join(m for m in readable if m != 'multimodal')} only (videos: Qwen3-VL "
+                                   "artifacts)", param=field)
+            if not (isinstance(video.source, str) and video.source[:11].lower() == "data:video/"):
+                raise RequestError(f"{where}: a video must be a data:video/...;base64 URI (this server fetches no "
+                                   "video URLs)", param=field)
         if modality not in readable:
-            where = field if len(items) == 1 and field == "messages" else f"{field}[{i}]"
             if isinstance(item, Multimodal):  # a two-tower model reads one text or one image per item
                 raise RequestError(f"{where} mixes text and an image: this model embeds a text or an image per item "
                                    "(send them as separate items)" if item.text else

@@ -408,13 +408,14 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
     return folder
 
 
-# Qwen2-VL's own chat template, as its tokenizer_config.json ships it (images as vision_start, pad, vision_end)
+# Qwen2-VL's own chat template, as its tokenizer_config.json ships it (images and videos as vision_start, pad, vision_end)
 QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "
     "'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] "
     "}}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
     "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
+    "content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>{% elif "
     "'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -469,7 +470,7 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "llava-next"])
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     if not (args.folder / "config.json").is_file():
@@ -480,6 +481,8 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
                              config={"initializer_range": 0.2})
         elif args.kind == "qwen2-vl":  # a vision-language embedder's shape (GME), images up to 16 feature rows
             build_tiny_qwen2_vl(args.folder)
+        elif args.kind == "qwen3-vl":  # Qwen3-VL-Embedding's shape: DeepStack, a learned position table, videos
+            build_tiny_qwen2_vl(args.folder, family="qwen3_vl")
         elif args.kind == "llava-next":  # e5-v's shape: 28-pixel views, up to 3 tiles
             build_tiny_llava_next(args.folder)
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images

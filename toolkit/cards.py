@@ -88,6 +88,11 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     # "multimodal"), {text} its text (after the instruction), {image} the image token once per image; a kind
     # without a template is refused
     item_templates: dict[str, str] = {}
+    # Qwen3-VL videos, where the model's authors sample their own way (Qwen3-VL-Embedding: 1 frame a second, at
+    # most 64 frames, 10 x 768 x 32 x 32 pixels over all frames); None: video_preprocessor_config.json's
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_max_pixels: int | None = None
     labels: list[str] = []  # sequence classifiers: the label of each logit (config id2label, in id order)
     description: str = ""
 

@@ -20,6 +20,7 @@ __all__ = [
     "ImagePreprocess",
     "ImageTower",
     "Manifest",
+    "VideoFacts",
     "VisionLanguage",
     "ParityCase",
     "ParityReport",
@@ -90,6 +91,24 @@ class ImageTower(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     parity: ParityReport
 
 
+class VideoFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Qwen3-VL's video side (``video_preprocessor_config.json``, the card's overrides): how frames are sampled
+    and sized, and the prompt's tokens. Each pair of frames runs through the vision graph as one image does."""
+
+    token: str  # <|video_pad|>: one per feature row of a frame pair
+    token_id: int
+    vision_start: str  # <|vision_start|> / <|vision_end|>: around each frame pair, after its timestamp
+    vision_end: str
+    fps: float  # a video file is sampled at this many frames per second (transformers' sample_frames)
+    min_frames: int
+    max_frames: int
+    min_pixels: int  # bounds on the pixels of ALL sampled frames together (transformers' smart_resize)
+    max_pixels: int
+    frame_cap: int = 0  # cap_pixels_per_frame: at most this many pixels per frame (0: no cap)
+    mean: list[float]
+    std: list[float]
+
+
 class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """A vision-language embedder (Qwen2-VL: GME, DSE): the vision graph beside the artifact (``<name>.image.onnx``,
     one image per run: patches -> features) and what the runtime needs to build its prompts and positions. The
@@ -119,6 +138,7 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     resample: str = "bicubic"
     max_images: int = 8  # images per item
     hidden_size: int  # width of the vision graph's output rows (the language model's)
+    video: VideoFacts | None = None  # Qwen3-VL: videos (frame lists, and files with the [video] extra)
     parity: ParityReport
 
 

@@ -47,6 +47,7 @@ _EXTRAS = {
     "bulk": ("pyarrow",),
     "ray": ("ray", "pyarrow"),
     "images": ("PIL",),
+    "video": ("av", "PIL"),
     "chat": ("jinja2",),
     "otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
 }
