@@ -101,6 +101,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+_VISION_KEYS = ("vision_config", "img_processor", "embd_layer")  # a config with a vision side
+
+
 def get_arch(model_type: str, config: dict | None = None) -> ArchSpec:
     """The spec for ``model_type``. Outside the registry, ``config`` may still name a path: a causal LM
     (``*ForCausalLM``, or its base class) is exported by the generic decoder path (vLLM's ``--convert embed``), a model shipping its
@@ -108,6 +111,12 @@ def get_arch(model_type: str, config: dict | None = None) -> ArchSpec:
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     config = config or {}
+    if any(key in config for key in _VISION_KEYS):  # Phi-3-V (VLM2Vec), Llama-Nemotron-VL, ...: their code is remote
+        vision_language = sorted(k for k, spec in ARCHITECTURES.items() if spec.vision_language)
+        raise UnsupportedArchitectureError(
+            f"architecture '{model_type}' is a vision-language model this toolkit does not export yet (exported as a "
+            "text model, its images would be dropped); vision-language architectures supported: "
+            f"{', '.join(vision_language)} (and CLIP / SigLIP's two towers)")
     if "AutoModel" in (config.get("auto_map") or {}):
         return ArchSpec(model_type, token_type_ids="type_vocab_size" in config, remote_code=True,
                         decoder=_causal_lm(config), config_overrides=_DECODER if _causal_lm(config) else {})

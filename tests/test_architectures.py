@@ -75,6 +75,26 @@ def test_an_unknown_encoder_is_refused_naming_the_supported(tmp_path):
         _export(folder, tmp_path / "a.onnx", pooling=Pooling.MEAN)
 
 
+@pytest.mark.parametrize(("model_type", "architecture", "vision"), [
+    # VLM2Vec-Full's config.json: a causal LM by its class name, its vision side in img_processor / embd_layer
+    ("phi3_v", "Phi3VForCausalLM", {"img_processor": {"model_name": "openai/clip-vit-large-patch14-336"},
+                                    "embd_layer": {"embedding_cls": "image", "use_hd_transform": True}}),
+    ("llama_nemotron_vl", "LlamaNemotronVLModel", {"vision_config": {"model_type": "siglip_vision_model"}}),
+])
+def test_a_vision_language_model_without_export_support_is_refused_not_exported_as_text(model_type, architecture,
+                                                                                         vision):
+    """Phi-3-V (VLM2Vec) and Llama-Nemotron-VL ship their modeling code in their Hub repositories only; their class
+    names say causal LM / remote code, which would otherwise export the text side and silently drop images."""
+    from toolkit.export.architectures import get_arch
+
+    config = {"model_type": model_type, "architectures": [architecture], **vision,
+              "auto_map": {"AutoConfig": "configuration.Config", "AutoModelForCausalLM": "modeling.Model",
+                           "AutoModel": "modeling.Model"}}
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' is a vision-language model .* "
+                                                           "supported: llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl"):
+        get_arch(model_type, config)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3"])
 def test_bidirectional_decoder_matches_transformers_without_the_causal_mask(model_type, tmp_path):
     from transformers import AutoModel

@@ -144,7 +144,7 @@ def test_deep_model_is_judged_against_the_rounding_noise_floor(tmp_path):
     deep = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
             "max_position_embeddings": 514, "initializer_range": 0.2}
     folder = add_sentence_transformers_layout(build_tiny_model("mpnet", tmp_path / "deep", config=deep),
-                                              pooling="mean", max_seq_length=384)
+                                              pooling="mean", max_seq_length=128)
     result = _export(str(folder), tmp_path / "deep.onnx")
     parity = result.manifest.parity
     assert parity.passed
