@@ -180,6 +180,9 @@ def test_bad_videos_are_refused_and_pyav_is_named_when_missing(q3, monkeypatch):
             q3.embed([item])
     with pytest.raises(RequestError, match="fps must be a number"):
         Video(frames, fps=0)
+    monkeypatch.setattr("toolkit.runtime.video.MAX_DECODED_FRAMES", 10)
+    with pytest.raises(RequestError, match="30 frames; a video takes 1 to 10"):
+        q3.embed([Video(source=_mp4(_frames(30)))])
     monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
     with pytest.raises(RequestError, match=r"\[video\] extra"):
         q3.embed([Video(source=b"whatever")])
