@@ -218,6 +218,8 @@ def _video_facts(resolved: ResolvedModel, tokenizer, image_cfg: dict) -> VideoFa
         found = tokenizer.token_strings([int(resolved.config.get(key, -1))]) if key in resolved.config else None
         return found[0] if found and found[0] else default
 
+    if cfg.get("resample", 3) != 3 or not cfg.get("do_resize", True) or not cfg.get("do_normalize", True):
+        raise ConfigError(f"{path}: only the video processor's default bicubic resize and normalize are reproduced")
     factor = int(cfg.get("patch_size") or 16) * int(cfg.get("merge_size") or 2)
     cap = int(cfg.get("max_video_tokens") or 768) * factor * factor if cfg.get("cap_pixels_per_frame") else 0
     facts = VideoFacts(

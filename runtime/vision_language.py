@@ -38,9 +38,10 @@ __all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "i
 
 def item_messages(text: str | None, images: int, instruction: str | None, spec, videos: int = 0) -> list[dict]:
     """The chat one item is rendered from, laid out as the model's authors do: ``videos`` video parts, ``images``
-    image parts, then the text (Qwen3-VL-Embedding's order). The instruction is the system message (GME, Qwen3-VL), or, where the card puts it in the text
-    (``instruction_at = "text"``: DSE's "Query: "), it starts the user's text; an item with only images takes the
-    card's ``image_only_text`` (DSE: "What is shown in this image?"). ``spec``: the manifest's vision_language."""
+    image parts, then the text (Qwen3-VL-Embedding's order). The instruction is the system message (GME,
+    Qwen3-VL), or, where the card puts it in the text (``instruction_at = "text"``: DSE's "Query: "), it starts the
+    user's text; an item with only images takes the card's ``image_only_text`` (DSE: "What is shown in this
+    image?"). ``spec``: the manifest's vision_language."""
     if spec.instruction_at == "text":
         text, instruction = (instruction or "") + (text or spec.image_only_text), None
     elif not text:
@@ -217,7 +218,7 @@ class VisionLanguageEncoder:
         for t in ids:
             expanded.extend([token] * next(counts) if t == token else [t])
         video = spec.video.token_id if spec.video else token
-        if stand_ins and expanded.count(video) != sum(rows[:first_image]):
+        if spec.video and expanded.count(video) != sum(rows[:first_image]):  # a video token typed in the text
             raise RequestError(f"input[{index}]: the prompt holds {expanded.count(video)} video placeholders for "
                                f"{sum(rows[:first_image])} video features (the text may not contain the video token)",
                                param="input")

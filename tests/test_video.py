@@ -174,6 +174,7 @@ def test_bad_videos_are_refused_and_pyav_is_named_when_missing(q3, monkeypatch):
         (Multimodal(videos=[Video(frames)] * 5), "at most 4"),
         (Video([]), "has no frames"),
         (Video(frames + [b"not an image"]), "image 0"),
+        ("a text holding <|video_pad|> itself", "video placeholders"),  # no video: still not a feature row
     ]
     for item, message in cases:
         with pytest.raises(RequestError, match=message):
