@@ -84,13 +84,14 @@ def is_image_input(value: object) -> bool:
 
 
 def read_source(source, index: int, what: str = "image", limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """The encoded bytes of one input: bytes as they are, a ``data:<type>;base64`` URI decoded, a path read;
-    RequestError naming ``what`` and ``index`` past ``limit`` bytes or for anything else."""
+    """The encoded bytes of one input: bytes as they are, a ``data:<what>/<type>;base64`` URI decoded, a path read;
+    RequestError naming ``what`` and ``index`` past ``limit`` bytes, for another kind of data URI, or for anything
+    else."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, str) and source[:5].lower() == "data:":
         head, sep, payload = source.partition(",")
-        if not sep or not head.lower().endswith(";base64"):
+        if not sep or not head.lower().endswith(";base64") or not head.lower().startswith(f"data:{what}/"):
             raise RequestError(f"{what} {index}: a data URI must be 'data:{what}/<type>;base64,<data>'", param="input")
         if len(payload) > limit * 4 // 3 + 4:
             raise RequestError(f"{what} {index}: larger than {limit // 2**20} MiB encoded", param="input")
@@ -123,8 +124,6 @@ def decode_image(source: ImageInput, index: int = 0, *, exif_transpose: bool = T
     if isinstance(source, Image.Image):
         image = source
     else:
-        if isinstance(source, str) and source[:5].lower() == "data:" and not is_image_uri(source):
-            raise RequestError(f"image {index}: a data URI must be 'data:image/<type>;base64,<data>'", param="input")
         if not isinstance(source, (bytes, bytearray, memoryview, str, Path)):
             raise RequestError(f"image {index}: expected an image (PIL image, bytes, path or data:image URI), got "
                                f"{type(source).__name__}", param="input")

@@ -28,7 +28,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["QwenImages", "QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "vision_positions",
+__all__ = ["QwenImages", "QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "scaled_size", "vision_positions",
            "position_taps", "window_layout"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,13 +55,22 @@ def fit_size(height: int, width: int, spec: QwenVLImageSpec, index: int = 0) -> 
     factor = spec.patch_size * spec.merge_size
     if max(height, width) > MAX_ASPECT * min(height, width):
         raise RequestError(f"image {index}: {width}x{height} has an aspect ratio past {MAX_ASPECT}:1", param="input")
+    return scaled_size(height, width, factor, spec.min_pixels, spec.max_pixels)
+
+
+def scaled_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int, *, frames: int = 1,
+                pair: int = 1) -> tuple[int, int]:
+    """transformers' ``smart_resize`` core, for an image and for a video's frames: both sides rounded to multiples
+    of ``factor``, then scaled as a whole, aspect kept, so that the pixels (of ``frames`` frames, their count
+    rounded to multiples of ``pair``) stay within [min_pixels, max_pixels]."""
     h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > spec.max_pixels:
-        shrink = math.sqrt(height * width / spec.max_pixels)
+    t = round(frames / pair) * pair
+    if t * h * w > max_pixels:
+        shrink = math.sqrt(frames * height * width / max_pixels)
         h = max(factor, math.floor(height / shrink / factor) * factor)
         w = max(factor, math.floor(width / shrink / factor) * factor)
-    elif h * w < spec.min_pixels:
-        grow = math.sqrt(spec.min_pixels / (height * width))
+    elif t * h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (frames * height * width))
         h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
     return h, w
 

@@ -22,13 +22,13 @@ Checked against transformers' functions and the model's own video forward in ``t
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from toolkit.errors import RequestError
 from toolkit.model_source import install_hint
+from toolkit.runtime.qwen_vl import scaled_size
 
 __all__ = ["MAX_DECODED_FRAMES", "MAX_VIDEO_BYTES", "Video", "VideoRef", "decode_video", "expand_videos", "frame_pairs", "frame_size", "prepare_video",
            "resize_frames", "sample_indices", "timestamps", "video_prompt"]
@@ -78,14 +78,6 @@ def require_av():
     return av
 
 
-def _video_bytes(source, index: int) -> bytes:
-    from toolkit.runtime.images import read_source
-
-    if isinstance(source, str) and source[:6].lower() == "data:" and not source[:11].lower() == "data:video/":
-        raise RequestError(f"video {index}: a data URI must be 'data:video/<type>;base64,<data>'", param="input")
-    return read_source(source, index, "video", MAX_VIDEO_BYTES)
-
-
 def sample_indices(total: int, video_fps: float | None, facts) -> np.ndarray:
     """Which frames of a ``total``-frame video at ``video_fps`` are read: transformers' ``sample_frames`` (fps
     frames per second, within [min_frames, max_frames] and ``total``; 24 fps assumed when the file has none)."""
@@ -117,8 +109,10 @@ class _Frames:
 
 def decode_video(source, spec, index: int = 0) -> tuple[np.ndarray, list[int], float]:
     """A video file -> (its sampled frames resized, float32 (N, h, w, 3), their indices, the file's fps)."""
+    from toolkit.runtime.images import read_source
+
     av = require_av()
-    data = _video_bytes(source, index)
+    data = read_source(source, index, "video", MAX_VIDEO_BYTES)
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -169,16 +163,7 @@ def frame_size(frames: int, height: int, width: int, spec, facts, index: int = 0
         height, width = int(height * grow), int(width * grow)
     if max(height, width) > 200 * min(height, width):
         raise RequestError(f"video {index}: {width}x{height} frames have an aspect ratio past 200:1", param="input")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    t = round(frames / pair) * pair
-    if t * h * w > max_pixels:
-        shrink = math.sqrt(frames * height * width / max_pixels)
-        h = max(factor, math.floor(height / shrink / factor) * factor)
-        w = max(factor, math.floor(width / shrink / factor) * factor)
-    elif t * h * w < facts.min_pixels:
-        grow = math.sqrt(facts.min_pixels / (frames * height * width))
-        h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
-    return h, w
+    return scaled_size(height, width, factor, facts.min_pixels, max_pixels, frames=frames, pair=pair)
 
 
 def _taps(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,10 +202,10 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
         x = _resample(x, 2, width)
     if x.shape[1] != height:
         x = _resample(x, 1, height)
-    return np.round(np.clip(x, 0, 255)) if x.shape[1:3] != frames.shape[1:3] or x.shape[2] != frames.shape[2] else x
+    return np.round(np.clip(x, 0, 255)) if x.shape != frames.shape else x
 
 
-def frame_pairs(frames: np.ndarray, spec, facts) -> list[np.ndarray]:
+def frame_pairs(frames: np.ndarray, spec) -> list[np.ndarray]:
     """Normalized (N, h, w, 3) float32 frames -> one (grid_h * grid_w, 3 * T * p * p) patch array per pair of
     frames, laid out as the image patches are (merge blocks first, then channel, frame, row, column)."""
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
@@ -273,7 +258,7 @@ def prepare_video(video, spec, family, index: int) -> tuple[list[dict[str, np.nd
     # transformers' fused rescale and normalize: (x - 255 mean) / (255 std), in float32
     mean = np.asarray(facts.mean, np.float32) * np.float32(255.0)
     std = np.asarray(facts.std, np.float32) * np.float32(255.0)
-    pairs = frame_pairs((frames - mean) / std, spec, facts)
+    pairs = frame_pairs((frames - mean) / std, spec)
     grid = (1, frames.shape[1] // spec.patch_size, frames.shape[2] // spec.patch_size)
     rows = grid[1] * grid[2] // spec.merge_size ** 2
     times = timestamps(indices, fps, spec.temporal_patch_size)

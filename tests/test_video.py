@@ -100,7 +100,7 @@ def test_preprocessing_matches_transformers_and_torch():
     x = rng.standard_normal((5, 64, 96, 3)).astype(np.float32)
     patches, t, gh, gw = Qwen3VLVideoProcessor.patchify(None, torch.from_numpy(x).permute(0, 3, 1, 2)[None], 16, 2, 2)
     assert (t, gh, gw) == (3, 4, 6)
-    np.testing.assert_array_equal(np.concatenate(frame_pairs(x, spec, None)), patches[0].numpy())
+    np.testing.assert_array_equal(np.concatenate(frame_pairs(x, spec)), patches[0].numpy())
     for indices, fps in [([0, 3, 6, 9, 12], 2.0), (list(range(8)), 29.97)]:
         assert timestamps(indices, fps, 2) == pytest.approx(Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2))
     facts = SimpleNamespace(fps=1.0, min_frames=4, max_frames=64)
@@ -175,6 +175,7 @@ def test_bad_videos_are_refused_and_pyav_is_named_when_missing(q3, monkeypatch):
         (Video([]), "has no frames"),
         (Video(frames + [b"not an image"]), "image 0"),
         ("a text holding <|video_pad|> itself", "video placeholders"),  # no video: still not a feature row
+        (Video(source="data:image/png;base64,AAAA"), "must be 'data:video/"),
     ]
     for item, message in cases:
         with pytest.raises(RequestError, match=message):
