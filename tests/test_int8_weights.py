@@ -1,0 +1,90 @@
+"""The streaming int8 writer (``export.int8_weights``): which nodes it takes, what they compute, and its files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolkit.export.int8_weights import quantize_weights, weight_gemms
+
+K, N = 64, 48
+
+
+def _graph(path, *, external: bool):
+    """x (?, K) -> Gemm(transB, bias) -> MatMul (weight shared by two nodes) x2 -> Add; plus nodes it must leave:
+    a Gemm with alpha 0.5 and a MatMul of two activations."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (N, K)).astype(np.float32), "gemm_w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (N,)).astype(np.float32), "gemm_b"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (N, N)).astype(np.float32), "shared_w"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (N, K)).astype(np.float32), "scaled_w")]
+    nodes = [helper.make_node("Gemm", ["x", "gemm_w", "gemm_b"], ["h"], name="gemm", transB=1),
+             helper.make_node("MatMul", ["h", "shared_w"], ["a"], name="mm_a"),
+             helper.make_node("MatMul", ["h", "shared_w"], ["b"], name="mm_b"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+             helper.make_node("Gemm", ["x", "scaled_w"], ["z"], name="gemm_half", transB=1, alpha=0.5),
+             helper.make_node("MatMul", ["y", "h"], ["gram"], name="activations", ),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[1, 0])]
+    nodes[5].input[1] = "ht"
+    nodes.insert(5, nodes.pop())
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "z", "gram")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=path.name + ".data" if external else None, size_threshold=0)
+    return {init.name: numpy_helper.to_array(init) for init in inits}
+
+
+def _int8_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w as DynamicQuantizeMatMul computes it: x uint8 with its own scale and zero point (range holding 0),
+    w int8 per output column, symmetric."""
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    x_scale = (hi - lo) / 255.0
+    zero = np.clip(np.rint(-lo / x_scale), 0, 255)
+    xq = np.clip(np.rint(x / x_scale) + zero, 0, 255)
+    w_scale = np.abs(w).max(0) / 127.0
+    wq = np.clip(np.rint(w / w_scale), -127, 127)
+    return ((xq - zero) @ wq) * x_scale * w_scale
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_weight_gemms_become_dynamic_int8_with_their_bias_and_shared_weights_once(tmp_path, external):
+    weights = _graph(tmp_path / "g.onnx", external=external)
+    assert weight_gemms(tmp_path / "g.onnx") == ["gemm", "mm_a", "mm_b"]  # alpha 0.5 and activations x activations left
+    out = quantize_weights(tmp_path / "g.onnx", tmp_path / "q.onnx")
+    model = onnx.load(str(out), load_external_data=False)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [k for k, v in ops.items() if v == "DynamicQuantizeMatMul"] == ["gemm", "mm_a", "mm_b"]
+    assert ops["gemm_half"] == "Gemm" and ops["activations"] == "MatMul"
+    int8 = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8]
+    assert sorted(i.name for i in int8) == ["gemm_w_int8_t", "shared_w_int8"]  # the shared weight quantized once
+    x = np.random.default_rng(1).normal(0, 1, (7, K)).astype(np.float32)
+    y, z = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["y", "z"], {"x": x})
+    h = _int8_product(x, weights["gemm_w"].T) + weights["gemm_b"]
+    expected = 2 * _int8_product(h, weights["shared_w"])
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    exact = 2 * (x @ weights["gemm_w"].T + weights["gemm_b"]) @ weights["shared_w"]
+    assert np.abs(y - exact).max() > 1e-4  # it is int8: not the fp32 product
+    np.testing.assert_allclose(z, 0.5 * x @ weights["scaled_w"].T, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_stream_to_one_aligned_data_file_and_the_source_is_untouched(tmp_path):
+    _graph(tmp_path / "g.onnx", external=True)
+    before = (tmp_path / "g.onnx.data").read_bytes()
+    quantize_weights(tmp_path / "g.onnx", tmp_path / "q.onnx", nodes=["mm_a"])
+    assert (tmp_path / "g.onnx.data").read_bytes() == before
+    model = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert [n.name for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"] == ["mm_a"]
+    placed = {}
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            assert info["location"] == "q.onnx.data" and int(info["offset"]) % 4096 == 0
+            placed[init.name] = int(info["offset"])
+    assert {"gemm_w", "shared_w", "shared_w_int8", "scaled_w"} <= set(placed)  # mm_b keeps the fp32 shared weight
+    assert len(set(placed.values())) == len(placed)
+
