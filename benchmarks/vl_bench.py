@@ -167,8 +167,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--side", type=int, default=224, help="images are bounded to side x side pixels")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="fp32", help="fp32 | int8 (every MatMul of both graphs; written even "
-                        "where it misses int8's gate, which the report states)")
+    parser.add_argument("--precision", default="fp32", help="fp32 | int8 (the kinds of layer within int8's gate, "
+                        "chosen by the export; written even where it misses the gate, which the report states)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import msgspec
 
-from toolkit.export.pipeline import StepReporter, _quiet_step, export_model
+from toolkit.export.pipeline import export_model
+from toolkit.export.steps import StepReporter, quiet_step
 from toolkit.model_source import cache_entry, find_cached_artifact, locate_source
 from toolkit.settings import ExportOptions
 
@@ -33,7 +34,7 @@ class CachedArtifact:
 
 
 def ensure_artifact(model: str | Path | None, options: ExportOptions | None = None, *,
-                    step: StepReporter = _quiet_step) -> CachedArtifact:
+                    step: StepReporter = quiet_step) -> CachedArtifact:
     """The artifact for ``model``, exported into ``TOOLKIT_CACHE`` on first use (``options.output`` is ignored).
 
     Raises ConfigError for a source that names nothing, and what ``export_model`` raises.

@@ -2,81 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import torch
 
-from toolkit.errors import ExportError, ParityError
-from toolkit.export.graph import build_module, output_names
-from toolkit.export.onnx_export import export_graph, write_artifact
+from toolkit.errors import ExportError
+from toolkit.export.graph import build_module
+from toolkit.export.onnx_export import export_graph
 from toolkit.export.optimize import (
     compact_embedding_table,
     convert_fp16,
     fuse_transformer,
-    fused_counts,
     time_graphs,
 )
-from toolkit.export.parity import NOISE_FACTOR, check_parity
+from toolkit.export.parity import check_parity
 from toolkit.export.resolve import ResolvedModel, resolve_model
+from toolkit.export.steps import (
+    ExportResult,
+    StepReporter,
+    default_output,
+    draft_manifest,
+    pad_token_id,
+    parity_error,
+    quiet_step,
+    release_memory,
+    write_graphs,
+)
 from toolkit.export.towers import (
     build_image_tower,
     check_image_tower,
     image_tower_path,
     quantize_image_tower,
 )
-from toolkit.manifest import Manifest, ParityReport
 from toolkit.runtime.tokenization import Tokenizer
 from toolkit.settings import ExportOptions, Precision, Target
 
 __all__ = ["ExportResult", "StepReporter", "default_output", "export_model"]
-
-StepReporter = Callable[[str], contextlib.AbstractContextManager]
-
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    path: Path
-    manifest: Manifest
-    seconds: float
-    size_bytes: int
-
-
-@contextlib.contextmanager
-def _quiet_step(title: str) -> Iterator[None]:
-    yield
-
-
-def default_output(card_name: str, precision: Precision) -> Path:
-    suffix = "" if precision == Precision.FP32 else f"-{precision.value}"
-    return Path.cwd() / f"{card_name.replace('/', '_')}{suffix}.onnx"
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("onnx-embed-toolkit", "torch", "transformers", "onnxruntime-gpu", "onnxruntime", "onnx",
-                 "sentence-transformers", "tokenizers"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
-
-
-def _pad_id(tokenizer: Tokenizer, resolved: ResolvedModel) -> int:
-    """The padding id: the tokenizer's pad token, else config.json's pad_token_id, else 0."""
-    pad = resolved.files.special_tokens.get("pad_token")
-    pad_id = tokenizer.token_id(pad) if pad is not None else None
-    if pad_id is None:
-        pad_id = resolved.config.get("pad_token_id")
-    return int(pad_id or 0)
 
 
 def _probes(inputs: tuple[str, ...], vocab_size: int) -> list[dict[str, np.ndarray]]:
@@ -109,7 +74,7 @@ def _graph_forms(module, resolved: ResolvedModel, graph: Path, tmp: Path, opset:
     return forms
 
 
-def export_model(model: str | None, options: ExportOptions | None = None, *, step: StepReporter = _quiet_step) -> ExportResult:
+def export_model(model: str | None, options: ExportOptions | None = None, *, step: StepReporter = quiet_step) -> ExportResult:
     """Export ``model`` (Hub id, directory, card name; None = the bundled default) to one artifact.
 
     Raises ConfigError for bad input, ExportError / ParityError when the
@@ -123,13 +88,15 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     precision, target = _check_precision(resolved, options)
     out = Path(options.output) if options.output else default_output(resolved.card.name, precision)
     if resolved.head.vision_language:
-        return _export_vision_language(resolved, options, out, step, started)
+        from toolkit.export.vision_language_pipeline import export_vision_language
+
+        return export_vision_language(resolved, options, out, step, started)
     with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
         tmp = Path(tmp_name)
         with step(f"Loading {resolved.arch.model_type} in PyTorch"):
             module = build_module(resolved, trust_remote_code=options.trust_remote_code)
             tokenizer = Tokenizer(resolved.files.tokenizer_json, max_length=resolved.card.max_seq_len or 512)
-            pad_id = _pad_id(tokenizer, resolved)
+            pad_id = pad_token_id(tokenizer, resolved)
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         with step(f"Optimizing for {target.value} / {precision.value}"):
@@ -153,10 +120,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                 image_graph, tower = build_image_tower(module, resolved, options, tmp)
             if precision == Precision.INT8:  # the GEMM-bound ViT; the text tower (a few ms a query) stays fp32
                 image_graph, optimization = quantize_image_tower(image_graph, tmp, optimization)
-        manifest = _manifest(resolved, options, final, tokenizer, pad_id, optimization)
+        manifest = draft_manifest(resolved, options, final, tokenizer, pad_id, optimization)
         if image_graph is not None:
             manifest = msgspec.structs.replace(manifest, image=tower)
-        candidate = _write(final, image_graph, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
+        candidate = write_graphs(final, image_graph, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
         report, warnings = manifest.parity, []
         if resolved.arch.converted:
             warnings.append(f"converted: '{resolved.arch.model_type}' is not in the registry; exported as a "
@@ -177,96 +144,15 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                     manifest = check_image_tower(manifest, candidate, resolved, module, precision)
             if not report.passed:
                 if not (options.allow_low_accuracy and precision == Precision.INT8):
-                    raise _parity_error(report)
+                    raise parity_error(report)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
         del module  # the reference's weights are not needed past this point: the write holds its own copy
-        _release_memory()
+        release_memory()
         with step(f"Writing {out.name}" + (f" and {image_tower_path(out).name}" if image_graph else "")):
-            _write(final, image_graph, out, manifest, resolved)
+            write_graphs(final, image_graph, out, manifest, resolved)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
-
-
-def _export_vision_language(resolved: ResolvedModel, options: ExportOptions, out: Path, step: StepReporter,
-                            started: float) -> ExportResult:
-    """A vision-language embedder: its language graph as the artifact and its vision graph beside it
-    (``export.vision_language``), verified on text, image and text + image items against transformers."""
-    from toolkit.export.vision_language import (
-        export_vision_language_graphs,
-        load_vision_language,
-        vision_language_spec,
-    )
-    from toolkit.export.vision_language_parity import vision_language_parity
-    from toolkit.runtime.embedder import Embedder
-
-    with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
-        tmp = Path(tmp_name)
-        with step(f"Loading {resolved.arch.model_type} in PyTorch"):
-            model = load_vision_language(resolved)
-            tokenizer = Tokenizer(resolved.files.tokenizer_json, max_length=resolved.card.max_seq_len or 512)
-            pad_id = _pad_id(tokenizer, resolved)
-            spec = vision_language_spec(resolved, tokenizer)
-        with step("Exporting the vision and language graphs (torch.onnx, dynamo)"):
-            language, vision = export_vision_language_graphs(model, resolved, spec, opset=options.opset, tmp=tmp)
-        optimization: dict[str, float | int | str] = {}
-        int8 = Precision(options.precision) == Precision.INT8
-        if int8:  # every MatMul of both graphs; the gate below is the parity check at int8's threshold
-            from toolkit.cpu import describe
-            from toolkit.export.optimize import quantizable_matmuls, quantize_int8
-
-            del model  # the quantizer holds each graph twice: PyTorch's copy is reloaded for the parity check after
-            _release_memory()  # (measured: a 2B model's int8 export was killed at 24 GiB with it still held)
-            with step("Quantizing both graphs' MatMuls to int8 (dynamic, per-channel weights)"):
-                counts = len(quantizable_matmuls(language)) + len(quantizable_matmuls(vision))
-                language = quantize_int8(language, tmp / "graph-int8.onnx", plain=True)
-                vision = quantize_int8(vision, tmp / "image-int8.onnx", plain=True)
-            with step(f"Reloading {resolved.arch.model_type} in PyTorch (the parity reference)"):
-                model = load_vision_language(resolved)
-            optimization = {"int8_matmuls": f"{counts}/{counts}", "int8_gated_on": describe()}
-        manifest = msgspec.structs.replace(_manifest(resolved, options, language, tokenizer, pad_id, optimization),
-                                           vision_language=spec, hidden_size=spec.hidden_size)
-        candidate = _write(language, vision, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
-        report, warnings = manifest.parity, []
-        if options.skip_parity:
-            warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
-        else:
-            with step("Verifying parity against transformers (text, image and text + image items)"):
-                report = vision_language_parity(Embedder(candidate, device="cpu"), resolved, model,
-                                                Precision(options.precision).value)
-            if not report.passed:
-                if not (int8 and options.allow_low_accuracy):
-                    raise _parity_error(report)
-                warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
-        manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings,
-                                           vision_language=msgspec.structs.replace(spec, parity=report))
-        del model
-        _release_memory()
-        with step(f"Writing {out.name} and {image_tower_path(out).name}"):
-            _write(language, vision, out, manifest, resolved)
-    return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
-
-
-def _release_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise: measured ~1 GiB retained
-    after the parity step of a 2 GB model), so the write's copy of the weights lands on a smaller peak."""
-    torch._dynamo.reset()  # torch.export's caches hold the traced module's parameters
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _write(graph: Path, image_graph: Path | None, out: Path, manifest: Manifest, resolved: ResolvedModel, *,
-           self_contained: bool = True) -> Path:
-    """The artifact at ``out``; a two-tower model's image tower first, beside it (``name.image.onnx``), each
-    file carrying the manifest, the tokenizer and the model card (``self_contained``: see ``write_artifact``)."""
-    files = (resolved.files.tokenizer_json, resolved.files.model_card)
-    if image_graph is not None:
-        write_artifact(image_graph, image_tower_path(out), msgspec.structs.replace(manifest, tower="image"), *files,
-                       self_contained=self_contained)
-    return write_artifact(graph, out, manifest, *files, self_contained=self_contained)
 
 
 def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[Precision, Target]:
@@ -313,50 +199,6 @@ def _optimize(module, resolved: ResolvedModel, graph: Path, tmp: Path, options: 
             optimization["embedding_table"] = "fp16"
     final = convert_fp16(fp32, tmp / "fp16.onnx") if Precision(options.precision) == Precision.FP16 else fp32
     return fp32, final, optimization
-
-
-def _manifest(resolved: ResolvedModel, options: ExportOptions, final: Path, tokenizer: Tokenizer, pad_id: int,
-              optimization: dict) -> Manifest:
-    """The artifact's manifest before verification (its parity report is filled in after)."""
-    card = resolved.card
-    return Manifest(
-        card=card, model_type=resolved.arch.model_type, inputs=list(resolved.arch.inputs),
-        outputs=output_names(resolved),
-        embedding_dim=resolved.head.dim(resolved.config, resolved.dense[-1].out_features if resolved.dense else None),
-        hidden_size=int(resolved.config.get("hidden_size", 0) or 0), vocab_size=tokenizer.vocab_size,
-        max_seq_len=card.max_seq_len or 512, pad_token_id=pad_id, special_tokens=resolved.files.special_tokens,
-        chat_template=resolved.files.chat_template, precision=Precision(options.precision).value,
-        target=Target(options.target).value, opset=_graph_opset(final), export_options=_option_values(options),
-        versions=_versions(), fused_ops=fused_counts(final), optimization=optimization,
-        parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False), head=resolved.head.spec(),
-    )
-
-
-def _parity_error(report: ParityReport) -> ParityError:
-    """What a failed verification says: the figures that missed, and by how much."""
-    if report.max_abs_diff and not report.min_cosine:  # scores (cross-encoders)
-        worst = ", ".join(f"{k}={v:.2e}" for k, v in report.max_abs_diff.items())
-        return ParityError(f"parity check failed (max abs difference {worst}; need <= {report.threshold}); "
-                           "no artifact written", report.max_abs_diff)
-    worst = ", ".join(f"{k}={v:.6f}" for k, v in report.min_cosine.items())
-    extra = "" if report.retrieval_top10_overlap is None else f", top-10 overlap={report.retrieval_top10_overlap:.3f}"
-    extra += "".join(f"; {k}: {a:.2e} from float64 vs torch fp32's {t:.2e} (allowed x{NOISE_FACTOR:g})"
-                     for k, (a, t) in report.noise_floor.items())
-    return ParityError(f"parity check failed (min cosine {worst}{extra}; need >= {report.threshold}); "
-                       "no artifact written", report.min_cosine)
-
-
-def _option_values(options: ExportOptions) -> dict:
-    """The options that differ from off / unset, as JSON values of their own types (enums as their values)."""
-    values = msgspec.to_builtins(options, enc_hook=str)
-    return {k: v for k, v in values.items() if v not in (None, [], False)}
-
-
-def _graph_opset(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _quantization_range(candidate: Path) -> list[float]:

@@ -13,7 +13,7 @@ from torch import nn
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ParityCase, ParityReport, VisionLanguage
 
-__all__ = ["THRESHOLDS", "vision_language_parity"]
+__all__ = ["THRESHOLDS", "as_input", "probe_set", "probe_vectors", "vision_language_parity"]
 
 THRESHOLDS = {"fp32": 0.99999, "int8": 0.99}  # int8: the text models' gate (min cosine), here vs transformers
 
@@ -53,6 +53,43 @@ def _probe_videos() -> dict[str, dict]:
     return {"video": {"videos": [video]}, "text+video": {"text": "what happens in the clip", "videos": [video]},
             "text+video+image": {"text": "the clip and a photo", "videos": [video],
                                  "images": [probe_images()["photo.jpg"]]}}
+
+
+def probe_set(emb) -> tuple[dict[str, dict], str | None]:
+    """(the probe items an artifact of this kind takes, each with its instruction; the card's default instruction,
+    which the runtime applies unasked): every item kind, videos where the model reads them, and only the kinds of
+    item the card prompts where it has item templates (e5-v: a text alone, an image alone)."""
+    from toolkit.runtime.vision_language import item_kind
+
+    spec = emb.manifest.vision_language
+    items = {**_probe_items(), **(_probe_videos() if spec.video is not None else {})}
+    if spec.templates:
+        items = {n: item for n, item in items.items()
+                 if item_kind(item.get("text"), len(item.get("images", []))) in spec.templates}
+    default = emb.prompt_text(None, None) or None
+    for item in items.values():
+        item.setdefault("instruction", default)
+    return items, default
+
+
+def as_input(item: dict):
+    """A probe item as the runtime's ``Multimodal``."""
+    from toolkit.runtime.video import Video
+    from toolkit.runtime.vision_language import Multimodal
+
+    return Multimodal(text=item.get("text"), images=item.get("images", []),
+                      videos=[Video(v["frames"], fps=v["fps"]) for v in item.get("videos", [])])
+
+
+def probe_vectors(emb) -> np.ndarray:
+    """The artifact's unit vectors of ``probe_set``'s items, in its order (one call per instruction)."""
+    items, _ = probe_set(emb)
+    names = list(items)
+    out = np.zeros((len(names), emb.manifest.embedding_dim), dtype=np.float64)
+    for instruction in dict.fromkeys(item["instruction"] for item in items.values()):
+        rows = [i for i, n in enumerate(names) if items[n]["instruction"] == instruction]
+        out[rows] = emb.embed([as_input(items[names[i]]) for i in rows], prompt=instruction)
+    return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
 
 
 def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
@@ -163,24 +200,14 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
     from transformers import AutoTokenizer
 
     from toolkit.runtime.pooling import cosines
-    from toolkit.runtime.video import Video
-    from toolkit.runtime.vision_language import Multimodal, item_kind
 
     spec = emb.manifest.vision_language
     tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
     processor = _processor(resolved, spec, tokenizer)
-    items = {**_probe_items(), **(_probe_videos() if spec.video is not None else {})}
-    if spec.templates:  # the kinds of item the card prompts (e5-v: text alone, an image alone)
-        items = {n: item for n, item in items.items()
-                 if item_kind(item.get("text"), len(item.get("images", []))) in spec.templates}
-    default = emb.prompt_text(None, None)  # the card's default instruction, which the runtime applies unasked
-    for item in items.values():
-        item.setdefault("instruction", default or None)
+    items, default = probe_set(emb)
     names = list(items)
     reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
-    inputs = {n: Multimodal(text=items[n].get("text"), images=items[n].get("images", []),
-                            videos=[Video(v["frames"], fps=v["fps"]) for v in items[n].get("videos", [])])
-              for n in names}
+    inputs = {n: as_input(items[n]) for n in names}
     cases, worst = [], 1.0
     batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
     batches += [(n, [n]) for n in names]

@@ -88,3 +88,17 @@ def test_weights_stream_to_one_aligned_data_file_and_the_source_is_untouched(tmp
     assert {"gemm_w", "shared_w", "shared_w_int8", "scaled_w"} <= set(placed)  # mm_b keeps the fp32 shared weight
     assert len(set(placed.values())) == len(placed)
 
+
+def test_module_kinds_name_each_repeated_module_once(tmp_path):
+    """A kind is the exporter's module path with its layer index as ``*``; without that record, the weight's name."""
+    from toolkit.export.vision_language_int8 import module_kinds
+
+    _graph(tmp_path / "g.onnx", external=False)
+    model = onnx.load(str(tmp_path / "g.onnx"))
+    scopes = {"mm_a": "['', 'model.layers.0', 'model.layers.0.mlp.down_proj', 'linear']",
+              "mm_b": "['', 'model.layers.11', 'model.layers.11.mlp.down_proj', 'linear_7']"}
+    for node in model.graph.node:
+        if node.name in scopes:
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes[node.name])
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    assert module_kinds(tmp_path / "g.onnx") == {"gemm_w": ["gemm"], "model.layers.*.mlp.down_proj": ["mm_a", "mm_b"]}

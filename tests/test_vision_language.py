@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from conftest import async_app_client, serve_subprocess
 from tiny_models import build_tiny_qwen2_vl
@@ -343,6 +344,32 @@ def test_pairing_columns_needs_a_vision_language_artifact(clip_artifact, tmp_pat
         embed_files(clip_artifact, tmp_path / "rows.jsonl", tmp_path / "out", options)
 
 
+def test_int8_keeps_the_kinds_of_layer_that_miss_the_gate_in_fp32(vl_dir, tmp_path, monkeypatch):
+    """Where int8 everywhere misses the gate, the search measures each kind of layer alone and keeps the longest
+    harmless-first run of kinds that passes; the rest stay fp32 and the manifest names them. The tiny model passes
+    0.99 with everything in int8, so the gate is raised to 0.9999 here to make the search work."""
+    from toolkit.export import export_model, vision_language_parity
+    from toolkit.export.int8_weights import weight_gemms
+    from toolkit.export.vision_language_int8 import module_kinds
+    from toolkit.runtime.artifact import image_tower_path
+    from toolkit.settings import ExportOptions
+
+    monkeypatch.setitem(vision_language_parity.THRESHOLDS, "int8", 0.9999)
+    result = export_model(str(vl_dir), ExportOptions(output=tmp_path / "vl8.onnx", precision="int8"))
+    manifest = result.manifest
+    assert manifest.parity.passed and manifest.parity.threshold == 0.9999
+    assert manifest.parity.min_cosine["sentence_embedding"] >= 0.9999
+    assert manifest.optimization["int8_vs_fp32_min_cosine"] >= 0.9999
+    quantized, total = map(int, manifest.optimization["int8_matmuls"].split("/"))
+    left = manifest.optimization["int8_fp32_kinds"].split("; ")
+    assert 0 < quantized < total and left and all(k.startswith(("language: ", "vision: ")) for k in left)
+    fp32 = [n for graph in (result.path, image_tower_path(result.path)) for n in weight_gemms(graph)]
+    kinds = {f"{g}: {k}": v for g, path in (("language", result.path), ("vision", image_tower_path(result.path)))
+             for k, v in module_kinds(path).items()}
+    assert sorted(fp32) == sorted(n for k in left for n in kinds[k])  # exactly the named kinds are fp32
+    assert all("*" in k for k in left if "layers" in k or "blocks" in k)  # a kind spans the layers
+
+
 def test_int8_quantizes_both_graphs_behind_the_gate(vl_dir, tmp_path):
     """``--precision int8``: every MatMul of both graphs in int8 (dynamic, per-channel weights), the artifact then
     held to int8's gate (min cosine 0.99 against transformers on every probe item); the manifest says what was
@@ -356,6 +383,13 @@ def test_int8_quantizes_both_graphs_behind_the_gate(vl_dir, tmp_path):
     assert manifest.parity.min_cosine["sentence_embedding"] >= 0.99
     quantized, total = manifest.optimization["int8_matmuls"].split("/")
     assert quantized == total and int(total) > 10 and "int8_gated_on" in manifest.optimization
+    from toolkit.export.int8_weights import weight_gemms
+    from toolkit.runtime.artifact import image_tower_path
+
+    for graph in (result.path, image_tower_path(result.path)):  # the vision tower's Gemms too, none left in fp32
+        ops = [n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node]
+        assert ops.count("DynamicQuantizeMatMul") > 4 and weight_gemms(graph) == []
+    assert manifest.fused_ops.get("DynamicQuantizeMatMul", 0) > 4
     emb = Embedder(result.path, device="cpu")
     vectors = emb.embed([Multimodal("a chart", [IMAGES["wide.png"]]), "a chart"])
     assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
