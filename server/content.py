@@ -22,7 +22,7 @@ from toolkit.runtime.encoders import declared_modality
 from toolkit.runtime.images import ImageRef
 from toolkit.runtime.video import VideoRef
 from toolkit.runtime.vision_language import Multimodal
-from toolkit.server.images import fetch_images
+from toolkit.server.images import fetch_media
 from toolkit.settings import ServerOptions
 
 __all__ = ["admit_content", "content_item", "has_image_parts", "image_url", "image_urls", "message_item", "messages_are_content",
@@ -143,19 +143,15 @@ def sglang_items(items: list) -> list[str | ImageRef | Multimodal] | None:
 # ---------------------------------------------------------------- routing (the one model check)
 async def admit_content(items: list, embedder, options: ServerOptions, field: str = "input") -> list:
     """``items`` checked against the artifact's encoders (a 400 naming the first input of a modality it does not
-    read, and the modalities it does) and made runnable: image URLs fetched where the operator allows."""
+    read, and the modalities it does) and made runnable: image and video URLs fetched where the operator allows."""
     readable = tuple(embedder.modalities)
     for i, item in enumerate(items):
         modality = declared_modality(item)
         where = field if len(items) == 1 and field == "messages" else f"{field}[{i}]"
-        for video in getattr(item, "videos", ()):
-            if "video" not in readable:
-                raise RequestError(f"{where} has a video: this {embedder.kind} artifact reads "
-                                   f"{' and '.join(m for m in readable if m != 'multimodal')} only (videos: Qwen3-VL "
-                                   "artifacts)", param=field)
-            if not (isinstance(video.source, str) and video.source[:11].lower() == "data:video/"):
-                raise RequestError(f"{where}: a video must be a data:video/...;base64 URI (this server fetches no "
-                                   "video URLs)", param=field)
+        if getattr(item, "videos", ()) and "video" not in readable:
+            raise RequestError(f"{where} has a video: this {embedder.kind} artifact reads "
+                               f"{' and '.join(m for m in readable if m != 'multimodal')} only (videos: Qwen3-VL "
+                               "artifacts)", param=field)
         if modality not in readable:
             if isinstance(item, Multimodal):  # a two-tower model reads one text or one image per item
                 raise RequestError(f"{where} mixes text and an image: this model embeds a text or an image per item "
@@ -163,4 +159,4 @@ async def admit_content(items: list, embedder, options: ServerOptions, field: st
                                    f"{where} has {len(item.images)} images: one image per item", param=field)
             raise RequestError(f"{where} is {modality} content: this {embedder.kind} artifact reads "
                                f"{' and '.join(readable)} only", param=field)
-    return await fetch_images(items, options)
+    return await fetch_media(items, options)

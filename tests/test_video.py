@@ -222,6 +222,59 @@ async def test_http_videos_in_vllm_and_sglang_shapes(q3_export, q3):
         assert (await client.get("/health")).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def media_host():
+    """A local HTTP server: /clip.mp4 (a 20-frame video), /photo.jpg, /big.mp4 (over the test's 64 KiB limit)."""
+    import http.server
+    import threading
+
+    files = {"/clip.mp4": (_mp4(_frames(20)), "video/mp4"), "/photo.jpg": (probe_images()["photo.jpg"], "image/jpeg"),
+             "/big.mp4": (b"\0" * (96 * 1024), "video/mp4")}
+
+    class Media(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's hook
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body, kind = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()  # no Content-Length: the limit is enforced while reading
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Media)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", files
+    server.shutdown()
+
+
+@pytest.mark.anyio
+async def test_video_urls_are_fetched_from_allowed_hosts_only(q3_export, q3, media_host):
+    """vLLM fetches a video_url's http(s) URL; here only from hosts the operator allows (--allow-media-url), within
+    the size limit. An item holding a fetched video and a fetched image keeps both."""
+    host, files = media_host
+    data, photo = files["/clip.mp4"][0], files["/photo.jpg"][0]
+    expected = q3.embed([Multimodal("what happens?", images=[photo], videos=[Video(source=data)])])
+    parts = [{"type": "video_url", "video_url": {"url": f"http://{host}/clip.mp4"}},
+             {"type": "image_url", "image_url": {"url": f"http://{host}/photo.jpg"}},
+             {"type": "text", "text": "what happens?"}]
+    async with async_app_client(q3_export.path, names=("q3",), allow_image_urls=[host],
+                                video_url_max_bytes=64 * 1024) as client:
+        r = await client.post("/v1/embeddings", json={"messages": [{"role": "user", "content": parts}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array([d["embedding"] for d in r.json()["data"]]), expected, atol=1e-5)
+        for url, message in [(f"http://{host}/big.mp4", "over the limit of 65536 bytes"),
+                             (f"http://{host}/missing.mp4", "cannot fetch"),
+                             ("http://example.com/clip.mp4", "--allow-media-url"),
+                             ("file:///etc/passwd", "an http(s) URL")]:
+            r = await client.post("/v1/embeddings", json={"input": [{"video": url}]})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (url, r.text)
+        assert (await client.get("/health")).status_code == 200
+
+
 def test_the_real_openai_client_sends_a_video(q3_export, q3):
     from openai import OpenAI
     from openai.types import CreateEmbeddingResponse

@@ -90,9 +90,10 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     allow_request_chat_template: bool = False  # accept a caller's `chat_template` (a Jinja program) at all
     chat_template: str | None = None  # --chat-template: renders `messages` in place of the model's own template
     allow_priority_boost: bool = False  # accept negative `priority` (ahead of everyone else's default 0)
-    allow_image_urls: list[str] = []  # hosts whose http(s) image URLs may be fetched (host, host:port, *.domain)
+    allow_image_urls: list[str] = []  # hosts whose http(s) image and video URLs may be fetched (host, host:port, *.domain)
     image_url_timeout_s: float = 10.0  # one image fetch, connect to last byte
     image_url_max_bytes: int = 16 * 1024 * 1024
+    video_url_max_bytes: int = 64 * 1024 * 1024  # one fetched video file (the same hosts and time limit as images)
     log_level: str = "info"
     json_output: bool = False  # one JSON object per log line (TEI's --json-output)
     cors_allow_origins: list[str] = []  # browser origins allowed ("*": any); empty: no CORS headers at all
