@@ -168,24 +168,19 @@ def quantizable_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in _INT8_OPS and len(n.input) > 1 and n.input[1] in constants]
 
 
-def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None, plain: bool = False) -> Path:
+def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Path:
     """Dynamic int8: signed per-channel weights on MatMul and the fused Attention (s8 measured faster than u8 here).
 
-    ``nodes``: quantize only these (``quantizable_matmuls``' names; None: all); the rest stay fp32. ``plain``: drop
-    the graph's value_info first. Weights kept as external data stay so (a graph past 2 GB).
+    ``nodes``: quantize only these (``quantizable_matmuls``' names; None: all); the rest stay fp32. Weights kept as
+    external data stay so (a graph past 2 GB). Image towers and vision-language graphs use
+    ``export.int8_weights`` (their Gemms too, one weight at a time); this one also quantizes the text graphs' fused
+    Attention (QAttention), which that writer does not.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
     large = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-    if plain and model.graph.value_info:  # the dynamo exporter's value_info can contradict onnx's shape inference,
-        # which the quantizer runs first (measured: a Qwen2-VL tower's (3840) vs (1280)): the quantizer infers its own
-        model = onnx.load(str(src))
-        del model.graph.value_info[:]
-        src = dst.with_name(dst.stem + "-plain.onnx")
-        onnx.save(model, str(src), save_as_external_data=large, all_tensors_to_one_file=True,
-                  location=src.name + ".data" if large else None)
-        del model
+    del model
     logging.disable(logging.WARNING)  # the quantizer warns about pre-processing on every call
     try:
         quantize_dynamic(

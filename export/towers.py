@@ -26,8 +26,9 @@ import torch
 from toolkit.errors import ConfigError, ParityError
 from toolkit.export.architectures import ArchSpec
 from toolkit.export.heads import normalize
+from toolkit.export.int8_weights import quantize_weights, weight_gemms
 from toolkit.export.onnx_export import torch_onnx_boundary
-from toolkit.export.optimize import convert_fp16, quantizable_matmuls, quantize_int8
+from toolkit.export.optimize import convert_fp16
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ImagePreprocess, ImageTower, Manifest, ParityCase, ParityReport
 from toolkit.runtime.artifact import (
@@ -241,10 +242,11 @@ def check_image_tower(manifest: Manifest, candidate: Path, resolved: ResolvedMod
 
 
 def quantize_image_tower(graph: Path, tmp: Path, optimization: dict) -> tuple[Path, dict]:
-    """The image tower with every MatMul in dynamic int8 (per-channel weights), and what the manifest records;
-    its accuracy gate is the tower's parity check at int8's threshold (``export.towers.IMAGE_THRESHOLDS``)."""
+    """The image tower with every weight GEMM (MatMul, and the projection's Gemm) in dynamic int8 (per-channel
+    weights, ``export.int8_weights``), and what the manifest records; its accuracy gate is the tower's parity check
+    at int8's threshold (``export.towers.IMAGE_THRESHOLDS``)."""
     from toolkit.cpu import describe
 
-    count = len(quantizable_matmuls(graph))
-    return quantize_int8(graph, tmp / "image-int8.onnx", plain=True), {  # dynamo value_info: see quantize_int8
+    count = len(weight_gemms(graph))
+    return quantize_weights(graph, tmp / "image-int8.onnx"), {
         **optimization, "image_int8_matmuls": f"{count}/{count}", "text_tower": "fp32", "int8_gated_on": describe()}

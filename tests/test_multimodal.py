@@ -195,7 +195,7 @@ def test_text_only_artifacts_and_misplaced_files_say_what_to_do(clip_artifact, t
 
 
 def test_int8_quantizes_the_image_tower_behind_its_gate(clip_artifact, tmp_path):
-    """``--precision int8`` on a two-tower model: every MatMul of the image tower in int8 (dynamic, per-channel
+    """``--precision int8`` on a two-tower model: every weight GEMM of the image tower in int8 (dynamic, per-channel
     weights), held to int8's gate on image embeddings (min cosine 0.99 against transformers' fp32 model on every
     probe image); the text tower stays fp32 and keeps fp32's gate; the manifest says so."""
 
@@ -209,11 +209,11 @@ def test_int8_quantizes_the_image_tower_behind_its_gate(clip_artifact, tmp_path)
     assert quantized == total and int(total) >= 8 and "int8_gated_on" in manifest.optimization
     assert manifest.image.parity.passed and manifest.image.parity.threshold == 0.99
     assert manifest.image.parity.min_cosine["image_embedding"] >= 0.99 and manifest.parity.threshold == 0.99999
-    from toolkit.export.optimize import quantizable_matmuls
+    from toolkit.export.int8_weights import weight_gemms
 
     ops = [n.op_type for n in onnx.load(str(image_tower_path(result.path)), load_external_data=False).graph.node]
-    assert ops.count("MatMulInteger") >= int(total) and "DynamicQuantizeLinear" in ops
-    assert quantizable_matmuls(image_tower_path(result.path)) == []  # left in fp32: attention's, weightless
+    assert ops.count("DynamicQuantizeMatMul") == int(total)  # the projection's Gemm too
+    assert weight_gemms(image_tower_path(result.path)) == []  # left in fp32: attention's, weightless
     fp32, int8 = Embedder(clip_artifact, device="cpu"), Embedder(result.path, device="cpu")
     images = list(IMAGES.values())
     assert cosines(int8.embed_images(images), fp32.embed_images(images)).min() >= 0.99
