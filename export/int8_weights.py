@@ -5,10 +5,11 @@ twice and saves it in one piece: quantizing a 2B vision-language model's 6 GB
 language graph took 14+ GiB on top of the exporter (measured: killed at
 24 GiB). It also leaves ``Gemm`` nodes alone (dynamic quantization has no
 Gemm), and the dynamo exporter writes a vision tower's linear layers as
-``Gemm``: Qwen2-VL's vision graph kept all 128 of them in fp32.
+``Gemm``: Qwen2-VL's vision graph kept all 130 of them in fp32.
 
 This writer reads each weight from the source's external data, quantizes it
-and streams it to the new data file, so memory holds one weight at a time.
+and streams it to the new data file, so memory holds one fp32 weight at a time
+(plus the int8 weights until they are written: a quarter of their fp32 size).
 Each chosen ``MatMul`` / ``Gemm`` with a constant 2-D weight becomes
 onnxruntime's ``DynamicQuantizeMatMul``: the input quantized per call (uint8,
 its own scale), the weight signed int8 per output column, symmetric, the

@@ -322,7 +322,8 @@ def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n
                    truncation_side: str = "right", max_tokens_per_doc: int | None = None) -> Prepared:
     """Documents best first: ``{"index", "relevance_score"[, "document"]}``. A cross-encoder scores each
     (query, document) pair cut to ``truncate_prompt_tokens``; an embedding artifact the cosine of the query's and
-    each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit)."""
+    each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit).
+    ``max_tokens_per_doc`` (Cohere's / vLLM's field) cuts each document first, never the query."""
     documents = list(documents)
     if emb.cross_encoder:
         scored = prepare_score(emb, query, documents, use_activation=use_activation,
@@ -330,9 +331,12 @@ def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n
     else:
         side = {"truncation_side": truncation_side, "normalize": True}
         q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens
+        d_limit = truncate_prompt_tokens
+        if max_tokens_per_doc is not None:
+            d_limit = max_tokens_per_doc if d_limit in (None, -1) else min(d_limit, max_tokens_per_doc)
         parts = [([0], prepare_embed(emb, [query], truncate_prompt_tokens=q_limit, **side)),
                  (list(range(1, len(documents) + 1)), prepare_embed(emb, documents,
-                                                                   truncate_prompt_tokens=truncate_prompt_tokens, **side))]
+                                                                   truncate_prompt_tokens=d_limit, **side))]
         scored = _combine(len(documents) + 1, parts, lambda vectors: cosine_scores(vectors, 1))
 
     def reduce(rows):

@@ -140,11 +140,8 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
             raise RequestError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
         doc_cap = min(data.max_tokens_per_doc, served.embedder.manifest.max_seq_len)
     per_doc = data.truncate_prompt_tokens if data.truncate_prompt_tokens is not None else (-1 if cohere else None)
-    if doc_cap is not None and not served.embedder.cross_encoder:  # each side embedded alone: the document's limit
-        per_doc = doc_cap if per_doc in (None, -1) else min(per_doc, doc_cap)
-        doc_cap = None
-    elif doc_cap is not None and per_doc is None:  # a cross-encoder: the document is cut, then the pair to the window
-        per_doc = -1
+    if doc_cap is not None and per_doc is None and served.embedder.cross_encoder:  # the document is cut, then the
+        per_doc = -1  # pair to the window (an embedding model cuts only the documents to the cap: prepare_rerank)
     activation = next((v for v in (data.activation, data.use_activation) if v is not None), None)
     served, ranked, tokens = await _ranking(request, data.model, data.query, texts, per_doc,
                                             data.truncate_prompt_tokens, timings=timings, top_n=data.top_n,

@@ -92,6 +92,27 @@ def test_rerank_dialects(client, tiny):
     assert client.post("/v2/rerank", json={"query": "", "documents": DOCS}).json().keys() == {"message"}
 
 
+def test_rerank_max_tokens_per_doc_cuts_the_documents_not_the_query(client, tiny):
+    """Cohere's and vLLM's max_tokens_per_doc on an embedding model: each document is cut to N tokens before it is
+    embedded; the query is embedded whole (it was cut to N too)."""
+    query = "which of these documents explain how to run an ONNX graph on a CPU with onnxruntime and numpy"
+    docs = [d + " and then some more words about graphs, sessions, providers and threads" for d in DOCS]
+    n = 5
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    expected = (unit(tiny.embed(docs, truncate_prompt_tokens=n)) @ unit(tiny.embed([query])).T)[:, 0]
+    whole_query = tiny.count_tokens([query])
+    assert whole_query > n and all(tiny.count_tokens([d]) > n for d in docs)
+    for path in ("/v2/rerank", "/rerank"):
+        r = client.post(path, json={"query": query, "documents": docs, "max_tokens_per_doc": n})
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(docs))], expected, atol=1e-5)
+        assert r.json()["usage"]["prompt_tokens"] == whole_query + n * len(docs)  # the query's every token
+
+
 def test_pooling_and_llama_cpp(client, tiny):
     r = client.post("/pooling", json={"input": ["hello there"], "task": "embed"})
     assert r.status_code == 200 and r.json()["data"][0]["object"] == "pooling"
