@@ -149,9 +149,12 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     """fp16 weights and compute, fp32 inputs and outputs (for cuda / tensorrt)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    large = any(init.data_location == onnx.TensorProto.EXTERNAL
+                for init in onnx.load(str(src), load_external_data=False).graph.initializer)
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    onnx.save_model(model, str(dst))
+    onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=dst.name + ".data" if large else None)  # a graph past 2 GB in fp32 may stay past it
     return dst
 
 

@@ -162,8 +162,6 @@ def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[P
         raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
     if precision == Precision.INT8 and resolved.head.pairs:
         raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
-    if precision == Precision.FP16 and resolved.head.vision_language:
-        raise ExportError("vision-language models export in fp32 or int8 for now (fp16 is not offered yet)")
     if precision == Precision.FP16 and target == Target.CPU:
         raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
     return precision, target

@@ -52,14 +52,16 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         with step("Exporting the vision and language graphs (torch.onnx, dynamo)"):
             language, vision = export_vision_language_graphs(model, resolved, spec, opset=options.opset, tmp=tmp)
         optimization: dict[str, float | int | str] = {}
-        int8 = Precision(options.precision) == Precision.INT8
+        precision = Precision(options.precision)
+        int8 = precision == Precision.INT8
+        if precision != Precision.FP32:  # the graphs are rewritten without PyTorch's copy in memory (a 2B model: 8.8
+            del model  # GB); it is reloaded for the parity check after
+            release_memory()
         if int8:  # the kinds of layer int8 leaves within its gate (vs our fp32 graphs); then the parity check below
             from toolkit.cpu import describe
             from toolkit.export.vision_language_int8 import choose_kinds
             from toolkit.export.vision_language_parity import THRESHOLDS, probe_vectors
 
-            del model  # PyTorch's copy is reloaded for the parity check after
-            release_memory()
             draft = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, {}),
                                             vision_language=spec, hidden_size=spec.hidden_size)
 
@@ -72,9 +74,16 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
             choice = choose_kinds(language, vision, tmp, embed=embed, step=step,
                                   min_cosine=1 - _INT8_SEARCH_SLACK * (1 - THRESHOLDS["int8"]))
             language, vision = choice.language, choice.vision
+            optimization = {**choice.record(), "int8_gated_on": describe()}
+        elif precision == Precision.FP16:  # fp16 weights and compute, fp32 inputs and outputs
+            from toolkit.export.optimize import convert_fp16
+
+            with step("Converting both graphs to fp16 (inputs and outputs stay fp32)"):
+                language = convert_fp16(language, tmp / "graph-fp16.onnx")
+                vision = convert_fp16(vision, tmp / "image-fp16.onnx")
+        if precision != Precision.FP32:
             with step(f"Reloading {resolved.arch.model_type} in PyTorch (the parity reference)"):
                 model = load_vision_language(resolved)
-            optimization = {**choice.record(), "int8_gated_on": describe()}
         manifest = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, optimization),
                                            vision_language=spec, hidden_size=spec.hidden_size)
         candidate = write_graphs(language, vision, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
@@ -83,8 +92,8 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against transformers (text, image and text + image items)"):
-                report = vision_language_parity(Embedder(candidate, device="cpu"), resolved, model,
-                                                Precision(options.precision).value)
+                device = "auto" if precision == Precision.FP16 else "cpu"  # fp16: the GPU where there is one
+                report = vision_language_parity(Embedder(candidate, device=device), resolved, model, precision.value)
             if not report.passed:
                 if not (int8 and options.allow_low_accuracy):
                     raise parity_error(report)
