@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from conftest import serve_subprocess
-from litestar.testing import TestClient
+from litestar.testing import AsyncTestClient
 
 from toolkit.export.towers import probe_images
 from toolkit.runtime import Embedder
@@ -68,80 +68,89 @@ def clip(clip_artifact):
     return Embedder(clip_artifact, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def client(clip_artifact, image_host):
+def _client(clip_artifact, image_host):
+    """The tiny CLIP served as "clip", image URLs allowed from ``image_host`` only (an AsyncTestClient: use it in
+    ``async with``)."""
     metrics = Metrics()
     registry = load_models([clip_artifact], ["clip"], RuntimeOptions(device="cpu"), metrics)
     options = ServerOptions(max_client_batch_size=8, allow_image_urls=[image_host], image_url_timeout_s=1.0,
                             image_url_max_bytes=1024 * 1024)
-    with TestClient(create_app(registry, options, metrics)) as c:
-        yield c
+    return AsyncTestClient(create_app(registry, options, metrics))
 
 
 def _vectors(body: dict) -> np.ndarray:
     return np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
 
 
-def test_vllm_messages_image_and_text(client, clip):
-    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri("wide.png")}}]}
-    r = client.post("/v1/embeddings", json={"model": "clip", "messages": [image], "encoding_format": "float"})
-    assert r.status_code == 200, r.text
-    np.testing.assert_allclose(_vectors(r.json()), clip.embed_images(IMAGES["wide.png"]), atol=1e-5)
-    assert r.json()["usage"]["prompt_tokens"] == clip.manifest.image.tokens == 17  # 16 patches + the class token
-    text = {"role": "user", "content": [{"type": "text", "text": "a photo of a cat"}]}
-    r = client.post("/v1/embeddings", json={"messages": [text]})
-    np.testing.assert_allclose(_vectors(r.json()), clip.embed("a photo of a cat"), atol=1e-5)
-    mixed = {"role": "user", "content": [*text["content"], *image["content"]]}
-    r = client.post("/v1/embeddings", json={"messages": [mixed]})
-    assert r.status_code == 400 and "mixes text and an image" in r.json()["error"]["message"]
+@pytest.mark.anyio
+async def test_vllm_messages_image_and_text(clip_artifact, image_host, clip):
+    async with _client(clip_artifact, image_host) as client:
+        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri("wide.png")}}]}
+        r = await client.post("/v1/embeddings", json={"model": "clip", "messages": [image], "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r.json()), clip.embed_images(IMAGES["wide.png"]), atol=1e-5)
+        assert r.json()["usage"]["prompt_tokens"] == clip.manifest.image.tokens == 17  # 16 patches + the class token
+        text = {"role": "user", "content": [{"type": "text", "text": "a photo of a cat"}]}
+        r = await client.post("/v1/embeddings", json={"messages": [text]})
+        np.testing.assert_allclose(_vectors(r.json()), clip.embed("a photo of a cat"), atol=1e-5)
+        mixed = {"role": "user", "content": [*text["content"], *image["content"]]}
+        r = await client.post("/v1/embeddings", json={"messages": [mixed]})
+        assert r.status_code == 400 and "mixes text and an image" in r.json()["error"]["message"]
 
 
-def test_sglang_items_keep_their_order(client, clip):
-    items = [{"text": "a photo of a cat"}, {"image": _uri("tall.png")}, {"image": _uri("photo.jpg")}, {"text": "a dog"}]
-    r = client.post("/v1/embeddings", json={"input": items, "dimensions": 24})
-    assert r.status_code == 200, r.text
-    got = _vectors(r.json())
-    np.testing.assert_allclose(got[[0, 3]], clip.embed(["a photo of a cat", "a dog"]), atol=1e-5)
-    np.testing.assert_allclose(got[[1, 2]], clip.embed_images([IMAGES["tall.png"], IMAGES["photo.jpg"]]), atol=1e-5)
-    assert r.json()["usage"]["prompt_tokens"] == clip.count_tokens(["a photo of a cat", "a dog"]) + 2 * 17
-    r = client.post("/v1/embeddings", json={"input": [{"text": "x", "image": _uri("tall.png")}]})
-    assert r.status_code == 400 and "mixes text and an image" in r.json()["error"]["message"]
+@pytest.mark.anyio
+async def test_sglang_items_keep_their_order(clip_artifact, image_host, clip):
+    async with _client(clip_artifact, image_host) as client:
+        items = [{"text": "a photo of a cat"}, {"image": _uri("tall.png")}, {"image": _uri("photo.jpg")}, {"text": "a dog"}]
+        r = await client.post("/v1/embeddings", json={"input": items, "dimensions": 24})
+        assert r.status_code == 200, r.text
+        got = _vectors(r.json())
+        np.testing.assert_allclose(got[[0, 3]], clip.embed(["a photo of a cat", "a dog"]), atol=1e-5)
+        np.testing.assert_allclose(got[[1, 2]], clip.embed_images([IMAGES["tall.png"], IMAGES["photo.jpg"]]), atol=1e-5)
+        assert r.json()["usage"]["prompt_tokens"] == clip.count_tokens(["a photo of a cat", "a dog"]) + 2 * 17
+        r = await client.post("/v1/embeddings", json={"input": [{"text": "x", "image": _uri("tall.png")}]})
+        assert r.status_code == 400 and "mixes text and an image" in r.json()["error"]["message"]
 
 
-def test_infinity_modality_image_with_base64_output(client, clip):
-    r = client.post("/v1/embeddings", json={"input": [_uri("rgba.png"), _uri("gray.png")], "modality": "image",
-                                            "encoding_format": "base64", "normalize": False})
-    assert r.status_code == 200, r.text
-    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), np.float32) for d in r.json()["data"]])
-    np.testing.assert_allclose(got, clip.embed_images([IMAGES["rgba.png"], IMAGES["gray.png"]], normalize=False),
-                               atol=1e-5)
-    r = client.post("/v1/embeddings", json={"input": ["x"], "modality": "audio"})
-    assert r.status_code == 400 and "modality" in r.json()["error"]["message"]
+@pytest.mark.anyio
+async def test_infinity_modality_image_with_base64_output(clip_artifact, image_host, clip):
+    async with _client(clip_artifact, image_host) as client:
+        r = await client.post("/v1/embeddings", json={"input": [_uri("rgba.png"), _uri("gray.png")], "modality": "image",
+                                                      "encoding_format": "base64", "normalize": False})
+        assert r.status_code == 200, r.text
+        got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), np.float32) for d in r.json()["data"]])
+        np.testing.assert_allclose(got, clip.embed_images([IMAGES["rgba.png"], IMAGES["gray.png"]], normalize=False),
+                                   atol=1e-5)
+        r = await client.post("/v1/embeddings", json={"input": ["x"], "modality": "audio"})
+        assert r.status_code == 400 and "modality" in r.json()["error"]["message"]
 
 
-def test_cohere_images_and_inputs(client, clip):
-    r = client.post("/v2/embed", json={"images": [_uri("wide.png"), _uri("photo.jpg")], "input_type": "image",
-                                       "embedding_types": ["float", "int8", "binary"]})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    np.testing.assert_allclose(np.array(body["embeddings"]["float"]),
-                               clip.embed_images([IMAGES["wide.png"], IMAGES["photo.jpg"]]), atol=1e-5)
-    assert len(body["embeddings"]["int8"][0]) == 24 and len(body["embeddings"]["binary"][0]) == 3
-    assert body["meta"]["billed_units"] == {"input_tokens": 0, "image_tokens": 34, "images": 2}
-    assert body["images"][1] == {"width": 120, "height": 80, "format": "jpeg", "bit_depth": 8}
-    as_object = {"type": "image_url", "image_url": {"url": _uri("tall.png")}}
-    as_string = {"type": "image_url", "image_url": _uri("tall.png")}  # as some of Cohere's cloud partners send it
-    r = client.post("/v2/embed", json={"inputs": [{"content": [as_object]}, {"content": [as_string]},
-                                                  {"content": [{"type": "text", "text": "a cat"}]}]})
-    got = np.array(r.json()["embeddings"]["float"])
-    np.testing.assert_allclose(got[0], got[1], atol=1e-6)
-    np.testing.assert_allclose(got[2], clip.embed("a cat")[0], atol=1e-5)
-    r = client.post("/v2/embed", json={"inputs": [{"content": [as_object, {"type": "text", "text": "x"}]}]})
-    assert r.status_code == 400 and "mixes text and an image" in r.json()["message"]
-    r = client.post("/v2/embed", json={"images": [_uri("wide.png")], "output_dimension": 8})
-    assert r.status_code == 400 and "dimensions 8" in r.json()["message"]
+@pytest.mark.anyio
+async def test_cohere_images_and_inputs(clip_artifact, image_host, clip):
+    async with _client(clip_artifact, image_host) as client:
+        r = await client.post("/v2/embed", json={"images": [_uri("wide.png"), _uri("photo.jpg")], "input_type": "image",
+                                                 "embedding_types": ["float", "int8", "binary"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        np.testing.assert_allclose(np.array(body["embeddings"]["float"]),
+                                   clip.embed_images([IMAGES["wide.png"], IMAGES["photo.jpg"]]), atol=1e-5)
+        assert len(body["embeddings"]["int8"][0]) == 24 and len(body["embeddings"]["binary"][0]) == 3
+        assert body["meta"]["billed_units"] == {"input_tokens": 0, "image_tokens": 34, "images": 2}
+        assert body["images"][1] == {"width": 120, "height": 80, "format": "jpeg", "bit_depth": 8}
+        as_object = {"type": "image_url", "image_url": {"url": _uri("tall.png")}}
+        as_string = {"type": "image_url", "image_url": _uri("tall.png")}  # as some of Cohere's cloud partners send it
+        r = await client.post("/v2/embed", json={"inputs": [{"content": [as_object]}, {"content": [as_string]},
+                                                            {"content": [{"type": "text", "text": "a cat"}]}]})
+        got = np.array(r.json()["embeddings"]["float"])
+        np.testing.assert_allclose(got[0], got[1], atol=1e-6)
+        np.testing.assert_allclose(got[2], clip.embed("a cat")[0], atol=1e-5)
+        r = await client.post("/v2/embed", json={"inputs": [{"content": [as_object, {"type": "text", "text": "x"}]}]})
+        assert r.status_code == 400 and "mixes text and an image" in r.json()["message"]
+        r = await client.post("/v2/embed", json={"images": [_uri("wide.png")], "output_dimension": 8})
+        assert r.status_code == 400 and "dimensions 8" in r.json()["message"]
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize(("url", "status", "message"), [
     ("/wide.png", 200, None),
     ("/big", 400, "over the limit"),
@@ -149,21 +158,24 @@ def test_cohere_images_and_inputs(client, clip):
     ("/away", 400, "not an allowed host"),
     ("/missing.png", 400, "cannot fetch"),
 ])
-def test_remote_urls_from_an_allowed_host(client, clip, image_host, url, status, message):
-    r = client.post("/v1/embeddings", json={"input": [f"http://{image_host}{url}"], "modality": "image"})
-    assert r.status_code == status, r.text
-    if message:
-        assert message in r.json()["error"]["message"]
-    else:
-        np.testing.assert_allclose(_vectors(r.json()), clip.embed_images(IMAGES["wide.png"]), atol=1e-5)
+async def test_remote_urls_from_an_allowed_host(clip_artifact, clip, image_host, url, status, message):
+    async with _client(clip_artifact, image_host) as client:
+        r = await client.post("/v1/embeddings", json={"input": [f"http://{image_host}{url}"], "modality": "image"})
+        assert r.status_code == status, r.text
+        if message:
+            assert message in r.json()["error"]["message"]
+        else:
+            np.testing.assert_allclose(_vectors(r.json()), clip.embed_images(IMAGES["wide.png"]), atol=1e-5)
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "file:///etc/passwd", "/etc/passwd",
                                  "http://127.0.0.1:1/wide.png"])
-def test_urls_outside_the_allow_list_are_never_fetched(client, url):
-    r = client.post("/v1/embeddings", json={"input": [url], "modality": "image"})
-    assert r.status_code == 400
-    assert "not allowed" in r.json()["error"]["message"] or "data:image" in r.json()["error"]["message"]
+async def test_urls_outside_the_allow_list_are_never_fetched(clip_artifact, image_host, url):
+    async with _client(clip_artifact, image_host) as client:
+        r = await client.post("/v1/embeddings", json={"input": [url], "modality": "image"})
+        assert r.status_code == 400
+        assert "not allowed" in r.json()["error"]["message"] or "data:image" in r.json()["error"]["message"]
 
 
 def test_host_allow_list_forms():
@@ -174,19 +186,23 @@ def test_host_allow_list_forms():
     assert not host_allowed("ftp://example.com/a.png", ["example.com"])
 
 
-def test_hostile_image_is_a_400_and_the_server_goes_on(client):
-    r = client.post("/v1/embeddings", json={"input": [_uri("wide.png"), "data:image/png;base64,"
-                                                      + base64.b64encode(b"no image").decode()], "modality": "image"})
-    assert r.status_code == 400 and "image 1" in r.json()["error"]["message"]
-    assert client.post("/v1/embeddings", json={"input": [_uri("wide.png")], "modality": "image"}).status_code == 200
+@pytest.mark.anyio
+async def test_hostile_image_is_a_400_and_the_server_goes_on(clip_artifact, image_host):
+    async with _client(clip_artifact, image_host) as client:
+        r = await client.post("/v1/embeddings", json={"input": [_uri("wide.png"), "data:image/png;base64,"
+                                                                + base64.b64encode(b"no image").decode()], "modality": "image"})
+        assert r.status_code == 400 and "image 1" in r.json()["error"]["message"]
+        assert (await client.post("/v1/embeddings", json={"input": [_uri("wide.png")], "modality": "image"})).status_code == 200
 
 
-def test_models_tell_the_modality_and_tokenize_stays_text(client):
-    model = client.get("/v1/models").json()["data"][0]
-    assert model["modalities"] == ["text", "image"]
-    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri("wide.png")}}]}
-    r = client.post("/tokenize", json={"messages": [image]})
-    assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
+@pytest.mark.anyio
+async def test_models_tell_the_modality_and_tokenize_stays_text(clip_artifact, image_host):
+    async with _client(clip_artifact, image_host) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]
+        assert model["modalities"] == ["text", "image"]
+        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri("wide.png")}}]}
+        r = await client.post("/tokenize", json={"messages": [image]})
+        assert r.status_code == 400 and "text only" in r.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")

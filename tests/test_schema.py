@@ -11,14 +11,14 @@ made strict (no undocumented field), so a handler and its schema cannot drift ap
 from __future__ import annotations
 
 import pytest
-from conftest import app_client
+from conftest import async_app_client
 
 schemathesis = pytest.importorskip("schemathesis")
 
 import httpx  # noqa: E402
 import jsonschema  # noqa: E402  (schemathesis' own dependency)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-from litestar.testing import TestClient  # noqa: E402
+from litestar.testing import AsyncTestClient  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
@@ -46,11 +46,10 @@ def app(tiny_artifact):
         served.engine.close()
 
 
-@pytest.fixture(scope="module")
-def client(tiny_artifact):
-    """The same app as ``app``, its own engine: a TestClient runs the lifespan, whose shutdown closes it."""
-    with app_client(tiny_artifact, api_key="fuzz-key", max_client_batch_size=16) as c:
-        yield c
+def _client(tiny_artifact):
+    """The same app as ``app``, its own engine, for ``async with``: the client runs the lifespan, whose shutdown
+    closes it."""
+    return async_app_client(tiny_artifact, api_key="fuzz-key", max_client_batch_size=16)
 
 
 def _schema(app):
@@ -170,21 +169,25 @@ REAL_REQUESTS = [  # (method, path, body): every route, each dialect and each an
 ]
 
 
-def test_every_route_answers_its_documented_200(client):
-    doc = client.get("/openapi.json").json()  # no key needed
-    assert doc == client.get("/docs/openapi.json").json()
-    for method, path, body in REAL_REQUESTS:
-        response = client.request(method, path, json=body, headers={"Authorization": "Bearer fuzz-key"})
-        assert response.status_code == 200, (path, body, response.text[:300])
-        _validate(doc, method, path, response)
-    bad = client.post("/v1/embeddings", json={"input": "x"})  # and an error: documented too
-    assert bad.status_code == 401
-    _validate(doc, "POST", "/v1/embeddings", bad)
+@pytest.mark.anyio
+async def test_every_route_answers_its_documented_200(tiny_artifact):
+    async with _client(tiny_artifact) as client:
+        doc = (await client.get("/openapi.json")).json()  # no key needed
+        assert doc == (await client.get("/docs/openapi.json")).json()
+        for method, path, body in REAL_REQUESTS:
+            response = await client.request(method, path, json=body, headers={"Authorization": "Bearer fuzz-key"})
+            assert response.status_code == 200, (path, body, response.text[:300])
+            _validate(doc, method, path, response)
+        bad = await client.post("/v1/embeddings", json={"input": "x"})  # and an error: documented too
+        assert bad.status_code == 401
+        _validate(doc, "POST", "/v1/embeddings", bad)
 
 
-def test_strict_validation_catches_drift(client):
+@pytest.mark.anyio
+async def test_strict_validation_catches_drift(tiny_artifact):
     """A body with a field the schema does not list, or without one it requires, fails the validation."""
-    doc = client.get("/openapi.json").json()
+    async with _client(tiny_artifact) as client:
+        doc = (await client.get("/openapi.json")).json()
     good = {"status": "ready", "models": ["tiny"]}
     _validate(doc, "GET", "/ready", httpx.Response(200, json=good))
     for body in ({**good, "extra": 1}, {"status": "ready"}, {"status": "up", "models": []}):
@@ -192,21 +195,24 @@ def test_strict_validation_catches_drift(client):
             _validate(doc, "GET", "/ready", httpx.Response(200, json=body))
 
 
-def test_embed_sparse_answers_its_documented_200(splade_artifact):
+@pytest.mark.anyio
+async def test_embed_sparse_answers_its_documented_200(splade_artifact):
     metrics = Metrics()
     registry = load_models([splade_artifact], ["splade"], RuntimeOptions(device="cpu"), metrics)
-    with TestClient(create_app(registry, ServerOptions(), metrics)) as client:
-        doc = client.get("/openapi.json").json()
-        response = client.post("/embed_sparse", json={"inputs": ["a sparse text", "another"]})
+    async with AsyncTestClient(create_app(registry, ServerOptions(), metrics)) as client:
+        doc = (await client.get("/openapi.json")).json()
+        response = await client.post("/embed_sparse", json={"inputs": ["a sparse text", "another"]})
         assert response.status_code == 200, response.text
         _validate(doc, "POST", "/embed_sparse", response)
-        _validate(doc, "POST", "/pooling", client.post("/pooling", json={"input": "a sparse text"}))
+        _validate(doc, "POST", "/pooling", await client.post("/pooling", json={"input": "a sparse text"}))
 
 
-def test_openapi_json_and_offline_docs(client):
-    served = client.get("/openapi.json")  # the server has an API key: the schema needs none
-    assert served.status_code == 200 and served.headers["content-type"].startswith("application/vnd.oai.openapi+json")
-    assert "/openapi.json" not in served.json()["paths"]
-    page = client.get("/docs")
-    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text  # no CDN
-    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+@pytest.mark.anyio
+async def test_openapi_json_and_offline_docs(tiny_artifact):
+    async with _client(tiny_artifact) as client:
+        served = await client.get("/openapi.json")  # the server has an API key: the schema needs none
+        assert served.status_code == 200 and served.headers["content-type"].startswith("application/vnd.oai.openapi+json")
+        assert "/openapi.json" not in served.json()["paths"]
+        page = await client.get("/docs")
+        assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text  # no CDN
+        assert (await client.get("/docs/assets/swagger-ui-bundle.js")).status_code == 200

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from conftest import app_client, serve_subprocess
+from conftest import async_app_client, serve_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,10 @@ def test_probes_and_the_unversioned_openai_route(live, tiny):
     np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny.embed("hello")[0], atol=1e-5)
 
 
-def test_tokenize_and_decode_in_teis_shape(tiny_artifact, tiny):
-    with app_client(tiny_artifact) as client:
-        r = client.post("/tokenize", json={"inputs": "héllo wörld"})
+@pytest.mark.anyio
+async def test_tokenize_and_decode_in_teis_shape(tiny_artifact, tiny):
+    async with async_app_client(tiny_artifact) as client:
+        r = await client.post("/tokenize", json={"inputs": "héllo wörld"})
         assert r.status_code == 200, r.text
         (tokens,) = r.json()
         assert [t["id"] for t in tokens] == tiny.tokenize("héllo wörld")
@@ -54,64 +55,67 @@ def test_tokenize_and_decode_in_teis_shape(tiny_artifact, tiny):
         for token in tokens[1:-1]:  # byte offsets, as TEI's Rust tokenizer counts them
             assert not token["special"]
             assert text[token["start"]:token["stop"]].decode() == token["text"]
-        r = client.post("/tokenize", json={"inputs": ["a", "b c"], "add_special_tokens": False})
+        r = await client.post("/tokenize", json={"inputs": ["a", "b c"], "add_special_tokens": False})
         assert [len(x) for x in r.json()] == [1, 2]
-        prompted = client.post("/tokenize", json={"inputs": "a", "prompt_name": "query"}).json()[0]
+        prompted = (await client.post("/tokenize", json={"inputs": "a", "prompt_name": "query"})).json()[0]
         assert [t["id"] for t in prompted] == tiny.tokenize("query: a")
-        vllm = client.post("/tokenize", json={"prompt": "a b"})  # vLLM's body keeps vLLM's answer
+        vllm = await client.post("/tokenize", json={"prompt": "a b"})  # vLLM's body keeps vLLM's answer
         assert vllm.json()["tokens"] == tiny.tokenize("a b")
-        r = client.post("/decode", json={"ids": tiny.tokenize("hello world")})
+        r = await client.post("/decode", json={"ids": tiny.tokenize("hello world")})
         assert r.json() == ["hello world"]
-        r = client.post("/decode", json={"ids": [tiny.tokenize("a"), tiny.tokenize("b")], "skip_special_tokens": False})
+        r = await client.post("/decode", json={"ids": [tiny.tokenize("a"), tiny.tokenize("b")], "skip_special_tokens": False})
         assert r.json()[0].startswith("[CLS]") and len(r.json()) == 2
         for bad in ({"ids": []}, {"ids": [[]]}, {"ids": [10**9]}):
-            r = client.post("/decode", json=bad)
+            r = await client.post("/decode", json=bad)
             assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "error_type"}, r.text
-        r = client.post("/tokenize", json={"inputs": []})
+        r = await client.post("/tokenize", json={"inputs": []})
         assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "error_type"}
 
 
-def test_embed_dimensions_as_tei_and_vllm_each_do(tiny_artifact, tiny):
+@pytest.mark.anyio
+async def test_embed_dimensions_as_tei_and_vllm_each_do(tiny_artifact, tiny):
     raw = tiny.embed("hello", normalize=False)[0]
-    with app_client(tiny_artifact) as client:
-        r = client.post("/embed", json={"inputs": "hello", "dimensions": 10})  # not a declared Matryoshka size
+    async with async_app_client(tiny_artifact) as client:
+        r = await client.post("/embed", json={"inputs": "hello", "dimensions": 10})  # not a declared Matryoshka size
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()[0], raw[:10] / np.linalg.norm(raw[:10]), atol=1e-5)
-        r = client.post("/embed", json={"inputs": "hello", "dimensions": 10, "normalize": False})
+        r = await client.post("/embed", json={"inputs": "hello", "dimensions": 10, "normalize": False})
         np.testing.assert_allclose(r.json()[0], raw[:10], atol=1e-5)
         for bad in (0, 25):
-            r = client.post("/embed", json={"inputs": "hello", "dimensions": bad})
+            r = await client.post("/embed", json={"inputs": "hello", "dimensions": bad})
             assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
-        r = client.post("/v1/embeddings", json={"input": "hello", "dimensions": 10})  # vLLM: declared sizes only
+        r = await client.post("/v1/embeddings", json={"input": "hello", "dimensions": 10})  # vLLM: declared sizes only
         assert r.status_code == 400 and "allowed: 8, 16, 24" in r.json()["error"]["message"]
 
 
-def test_post_root_and_invocations_dispatch_as_tei_does(tiny_artifact, splade_artifact, cross_encoder_artifact, tiny):
-    with app_client(tiny_artifact) as client:
-        r = client.post("/", json={"inputs": ["hello"], "normalize": True})
+@pytest.mark.anyio
+async def test_post_root_and_invocations_dispatch_as_tei_does(tiny_artifact, splade_artifact, cross_encoder_artifact, tiny):
+    async with async_app_client(tiny_artifact) as client:
+        r = await client.post("/", json={"inputs": ["hello"], "normalize": True})
         np.testing.assert_allclose(r.json()[0], tiny.embed("hello")[0], atol=1e-5)
-        r = client.post("/", json={"inputs": {"source_sentence": "a", "sentences": ["a", "b"]}})
+        r = await client.post("/", json={"inputs": {"source_sentence": "a", "sentences": ["a", "b"]}})
         np.testing.assert_allclose(r.json(), tiny.score("a", ["a", "b"]), atol=1e-5)
-        r = client.post("/invocations", json={"query": "a", "documents": ["a", "zzz"]})  # vLLM's rerank body
+        r = await client.post("/invocations", json={"query": "a", "documents": ["a", "zzz"]})  # vLLM's rerank body
         assert r.status_code == 200 and r.json()["results"][0]["index"] == 0
-        r = client.post("/invocations", json={"inputs": "hello"})  # TEI's body
+        r = await client.post("/invocations", json={"inputs": "hello"})  # TEI's body
         np.testing.assert_allclose(r.json()[0], tiny.embed("hello")[0], atol=1e-5)
-        r = client.post("/", json={"input": "hello"})  # a vLLM body on / is dispatched like /invocations
+        r = await client.post("/", json={"input": "hello"})  # a vLLM body on / is dispatched like /invocations
         assert r.status_code == 200 and r.json()["data"][0]["index"] == 0
-        r = client.post("/", json={"inputs": {"source_sentence": "a", "sentences": []}})
+        r = await client.post("/", json={"inputs": {"source_sentence": "a", "sentences": []}})
         assert r.status_code == 422 and "cannot be empty" in r.json()["error"]
-    with app_client(splade_artifact, ["splade"]) as client:
-        r = client.post("/", json={"inputs": "hello world"})
+    async with async_app_client(splade_artifact, ["splade"]) as client:
+        r = await client.post("/", json={"inputs": "hello world"})
         assert r.status_code == 200 and {"index", "value"} == set(r.json()[0][0])
-    with app_client(cross_encoder_artifact, ["ce"]) as client:
-        r = client.post("/", json={"query": "a", "texts": ["a b", "c"]})
+    async with async_app_client(cross_encoder_artifact, ["ce"]) as client:
+        r = await client.post("/", json={"query": "a", "texts": ["a b", "c"]})
         assert r.status_code == 200 and {"index", "score"} <= set(r.json()[0])
-        r = client.post("/", json={"inputs": "hello"})
+        r = await client.post("/", json={"inputs": "hello"})
         assert r.status_code == 422 and "ranks a query" in r.json()["error"]
 
 
-def test_probes_need_no_key_but_the_entry_point_does(tiny_artifact):
-    with app_client(tiny_artifact, api_key="k") as client:
-        assert client.get("/").status_code == 200 and client.get("/ping").status_code == 200
-        assert client.post("/", json={"inputs": "x"}).status_code == 401
-        assert client.post("/", json={"inputs": "x"}, headers={"Authorization": "Bearer k"}).status_code == 200
+@pytest.mark.anyio
+async def test_probes_need_no_key_but_the_entry_point_does(tiny_artifact):
+    async with async_app_client(tiny_artifact, api_key="k") as client:
+        assert (await client.get("/")).status_code == 200 and (await client.get("/ping")).status_code == 200
+        assert (await client.post("/", json={"inputs": "x"})).status_code == 401
+        assert (await client.post("/", json={"inputs": "x"}, headers={"Authorization": "Bearer k"})).status_code == 200
