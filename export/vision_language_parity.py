@@ -5,15 +5,17 @@ forward on transformers' image processor's pixels and its tokenizer's prompt, po
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from toolkit.export.resolve import ResolvedModel
-from toolkit.manifest import ParityCase, ParityReport, VisionLanguage
+from toolkit.manifest import Manifest, ParityCase, ParityReport, VisionLanguage
 
-__all__ = ["THRESHOLDS", "as_input", "probe_set", "probe_vectors", "vision_language_parity"]
+__all__ = ["THRESHOLDS", "References", "as_input", "parity_references", "probe_set", "probe_vectors",
+           "vision_language_parity"]
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}  # the text models' gates (min cosine), vs transformers
 
@@ -55,21 +57,21 @@ def _probe_videos() -> dict[str, dict]:
                                  "images": [probe_images()["photo.jpg"]]}}
 
 
-def probe_set(emb) -> tuple[dict[str, dict], str | None]:
+def probe_set(manifest: Manifest) -> tuple[dict[str, dict], str | None]:
     """(the probe items an artifact of this kind takes, each with its instruction; the card's default instruction,
     which the runtime applies unasked): every item kind, videos where the model reads them, and only the kinds of
     item the card prompts where it has item templates (e5-v: a text alone, an image alone)."""
     from toolkit.runtime.vision_language import item_kind
 
-    spec = emb.manifest.vision_language
+    spec, card = manifest.vision_language, manifest.card
     items = {**_probe_items(), **(_probe_videos() if spec.video is not None else {})}
     if spec.templates:
         items = {n: item for n, item in items.items()
                  if item_kind(item.get("text"), len(item.get("images", []))) in spec.templates}
-    default = emb.prompt_text(None, None) or None
+    default = card.prompts.get(card.default_prompt_name) if card.default_prompt_name else None
     for item in items.values():
-        item.setdefault("instruction", default)
-    return items, default
+        item.setdefault("instruction", default or None)
+    return items, default or None
 
 
 def as_input(item: dict):
@@ -83,7 +85,7 @@ def as_input(item: dict):
 
 def probe_vectors(emb) -> np.ndarray:
     """The artifact's unit vectors of ``probe_set``'s items, in its order (one call per instruction)."""
-    items, _ = probe_set(emb)
+    items, _ = probe_set(emb.manifest)
     names = list(items)
     out = np.zeros((len(names), emb.manifest.embedding_dim), dtype=np.float64)
     for instruction in dict.fromkeys(item["instruction"] for item in items.values()):
@@ -194,19 +196,38 @@ def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
         return AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
 
 
-def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, precision: str) -> ParityReport:
-    """The artifact's embeddings of every probe item, all in one batch, in batches of 4 (mixed kinds and image
-    sizes) and one at a time, vs the model's own forward per item (``_reference``)."""
+@dataclass(frozen=True)
+class References:
+    """The model's own unit vectors of the probe items (``probe_set``), in its order, and what produced them."""
+
+    items: dict[str, dict]
+    default: str | None
+    vectors: np.ndarray
+    source: str
+
+
+def parity_references(manifest: Manifest, resolved: ResolvedModel, model: nn.Module) -> References:
+    """transformers' embedding of every probe item (``_reference``): computed before the artifact is opened, so
+    that PyTorch's copy of the model can be released first (a 2B model: 8.8 GB)."""
     from transformers import AutoTokenizer
 
-    from toolkit.runtime.pooling import cosines
-
-    spec = emb.manifest.vision_language
+    spec = manifest.vision_language
     tokenizer = AutoTokenizer.from_pretrained(resolved.transformer_dir)
     processor = _processor(resolved, spec, tokenizer)
-    items, default = probe_set(emb)
+    items, default = probe_set(manifest)
+    vectors = np.stack([_reference(model, resolved, spec, tokenizer, processor, item) for item in items.values()])
+    source = (f"transformers ({type(model).__name__} + its image processor + "
+              f"{'the card prompts' if spec.templates else 'its chat template'}, last token)")
+    return References(items, default, vectors, source)
+
+
+def vision_language_parity(emb, references: References, precision: str) -> ParityReport:
+    """The artifact's embeddings of every probe item, all in one batch, in batches of 4 (mixed kinds and image
+    sizes) and one at a time, vs the model's own (``parity_references``)."""
+    from toolkit.runtime.pooling import cosines
+
+    items, default, reference = references.items, references.default, references.vectors
     names = list(items)
-    reference = np.stack([_reference(model, resolved, spec, tokenizer, processor, items[n]) for n in names])
     inputs = {n: as_input(items[n]) for n in names}
     cases, worst = [], 1.0
     batches = [("batch of all", names)] + [(f"batch of 4 from {names[i]}", names[i:i + 4]) for i in range(0, len(names), 4)]
@@ -215,9 +236,9 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
         rows = [names.index(n) for n in group]
         instruction = {items[n]["instruction"] for n in group}
         if len(instruction) > 1:  # one instruction per call: the instructed item runs on its own
-            group = [n for n in group if items[n]["instruction"] == (default or None)]
+            group = [n for n in group if items[n]["instruction"] == default]
             rows = [names.index(n) for n in group]
-        (prompt,) = instruction if len(instruction) == 1 else ((default or None),)
+        (prompt,) = instruction if len(instruction) == 1 else (default,)
         got = emb.embed([inputs[n] for n in group], prompt=prompt)
         cos = cosines(got, reference[rows])
         worst = min(worst, float(cos.min()))
@@ -225,7 +246,5 @@ def vision_language_parity(emb, resolved: ResolvedModel, model: nn.Module, preci
                                 padding_side=emb.padding.value, min_cosine=float(cos.min()),
                                 max_abs_diff=float(np.abs(got - reference[rows]).max())))
     threshold = THRESHOLDS.get(precision, 0.999)
-    return ParityReport(reference=f"transformers ({type(model).__name__} + its image processor + "
-                        f"{'the card prompts' if spec.templates else 'its chat template'}, last token)",
-                        threshold=threshold, min_cosine={"sentence_embedding": worst}, cases=cases,
-                        passed=worst >= threshold)
+    return ParityReport(reference=references.source, threshold=threshold, min_cosine={"sentence_embedding": worst},
+                        cases=cases, passed=worst >= threshold)

@@ -39,7 +39,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         load_vision_language,
         vision_language_spec,
     )
-    from toolkit.export.vision_language_parity import vision_language_parity
+    from toolkit.export.vision_language_parity import parity_references, vision_language_parity
     from toolkit.runtime.embedder import Embedder
 
     with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
@@ -81,6 +81,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
             with step("Converting both graphs to fp16 (inputs and outputs stay fp32)"):
                 language = convert_fp16(language, tmp / "graph-fp16.onnx")
                 vision = convert_fp16(vision, tmp / "image-fp16.onnx")
+            release_memory()
         if precision != Precision.FP32:
             with step(f"Reloading {resolved.arch.model_type} in PyTorch (the parity reference)"):
                 model = load_vision_language(resolved)
@@ -92,15 +93,18 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against transformers (text, image and text + image items)"):
+                references = parity_references(manifest, resolved, model)
+                del model  # before the artifact's sessions open (a 2B model: 8.8 GB)
+                release_memory()
                 device = "auto" if precision == Precision.FP16 else "cpu"  # fp16: the GPU where there is one
-                report = vision_language_parity(Embedder(candidate, device=device), resolved, model, precision.value)
+                report = vision_language_parity(Embedder(candidate, device=device), references, precision.value)
             if not report.passed:
                 if not (int8 and options.allow_low_accuracy):
                     raise parity_error(report)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings,
                                            vision_language=msgspec.structs.replace(spec, parity=report))
-        del model
+        model = None  # released before the write's copy of the weights
         release_memory()
         with step(f"Writing {out.name} and {image_tower_path(out).name}"):
             write_graphs(language, vision, out, manifest, resolved)
