@@ -54,16 +54,18 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         optimization: dict[str, float | int | str] = {}
         precision = Precision(options.precision)
         int8 = precision == Precision.INT8
-        if precision != Precision.FP32:  # the graphs are rewritten without PyTorch's copy in memory (a 2B model: 8.8
-            del model  # GB); it is reloaded for the parity check after
-            release_memory()
+        draft = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, {}),
+                                        vision_language=spec, hidden_size=spec.hidden_size)
+        references = None
+        if not options.skip_parity:
+            with step("Computing transformers' embeddings of the probe items (the parity reference)"):
+                references = parity_references(draft, resolved, model)
+        del model  # not needed past this point (a 2B model: 8.8 GB), before any graph is rewritten or opened
+        release_memory()
         if int8:  # the kinds of layer int8 leaves within its gate (vs our fp32 graphs); then the parity check below
             from toolkit.cpu import describe
             from toolkit.export.vision_language_int8 import choose_kinds
             from toolkit.export.vision_language_parity import THRESHOLDS, probe_vectors
-
-            draft = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, {}),
-                                            vision_language=spec, hidden_size=spec.hidden_size)
 
             def embed(lang: Path, vis: Path) -> np.ndarray:
                 trial = write_graphs(lang, vis, tmp / "trial.onnx", draft, resolved, self_contained=False)
@@ -82,20 +84,14 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
                 language = convert_fp16(language, tmp / "graph-fp16.onnx")
                 vision = convert_fp16(vision, tmp / "image-fp16.onnx")
             release_memory()
-        if precision != Precision.FP32:
-            with step(f"Reloading {resolved.arch.model_type} in PyTorch (the parity reference)"):
-                model = load_vision_language(resolved)
         manifest = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, optimization),
                                            vision_language=spec, hidden_size=spec.hidden_size)
         candidate = write_graphs(language, vision, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
         report, warnings = manifest.parity, []
-        if options.skip_parity:
+        if references is None:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against transformers (text, image and text + image items)"):
-                references = parity_references(manifest, resolved, model)
-                del model  # before the artifact's sessions open (a 2B model: 8.8 GB)
-                release_memory()
                 device = "auto" if precision == Precision.FP16 else "cpu"  # fp16: the GPU where there is one
                 report = vision_language_parity(Embedder(candidate, device=device), references, precision.value)
             if not report.passed:
@@ -104,8 +100,6 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings,
                                            vision_language=msgspec.structs.replace(spec, parity=report))
-        model = None  # released before the write's copy of the weights
-        release_memory()
         with step(f"Writing {out.name} and {image_tower_path(out).name}"):
             write_graphs(language, vision, out, manifest, resolved)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
