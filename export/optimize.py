@@ -145,12 +145,17 @@ def _store_beside(tensor, model_path: Path, index: int) -> None:
     tensor.data_location = TensorProto.EXTERNAL
 
 
+def _has_external_data(path: Path) -> bool:
+    """Whether the graph keeps weights in external data (a graph past 2 GB): its rewrite must too."""
+    return any(init.data_location == onnx.TensorProto.EXTERNAL
+               for init in onnx.load(str(path), load_external_data=False).graph.initializer)
+
+
 def convert_fp16(src: Path, dst: Path) -> Path:
     """fp16 weights and compute, fp32 inputs and outputs (for cuda / tensorrt)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    large = any(init.data_location == onnx.TensorProto.EXTERNAL
-                for init in onnx.load(str(src), load_external_data=False).graph.initializer)
+    large = _has_external_data(src)
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -181,9 +186,7 @@ def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Pa
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src), load_external_data=False)
-    large = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-    del model
+    large = _has_external_data(src)
     logging.disable(logging.WARNING)  # the quantizer warns about pre-processing on every call
     try:
         quantize_dynamic(

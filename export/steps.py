@@ -77,7 +77,7 @@ def release_memory() -> None:
 
 
 def write_graphs(graph: Path, image_graph: Path | None, out: Path, manifest: Manifest, resolved: ResolvedModel, *,
-           self_contained: bool = True) -> Path:
+                 self_contained: bool = True) -> Path:
     """The artifact at ``out``; a two-tower model's image tower first, beside it (``name.image.onnx``), each
     file carrying the manifest, the tokenizer and the model card (``self_contained``: see ``write_artifact``)."""
     files = (resolved.files.tokenizer_json, resolved.files.model_card)
@@ -88,7 +88,7 @@ def write_graphs(graph: Path, image_graph: Path | None, out: Path, manifest: Man
 
 
 def draft_manifest(resolved: ResolvedModel, options: ExportOptions, final: Path, tokenizer: Tokenizer, pad_id: int,
-              optimization: dict) -> Manifest:
+                   optimization: dict) -> Manifest:
     """The artifact's manifest before verification (its parity report is filled in after)."""
     card = resolved.card
     return Manifest(
