@@ -56,6 +56,11 @@ def _fetch(url: str, index: int, options: ServerOptions, what: str) -> bytes:
         min(options.video_url_max_bytes, MAX_VIDEO_BYTES)
     try:
         with opener.open(request, timeout=options.image_url_timeout_s) as response:
+            served = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            other = "video" if what == "image" else "image"
+            if served.startswith(f"{other}/"):  # as a data URI of the other kind is refused (read_source)
+                article = "an" if what == "image" else "a"
+                raise RequestError(f"{what} {index}: {url} is served as {served}, not {article} {what}", param="input")
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise RequestError(f"{what} {index}: {url} is {int(declared)} bytes, over the limit of {limit}",

@@ -269,6 +269,7 @@ async def test_video_urls_are_fetched_from_allowed_hosts_only(q3_export, q3, med
         for url, message in [(f"http://{host}/big.mp4", "over the limit of 65536 bytes"),
                              (f"http://{host}/missing.mp4", "cannot fetch"),
                              ("http://example.com/clip.mp4", "--allow-media-url"),
+                             (f"http://{host}/photo.jpg", "is served as image/jpeg, not a video"),
                              ("file:///etc/passwd", "an http(s) URL")]:
             r = await client.post("/v1/embeddings", json={"input": [{"video": url}]})
             assert r.status_code == 400 and message in r.json()["error"]["message"], (url, r.text)
