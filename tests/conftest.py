@@ -142,6 +142,18 @@ def async_app_client(artifacts, names=("tiny",), runtime=None, **options):
 
 
 @pytest.fixture
+def inference_client(monkeypatch):
+    """``huggingface_hub.InferenceClient`` for one of our servers, with the caller's offline mode lifted for it
+    alone: ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``), which people running this toolkit offline set,
+    makes huggingface_hub refuse every URL, loopback included (its ``constants.HF_HUB_OFFLINE``, read per
+    request)."""
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return lambda url: InferenceClient(model=url)
+
+
+@pytest.fixture
 def anyio_backend():
     return "asyncio"
 

@@ -200,12 +200,10 @@ async def test_vllm_classify(classifier_artifact, classifier):
         assert r.status_code == 400 and "answers: classify" in r.json()["error"]["message"]
 
 
-def test_inference_client_text_classification(classifier_artifact, classifier):
-    from huggingface_hub import InferenceClient
-
+def test_inference_client_text_classification(classifier_artifact, classifier, inference_client):
     url, _, proc = serve_subprocess(classifier_artifact)
     try:
-        client = InferenceClient(model=url)
+        client = inference_client(url)
         out = client.text_classification(TEXTS[0])
         expected = classifier.predict(TEXTS[0])[0]
         assert [o.label for o in out] == [e["label"] for e in expected]

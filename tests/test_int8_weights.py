@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from toolkit import cpu
 from toolkit.export.int8_weights import quantize_weights, weight_gemms
 
 K, N = 64, 48
@@ -39,20 +47,30 @@ def _graph(path, *, external: bool):
     return {init.name: numpy_helper.to_array(init) for init in inits}
 
 
-def _int8_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _int8_product(x: np.ndarray, w: np.ndarray, *, saturating: bool) -> np.ndarray:
     """x @ w as DynamicQuantizeMatMul computes it: x uint8 with its own scale and zero point (range holding 0),
-    w int8 per output column, symmetric."""
+    w int8 per output column, symmetric. ``saturating`` models MLAS's u8s8 kernel without VNNI (AVX2,
+    AVX-512BW): the raw uint8 x int8 products of each adjacent pair along K added in 16 bits and clamped
+    (``vpmaddubsw``), then summed in 32 bits; with VNNI every product is summed in 32 bits, exactly."""
     lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
     x_scale = (hi - lo) / 255.0
     zero = np.clip(np.rint(-lo / x_scale), 0, 255)
-    xq = np.clip(np.rint(x / x_scale) + zero, 0, 255)
+    xq = np.clip(np.rint(x / x_scale) + zero, 0, 255).astype(np.int64)  # (rows, K) uint8 values
     w_scale = np.abs(w).max(0) / 127.0
-    wq = np.clip(np.rint(w / w_scale), -127, 127)
-    return ((xq - zero) @ wq) * x_scale * w_scale
+    wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int64)  # (K, N)
+    if saturating:
+        if xq.shape[1] % 2:  # the kernel pads K with zeros
+            xq, wq = np.pad(xq, ((0, 0), (0, 1))), np.pad(wq, ((0, 1), (0, 0)))
+        products = xq[:, :, None] * wq[None]  # (rows, K, N)
+        raw = np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767).sum(1)
+    else:
+        raw = xq @ wq
+    return (raw - zero * wq.sum(0)) * x_scale * w_scale
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_weight_gemms_become_dynamic_int8_with_their_bias_and_shared_weights_once(tmp_path, external):
+def _int8_errors(tmp_path: Path, external: bool) -> dict[str, float]:
+    """Quantize the test graph, run it on this CPU, and measure ``y`` against both kernels' references
+    (``exact``: VNNI, ``saturating``: AVX2) and the fp32 product; checks the written graph on the way."""
     weights = _graph(tmp_path / "g.onnx", external=external)
     assert weight_gemms(tmp_path / "g.onnx") == ["gemm", "mm_a", "mm_b"]  # alpha 0.5 and activations x activations left
     out = quantize_weights(tmp_path / "g.onnx", tmp_path / "q.onnx")
@@ -64,12 +82,39 @@ def test_weight_gemms_become_dynamic_int8_with_their_bias_and_shared_weights_onc
     assert sorted(i.name for i in int8) == ["gemm_w_int8_t", "shared_w_int8"]  # the shared weight quantized once
     x = np.random.default_rng(1).normal(0, 1, (7, K)).astype(np.float32)
     y, z = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["y", "z"], {"x": x})
-    h = _int8_product(x, weights["gemm_w"].T) + weights["gemm_b"]
-    expected = 2 * _int8_product(h, weights["shared_w"])
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
-    exact = 2 * (x @ weights["gemm_w"].T + weights["gemm_b"]) @ weights["shared_w"]
-    assert np.abs(y - exact).max() > 1e-4  # it is int8: not the fp32 product
     np.testing.assert_allclose(z, 0.5 * x @ weights["scaled_w"].T, rtol=1e-5, atol=1e-5)
+    errors = {}
+    for kind, saturating in (("exact", False), ("saturating", True)):
+        h = _int8_product(x, weights["gemm_w"].T, saturating=saturating) + weights["gemm_b"]
+        errors[kind] = float(np.abs(y - 2 * _int8_product(h, weights["shared_w"], saturating=saturating)).max())
+    errors["fp32"] = float(np.abs(y - 2 * (x @ weights["gemm_w"].T + weights["gemm_b"]) @ weights["shared_w"]).max())
+    return errors
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_weight_gemms_become_dynamic_int8_with_their_bias_and_shared_weights_once(tmp_path, external):
+    """The reference models the kernel this CPU runs (``cpu.u8s8_saturates``): exact sums on VNNI, 16-bit
+    saturating pair sums on AVX2. The test's weights and activations make the two differ (by ~4 here), so it
+    also tells which kernel ran."""
+    errors = _int8_errors(tmp_path, external)
+    kernel, other = ("saturating", "exact") if cpu.u8s8_saturates(cpu.cpu_info()["isa"]) else ("exact", "saturating")
+    assert errors[kernel] < 1e-4, (cpu.describe(), errors)
+    assert errors[other] > 1.0, errors  # the other kernel's answer is not this one
+    assert errors["fp32"] > 1e-4  # it is int8: not the fp32 product
+
+
+def test_the_saturating_reference_is_what_onnxruntime_computes_on_an_emulated_avx2_cpu(tmp_path):
+    """The AVX2 half of the test above on any machine: the same check in a Python run under QEMU's user-mode
+    emulation of an AMD EPYC Rome (AVX2, FMA; no AVX-512, no VNNI), where onnxruntime's MLAS picks its AVX2
+    u8s8 kernel. ``.ci/run`` installs qemu-user; elsewhere the test skips, saying so."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine() != "x86_64":
+        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user): the AVX2 kernel is not checked here")
+    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, __file__, str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert errors["saturating"] < 1e-4 and errors["exact"] > 1.0, errors
 
 
 def test_weights_stream_to_one_aligned_data_file_and_the_source_is_untouched(tmp_path):
@@ -102,3 +147,15 @@ def test_module_kinds_name_each_repeated_module_once(tmp_path):
             node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes[node.name])
     onnx.save(model, str(tmp_path / "g.onnx"))
     assert module_kinds(tmp_path / "g.onnx") == {"gemm_w": ["gemm"], "model.layers.*.mlp.down_proj": ["mm_a", "mm_b"]}
+
+
+def test_which_cpus_saturate():
+    assert not cpu.u8s8_saturates(["avx2", "avx512f", "avx512bw", "avx512_vnni"])  # Ice Lake, Zen 4
+    assert not cpu.u8s8_saturates(["avx2", "avx_vnni"])  # Alder Lake: AVX-VNNI on 256 bits
+    assert cpu.u8s8_saturates(["avx2"])  # Haswell to Zen 3
+    assert cpu.u8s8_saturates(["avx2", "avx512f", "avx512bw"])  # Skylake-SP: vpmaddubsw on 512 bits
+    assert cpu.u8s8_saturates("Intel Xeon (avx2 avx512bw avx512f)")  # as an artifact's int8_gated_on records it
+
+
+if __name__ == "__main__":  # the emulated-AVX2 test's child: prints the errors as one JSON line
+    print(json.dumps(_int8_errors(Path(sys.argv[1]), external=False)))

@@ -18,10 +18,8 @@ def live(tiny_artifact):
     proc.wait(timeout=30)
 
 
-def test_inference_client_feature_extraction_and_similarity(live, tiny):
-    from huggingface_hub import InferenceClient
-
-    client = InferenceClient(model=live)
+def test_inference_client_feature_extraction_and_similarity(live, tiny, inference_client):
+    client = inference_client(live)
     vectors = client.feature_extraction("hello there")
     np.testing.assert_allclose(np.asarray(vectors).reshape(-1), tiny.embed("hello there")[0], atol=1e-5)
     vectors = client.feature_extraction("hello there", prompt_name="query", normalize=False)

@@ -8,9 +8,9 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["GEMM_FLAGS", "cpu_info", "describe", "has_vnni"]
+__all__ = ["GEMM_FLAGS", "cpu_info", "describe", "has_vnni", "u8s8_saturates"]
 
-GEMM_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx")
+GEMM_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx")
 
 
 @lru_cache(maxsize=1)
@@ -38,3 +38,13 @@ def describe(info: dict | None = None) -> str:
 def has_vnni(isa: list[str] | str) -> bool:
     """VNNI int8 dot products (AVX-512 VNNI or AVX-VNNI): onnxruntime's u8s8 kernels then do not saturate."""
     return any(flag in isa for flag in ("avx512_vnni", "avx_vnni"))
+
+
+def u8s8_saturates(isa: list[str] | str) -> bool:
+    """Whether onnxruntime's u8s8 GEMM (dynamic int8: uint8 activations x int8 weights) saturates on this ISA.
+
+    Without VNNI, MLAS multiplies with ``vpmaddubsw`` (AVX2, and AVX-512BW): the two products of each adjacent
+    pair along K, ``a[2j] * w[2j] + a[2j+1] * w[2j+1]``, are added in 16 bits and clamped to [-32768, 32767]
+    before the 32-bit accumulation. Two large products (an activation far from its zero point times a weight
+    near +-127) lose the excess. VNNI's ``vpdpbusd`` adds the four products in 32 bits: exact."""
+    return not has_vnni(isa) and any(flag in isa for flag in ("avx2", "avx512bw"))
