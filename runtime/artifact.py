@@ -13,7 +13,7 @@ from toolkit.model_source import cache_root, find_cached_artifact, install_hint,
 from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["Artifact", "image_tower_path", "open_artifact", "resolve_artifact_path"]
+__all__ = ["Artifact", "image_tower_path", "open_artifact", "read_metadata", "resolve_artifact_path"]
 
 
 @dataclass
@@ -80,3 +80,52 @@ def _check_int8_kernels(path: Path, manifest) -> None:
     if has_vnni(gated) != has_vnni(here):
         log.warning("%s: its int8 accuracy gate ran on %s; this CPU, %s, runs other int8 kernels, so its accuracy "
                     "was not measured here (re-export on this kind of CPU to gate it here)", path.name, gated, here)
+
+
+def _varint(stream) -> int | None:
+    """A protobuf varint from ``stream``; None at its end."""
+    value = shift = 0
+    while byte := stream.read(1):
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+    return None
+
+
+def _fields(stream):
+    """(field number, value) of a protobuf message's top-level fields: bytes for length-delimited ones (field 14
+    of a ModelProto, its ``metadata_props``, read; the others, the graph among them, skipped by seeking)."""
+    while (key := _varint(stream)) is not None:
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, _varint(stream)
+        elif wire in (1, 5):
+            stream.seek(8 if wire == 1 else 4, 1)
+        elif wire == 2:
+            size = _varint(stream) or 0
+            if field in (1, 2, 14):
+                yield field, stream.read(size)
+            else:
+                stream.seek(size, 1)
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (the manifest, card and tokenizer) without opening a session: the graph
+    is skipped, not parsed. ConfigError where the file is not an ONNX model."""
+    import io
+
+    meta: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            for field, value in _fields(f):
+                if field == 14:
+                    entry = dict(_fields(io.BytesIO(value)))
+                    meta[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not an ONNX model ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return meta

@@ -68,7 +68,7 @@ from toolkit.server.vllm_api import (
 )
 from toolkit.settings import RuntimeOptions, ServerOptions
 
-__all__ = ["create_app", "load_models"]
+__all__ = ["create_app", "load_models", "open_model"]
 
 log = logging.getLogger("toolkit.server")
 async def embeddings_or_classify(request: Request, data: OpenAIEmbeddingRequest) -> Response:
@@ -216,25 +216,32 @@ def openapi_json(request: Request) -> bytes:
     return request.app.state.openapi_json
 
 
+def open_model(path: Path, name: str | None, runtime: RuntimeOptions, metrics: Metrics) -> ServedModel:
+    """Open one artifact and start its batching worker; ``name`` None: the card's name."""
+    embedder = Embedder(path, options=runtime)
+    name = name or embedder.card.name
+
+    def on_batch(stats: BatchStats) -> None:
+        metrics.batch(name, stats.size, stats.tokens, stats.seconds)
+
+    def on_request(timings: Timings, tokens: int) -> None:  # every route's phases, in one place
+        metrics.phases(name, timings.tokenize, timings.queue, timings.inference, tokens)
+        note_work(timings.tokenize, timings.queue, timings.inference, tokens)  # the request's log line and spans
+
+    return ServedModel(name, AsyncEmbedder(embedder, on_batch=on_batch, on_request=on_request))
+
+
 def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, metrics: Metrics) -> ModelRegistry:
     """Open every artifact (ConfigError on the first bad one) and start its batching worker."""
     if names and len(names) != len(paths):
         raise ConfigError(f"--served-model-name given {len(names)} times for {len(paths)} artifacts: give one per artifact")
-    served = []
+    served: list[ServedModel] = []
     for i, path in enumerate(paths):
-        embedder = Embedder(path, options=runtime)
-        name = names[i] if names else embedder.card.name
-        if any(s.name == name for s in served):
-            raise ConfigError(f"two artifacts are served as '{name}': set --served-model-name")
-
-        def on_batch(stats: BatchStats, name: str = name) -> None:
-            metrics.batch(name, stats.size, stats.tokens, stats.seconds)
-
-        def on_request(timings: Timings, tokens: int, name: str = name) -> None:  # every route's phases, in one place
-            metrics.phases(name, timings.tokenize, timings.queue, timings.inference, tokens)
-            note_work(timings.tokenize, timings.queue, timings.inference, tokens)  # the request's log line and spans
-
-        served.append(ServedModel(name, AsyncEmbedder(embedder, on_batch=on_batch, on_request=on_request)))
+        model = open_model(path, names[i] if names else None, runtime, metrics)
+        if any(s.name == model.name for s in served):
+            model.engine.close()
+            raise ConfigError(f"two artifacts are served as '{model.name}': set --served-model-name")
+        served.append(model)
     registry = ModelRegistry(served)
     metrics.queue_depth = lambda: sum(s.engine.queue_depth for s in registry.models.values())
     return registry

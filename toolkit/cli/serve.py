@@ -54,7 +54,7 @@ def serve(
     revision: RevisionOption = None,
     trust_remote_code: RemoteCodeOption = False,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    port: Annotated[int, typer.Option(help="Port", min=0, max=65535)] = 8000,
     served_model_name: Annotated[list[str] | None, typer.Option(help="Model name per artifact [default: from the manifest]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
     api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer KEY'")] = None,
@@ -90,13 +90,40 @@ def serve(
     default_prompt_name: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT_NAME"), help="The card's prompt (`toolkit cards`) applied to texts whose request names none")] = None,
     default_prompt: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT"), help="A prompt text applied to texts whose request names none")] = None,
     uds_path: Annotated[str | None, typer.Option("--uds-path", "--uds", envvar=_env("UDS_PATH"), help="Also listen on this Unix domain socket")] = None,
-    prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
+    prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), min=0, max=65535, help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
+    engine: Annotated[str, typer.Option(help="local: one process | ray: replicas behind Ray Serve's HTTP proxy, on a local Ray or a cluster (the [serve] extra)")] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (auto, ray://HOST:10001) [default: start a local Ray]")] = None,
+    replicas: Annotated[int | None, typer.Option(help="--engine ray: a fixed number of replicas [default: 1]")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="--engine ray: autoscale, from this many replicas (with --max-replicas)")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="--engine ray: autoscale, up to this many replicas")] = None,
+    target_ongoing_requests: Annotated[float, typer.Option(help="--engine ray, autoscaling: requests in flight per replica that Ray Serve aims at")] = 32.0,
+    replica_cpus: Annotated[float, typer.Option(help="--engine ray: CPUs each replica reserves (and onnxruntime's threads, unless --threads)")] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(help="--engine ray: GPUs each replica reserves")] = 0.0,
+    models_per_replica: Annotated[int | None, typer.Option(help="--engine ray: Ray Serve's model multiplexing: each replica opens the models its requests name, at most this many (the least recently used closed first); requests go to replicas that hold their model [default: every model on every replica]")] = None,
 ) -> None:
     """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
     from toolkit.settings import RuntimeOptions, ServerOptions
 
     with one_line_errors():
         dev = parse_device(device)
+        if engine not in ("local", "ray"):
+            raise ConfigError(f"--engine must be one of: local, ray (got {engine})")
+        if engine == "ray":
+            from toolkit.server.ray import ScaleOptions, require_ray_serve
+
+            require_ray_serve()
+            for flag, given in (("--uds-path", uds_path is not None), ("--prometheus-port", prometheus_port is not None),
+                                ("--read-timeout", read_timeout != 10.0), ("--max-connections", max_connections != 1024)):
+                if given:
+                    raise ConfigError(f"{flag} is not available with --engine ray: Ray Serve's proxy owns the listener")
+            autoscale = min_replicas is not None or max_replicas is not None
+            scale = ScaleOptions(replicas=replicas if replicas is not None else (None if autoscale else 1),
+                                 min_replicas=min_replicas, max_replicas=max_replicas,
+                                 target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
+                                 replica_gpus=replica_gpus, models_per_replica=models_per_replica)
+            scale.check()
+        elif any(v is not None for v in (address, replicas, min_replicas, max_replicas, models_per_replica)):
+            raise ConfigError("--address and the replica flags go with --engine ray")
         from toolkit.server.process import LOG_LEVELS
 
         if log_level.lower() not in LOG_LEVELS:
@@ -117,8 +144,11 @@ def serve(
 
             chat_template = load_template(chat_template)
         listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
+        if engine == "ray":
+            listener.close()  # Ray Serve's proxy binds it
         export_options = export_options_for_sources(precision, target, revision, trust_remote_code)
-        paths = [artifact_for(model, export_options) for model in (models or [None])]
+        paths = [model if engine == "ray" and model and "://" in model else artifact_for(model, export_options)
+                 for model in (models or [None])]  # a URI is read by each Ray node (server.remote_artifacts)
         server = ServerOptions(host=host, port=port, api_key=api_key or None,
                                max_concurrent_requests=max_concurrent_requests,
                                max_client_batch_size=max_client_batch_size, max_request_tokens=max_request_tokens,
@@ -136,9 +166,14 @@ def serve(
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
                                  default_prompt_name=default_prompt_name, default_prompt=default_prompt)
-        from toolkit.server.process import run_server
+        if engine == "ray":
+            from toolkit.server.ray import run_ray
 
-        code = run_server(paths, served_model_name or [], server, runtime, listener)
+            code = run_ray(paths, served_model_name or [], server, runtime, scale, address)
+        else:
+            from toolkit.server.process import run_server
+
+            code = run_server(paths, served_model_name or [], server, runtime, listener)
     raise typer.Exit(code)
 
 
