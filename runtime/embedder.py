@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import msgspec
 import numpy as np
 
 from toolkit.cards import PaddingSide
@@ -18,7 +19,7 @@ from toolkit.runtime.outputs import OutputPlan, finish, plan_output
 from toolkit.runtime.pooling import Inputs, as_input_list
 from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
-from toolkit.settings import Device, RuntimeOptions
+from toolkit.settings import Device, RuntimeOptions, parse_device
 
 __all__ = ["Embedder", "Inputs"]
 
@@ -37,13 +38,12 @@ class Embedder:
         """Open ``artifact``: an artifact file, or a card name / Hub id / model directory exported before into
         ``TOOLKIT_CACHE`` (``toolkit.export.ensure_artifact`` exports one: ``Embedder(ensure_artifact(MODEL))``).
 
-        ``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto").
+        ``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto"); one that
+        is not a :class:`Device` name is a ConfigError naming those.
         """
-        import msgspec
-
         base = options or RuntimeOptions()
         if device is not None:
-            overrides["device"] = Device(device)
+            overrides["device"] = parse_device(device)
         self.options = msgspec.structs.replace(base, **overrides)
         loaded = open_artifact(artifact, self.options)
         self.path = loaded.path
@@ -55,6 +55,10 @@ class Embedder:
         self.padding = PaddingSide(self.card.padding_side)
         self.encoders = open_encoders(self, loaded.path)  # one per modality the manifest lists
         self._check_defaults()
+
+    def __repr__(self) -> str:
+        return (f"Embedder({str(self.path)!r}, model={self.card.name!r}, tasks={list(self.tasks)}, "
+                f"dim={self.dimensions}, device={self.device.value!r}, providers={self.session.providers})")
 
     def _check_defaults(self) -> None:
         """The options' default prompt, checked once against the card (ConfigError naming its prompts)."""
@@ -160,8 +164,10 @@ class Embedder:
         """One batch of ``modality``'s model inputs through its graph: (batch, ...) arrays in ``outputs`` order."""
         return self.encoder(modality).run(items, outputs)
 
-    def run(self, items: Sequence[Tokenized] | Sequence[Pixels], output: str, modality: str = "text") -> list[np.ndarray]:
-        """Length-sorted token-budget batches of ``modality``'s model inputs; one array per input, in input order."""
+    def run(self, items: Sequence[Tokenized] | Sequence[Pixels], output: str, modality: str = "text",
+            on_batch: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Length-sorted token-budget batches of ``modality``'s model inputs (``on_batch(n)`` told each batch of n
+        done); one array per input, in input order."""
         results: list[np.ndarray | None] = [None] * len(items)
         batches = plan_batches([len(t) for t in items], max_batch_tokens=self.options.max_batch_tokens,
                                max_batch_size=self.options.max_batch_size)
@@ -169,6 +175,8 @@ class Embedder:
             (out,) = self.run_batch([items[i] for i in batch], [output], modality)
             for row, index in enumerate(batch):
                 results[index] = out[row]
+            if on_batch is not None:
+                on_batch(len(batch))
         return results  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- outputs
@@ -213,17 +221,17 @@ class Embedder:
         self.require(entry.name)
         return self.complete(entry.prepare(self, *inputs, **params))
 
-    def complete(self, prepared: Prepared):
-        """A prepared task's result, its runs through ``run`` in this thread."""
-        return prepared.reduce([self.run(run.items, run.output, run.modality) for run in prepared.runs])
+    def complete(self, prepared: Prepared, on_batch: Callable[[int], None] | None = None):
+        """A prepared task's result, its runs through ``run`` (``on_batch`` told each batch) in this thread."""
+        return prepared.reduce([self.run(run.items, run.output, run.modality, on_batch) for run in prepared.runs])
 
     def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
         """(n, dimensions) float32 sentence embeddings (texts, or token ids)."""
         return self.perform("embed", inputs, dimensions=dimensions, normalize=normalize, **tokenize)
 
-    def embed_tokenized(self, items: list[Tokenized], plan: OutputPlan) -> np.ndarray:
+    def embed_tokenized(self, items: list[Tokenized], plan: OutputPlan, on_batch=None) -> np.ndarray:
         """Sentence embeddings of already tokenized inputs, by ``plan``, in input order."""
-        return self.complete(embed_items(self, items, plan))
+        return self.complete(embed_items(self, items, plan), on_batch)
 
     def load_images(self, images) -> list[Pixels]:
         """Images (PIL images, bytes, paths, data URIs) -> preprocessed pixels, decoded in parallel on a bounded
@@ -318,9 +326,9 @@ class Embedder:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
         return self.perform("embed_sparse", inputs, **tokenize)
 
-    def sparse_tokenized(self, items: list[Tokenized]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def sparse_tokenized(self, items: list[Tokenized], on_batch=None) -> list[tuple[np.ndarray, np.ndarray]]:
         """``embed_sparse`` of already tokenized inputs."""
-        return self.complete(sparse_items(items))
+        return self.complete(sparse_items(items), on_batch)
 
     def render_chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = False,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:

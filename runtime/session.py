@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.errors import BackendError, ConfigError
-from toolkit.settings import Device, RuntimeOptions, default_threads
+from toolkit.settings import Device, RuntimeOptions, default_threads, parse_device
 
 __all__ = ["OrtSession", "usable_devices"]
 
@@ -67,7 +67,7 @@ class OrtSession:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None) -> None:
         self.options = options = options or RuntimeOptions()
         usable = usable_devices()
-        requested = Device(options.device)
+        requested = parse_device(options.device)
         if requested == Device.AUTO:
             self.device = usable[0]
         elif requested in usable:
@@ -104,6 +104,11 @@ class OrtSession:
         self.output_names = [o.name for o in self._session.get_outputs()]
         use_binding = options.io_binding if options.io_binding is not None else self.device != Device.CPU
         self._binding = use_binding
+
+    @property
+    def providers(self) -> list[str]:
+        """onnxruntime's execution providers for this session, the one it runs on first."""
+        return self._session.get_providers()
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -51,3 +51,24 @@ def test_bench_images_against_transformers(clip_artifact, tmp_path):
         assert row["images_per_s"] > 0 and 0 < row["preprocess_share"] <= 1 and row["ratio_vs_reference"] > 0
     assert result["min_cosine_vs_reference"] >= 0.9999  # the same model on both sides, the same decoded photos
     assert "images/s" in done.stdout
+
+
+def test_bench_server_report_leaves_out_ratios_it_has_no_baseline_for(capsys):
+    row = {"concurrency": 8, "requests": 512, "errors": 0, "requests_per_s": 812.3, "sentences_per_s": 812.3,
+           "p50_ms": 9.5, "p95_ms": 14.2, "p99_ms": 21.7}
+    result = {"mode": "server", "url": "http://127.0.0.1:8000", "inputs_per_request": 1,
+              "machine": bench.machine_info(), "rows": [row]}  # --server URL without an ARTIFACT
+    bench.print_result(result)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "clients" in line)
+    assert "vs in-proc" not in header and "vs bs1" not in header and "p99 ms" in header
+    assert "812.3" in out and "0.00" not in out  # no ratio against a baseline that was never measured
+    assert "no ratios to in-process calls: give the server's ARTIFACT too" in " ".join(out.split())
+    # with the ARTIFACT, the ratios are there
+    result["in_process"] = {1: {"sentences_per_s": 200.0, "ms_per_call": 5.1, "p50_ms": 4.75},
+                            32: {"sentences_per_s": 1624.6, "ms_per_call": 19.7, "p50_ms": 19.5}}
+    row.update(ratio_vs_inprocess_bs32=812.3 / 1624.6, p50_vs_inprocess_bs1=9.5 / 4.75)
+    bench.print_result(result)
+    out = capsys.readouterr().out
+    assert "vs in-proc bs32" in out and "p50 vs bs1" in out and "0.50" in out and "2.00" in out
+    assert "no ratios" not in out

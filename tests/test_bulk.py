@@ -239,7 +239,7 @@ def test_a_run_that_records_no_part_leaves_nothing_that_blocks_the_rerun(tiny_ar
     # a run that recorded parts keeps them (and its progress) for --resume; only the part in flight goes
     def interrupt_late(rows: int, tokens: int, skipped: int, seen=[]) -> None:  # noqa: B006
         seen.append(rows)
-        if len(seen) == 2:
+        if sum(seen) > 3:  # the second part's first rows: the first part is recorded
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -249,6 +249,18 @@ def test_a_run_that_records_no_part_leaves_nothing_that_blocks_the_rerun(tiny_ar
     summary = embed_files(tiny_artifact, source, empty, BulkOptions(id_column="id", window=3, rows_per_part=3),
                           resume=True)
     assert summary.resumed_rows == 3 and read_output(empty)["id"].to_pylist() == list(range(10))
+    assert (summary.parts, summary.resumed_parts, summary.rows) == (4, 1, 7)  # 3 parts new, 1 already done
+
+
+def test_progress_moves_batch_by_batch_within_a_window(tiny_artifact, texts, tmp_path):
+    source = write_inputs(tmp_path / "in", texts[:200])["jsonl"]
+    calls = []
+    summary = embed_files(tiny_artifact, source, tmp_path / "out", BulkOptions(id_column="doc_id", truncate=True),
+                          on_progress=lambda rows, tokens, skipped: calls.append((rows, tokens, skipped)))
+    assert summary.parts == 1  # default settings: the 200 rows are one window and one part ...
+    moved = [rows for rows, _, _ in calls if rows]
+    assert len(moved) > 1, calls  # ... and yet the rows are told as the model's batches finish, not all at the end
+    assert sum(moved) == 200 and sum(t for _, t, _ in calls) == summary.tokens
 
 
 @pytest.mark.parametrize("args, message", [
@@ -265,13 +277,14 @@ def test_cli_errors_are_one_line(args, message, tiny_artifact, texts, tmp_path):
                            *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, repr(done.stderr)
 
 
 def test_cli_missing_input_and_occupied_output(tiny_artifact, tmp_path):
     done = subprocess.run([*TOOLKIT, "embed", str(tiny_artifact), str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "nope.jsonl: no such file or directory" in done.stderr
+    assert done.stderr.startswith("error: "), repr(done.stderr)  # no blank line first
     (tmp_path / "in.txt").write_text("one\ntwo\n")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
@@ -323,6 +336,58 @@ def test_kill_mid_run_then_resume_is_complete_and_duplicate_free(tiny_artifact, 
     assert sorted(p.name for p in out.iterdir()) == ["_progress.json", *[f"part-{i:05d}.parquet" for i in range(12)]]
     again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "6,000 rows were done before" in again.stderr
+
+
+def _recorded(out: Path) -> tuple[int, int]:
+    """(rows, parts) the output's progress file records as done."""
+    try:
+        state = json.loads((out / "_progress.json").read_text())
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return 0, 0
+    return state["rows_read"], len(state["parts"])
+
+
+def test_ctrl_c_says_what_is_saved_and_the_resume_says_what_is_new(tiny_artifact, tmp_path):
+    _big_jsonl(tmp_path / "big.jsonl", 6000)
+    out = tmp_path / "out"
+    command = [*TOOLKIT, "embed", str(tiny_artifact), str(tmp_path / "big.jsonl"), "-o", str(out), "--id-column",
+               "key", "--truncate", "--rows-per-part", "500", "--window", "100", "--threads", "1"]
+    # SIGINT as the terminal sends it (a shell's background job would inherit it ignored)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _recorded(out)[1] < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    rows, parts = _recorded(out)
+    assert 2 <= parts < 12, "the run finished before it could be interrupted"
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == (f"interrupted: {rows:,} rows in {parts} part(s) are saved in {out}; run the "
+                                       "same command with --resume to continue where it stopped")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"6,000 rows in 12 part(s) ({12 - parts} new, {parts} already done); this run: {6000 - rows:,} rows, "
+            in resumed.stderr), resumed.stderr
+    assert read_output(out)["key"].to_pylist() == [f"k{i}" for i in range(6000)]
+
+
+def test_ctrl_c_before_the_first_part_says_nothing_is_kept(tiny_artifact, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from toolkit.bulk.rows import RowEncoder
+    from toolkit.cli import app
+
+    def interrupted(self, ids, values, on_batch=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RowEncoder, "__call__", interrupted)  # Ctrl-C in the first window
+    (tmp_path / "in.txt").write_text("one\ntwo\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["embed", str(tiny_artifact), str(tmp_path / "in.txt"), "-o", str(out)])
+    assert result.exit_code == 130 and not out.exists()
+    assert result.stderr.splitlines()[-1] == (f"interrupted: no part was finished, so {out} keeps nothing; run the "
+                                              "same command again to start over")
 
 
 def _peak_rss_mb(artifact: Path, rows: int, tmp_path: Path) -> float:

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from toolkit.cards import ModelCard, Pooling, find_card, list_cards, load_card
@@ -43,3 +47,30 @@ def test_cards_decode_strictly(tmp_path):
 def test_find_card_by_hub_id():
     assert find_card("BAAI/bge-small-en-v1.5").pooling == Pooling.CLS
     assert find_card("nobody/nothing") is None
+
+
+def _cards_table(columns: str | None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+    done = subprocess.run([sys.executable, "-m", "toolkit.cli", "cards"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_cards_table_fits_the_terminal_width():
+    headers = ["card", "source", "pooling", "normalize", "max", "prompts", "matryoshka", "offline"]
+    lines = _cards_table("80")
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].split() == headers  # every header whole, `offline` included
+    # long names fold over lines, whole: a row starts where its pooling is written
+    source_at, pooling_at, normalize_at = (lines[0].index(h) for h in ("source", "pooling", "normalize"))
+    names: list[str] = []
+    for line in lines[2:]:
+        if line[pooling_at:normalize_at].strip():
+            names.append("")
+        names[-1] += line[:source_at].strip()
+    assert names == list(list_cards())
+    # piped without COLUMNS: full width, a card a line
+    wide = _cards_table(None)
+    assert wide[0].split() == headers and len(wide) == len(list_cards()) + 2
+    assert any(line.startswith("snowflake-arctic-embed-m-v1.5 ") for line in wide)

@@ -184,6 +184,22 @@ def test_provider_choice_is_explicit(tiny_artifact):
             Embedder(tiny_artifact, device="cuda")
 
 
+def test_a_device_that_is_no_device_names_the_devices(tiny_artifact):
+    from toolkit.errors import ConfigError
+    from toolkit.settings import RuntimeOptions
+
+    for given in ({"device": "gpu"}, {"options": RuntimeOptions(device="gpu")}):
+        with pytest.raises(ConfigError) as caught:
+            Embedder(tiny_artifact, **given)
+        assert caught.value.message == "device 'gpu' is not one of: auto, cpu, cuda, tensorrt"
+        assert caught.value.exit_code == 2
+
+
+def test_embedder_repr_says_what_it_runs(tiny):
+    assert repr(tiny) == (f"Embedder({str(tiny.path)!r}, model={tiny.card.name!r}, tasks=['embed', 'token_embed', "
+                          "'score'], dim=24, device='cpu', providers=['CPUExecutionProvider'])")
+
+
 async def _gather(engine, texts, priority=0):
     return await asyncio.gather(*(engine.embed(t, priority=priority) for t in texts))
 

@@ -103,8 +103,8 @@ def test_cli_first_run_friction():
     cards = json.loads(_cli("cards", "--json").stdout)
     by_name = {c["name"]: c for c in cards}
     assert by_name["all-MiniLM-L6-v2"]["offline"] and not by_name["bge-small-en-v1.5"]["offline"]
-    table = _cli("cards").stdout
-    assert "snowflake-arctic-embed-m-v1.5" in table  # full names when piped
+    table = _cli("cards", env={"COLUMNS": ""}).stdout
+    assert "snowflake-arctic-embed-m-v1.5" in table  # full names when piped (at COLUMNS=80 they fold to fit)
 
 
 def test_serve_device_is_honoured(tiny_artifact):

@@ -9,8 +9,10 @@ from pathlib import Path
 import msgspec
 
 from toolkit.cards import Pooling
+from toolkit.errors import ConfigError
 
-__all__ = ["Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target", "default_threads"]
+__all__ = ["Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target", "default_threads",
+           "parse_device"]
 
 
 class Precision(str, enum.Enum):
@@ -30,6 +32,14 @@ class Device(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
     TENSORRT = "tensorrt"
+
+
+def parse_device(value: str | Device) -> Device:
+    """A device name as a :class:`Device`; ConfigError naming the valid ones when it is not one."""
+    try:
+        return Device(value)
+    except ValueError:
+        raise ConfigError(f"device '{value}' is not one of: {', '.join(d.value for d in Device)}") from None
 
 
 def default_threads() -> int:

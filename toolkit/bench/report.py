@@ -40,16 +40,22 @@ def print_result(result: dict) -> None:
         if result["min_cosine_vs_reference"] is not None:
             console.print(f"min cosine vs sentence-transformers: {result['min_cosine_vs_reference']:.7f}")
     else:
-        table = Table("clients", "requests", "errors", "req/s", "sent/s", "p50 ms", "p95 ms", "p99 ms", "vs in-proc bs32", "p50 vs bs1")
+        baseline = "in_process" in result  # measured only when the server's ARTIFACT was given too
+        ratios = ("vs in-proc bs32", "p50 vs bs1") if baseline else ()
+        table = Table("clients", "requests", "errors", "req/s", "sent/s", "p50 ms", "p95 ms", "p99 ms", *ratios)
         for r in result["rows"]:
+            cells = [f"{r['ratio_vs_inprocess_bs32']:.2f}", f"{r['p50_vs_inprocess_bs1']:.2f}"] if baseline else []
             table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]), f"{r['requests_per_s']:.1f}",
                           f"{r['sentences_per_s']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p95_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                          f"{r.get('ratio_vs_inprocess_bs32', 0):.2f}", f"{r.get('p50_vs_inprocess_bs1', 0):.2f}")
+                          *cells)
         console.print(table)
-        if "in_process" in result:
+        if baseline:
             ip = result["in_process"]
             console.print(f"in-process on the same texts: bs1 p50 {ip[1]['p50_ms']:.2f} ms/call, "
                           f"bs32 {ip[32]['sentences_per_s']:.1f} sentences/s")
+        else:
+            console.print("no ratios to in-process calls: give the server's ARTIFACT too (toolkit bench ARTIFACT "
+                          "--server URL) to measure that baseline")
 
 
 def plot_result(result: dict, path: Path) -> None:

@@ -15,11 +15,11 @@ engines produce the same rows.
 Needs pyarrow (the ``[bulk]`` extra); Ray is the ``[ray]`` extra.
 """
 
-from toolkit.bulk.local import Summary, embed_files
+from toolkit.bulk.local import Summary, embed_files, recorded
 from toolkit.bulk.options import SKIPPED_FILE, BulkError, BulkOptions
 from toolkit.bulk.ray_engine import embed_dataset, embed_with_ray
 from toolkit.bulk.readers import input_files
 from toolkit.bulk.rows import RowEncoder
 
 __all__ = ["SKIPPED_FILE", "BulkError", "BulkOptions", "RowEncoder", "Summary", "embed_dataset", "embed_files",
-           "embed_with_ray", "input_files"]
+           "embed_with_ray", "input_files", "recorded"]

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from toolkit.runtime import Embedder
 
 
-__all__ = ["Summary", "embed_files"]
+__all__ = ["Summary", "embed_files", "recorded"]
 
 
 class Summary(msgspec.Struct):
@@ -32,8 +32,9 @@ class Summary(msgspec.Struct):
     skipped: int
     tokens: int
     seconds: float
-    parts: int
+    parts: int  # in the output, the ones found done by --resume included
     resumed_rows: int = 0  # rows found done by --resume (not counted in rows/tokens)
+    resumed_parts: int = 0  # parts found done by --resume (counted in parts)
 
     @property
     def rows_per_s(self) -> float:
@@ -70,8 +71,9 @@ def embed_files(
 ) -> Summary:
     """Embed ``inputs`` (files, a directory or a glob) into Parquet parts under the directory ``output``.
 
-    ``on_start(total_rows or None, rows already done)`` is called once, ``on_progress(rows, tokens, skipped)``
-    after every window. Returns the run's :class:`Summary`.
+    ``on_start(total_rows or None, rows already done)`` is called once, ``on_progress(rows, tokens, skipped)`` as
+    rows complete: after each of the model's batches (rows only) and at the end of each window (its remaining
+    rows, its tokens and skipped rows). Returns the run's :class:`Summary`.
     """
     from toolkit.runtime import Embedder
 
@@ -91,15 +93,23 @@ def embed_files(
     created = [p for p in (out, *out.parents) if not p.exists()]  # the folders this run makes, deepest first
     had_progress = progress_path.is_file()
     state = _open_output(out, fingerprint, resume=resume, overwrite=overwrite)
+    done_rows, done_parts = state["rows_read"], len(state["parts"])
     if state.get("complete"):
-        return Summary(str(out), 0, 0, 0, 0.0, len(state["parts"]), resumed_rows=state["rows_read"])
-    done_rows = state["rows_read"]
+        return Summary(str(out), 0, 0, 0, 0.0, done_parts, resumed_rows=done_rows, resumed_parts=done_parts)
     started = time.perf_counter()
     rows = skipped = tokens = 0
-    part_index = len(state["parts"])
+    part_index = done_parts
     writer = skipped_rows = None
     part_rows = part_read = part_tokens = 0
     position = 0  # rows of the input seen so far
+    batch_rows = 0  # rows of the window in flight already reported, batch by batch
+
+    def batch_done(n: int) -> None:
+        nonlocal batch_rows
+        n = min(n, take - batch_rows)  # a task that runs twice over its rows reports each row once
+        if n > 0:
+            batch_rows += n
+            on_progress(n, 0, 0)
 
     def close_part() -> None:
         nonlocal writer, skipped_rows, part_rows, part_read, part_tokens, part_index
@@ -130,7 +140,8 @@ def embed_files(
             while n:
                 room = options.rows_per_part - part_read
                 take = min(room, n)
-                result = encoder(ids.slice(0, take), values[:take])
+                batch_rows = 0
+                result = encoder(ids.slice(0, take), values[:take], batch_done if on_progress else None)
                 if writer is None:
                     tmp = out / (_part_name(part_index) + ".tmp")
                     writer = pq.ParquetWriter(tmp, result.table.schema)
@@ -145,7 +156,7 @@ def embed_files(
                 tokens += result.tokens
                 position += take
                 if on_progress:
-                    on_progress(take, result.tokens, len(result.skipped))
+                    on_progress(take - batch_rows, result.tokens, len(result.skipped))
                 ids, values, n = ids.slice(take), values[take:], n - take
                 if part_read == options.rows_per_part:
                     close_part()
@@ -163,7 +174,17 @@ def embed_files(
             _undo_output(out, created, keep_progress=resume and had_progress)
         raise
     return Summary(str(out), rows, skipped, tokens, time.perf_counter() - started, len(state["parts"]),
-                   resumed_rows=done_rows)
+                   resumed_rows=done_rows, resumed_parts=done_parts)
+
+
+def recorded(output: str | os.PathLike) -> tuple[int, int]:
+    """(rows, parts) that ``output``'s progress file records as done: what ``resume=True`` keeps; (0, 0) when
+    it has none (a run stopped before its first part takes its progress file back)."""
+    try:
+        state = json.loads((Path(output) / PROGRESS_FILE).read_text())
+        return int(state["rows_read"]), len(state["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
 
 
 def _parquet():

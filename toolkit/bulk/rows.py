@@ -4,7 +4,7 @@ the same in this process and on a Ray actor."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -103,7 +103,8 @@ class RowEncoder:
         return pa.schema([pa.field(self.options.id_name, id_type), *self.fields])
 
     # ------------------------------------------------------------ per window
-    def __call__(self, ids: pa.Array, values: Sequence) -> Encoded:
+    def __call__(self, ids: pa.Array, values: Sequence, on_batch: Callable[[int], None] | None = None) -> Encoded:
+        """The window's :class:`Encoded`; ``on_batch(rows)`` is told as the model's batches complete."""
         pa = require_pyarrow()
         bad: dict[int, str] = {}
         for i, value in enumerate(values):
@@ -120,7 +121,7 @@ class RowEncoder:
             elif not self.images and not value.strip():
                 bad[i] = "empty text"
         good = [i for i in range(len(values)) if i not in bad]
-        rows, tokens = self._embed([values[i] for i in good], good, bad) if good else ([], 0)
+        rows, tokens = self._embed([values[i] for i in good], good, bad, on_batch) if good else ([], 0)
         good = [i for i in good if i not in bad]
         if bad and self.options.on_error == "stop":
             first = min(bad)
@@ -130,22 +131,23 @@ class RowEncoder:
         table = pa.Table.from_arrays(columns, schema=self.schema(ids.type))
         return Encoded(table, [(ids[i].as_py(), bad[i]) for i in sorted(bad)], tokens)
 
-    def _embed(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
+    def _embed(self, values: list, index: list[int], bad: dict[int, str],
+               on_batch: Callable[[int], None] | None) -> tuple[np.ndarray | list, int]:
         """(vectors, or SPLADE's (indices, weights) per row; tokens read) of ``values`` (rows ``index`` of the
         window), in order; rows found bad on the way go into ``bad`` and are left out."""
         if self.prompted and not self.generic:
-            return self._embed_prompted(values, index, bad)
+            return self._embed_prompted(values, index, bad, on_batch)
         if self.images:
             return self._embed_images(values, index, bad), 0
         if self.generic:
-            return self._embed_task(values, index, bad)
+            return self._embed_task(values, index, bad, on_batch)
         items = self._tokenize(values, index, bad)
         if not items:
             return [], 0
         tokens = sum(len(t) for t in items)
         if self.sparse:
-            return self.embedder.sparse_tokenized(items), tokens
-        return self.embedder.embed_tokenized(items, self.plan), tokens
+            return self.embedder.sparse_tokenized(items, on_batch), tokens
+        return self.embedder.embed_tokenized(items, self.plan, on_batch), tokens
 
     def _tokenize(self, texts: list[str], index: list[int], bad: dict[int, str]) -> list:
         """Tokenized texts; one call for the window, row by row only when some row is refused."""
@@ -165,7 +167,7 @@ class RowEncoder:
                 bad[row] = exc.message
         return items
 
-    def _embed_task(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[list, int]:
+    def _embed_task(self, values: list, index: list[int], bad: dict[int, str], on_batch) -> tuple[list, int]:
         """Rows of ``--task``'s entry for the window: prepared in one call, and only when some row is refused
         tokenized row by row to find which (the others are then prepared again)."""
         entry, options = TASKS[self.task], self._tokenize_options()
@@ -177,12 +179,13 @@ class RowEncoder:
             if not values:
                 return [], 0
             prepared = entry.prepare(self.embedder, values, **options)
-        return entry.rows(self.embedder, self.embedder.complete(prepared)), prepared.tokens
+        return entry.rows(self.embedder, self.embedder.complete(prepared, on_batch)), prepared.tokens
 
     def _tokenize_options(self) -> dict:
         return {"prompt_name": self.options.prompt_name, "truncate_prompt_tokens": -1 if self.options.truncate else None}
 
-    def _embed_prompted(self, values: list, index: list[int], bad: dict[int, str]) -> tuple[np.ndarray | list, int]:
+    def _embed_prompted(self, values: list, index: list[int], bad: dict[int, str],
+                        on_batch) -> tuple[np.ndarray | list, int]:
         """A vision-language artifact's rows (texts, images, or (image, text) pairs as one item each) through
         ``embed``, which renders the model's prompt; the window in one call, row by row only when some row is
         refused (those go into ``bad``)."""
@@ -195,7 +198,7 @@ class RowEncoder:
         embed = TASKS["embed"]
         try:
             prepared = embed.prepare(self.embedder, items, **params)
-            return self.embedder.complete(prepared), prepared.tokens
+            return self.embedder.complete(prepared, on_batch), prepared.tokens
         except RequestError:
             pass
         rows, tokens = [], 0

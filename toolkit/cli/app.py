@@ -4,6 +4,7 @@ progress steps, option parsing, full-width tables."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import Annotated
@@ -92,7 +93,9 @@ def int_list(value: str | None, option: str) -> tuple[int, ...]:
 
 
 def stdout_console() -> Console:
-    """Tables at full width even when piped (Rich would cut them at 80 columns)."""
-    return Console(width=None if sys.stdout.isatty() else 250)
+    """Tables as wide as the terminal, or as ``COLUMNS`` says; piped without ``COLUMNS``, at full width (Rich
+    would cut them at 80 columns)."""
+    sized = sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit()
+    return Console(width=None if sized else 250)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -70,8 +70,11 @@ def embed(
         artifact = artifact_for(model, export_options_for_sources(precision, target, revision, trust_remote_code))
         match engine:
             case "local":
-                summary = _embed_local(artifact, inputs, output, options, resume=resume, overwrite=overwrite,
-                                       device=dev, threads=threads)
+                try:
+                    summary = _embed_local(artifact, inputs, output, options, resume=resume, overwrite=overwrite,
+                                           device=dev, threads=threads)
+                except KeyboardInterrupt:
+                    _interrupted(output)
             case "ray":
                 if resume:
                     raise ConfigError("--resume is for --engine local; Ray retries failed tasks itself")
@@ -84,8 +87,27 @@ def embed(
     tokens = f", {summary.tokens:,} tokens ({summary.tokens / summary.seconds:,.0f}/s)" if summary.tokens else ""
     resumed = f"; {summary.resumed_rows:,} rows were done before (--resume)" if summary.resumed_rows else ""
     skipped = f"; {summary.skipped:,} skipped (listed in {output / bulk.SKIPPED_FILE})" if summary.skipped else ""
-    console.print(f"[bold]{escape(str(summary.output))}[/]: {summary.rows:,} rows in {summary.parts} part(s), "
-                  f"{summary.seconds:.1f} s ({summary.rows_per_s:,.0f} rows/s){tokens}{skipped}{resumed}", highlight=False)
+    written = f"{summary.rows:,} rows in {summary.parts} part(s)"
+    if summary.resumed_parts:  # the parts this run wrote, and the ones an earlier run had
+        written = (f"{summary.resumed_rows + summary.rows:,} rows in {summary.parts} part(s) "
+                   f"({summary.parts - summary.resumed_parts} new, {summary.resumed_parts} already done); "
+                   f"this run: {summary.rows:,} rows")
+    console.print(f"[bold]{escape(str(summary.output))}[/]: {written}, {summary.seconds:.1f} s "
+                  f"({summary.rows_per_s:,.0f} rows/s){tokens}{skipped}{resumed}", highlight=False)
+
+
+def _interrupted(output: Path) -> NoReturn:
+    """Ctrl-C: one line saying what is saved and how to go on; exit 130 (the shell's code for SIGINT)."""
+    from toolkit.bulk import recorded
+
+    rows, parts = recorded(output)
+    if parts:
+        said = (f"{rows:,} rows in {parts} part(s) are saved in {output}; run the same command with --resume to "
+                "continue where it stopped")
+    else:
+        said = f"no part was finished, so {output} keeps nothing; run the same command again to start over"
+    console.print(f"[bold yellow]interrupted:[/] {escape(said)}", highlight=False)
+    raise typer.Exit(130)
 
 
 def _embed_local(artifact: Path, inputs: str, output: Path, options, *, resume: bool, overwrite: bool, device,
@@ -127,6 +149,7 @@ def _embed_local(artifact: Path, inputs: str, output: Path, options, *, resume: 
         return bulk.embed_files(embedder, inputs, output, options, resume=resume, overwrite=overwrite,
                                 on_progress=on_progress, on_start=on_start)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # stopping one never started prints an empty line before the error
+            progress.stop()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from toolkit.cli.app import app, one_line_errors, stdout_console
@@ -74,7 +75,15 @@ def cards(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table("card", "source", "pooling", "normalize", "max", "prompts", "matryoshka", "offline")
+    # fits the width it is given: names fold, lists wrap, the short columns keep their headers whole
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for header in ("card", "source"):
+        table.add_column(header, overflow="fold")
+    for header in ("pooling", "normalize", "max"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("prompts", min_width=len("document"), overflow="fold")
+    table.add_column("matryoshka", min_width=len("matryoshka"))
+    table.add_column("offline", no_wrap=True)
     for row in rows:
         dims = ", ".join(map(str, row["matryoshka_dims"])) + (" any" if row["matryoshka_any"] else "")
         table.add_row(row["name"], row["source"] or "", row["pooling"] or "", str(row["normalize"]),
