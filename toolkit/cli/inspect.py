@@ -1,4 +1,4 @@
-"""``toolkit inspect`` (an artifact's manifest) and ``toolkit cards`` (the bundled cards)."""
+"""``toolkit inspect`` (an artifact's manifest, or the export cache) and ``toolkit cards`` (the bundled cards)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,29 @@ from rich import box
 from rich.table import Table
 
 from toolkit.cli.app import app, one_line_errors, stdout_console
+from toolkit.errors import ConfigError
 
 __all__ = ["cards", "inspect"]
 
 
 @app.command()
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="An artifact made by `toolkit export`")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+    artifact: Annotated[Path | None, typer.Argument(metavar="ARTIFACT", help="An artifact made by `toolkit export`")] = None,
+    cache: Annotated[bool, typer.Option("--cache", help="Instead: where the export cache is (TOOLKIT_CACHE, else ~/.cache/onnx-embed-toolkit) and the exports it holds, with their sizes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest (with --cache: the cache) as JSON")] = False,
 ) -> None:
-    """Print an artifact's manifest: card, outputs, versions, fusions and parity report."""
+    """Print an artifact's manifest: card, outputs, versions, fusions and parity report (or, --cache, the cache)."""
     import msgspec
 
     from toolkit.runtime.artifact import open_artifact
     from toolkit.settings import RuntimeOptions
 
     with one_line_errors():
+        if cache == (artifact is not None):
+            raise ConfigError("give an ARTIFACT to inspect, or --cache for the export cache (not both)")
+        if cache:
+            _print_cache(as_json)
+            return
         manifest = open_artifact(artifact, RuntimeOptions(device="cpu", graph_optimization="disable")).manifest
     if as_json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(manifest)).decode() + "\n")
@@ -57,6 +64,33 @@ def inspect(
     for key, value in rows:
         table.add_row(key, value)
     stdout_console().print(table)
+
+
+def _print_cache(as_json: bool) -> None:
+    """The cache root, the rule that picks it, and its exports (model, precision, size, artifact path)."""
+    import os
+
+    from toolkit.model_source import CACHE_RULE, cache_entries, cache_root
+
+    root = cache_root()
+    entries = [{"model": e.model, "precision": e.key.get("options", {}).get("precision"), "bytes": e.size,
+                "artifact": str(e.artifact)} for e in cache_entries()]
+    if as_json:
+        sys.stdout.write(json.dumps({"root": str(root), "rule": CACHE_RULE, "artifacts": entries}, indent=2) + "\n")
+        return
+    why = "TOOLKIT_CACHE is set" if os.environ.get("TOOLKIT_CACHE") else "TOOLKIT_CACHE is not set"
+    lines = [f"cache: {root}", f"rule: {CACHE_RULE} ({why})",
+             f"exports: {len(entries)}, {_size(sum(e['bytes'] for e in entries))}" if entries else "exports: none yet"]
+    lines += [f"  {e['model']}  {e['precision'] or '?'}  {_size(e['bytes'])}  {e['artifact']}" for e in entries]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 @app.command()

@@ -89,6 +89,7 @@ def serve(
     auto_truncate: Annotated[bool, typer.Option("--auto-truncate", envvar=_env("AUTO_TRUNCATE"), help="Cut inputs past the model's maximum to it unless the request says otherwise (TEI's truncate: false, Cohere's truncate: NONE), instead of a 400")] = False,
     default_prompt_name: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT_NAME"), help="The card's prompt (`toolkit cards`) applied to texts whose request names none")] = None,
     default_prompt: Annotated[str | None, typer.Option(envvar=_env("DEFAULT_PROMPT"), help="A prompt text applied to texts whose request names none")] = None,
+    hf_overrides: Annotated[str | None, typer.Option(help="vLLM's Matryoshka switch, for a model trained for it whose card lists no sizes: '{\"is_matryoshka\": true}' accepts any `dimensions` 1..dim (cut, then normalized), '{\"matryoshka_dimensions\": [64, 128]}' only those; no other key [default: the card's sizes]")] = None,
     uds_path: Annotated[str | None, typer.Option("--uds-path", "--uds", envvar=_env("UDS_PATH"), help="Also listen on this Unix domain socket")] = None,
     prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), min=0, max=65535, help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
     engine: Annotated[str, typer.Option(help="local: one process | ray: replicas behind Ray Serve's HTTP proxy, on a local Ray or a cluster (the [serve] extra)")] = "local",
@@ -143,6 +144,9 @@ def serve(
             from toolkit.runtime.chat import load_template
 
             chat_template = load_template(chat_template)
+        from toolkit.settings import parse_hf_overrides
+
+        matryoshka = parse_hf_overrides(hf_overrides) if hf_overrides is not None else {}
         listener = bind_listener(host, port)  # a taken port fails here, before any export or banner
         if engine == "ray":
             listener.close()  # Ray Serve's proxy binds it
@@ -165,7 +169,7 @@ def serve(
                                prometheus_port=prometheus_port)
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
-                                 default_prompt_name=default_prompt_name, default_prompt=default_prompt)
+                                 default_prompt_name=default_prompt_name, default_prompt=default_prompt, **matryoshka)
         if engine == "ray":
             from toolkit.server.ray import run_ray
 

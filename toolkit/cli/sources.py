@@ -21,7 +21,7 @@ from toolkit.model_source import (
 __all__ = ["PrecisionOption", "RemoteCodeOption", "RevisionOption", "TargetOption", "artifact_for", "export_options_for_sources"]
 
 
-# the export options of `toolkit serve` and `toolkit embed`, for a MODEL that is not an artifact yet
+# the export options of `toolkit serve`, `toolkit embed` and `toolkit bench`, for a MODEL that is not an artifact yet
 PrecisionOption = Annotated[str, typer.Option(help="For a MODEL that is exported first: fp32 | fp16 | int8 (see `toolkit export --help`)")]
 TargetOption = Annotated[str, typer.Option(help="For a MODEL that is exported first: cpu | cuda | tensorrt")]
 RevisionOption = Annotated[str | None, typer.Option(help="For a Hub id: the branch, tag or commit to export [default: the default branch]")]
@@ -41,8 +41,8 @@ def artifact_for(model: str | None, options) -> Path:
     cached = find_cached_artifact(source, options)
     if cached is not None:
         if source.kind is not SourceKind.ARTIFACT:
-            console.print(f"{escape(source.text)}: reusing the artifact exported before, {escape(str(cached))}",
-                          highlight=False)
+            console.print(f"reusing the export of {escape(source.text)} in {escape(str(cached))} (exported before; "
+                          "`toolkit inspect --cache` lists the cache)", highlight=False)
         return cached
     entry = cache_entry(source, options)
     require_extra("export", f"{source.text} is {source.label} with no artifact in the cache ({cache_root()}) yet; "
