@@ -67,11 +67,11 @@ class _Open:
     """A model open on a replica. Ray Serve awaits its ``__del__`` when multiplexing closes it (LRU): an
     instance attribute, so that the garbage collector, which looks on the class, finds none to call."""
 
-    def __init__(self, replica: _ModelsBase, name: str) -> None:
+    def __init__(self, replica: _ModelsBase, name: str, served) -> None:
         self.name = name
 
         async def close() -> None:
-            await replica.close_model(name)
+            await replica.close_model(name, served)
 
         self.__del__ = close
 
@@ -102,15 +102,18 @@ class _ModelsBase:
         path = await asyncio.to_thread(local_path, self._paths[name])
         served = await asyncio.to_thread(open_model, path, name, self._runtime, self._metrics)
         self.registry.models[name] = served
-        return _Open(self, name)
+        return _Open(self, name, served)
 
-    async def close_model(self, name: str) -> None:
-        served = self.registry.models.pop(name, None)  # new requests reopen it (on this replica or another)
+    async def close_model(self, name: str, served) -> None:
+        """Close ``served`` once the requests inside the app for ``name`` are done (within the shutdown grace);
+        it stays in the registry until then, so a request that passed ``load`` still finds it. A request that
+        comes meanwhile reopens the model (Ray Serve has dropped it already): that newer engine is kept."""
         deadline = time.monotonic() + self._grace
         while self._inside.get(name, 0) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if served is not None:
-            await asyncio.to_thread(served.engine.close)
+        if self.registry.models.get(name) is served:
+            del self.registry.models[name]
+        await asyncio.to_thread(served.engine.close)
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, client) -> tuple:
         from ray import serve
