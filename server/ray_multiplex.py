@@ -33,7 +33,7 @@ def _model_of(body: bytes) -> str | None:
     """The ``model`` of a JSON object body; None for any other body (the app answers it in its own words)."""
     try:
         return msgspec.json.decode(body, type=_Named).model
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):  # invalid UTF-8, nested too deep
         return None
 
 

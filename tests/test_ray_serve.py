@@ -286,7 +286,12 @@ def test_three_models_two_per_replica_each_answered_by_the_model_it_names(ray_pr
     assert httpx.post(ray_proxy + "/v1/embeddings", json={"model": "tiny", "input": "x"}).status_code == 401
     r = httpx.post(ray_proxy + "/v1/embeddings", content=b"x" * (3 * 1024 * 1024), headers=AUTH)
     assert r.status_code == 413
+    deep = b"[" * 10_000 + b"]" * 10_000
+    for hostile in (b'{"model": "tiny", "input": ' + deep + b"}", b'{"model": "tiny", "input": "\xff\xfe"}'):
+        r = httpx.post(ray_proxy + "/v1/embeddings", content=hostile, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), r.text  # the app's answer, not the router's 500
     assert httpx.get(ray_proxy + "/health").status_code == 200
+    ask("tiny")  # and everything keeps answering
 
 
 
@@ -316,3 +321,15 @@ def test_replica_flags_without_engine_ray_are_refused(tiny_artifact):
 
     result = CliRunner().invoke(app, ["serve", str(tiny_artifact), "--replicas", "2"])
     assert result.exit_code == 2 and "go with --engine ray" in result.output, result.output
+
+
+def test_the_multiplexing_router_reads_a_model_from_any_body_without_failing():
+    """The ingress only peeks at ``model``: a hostile body (nested 10,000 deep, invalid UTF-8, not an object, a
+    number) is no model, so the app behind it answers in its dialect's words (a 400), never the router a 500."""
+    from toolkit.server.ray_multiplex import _model_of
+
+    deep = b"[" * 10_000 + b"]" * 10_000
+    assert _model_of(b'{"model": "tiny", "input": "x"}') == "tiny"
+    for body in (deep, b'{"model": "a", "input": ' + deep + b"}", b'{"model": "\xff\xfe"}', b"[1, 2]",
+                 b'{"model": 5}', b"", b"\x00\x01"):
+        assert _model_of(body) is None, body[:40]
