@@ -56,7 +56,7 @@ from toolkit.server.tei_api import (
     tei_embed_sparse,
     tei_similarity,
 )
-from toolkit.server.telemetry import Tracer, note_work
+from toolkit.server.telemetry import Tracer, configure_logging, note_work
 from toolkit.server.vllm_api import (
     DetokenizeRequest,
     ScoreRequest,
@@ -68,7 +68,7 @@ from toolkit.server.vllm_api import (
 )
 from toolkit.settings import RuntimeOptions, ServerOptions
 
-__all__ = ["create_app", "load_models", "open_model"]
+__all__ = ["check_ready", "create_app", "create_logged_app", "load_models", "open_model"]
 
 log = logging.getLogger("toolkit.server")
 async def embeddings_or_classify(request: Request, data: OpenAIEmbeddingRequest) -> Response:
@@ -243,7 +243,7 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
             raise ConfigError(f"two artifacts are served as '{model.name}': set --served-model-name")
         served.append(model)
     registry = ModelRegistry(served)
-    metrics.queue_depth = lambda: sum(s.engine.queue_depth for s in registry.models.values())
+    metrics.queue_depth = registry.queue_depth
     return registry
 
 
@@ -312,3 +312,20 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
     app.state.readiness = Readiness(registry)
     app.state.started = int(time.time())
     return app
+
+
+def create_logged_app(registry: ModelRegistry, options: ServerOptions, metrics: Metrics) -> Litestar:
+    """``create_app``, then the process's logging configured again: Litestar configures its own logger while
+    building the app, and every line must go through one handler (one process, or each Ray Serve replica)."""
+    app = create_app(registry, options, metrics)
+    configure_logging(options.log_level, options.json_output, spans=not options.disable_spans)
+    return app
+
+
+async def check_ready(app: Litestar) -> None:
+    """RuntimeError naming each model's problem unless ``/ready`` would answer 200 (Ray Serve's ``check_health``:
+    raising marks a replica unhealthy, and Ray Serve replaces it)."""
+    problems = await app.state.readiness.problems()
+    if problems:
+        raise RuntimeError("; ".join(f"{name}: {why}" for name, why in problems.items()))
+

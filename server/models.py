@@ -39,3 +39,7 @@ class ModelRegistry:
         if name not in self.models:
             raise NotReadyError(f"model '{name}' is not open on this replica (it was closed for another): retry")
         return self.models[name]
+
+    def queue_depth(self) -> int:
+        """Inputs waiting in the open models' batchers (the ``toolkit_queue_depth`` gauge)."""
+        return sum(s.engine.queue_depth for s in self.models.values())

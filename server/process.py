@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from toolkit.errors import ConfigError
-from toolkit.server.app import create_app, load_models
+from toolkit.server.app import create_logged_app, load_models
 from toolkit.server.metrics import Metrics
 from toolkit.server.telemetry import configure_logging
 from toolkit.settings import RuntimeOptions, ServerOptions
@@ -184,9 +184,7 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
     started = time.perf_counter()
     metrics = Metrics()
     registry = load_models(paths, names, runtime, metrics)
-    app = create_app(registry, options, metrics)
-    # Litestar configured its own logger while building the app: every line goes through one handler again
-    configure_logging(options.log_level, options.json_output, spans=not options.disable_spans)
+    app = create_logged_app(registry, options, metrics)
     scheme = "https" if options.ssl_certfile else "http"
     for name, served in registry.models.items():
         log.info("serving %s (%s, %s) on %s", name, served.embedder.path.name, served.embedder.device.value,

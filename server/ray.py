@@ -37,7 +37,7 @@ class ScaleOptions(msgspec.Struct, frozen=True, kw_only=True):
     """How many replicas, of what size. ``replicas`` fixes the count; ``min_replicas`` / ``max_replicas`` (with
     ``target_ongoing_requests`` per replica) autoscale instead, as Ray Serve's ``autoscaling_config``."""
 
-    replicas: int | None = 1
+    replicas: int | None = 1  # with min_replicas / max_replicas: only 1 (the default) or None, and unused
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_ongoing_requests: float = 32.0
@@ -94,25 +94,24 @@ class _Replica:
     Ray Serve's health check. Wrapped by ``serve.ingress()`` in ``build_app``."""
 
     def __init__(self, paths: list[str], names: list[str], server: ServerOptions, runtime: RuntimeOptions) -> None:
-        from toolkit.server.app import create_app, load_models
+        from toolkit.server.app import create_logged_app, load_models
         from toolkit.server.metrics import Metrics
         from toolkit.server.telemetry import configure_logging
 
         configure_logging(server.log_level, server.json_output, spans=not server.disable_spans)
         metrics = Metrics()
         registry = load_models([local_path(p) for p in paths], names, runtime, metrics)
-        self._app = create_app(registry, server, metrics)
-        configure_logging(server.log_level, server.json_output, spans=not server.disable_spans)
+        self._app = create_logged_app(registry, server, metrics)
 
     def __serve_build_asgi_app__(self):  # Ray Serve: the ASGI app of this replica, after __init__
         return self._app
 
     async def check_health(self) -> None:
         """Ray Serve's health check: the app's readiness probe (a dead inference worker, or a probe inference that
-        fails or stalls); raising marks the replica unhealthy and Ray Serve replaces it."""
-        problems = await self._app.state.readiness.problems()
-        if problems:
-            raise RuntimeError("; ".join(f"{name}: {why}" for name, why in problems.items()))
+        fails or stalls)."""
+        from toolkit.server.app import check_ready
+
+        await check_ready(self._app)
 
 
 def build_app(paths: list[str | Path], names: list[str], server: ServerOptions, runtime: RuntimeOptions,
@@ -209,8 +208,6 @@ def parse_args(args: dict[str, Any], *, check_files: bool = True) -> tuple:
         where, kind = _ARGS[key]
         if where in fields:
             fields[where][key] = _read(key, kind, str(raw))
-    if "min_replicas" in fields["scale"] or "max_replicas" in fields["scale"]:
-        fields["scale"].setdefault("replicas", None)
     missing = [p for p in paths if not is_uri(p) and not Path(p).is_file()]
     if check_files and missing:
         raise ConfigError(f"no such artifact file: {', '.join(missing)}")

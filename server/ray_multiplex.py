@@ -81,7 +81,7 @@ class _ModelsBase:
     opened on demand (``_models_class`` adds the ``@serve.multiplexed`` loader, sized at build time)."""
 
     def __init__(self, paths: dict[str, str], server: ServerOptions, runtime: RuntimeOptions) -> None:
-        from toolkit.server.app import create_app
+        from toolkit.server.app import create_logged_app
         from toolkit.server.metrics import Metrics
         from toolkit.server.models import ModelRegistry
         from toolkit.server.telemetry import configure_logging
@@ -90,9 +90,8 @@ class _ModelsBase:
         self._paths, self._runtime, self._grace = paths, runtime, float(server.shutdown_grace_s)
         self._metrics = Metrics()
         self.registry = ModelRegistry([], names=list(paths))
-        self._metrics.queue_depth = lambda: sum(s.engine.queue_depth for s in self.registry.models.values())
-        self._app = create_app(self.registry, server, self._metrics)
-        configure_logging(server.log_level, server.json_output, spans=not server.disable_spans)
+        self._metrics.queue_depth = self.registry.queue_depth
+        self._app = create_logged_app(self.registry, server, self._metrics)
         self._inside: dict[str, int] = {}  # requests inside the app per model
 
     async def open_model(self, name: str) -> _Open:
@@ -127,10 +126,10 @@ class _ModelsBase:
         finally:
             self._inside[name] -= 1
 
-    async def check_health(self) -> None:
-        problems = await self._app.state.readiness.problems()
-        if problems:
-            raise RuntimeError("; ".join(f"{name}: {why}" for name, why in problems.items()))
+    async def check_health(self) -> None:  # Ray Serve's health check: the app's readiness probe
+        from toolkit.server.app import check_ready
+
+        await check_ready(self._app)
 
     def __del__(self) -> None:
         for served in list(self.registry.models.values()):

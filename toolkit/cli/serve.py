@@ -117,8 +117,7 @@ def serve(
                                 ("--read-timeout", read_timeout != 10.0), ("--max-connections", max_connections != 1024)):
                 if given:
                     raise ConfigError(f"{flag} is not available with --engine ray: Ray Serve's proxy owns the listener")
-            autoscale = min_replicas is not None or max_replicas is not None
-            scale = ScaleOptions(replicas=replicas if replicas is not None else (None if autoscale else 1),
+            scale = ScaleOptions(replicas=1 if replicas is None else replicas,  # ignored when autoscaling
                                  min_replicas=min_replicas, max_replicas=max_replicas,
                                  target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                                  replica_gpus=replica_gpus, models_per_replica=models_per_replica)
