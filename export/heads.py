@@ -53,6 +53,7 @@ class Head(ABC):
     image_tower: bool = False  # an image tower is exported beside the text graph (export.towers)
     vision_language: bool = False  # a vision graph beside a language graph (export.vision_language)
     modalities: tuple[str, ...] = ("text",)  # what the artifact reads (the runtime opens an encoder for each)
+    encoder: str | None = None  # one encoder for every modality (the runtime's ENCODERS name); None: one each
     # what the manifest records (toolkit.manifest.HeadSpec): the runtime reads these, never the outputs' names
     label: str
     tasks: tuple[str, ...]  # entries of the runtime's task table (toolkit.runtime.tasks)
@@ -62,7 +63,8 @@ class Head(ABC):
     def spec(self) -> HeadSpec:
         """The manifest's description of this head."""
         return HeadSpec(name=self.name, label=self.label, tasks=list(self.tasks), token_output=self.token_output,
-                        token_offset=self.token_offset, pairs=self.pairs, modalities=list(self.modalities))
+                        token_offset=self.token_offset, pairs=self.pairs, modalities=list(self.modalities),
+                        encoders={modality: self.encoder or modality for modality in self.modalities})
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the graph calls as its encoder (the loaded model itself, unless a head says otherwise)."""
@@ -297,6 +299,7 @@ class VisionLanguageHead(DenseHead):
     st_reference = False
     vision_language = True
     modalities = ("text", "image", "multimodal")  # a text, an image, or both in one item
+    encoder = "vision_language"  # all through the same two graphs (videos too, where the family reads them)
 
     def dim(self, config: dict, dense_out: int | None) -> int:
         return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 0)

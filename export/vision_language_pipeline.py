@@ -54,8 +54,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         optimization: dict[str, float | int | str] = {}
         precision = Precision(options.precision)
         int8 = precision == Precision.INT8
-        draft = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, {}),
-                                        vision_language=spec, hidden_size=spec.hidden_size)
+        draft = vision_language_manifest(draft_manifest(resolved, options, language, tokenizer, pad_id, {}), spec)
         references = None
         if not options.skip_parity:
             with step("Computing transformers' embeddings of the probe items (the parity reference)"):
@@ -84,8 +83,8 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
                 language = convert_fp16(language, tmp / "graph-fp16.onnx")
                 vision = convert_fp16(vision, tmp / "image-fp16.onnx")
             release_memory()
-        manifest = msgspec.structs.replace(draft_manifest(resolved, options, language, tokenizer, pad_id, optimization),
-                                           vision_language=spec, hidden_size=spec.hidden_size)
+        manifest = vision_language_manifest(draft_manifest(resolved, options, language, tokenizer, pad_id,
+                                                           optimization), spec)
         candidate = write_graphs(language, vision, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
         report, warnings = manifest.parity, []
         if references is None:
@@ -103,3 +102,12 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         with step(f"Writing {out.name} and {image_tower_path(out).name}"):
             write_graphs(language, vision, out, manifest, resolved)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
+
+
+def vision_language_manifest(manifest, spec):
+    """``manifest`` with the vision-language facts: ``spec``, the language model's width, and the head's encoders
+    declaring videos too where the family reads them (Qwen3-VL)."""
+    head = manifest.head_spec
+    if spec.video is not None:
+        head = msgspec.structs.replace(head, encoders={**head.encoders, "video": "vision_language"})
+    return msgspec.structs.replace(manifest, vision_language=spec, hidden_size=spec.hidden_size, head=head)

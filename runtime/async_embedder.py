@@ -18,6 +18,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,10 +29,17 @@ from toolkit.runtime.embedder import Embedder
 from toolkit.runtime.encoders import declared_modality
 from toolkit.runtime.images import Pixels
 from toolkit.runtime.pooling import Inputs
-from toolkit.runtime.tasks import Prepared, task_for
+from toolkit.runtime.tasks import Prepared, require, task_for
 from toolkit.runtime.tokenization import Tokenized
 
-__all__ = ["AsyncEmbedder", "BatchStats", "Timings"]
+__all__ = ["BATCH_LANE", "AsyncEmbedder", "BatchStats", "Timings", "queue_lane"]
+
+# Added to the priority of every input queued from this context (set by a task, inherited by the tasks it starts):
+# the server's Batch API sets BATCH_LANE, above every request's priority, so its lines wait for online work; the
+# worker never mixes that lane's inputs with others in a take, and takes them in small batches (1/8 of the token
+# budget), so an online request waits for one small batch at most and is never padded to a batch line's length.
+BATCH_LANE = 10_000
+queue_lane: ContextVar[int] = ContextVar("toolkit_queue_lane", default=0)
 
 
 @dataclass
@@ -50,7 +58,7 @@ class BatchStats:
     seconds: float
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a batch's distinct jobs are dict.fromkeys of them
 class _Job:
     items: Sequence[Tokenized]
     output: str
@@ -123,6 +131,7 @@ class AsyncEmbedder:
         loop = asyncio.get_running_loop()
         job = _Job(items, output, modality, loop, loop.create_future(), time.perf_counter(),
                    results=[None] * len(items), remaining=len(items))
+        priority += queue_lane.get()
         with self._cond:
             if len(self._heap) + len(items) > self.max_queue:
                 raise OverloadedError(f"the queue is full ({len(self._heap)} inputs waiting); retry shortly")
@@ -149,13 +158,14 @@ class AsyncEmbedder:
         """
         entry = task_for(task)
         timings = timings if timings is not None else Timings()
-        self.embedder.require(entry.name)
-        with self.admit(entry.count(self.embedder, *inputs)):
+        ctx = self.embedder.context
+        require(ctx, entry.name)
+        with self.admit(entry.count(ctx, *inputs)):
             started = time.perf_counter()
             if entry.inline(*inputs):
-                prepared = entry.prepare(self.embedder, *inputs, **params)
+                prepared = entry.prepare(ctx, *inputs, **params)
             else:
-                prepared = await asyncio.to_thread(entry.prepare, self.embedder, *inputs, **params)
+                prepared = await asyncio.to_thread(entry.prepare, ctx, *inputs, **params)
             if max_tokens is not None and prepared.tokens > max_tokens:
                 raise RequestError(f"the request has {prepared.tokens} tokens; the limit is {max_tokens}",
                                    param=entry.param)
@@ -219,13 +229,19 @@ class AsyncEmbedder:
         options = self.embedder.options
         taken: list[tuple[int, _Job]] = []
         longest = 0
+        background = None  # whether this take is the Batch API's lane: lanes never share a take
         while self._heap and len(taken) < options.max_batch_size * 4:
-            _, _, index, job = self._heap[0]
+            priority, _, index, job = self._heap[0]
             if job.failed:
                 heapq.heappop(self._heap)
                 continue
             length = len(job.items[index])
-            if taken and (len(taken) + 1) * max(longest, length) > options.max_batch_tokens * 4:
+            if background is None:
+                background = priority >= BATCH_LANE
+            elif background != (priority >= BATCH_LANE):
+                break
+            budget = options.max_batch_tokens // 8 if background else options.max_batch_tokens * 4
+            if taken and (len(taken) + 1) * max(longest, length) > budget:
                 break
             heapq.heappop(self._heap)
             longest = max(longest, length)
@@ -262,17 +278,17 @@ class AsyncEmbedder:
                     (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality)
                 except ToolkitError as exc:
                     self.last_error = exc.message
-                    self._fail({id(job): job for _, job in chosen}.values(), exc)
+                    self._fail(dict.fromkeys(job for _, job in chosen), exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - never let the worker die
                     self.last_error = str(exc)
-                    self._fail({id(job): job for _, job in chosen}.values(), BackendError(f"inference failed: {exc}"))
+                    self._fail(dict.fromkeys(job for _, job in chosen), BackendError(f"inference failed: {exc}"))
                     continue
                 seconds = time.perf_counter() - started
                 self.last_error = None
                 if self._on_batch is not None:
                     self._on_batch(BatchStats(len(chosen), len(chosen) * max(lengths[b] for b in batch), seconds))
-                for job in {id(job): job for _, job in chosen}.values():
+                for job in dict.fromkeys(job for _, job in chosen):
                     job.inference += seconds
                 for row, (index, job) in enumerate(chosen):
                     if job.failed:

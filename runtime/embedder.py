@@ -8,20 +8,20 @@ from collections.abc import Callable, Sequence
 import msgspec
 import numpy as np
 
-from toolkit.cards import PaddingSide
 from toolkit.errors import ConfigError, RequestError
-from toolkit.manifest import HeadSpec, ImagePreprocess
+from toolkit.manifest import ImagePreprocess
 from toolkit.runtime.artifact import open_artifact
 from toolkit.runtime.batching import plan_batches
+from toolkit.runtime.context import ModelContext
 from toolkit.runtime.encoders import open_encoders
 from toolkit.runtime.images import Pixels, as_image_list
 from toolkit.runtime.outputs import OutputPlan, finish, matryoshka_card, plan_output
-from toolkit.runtime.pooling import Inputs, as_input_list
-from toolkit.runtime.tasks import TASKS, Prepared, embed_items, sparse_items, task_for
+from toolkit.runtime.pooling import Inputs
+from toolkit.runtime.tasks import Prepared, embed_items, labelled, require, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
 from toolkit.settings import Device, RuntimeOptions, parse_device
 
-__all__ = ["Embedder", "Inputs"]
+__all__ = ["Embedder", "Inputs", "open_context"]
 
 
 class Embedder:
@@ -44,16 +44,7 @@ class Embedder:
         base = options or RuntimeOptions()
         if device is not None:
             overrides["device"] = parse_device(device)
-        self.options = msgspec.structs.replace(base, **overrides)
-        loaded = open_artifact(artifact, self.options)
-        self.path = loaded.path
-        self.session = loaded.session
-        self.manifest = manifest = loaded.manifest
-        self.model_card = loaded.model_card
-        self.card = matryoshka_card(manifest.card, self.options, manifest.embedding_dim)  # + the options' switch
-        self.tokenizer = Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len)
-        self.padding = PaddingSide(self.card.padding_side)
-        self.encoders = open_encoders(self, loaded.path)  # one per modality the manifest lists
+        self.context = open_context(artifact, msgspec.structs.replace(base, **overrides))
         self._check_defaults()
 
     def __repr__(self) -> str:
@@ -69,94 +60,48 @@ class Embedder:
             raise ConfigError(f"default prompt name '{name}' is not one of this model's prompts: "
                               f"{', '.join(self.card.prompts) or '(it has none)'}")
 
+    # ---------------------------------------------------------------- the context's facts
+    options = property(lambda self: self.context.options, doc="The runtime options it was opened with.")
+    path = property(lambda self: self.context.path, doc="The artifact file.")
+    session = property(lambda self: self.context.session, doc="The text graph's onnxruntime session.")
+    manifest = property(lambda self: self.context.manifest, doc="The artifact's manifest.")
+    model_card = property(lambda self: self.context.model_card, doc="The model card (README) the export wrote.")
+    card = property(lambda self: self.context.card,
+                    doc="The model's card, with the options' Matryoshka switch applied.")
+    tokenizer = property(lambda self: self.context.tokenizer, doc="The artifact's tokenizer.")
+    encoders = property(lambda self: self.context.encoders, doc="The encoder of each modality it reads.")
+    padding = property(lambda self: self.context.padding, doc="The side the card pads on.")
+    head = property(lambda self: self.context.head, doc="What this artifact is and the tasks it answers.")
+    kind = property(lambda self: self.context.kind, doc="What this artifact is, in words.")
+    tasks = property(lambda self: self.context.tasks, doc="The task table's entries this artifact answers.")
+    modalities = property(lambda self: self.context.modalities, doc="The modalities it reads (one encoder each).")
+    device = property(lambda self: self.context.device, doc="The device its session runs on.")
+    dimensions = property(lambda self: self.context.dimensions, doc="Its embedding size.")
+    cross_encoder = property(lambda self: self.context.cross_encoder,
+                             doc="A reranker: it scores (query, document) pairs instead of embedding texts.")
+    labels = property(lambda self: self.context.labels, doc="The label of each classify column.")
+    token_output = property(lambda self: self.context.token_output, doc="The graph output token_embed reads.")
+
     def encoder(self, modality: str):
         """This artifact's encoder for ``modality``; RequestError naming the ones it has."""
-        if modality not in self.encoders:
-            raise RequestError(f"this {self.kind} artifact reads {', '.join(self.encoders)} only; it has no "
-                               f"{modality} encoder" + (" (no image tower)" if modality == "image" else ""),
-                               param="input")
-        return self.encoders[modality]
+        return self.context.encoder(modality)
 
     @property
     def image_spec(self) -> ImagePreprocess:
         """How images are preprocessed for the image tower (RequestError when this artifact has none)."""
         return self.encoder("image").spec
 
-    @property
-    def head(self) -> HeadSpec:
-        """What this artifact is and the tasks it answers, as its manifest records them."""
-        return self.manifest.head_spec
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        """The modalities this artifact reads: its encoders (one per modality its manifest lists)."""
-        return tuple(self.encoders)
-
-    @property
-    def kind(self) -> str:
-        return self.head.label
-
-    # ---------------------------------------------------------------- inputs
-    @property
-    def device(self) -> Device:
-        return self.session.device
-
-    @property
-    def dimensions(self) -> int:
-        return self.manifest.embedding_dim
-
     def prompt_text(self, prompt_name: str | None, prompt: str | None) -> str:
-        """The prompt a text gets: the call's ``prompt`` or ``prompt_name``, else the options' default prompt
-        (``default_prompt`` / ``default_prompt_name``), else the card's default prompt name, else none."""
-        if prompt is not None and prompt_name is not None:
-            raise RequestError("give prompt or prompt_name, not both", param="prompt_name")
-        if prompt is not None:
-            return prompt
-        if prompt_name is None and self.options.default_prompt is not None:
-            return self.options.default_prompt
-        name = prompt_name if prompt_name is not None else (self.options.default_prompt_name
-                                                            or self.card.default_prompt_name)
-        if name is None:
-            return ""
-        if name not in self.card.prompts:
-            valid = ", ".join(self.card.prompts) or "(this model has no prompts)"
-            raise RequestError(f"prompt_name '{name}' is not one of: {valid}", param="prompt_name")
-        return self.card.prompts[name]
+        """The prompt a text gets (``ModelContext.prompt_text``)."""
+        return self.context.prompt_text(prompt_name, prompt)
 
-    def tokenize_inputs(
-        self,
-        inputs: Inputs,
-        *,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        truncate_prompt_tokens: int | None = None,
-        truncation_side: str = "right",
-        add_special_tokens: bool = True,
-    ) -> list[Tokenized]:
-        """Inputs in any accepted form -> validated token sequences."""
-        truncate_prompt_tokens = self.truncation(truncate_prompt_tokens)
-        if truncation_side not in ("right", "left"):
-            raise RequestError(f"truncation_side '{truncation_side}' is not one of: right, left", param="truncation_side")
-        items = as_input_list(inputs)
-        if isinstance(items[0], str):
-            if any(not t for t in items):
-                raise RequestError("input strings must not be empty", param="input")
-            prefix = self.prompt_text(prompt_name, prompt)
-            texts = [prefix + t for t in items] if prefix else items
-            return self.tokenizer.encode(texts, add_special_tokens=add_special_tokens, truncate=truncate_prompt_tokens,
-                                         side=truncation_side, max_embed_len=self.options.max_embed_len)
-        nested = not isinstance(inputs, str) and len(inputs) > 0 and isinstance(inputs[0], (list, tuple))
-        return [self.tokenizer.from_ids(ids, truncate=truncate_prompt_tokens, side=truncation_side,
-                                        index=i if nested else None) for i, ids in enumerate(items)]
+    def tokenize_inputs(self, inputs: Inputs, **kwargs) -> list[Tokenized]:
+        """Inputs in any accepted form -> validated token sequences (``ModelContext.tokenize_inputs``)."""
+        return self.context.tokenize_inputs(inputs, **kwargs)
 
     def truncation(self, truncate_prompt_tokens: int | bool | None) -> int | None:
-        """A call's truncation as the tokenizer takes it: None (not given) is -1, cut to the window, under
-        ``auto_truncate`` and None (too long is an error) otherwise; False (the call refuses truncation) is None."""
-        if truncate_prompt_tokens is False:
-            return None
-        if truncate_prompt_tokens is None and self.options.auto_truncate:
-            return -1
-        return truncate_prompt_tokens
+        """A call's truncation as the tokenizer takes it (``ModelContext.truncation``)."""
+        return self.context.truncation(truncate_prompt_tokens)
 
     # ---------------------------------------------------------------- engine
     def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str],
@@ -181,31 +126,18 @@ class Embedder:
 
     # ---------------------------------------------------------------- outputs
     @property
-    def cross_encoder(self) -> bool:
-        """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
-        return self.head.pairs
-
-    @property
     def text_classifier(self) -> bool:
         """It labels inputs and scores no pairs (a model with several labels; a one-label cross-encoder scores)."""
         return "classify" in self.tasks and "score" not in self.tasks
 
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        """The task table's entries this artifact answers (its manifest's head says which)."""
-        return tuple(self.head.tasks)
-
     def require(self, task: str) -> None:
         """RequestError naming what this artifact answers when it does not answer ``task`` (a task of the table
         that builds on another, as rerank on score, applies where that one does)."""
-        entry = TASKS.get(task)
-        if not (entry.applies(self) if entry is not None else task in self.tasks):
-            raise RequestError(f"this {self.kind} artifact does not answer '{task}'; it answers: "
-                               f"{', '.join(self.tasks)}", param="model")
+        require(self.context, task)
 
     def plan_output(self, dimensions: int | None, normalize: bool | None, *, modality: str = "text") -> OutputPlan:
         """The graph output (of ``modality``'s encoder) for (dimensions, normalize): ``toolkit.runtime.outputs``."""
-        return plan_output(self, dimensions, normalize, modality)
+        return plan_output(self.context, dimensions, normalize, modality)
 
     def quantize(self, vectors: np.ndarray, kind: str) -> np.ndarray:
         """Cohere's int8 / uint8 / binary / ubinary of unit ``vectors``, over the range calibrated at export."""
@@ -218,8 +150,8 @@ class Embedder:
         """Run the task table's ``task`` (``toolkit.runtime.tasks``) on ``inputs`` in this thread: its checks and
         preparation, its runs one after the other, its reduction. RequestError names unknown tasks."""
         entry = task_for(task)
-        self.require(entry.name)
-        return self.complete(entry.prepare(self, *inputs, **params))
+        require(self.context, entry.name)
+        return self.complete(entry.prepare(self.context, *inputs, **params))
 
     def complete(self, prepared: Prepared, on_batch: Callable[[int], None] | None = None):
         """A prepared task's result, its runs through ``run`` (``on_batch`` told each batch) in this thread."""
@@ -231,7 +163,7 @@ class Embedder:
 
     def embed_tokenized(self, items: list[Tokenized], plan: OutputPlan, on_batch=None) -> np.ndarray:
         """Sentence embeddings of already tokenized inputs, by ``plan``, in input order."""
-        return self.complete(embed_items(self, items, plan), on_batch)
+        return self.complete(embed_items(self.context, items, plan), on_batch)
 
     def load_images(self, images) -> list[Pixels]:
         """Images (PIL images, bytes, paths, data URIs) -> preprocessed pixels, decoded in parallel on a bounded
@@ -246,7 +178,7 @@ class Embedder:
         table's ``embed_images`` decodes all first: the batcher needs every input before it can plan).
         """
         images_in = self.encoder("image")
-        if hasattr(images_in, "model_inputs"):  # a vision-language encoder: its own prompts around each image
+        if images_in.builds_inputs:  # a vision-language encoder: its own prompts around each image
             return self.perform("embed_images", images, dimensions=dimensions, normalize=normalize)
         plan = self.plan_output(dimensions, normalize, modality="image")
         sources = as_image_list(images)
@@ -271,20 +203,13 @@ class Embedder:
             raise RequestError(f"pooling_task '{pooling_task}' is not one of: embed, token_embed", param="pooling_task")
         return self.perform(pooling_task, inputs, **kwargs)
 
-    @property
-    def token_output(self) -> str:
-        """The graph output ``token_embed`` reads (the encoder's token states; BGE-M3's ColBERT vectors)."""
-        self.require("token_embed")
-        return self.head.token_output or "token_embeddings"
-
     def token_states(self, states: np.ndarray, length: int) -> np.ndarray:
-        """One input's per-token vectors out of its padded row, less the leading positions the head drops
-        (BGE-M3's ColBERT: the CLS token, as FlagEmbedding returns them)."""
-        return self.unpad(states, length)[self.head.token_offset:]
+        """One input's per-token vectors out of its padded row (``ModelContext.token_states``)."""
+        return self.context.token_states(states, length)
 
     def unpad(self, states: np.ndarray, length: int) -> np.ndarray:
-        # (seq, hidden) padded to its batch -> (length, hidden)
-        return states[:length] if self.padding == PaddingSide.RIGHT else states[states.shape[0] - length:]
+        """(seq, hidden) padded to its batch -> (length, hidden)."""
+        return self.context.unpad(states, length)
 
     def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *, use_activation: bool | None = None,
               truncate_prompt_tokens: int | None = None, **kwargs) -> np.ndarray:
@@ -311,16 +236,7 @@ class Embedder:
         """Labels and their probabilities per input, best first: ``[{"label", "score"}, ...]`` (every label, or the
         first ``top_k``), as TEI's /predict and transformers' text-classification pipeline give them; raw logits
         with ``raw_scores``."""
-        from toolkit.runtime.tasks import labelled
-
-        return labelled(self, self.classify(inputs, use_activation=not raw_scores, **tokenize), top_k)
-
-    @property
-    def labels(self) -> list[str]:
-        """The label of each classify column (the config's id2label; ``LABEL_i`` for artifacts that predate it)."""
-        if self.card.labels:
-            return list(self.card.labels)
-        return [f"LABEL_{i}" for i in range(self.manifest.embedding_dim)] if "classify" in self.tasks else []
+        return labelled(self.context, self.classify(inputs, use_activation=not raw_scores, **tokenize), top_k)
 
     def embed_sparse(self, inputs: Inputs, **tokenize) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE: (token indices int64, weights float32) of the non-zero entries per input."""
@@ -336,12 +252,10 @@ class Embedder:
 
         Embed the result with ``add_special_tokens=False``: the template writes the special tokens itself.
         """
-        from toolkit.runtime.chat import render_chat
-
-        return render_chat(chat_template or self.manifest.chat_template, messages,
-                           special_tokens=self.manifest.special_tokens, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
-                           model=self.card.name)
+        return self.context.render_chat(messages, chat_template=chat_template,
+                                        add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message,
+                                        chat_template_kwargs=chat_template_kwargs)
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True, **kwargs) -> list[int]:
         return self.tokenize_inputs([text], add_special_tokens=add_special_tokens, **kwargs)[0].ids
@@ -352,3 +266,16 @@ class Embedder:
 
     def count_tokens(self, inputs: Inputs, **kwargs) -> int:
         return sum(len(t) for t in self.tokenize_inputs(inputs, truncate_prompt_tokens=-1, **kwargs))
+
+
+def open_context(artifact: str | os.PathLike, options: RuntimeOptions) -> ModelContext:
+    """Open ``artifact`` (``open_artifact``: its file, session, manifest) into a ``ModelContext``: the card with
+    the options' Matryoshka switch, the tokenizer, and the encoders its manifest declares."""
+    loaded = open_artifact(artifact, options)
+    manifest = loaded.manifest
+    ctx = ModelContext(path=loaded.path, options=options, manifest=manifest,
+                       card=matryoshka_card(manifest.card, options, manifest.embedding_dim),
+                       tokenizer=Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len),
+                       session=loaded.session, model_card=loaded.model_card)
+    ctx.encoders.update(open_encoders(ctx, loaded.path))  # one per modality the manifest declares
+    return ctx

@@ -1,7 +1,7 @@
 """Input encoders, one per modality: how a modality's inputs become model inputs, and the graph that runs them.
 
-The manifest's head lists the artifact's modalities (``HeadSpec.modalities``); ``Embedder`` opens
-``ENCODERS[modality]`` for each, and every ``Run`` of the task table names the modality its items belong to.
+The manifest declares the encoder of each modality (``Manifest.encoders``); opening an artifact opens
+``ENCODERS[name]`` for each name it declares, and every ``Run`` of the task table names the modality its items belong to.
 A new modality is a new encoder here (plus its preprocessing module, as ``runtime/images.py``, and its export
 tower): the engines, the batcher and the task table do not change.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from toolkit.errors import ConfigError
 from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
+from toolkit.runtime.context import Encoder, ModelContext
 from toolkit.runtime.images import (
     Pixels,
     as_image_list,
@@ -27,47 +27,33 @@ from toolkit.runtime.images import (
 )
 from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tokenization import pad_batch
+from toolkit.runtime.vision_language import VisionLanguageEncoder
 
-if TYPE_CHECKING:
-    from toolkit.runtime.embedder import Embedder
-
-__all__ = ["ENCODERS", "Encoder", "ImageEncoder", "TextEncoder", "by_modality", "declared_modality", "modality_of", "open_encoders"]
+__all__ = ["ENCODERS", "Encoder", "ImageEncoder", "TextEncoder", "by_modality", "declared_modality", "modality_of",
+           "open_encoders"]
 
 _DECODE_THREADS = 4  # images decoded at once per Embedder (Pillow releases the GIL while decoding and resizing)
 
 
-class Encoder(Protocol):
-    """What the engines ask of a modality: run a batch of its model inputs through its graph."""
-
-    modality: str
-
-    @staticmethod
-    def accepts(item) -> bool:
-        """Whether ``item`` is an input of this modality (text, the fallback, takes whatever no other claims)."""
-
-    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
-        """(batch, ...) arrays in ``outputs`` order for one batch of this modality's model inputs."""
-
-
 class TextEncoder:
-    """Texts and token ids: tokenized by the artifact's tokenizer (``Embedder.tokenize_inputs``), padded per batch
+    """Texts and token ids: tokenized by the artifact's tokenizer (``ModelContext.tokenize_inputs``), padded per batch
     on the card's side, through the text graph."""
 
     modality = "text"
+    builds_inputs = False  # the task table tokenizes (``ModelContext.tokenize_inputs``)
 
     @staticmethod
     def accepts(item) -> bool:
         return modality_of(item) == "text"
 
-    def __init__(self, emb: Embedder, path: Path) -> None:
-        self.emb = emb
-        self._type_ids = "token_type_ids" in emb.session.input_names
+    def __init__(self, ctx: ModelContext, path: Path) -> None:
+        self.session = ctx.session
+        self._feeds = {"pad_id": ctx.manifest.pad_token_id, "side": ctx.padding,
+                       "type_ids": "token_type_ids" in ctx.session.input_names,
+                       "length": ctx.manifest.max_seq_len if ctx.card.pad_to_max_length else None}
 
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
-        emb = self.emb
-        feeds = pad_batch(items, pad_id=emb.manifest.pad_token_id, side=emb.padding, type_ids=self._type_ids,
-                          length=emb.manifest.max_seq_len if emb.card.pad_to_max_length else None)
-        return emb.session.run(outputs, feeds)
+        return self.session.run(outputs, pad_batch(items, **self._feeds))
 
 
 class ImageEncoder:
@@ -75,20 +61,21 @@ class ImageEncoder:
     (Pillow + numpy), on a bounded pool of threads, through the image tower beside the artifact."""
 
     modality = "image"
+    builds_inputs = False  # the task table decodes (``load``)
     accepts = staticmethod(is_image_input)  # PIL images, bytes, paths, data:image URIs, ImageRef
 
-    def __init__(self, emb: Embedder, path: Path) -> None:
+    def __init__(self, ctx: ModelContext, path: Path) -> None:
         require_pillow()
-        tower = emb.manifest.image
+        tower = ctx.manifest.image
         if tower is None:
             raise ConfigError(f"{path}: its manifest lists an image modality but no image tower")
         image_path = image_tower_path(path)
         if not image_path.is_file():
             raise ConfigError(f"{path}: its image tower {image_path.name} is not beside it (an export writes both "
                               "files; keep them together)")
-        self.session = OrtSession(image_path, emb.options)
+        self.session = OrtSession(image_path, ctx.options)
         own = decode_manifest(self.session.metadata.get(MANIFEST_KEY, "{}"), source=str(image_path))
-        if own.tower != "image" or own.card != emb.card:
+        if own.tower != "image" or own.card != ctx.manifest.card:
             raise ConfigError(f"{image_path}: not the image tower of {path.name} (its manifest differs)")
         self.tower, self.spec = tower, tower.preprocess
         self.outputs = tower.outputs  # (final, raw): normalized as the card says, and the projection only
@@ -118,17 +105,19 @@ class ImageEncoder:
         return self.session.run(outputs, {self.tower.input: pixels})
 
 
-ENCODERS: dict[str, type] = {"text": TextEncoder, "image": ImageEncoder}
+# encoder name (the manifest's ``encoders`` values) -> class; a single-modality encoder is named after its modality
+ENCODERS: dict[str, type] = {"text": TextEncoder, "image": ImageEncoder, "vision_language": VisionLanguageEncoder}
 
 
 def modality_of(item) -> str:
-    """The modality whose encoder reads ``item``: the first non-text encoder that accepts it, else text."""
-    return next((name for name, enc in ENCODERS.items() if name != "text" and enc.accepts(item)), "text")
+    """The modality of ``item``: that of the first non-text encoder that accepts it (an image, a ``Multimodal``
+    item), else text."""
+    return next((enc.modality for name, enc in ENCODERS.items() if name != "text" and enc.accepts(item)), "text")
 
 
 def declared_modality(item) -> str:
-    """The modality an input declares (an ``ImageRef`` says "image"); anything else is text, whatever it says
-    (a server's text that looks like a data URI stays text)."""
+    """The modality an input declares (its type's ``modality``: an ``ImageRef`` says "image"); anything else is
+    text, whatever it says (a server's text that looks like a data URI stays text)."""
     return getattr(type(item), "modality", "text")
 
 
@@ -140,18 +129,16 @@ def by_modality(items: Sequence, modality=modality_of) -> dict[str, list[int]]:
     return groups
 
 
-def open_encoders(emb: Embedder, path: Path) -> dict[str, Encoder]:
-    """The artifact's encoders, one per modality its manifest lists; ConfigError for one this toolkit lacks. A
-    vision-language artifact has one encoder for all its modalities (texts, images and items with both go
-    through the same two graphs)."""
-    if emb.manifest.vision_language is not None:
-        from toolkit.runtime.vision_language import VisionLanguageEncoder
-
-        shared = VisionLanguageEncoder(emb, path)
-        video = ("video",) if emb.manifest.vision_language.video is not None else ()  # Qwen3-VL
-        return {modality: shared for modality in (*emb.head.modalities, *video)}
-    unknown = [m for m in emb.head.modalities if m not in ENCODERS]
+def open_encoders(ctx: ModelContext, path: Path) -> dict[str, Encoder]:
+    """The artifact's encoders, one per modality its manifest lists, as its manifest declares them (one encoder
+    object for the modalities that share one: a vision-language artifact's texts, images, items with both and
+    videos go through the same two graphs); ConfigError for one this toolkit lacks."""
+    declared = ctx.manifest.encoders
+    unknown = sorted({name for name in declared.values() if name not in ENCODERS})
     if unknown:
-        raise ConfigError(f"{path}: modality {', '.join(unknown)} is not one this toolkit reads "
+        raise ConfigError(f"{path}: encoder {', '.join(unknown)} is not one this toolkit has "
                           f"({', '.join(ENCODERS)}); upgrade onnx-embed-toolkit")
-    return {modality: ENCODERS[modality](emb, path) for modality in emb.head.modalities}
+    opened: dict[str, Encoder] = {}
+    for name in dict.fromkeys(declared.values()):
+        opened[name] = ENCODERS[name](ctx, path)
+    return {modality: opened[name] for modality, name in declared.items()}

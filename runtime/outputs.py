@@ -13,7 +13,7 @@ from toolkit.errors import ConfigError, UnsupportedDimensionError
 
 if TYPE_CHECKING:
     from toolkit.cards import ModelCard
-    from toolkit.runtime.embedder import Embedder
+    from toolkit.runtime.context import ModelContext
     from toolkit.settings import RuntimeOptions
 
 __all__ = ["OutputPlan", "chunk_plan", "finish", "l2", "matryoshka_card", "plan_output"]
@@ -26,6 +26,7 @@ class OutputPlan:
     output: str
     dims: int | None = None  # slice to this many dims (Matryoshka "any")
     normalize: bool = False  # L2-normalize after slicing
+    head_dims: int | None = None  # the Matryoshka size of a fused head (``sentence_embedding_<d>``) it reads
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -61,19 +62,19 @@ def matryoshka_card(card: ModelCard, options: RuntimeOptions, native: int) -> Mo
     return msgspec.structs.replace(card, matryoshka_dims=sorted(set(dims)), matryoshka_any=False)
 
 
-def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, modality: str = "text",
+def plan_output(ctx: ModelContext, dimensions: int | None, normalize: bool | None, modality: str = "text",
                 any_size: bool = False) -> OutputPlan:
     """Map (dimensions, normalize) to a graph output of ``modality``'s encoder; UnsupportedDimensionError lists
     the valid sizes. A tower beside the text graph (``encoder.outputs``: final, raw) has one size.
 
     ``any_size`` (TEI's ``/embed``): any size up to the model's is the raw output cut to it, normalized again
     when ``normalize`` says so, whether or not the model declares Matryoshka sizes."""
-    emb.require("embed")
-    card = emb.card
+    ctx.answers("embed")
+    card = ctx.card
     norm = card.normalize if normalize is None else normalize
-    native = emb.dimensions
+    native = ctx.dimensions
     if modality != "text":
-        final, raw = emb.encoder(modality).outputs  # normalized as the card says; the projection only
+        final, raw = ctx.encoder(modality).outputs  # normalized as the card says; the projection only
         if dimensions is not None and dimensions != native:
             raise UnsupportedDimensionError(f"dimensions {dimensions} is not supported by this model; "
                                             f"allowed: {native}")
@@ -93,8 +94,8 @@ def plan_output(emb: Embedder, dimensions: int | None, normalize: bool | None, m
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
     if dimensions in card.matryoshka_dims:
         head = f"sentence_embedding_{dimensions}"  # fused at export; a size switched on at serve time has none
-        if norm == card.normalize and head in emb.manifest.outputs:
-            return OutputPlan(head)
+        if norm == card.normalize and head in ctx.manifest.outputs:
+            return OutputPlan(head, head_dims=dimensions)
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
     if card.matryoshka_any and 1 <= dimensions < native:
         return OutputPlan("sentence_embedding_raw", dims=dimensions, normalize=norm)
@@ -108,5 +109,4 @@ def chunk_plan(card: ModelCard, plan: OutputPlan) -> OutputPlan:
     count (vLLM's chunked processing), then sliced and normalized as ``plan`` would."""
     if plan.output == "sentence_embedding_raw":
         return plan
-    dims = int(plan.output.rsplit("_", 1)[1]) if plan.output.startswith("sentence_embedding_") else None
-    return OutputPlan("sentence_embedding_raw", dims=dims, normalize=card.normalize)
+    return OutputPlan("sentence_embedding_raw", dims=plan.head_dims, normalize=card.normalize)

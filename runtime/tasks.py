@@ -8,7 +8,7 @@ A task (vLLM's pooling tasks: ``embed``, ``token_embed``, ``embed_sparse``, ``cl
   more ``Run`` s of ``(items, graph output)``, and how many tokens they count;
 - ``reduce``: how the session's rows (one list per run, in input order) become the result.
 
-``Embedder.perform`` runs a task's runs one after the other with ``Embedder.run``; ``AsyncEmbedder.perform``
+``Embedder.perform`` runs a task's runs one after the other with ``Embedder.run``; ``AsyncModelContext.perform``
 admits, prepares off the event loop when big, queues every run on the shared batcher and reduces. Both
 call the same ``check``, ``prepare`` and ``reduce``, in that order, so the engines cannot drift.
 
@@ -42,9 +42,9 @@ from toolkit.runtime.pooling import (
 from toolkit.runtime.tokenization import INLINE_CHARS
 
 if TYPE_CHECKING:
-    from toolkit.runtime.embedder import Embedder
+    from toolkit.runtime.context import ModelContext
 
-__all__ = ["TASKS", "Prepared", "Run", "Task", "is_pair", "labelled", "register", "task_for"]
+__all__ = ["TASKS", "Prepared", "Run", "Task", "is_pair", "labelled", "register", "require", "task_for"]
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,19 @@ class Task:
     name: str
     prepare: Callable[..., Prepared]  # (embedder, inputs, **params) -> Prepared; checks what it needs first
     # (embedder, *inputs) -> how many inputs are admitted against the queue bound, before any work
-    count: Callable[..., int] = lambda emb, inputs: count_inputs(inputs)
+    count: Callable[..., int] = lambda ctx, inputs: count_inputs(inputs)
     inline: Callable[..., bool] = lambda *inputs: False  # (*inputs) -> prepare on the event loop (cheap) or in a thread
     param: str = "input"  # the request field an error about the inputs (too many tokens) points at
     base: str | None = None  # the manifest task it builds on (rerank on score): it applies where that one does
     # per-input rows of its result, for the routes and apps that present any task (/pooling, toolkit embed);
     # None: its result is not one row per input (scores of pairs, rankings)
-    rows: Callable[[Embedder, Any], list[np.ndarray]] | None = None
+    rows: Callable[[ModelContext, Any], list[np.ndarray]] | None = None
     modality: str = "text"  # what its inputs are: "text" (or token ids), "image", "mixed" (routes offer text tasks)
     description: str = ""
 
-    def applies(self, emb: Embedder) -> bool:
+    def applies(self, ctx: ModelContext) -> bool:
         """Whether the artifact answers it: its manifest lists this task, or the one it builds on."""
-        return (self.base or self.name) in emb.tasks
+        return (self.base or self.name) in ctx.tasks
 
 
 TASKS: dict[str, Task] = {}
@@ -107,6 +107,18 @@ def task_for(name: str) -> Task:
         raise RequestError(f"task '{name}' is not one of: {', '.join(TASKS)}", param="task") from None
 
 
+def require(ctx: ModelContext, task: str) -> Task | None:
+    """The table's entry ``task`` (None for a manifest task outside the table) once the artifact is known to answer
+    it; RequestError naming what it answers otherwise (a task that builds on another, as rerank on score, applies
+    where that one does)."""
+    entry = TASKS.get(task)
+    if entry is None:
+        ctx.answers(task)
+    elif not entry.applies(ctx):
+        ctx.answers(entry.name)
+    return entry
+
+
 _INLINE_INPUTS = 8
 
 
@@ -122,61 +134,59 @@ def _tokens(items) -> int:
 
 
 # ---------------------------------------------------------------- embed (text)
-def prepare_embed(emb: Embedder, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
+def prepare_embed(ctx: ModelContext, inputs, *, dimensions: int | None = None, normalize: bool | None = None,
                   any_size: bool = False, **tokenize) -> Prepared:
-    own = own_inputs(emb, "text", inputs, dimensions=dimensions, normalize=normalize, any_size=any_size, **tokenize)
+    own = own_inputs(ctx, "text", inputs, dimensions=dimensions, normalize=normalize, any_size=any_size, **tokenize)
     if own is not None:
         return own
-    plan = plan_output(emb, dimensions, normalize, any_size=any_size)
-    return embed_items(emb, emb.tokenize_inputs(inputs, **tokenize), plan)
+    plan = plan_output(ctx, dimensions, normalize, any_size=any_size)
+    return embed_items(ctx, ctx.tokenize_inputs(inputs, **tokenize), plan)
 
 
-def own_inputs(emb: Embedder, modality: str, inputs, **params) -> Prepared | None:
+def own_inputs(ctx: ModelContext, modality: str, inputs, **params) -> Prepared | None:
     """The embedding of ``inputs`` where ``modality``'s encoder builds its own model inputs from raw items (a
     vision-language encoder renders prompts around texts and images itself); None where it does not."""
-    encoder = emb.encoders.get(modality)
-    build = getattr(encoder, "model_inputs", None)
-    if build is None:
+    encoder = ctx.encoders.get(modality)
+    if encoder is None or not encoder.builds_inputs:
         return None
-    items, plan = build(inputs, **params)
+    items, plan = encoder.model_inputs(inputs, **params)
     return Prepared([Run(items, plan.output, encoder.modality)], lambda rows: finish(np.stack(rows[0]), plan),
-                    tokens=_tokens(items), images=[image for item in items for image in getattr(item, "images", ())])
+                    tokens=_tokens(items), images=[image for item in items for image in item.images])
 
 
-def embed_items(emb: Embedder, items: list, plan) -> Prepared:
+def embed_items(ctx: ModelContext, items: list, plan) -> Prepared:
     """Sentence vectors of tokenized ``items`` by ``plan`` (an ``OutputPlan``)."""
     flat, spans = expand_chunks(items)
     if spans is not None:  # chunked mode: the raw output averaged over chunks, then sliced and normalized
-        plan = chunk_plan(emb.card, plan)
+        plan = chunk_plan(ctx.card, plan)
     return Prepared([Run(flat, plan.output)], lambda rows: finish(np.stack(pool_chunks(rows[0], flat, spans)), plan),
                     tokens=_tokens(items))
 
 
 # ---------------------------------------------------------------- embed_images (two-tower artifacts)
-def prepare_images(emb: Embedder, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
-    own = own_inputs(emb, "image", as_image_list(images), dimensions=dimensions, normalize=normalize)
+def prepare_images(ctx: ModelContext, images, *, dimensions: int | None = None, normalize: bool | None = None) -> Prepared:
+    own = own_inputs(ctx, "image", as_image_list(images), dimensions=dimensions, normalize=normalize)
     if own is not None:
         return own
-    plan = emb.plan_output(dimensions, normalize, modality="image")
-    pixels = emb.load_images(images)
+    plan = plan_output(ctx, dimensions, normalize, modality="image")
+    pixels = ctx.encoder("image").load(images)
     return Prepared([Run(pixels, plan.output, "image")], lambda rows: finish(np.stack(rows[0]), plan),
                     tokens=_tokens(pixels), images=pixels)
 
 
-def prepare_mixed(emb: Embedder, inputs: list, *, modality=modality_of, dimensions: int | None = None,
+def prepare_mixed(ctx: ModelContext, inputs: list, *, modality=modality_of, dimensions: int | None = None,
                   normalize: bool | None = None, **tokenize) -> Prepared:
     """Inputs of several modalities in one list (two-tower artifacts): each group through its modality's embedding
     task (``embed_task``), rows back in input order; an image counts the positions its tower reads as tokens.
     ``modality`` tells an input's modality (default: whichever encoder accepts it, ``modality_of``)."""
     groups = by_modality(inputs, modality)
-    shared = {id(emb.encoders.get(name)) for name in groups}
-    if len(shared) == 1:  # one encoder reads every modality here: one run where it builds its own (vision-language)
-        own = own_inputs(emb, next(iter(groups)), inputs, dimensions=dimensions, normalize=normalize, **tokenize)
+    if ctx.shares_encoder(groups):  # one encoder reads every modality here: one run where it builds its own (VL)
+        own = own_inputs(ctx, next(iter(groups)), inputs, dimensions=dimensions, normalize=normalize, **tokenize)
         if own is not None:
             return own
     if set(groups) <= {"text"}:
-        return prepare_embed(emb, inputs, dimensions=dimensions, normalize=normalize, **tokenize)
-    parts = [(at, embed_task(name).prepare(emb, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
+        return prepare_embed(ctx, inputs, dimensions=dimensions, normalize=normalize, **tokenize)
+    parts = [(at, embed_task(name).prepare(ctx, [inputs[i] for i in at], dimensions=dimensions, normalize=normalize,
                                            **(tokenize if name == "text" else {})))  # tokenizer options: text only
              for name, at in groups.items()]
     return _combine(len(inputs), parts, lambda vectors: vectors)
@@ -206,18 +216,18 @@ def _combine(n: int, parts: list[tuple[list[int], Prepared]], finish: Callable[[
 
 
 # ---------------------------------------------------------------- token_embed
-def prepare_token_embed(emb: Embedder, inputs, **tokenize) -> Prepared:
-    items = emb.tokenize_inputs(inputs, **tokenize)
+def prepare_token_embed(ctx: ModelContext, inputs, **tokenize) -> Prepared:
+    items = ctx.tokenize_inputs(inputs, **tokenize)
     if any(t.parts for t in items):
         raise RequestError("token embeddings of an input longer than the model's window are not supported in "
                            "chunked mode; truncate it", param="input")
-    return Prepared([Run(items, emb.token_output)],
-                    lambda rows: [emb.token_states(s, len(t)) for s, t in zip(rows[0], items)], tokens=_tokens(items))
+    return Prepared([Run(items, ctx.token_output)],
+                    lambda rows: [ctx.token_states(s, len(t)) for s, t in zip(rows[0], items)], tokens=_tokens(items))
 
 
 # ---------------------------------------------------------------- embed_sparse
-def prepare_sparse(emb: Embedder, inputs, **tokenize) -> Prepared:
-    return sparse_items(emb.tokenize_inputs(inputs, **tokenize))
+def prepare_sparse(ctx: ModelContext, inputs, **tokenize) -> Prepared:
+    return sparse_items(ctx.tokenize_inputs(inputs, **tokenize))
 
 
 def sparse_items(items: list) -> Prepared:
@@ -228,30 +238,30 @@ def sparse_items(items: list) -> Prepared:
 
 
 # ---------------------------------------------------------------- classify
-def prepare_classify(emb: Embedder, inputs, *, use_activation: bool | None = True,
+def prepare_classify(ctx: ModelContext, inputs, *, use_activation: bool | None = True,
                      truncate_prompt_tokens: int | None = None, **tokenize) -> Prepared:
     """Per-label scores (the card's activation unless ``use_activation`` is False) of texts, token ids, or text
     pairs (a two-string list or tuple in the list, as TEI's /predict takes them: read as the tokenizer pairs them)."""
     listed = [inputs] if isinstance(inputs, str) else list(inputs)
     paired = [i for i, x in enumerate(listed) if is_pair(x)]
     if not paired:
-        items = emb.tokenize_inputs(inputs, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
+        items = ctx.tokenize_inputs(inputs, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
     else:  # texts and pairs tokenized apart, put back in input order
         single = [i for i, x in enumerate(listed) if not is_pair(x)]
         items = [None] * len(listed)
         if single:
-            texts = emb.tokenize_inputs([listed[i] for i in single], truncate_prompt_tokens=truncate_prompt_tokens,
+            texts = ctx.tokenize_inputs([listed[i] for i in single], truncate_prompt_tokens=truncate_prompt_tokens,
                                         **tokenize)
             for i, item in zip(single, texts):
                 items[i] = item
-        pairs = tokenize_pairs(emb, [listed[i][0] for i in paired], [listed[i][1] for i in paired],
+        pairs = tokenize_pairs(ctx, [listed[i][0] for i in paired], [listed[i][1] for i in paired],
                                truncate_prompt_tokens=truncate_prompt_tokens)
         for i, item in zip(paired, pairs):
             items[i] = item
 
     def reduce(rows):
         logits = np.stack(rows[0])
-        return activate(logits, emb.card.activation) if use_activation is not False else logits
+        return activate(logits, ctx.card.activation) if use_activation is not False else logits
 
     return Prepared([Run(items, "logits")], reduce, tokens=_tokens(items))
 
@@ -261,34 +271,34 @@ def is_pair(item) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
 
 
-def labelled(emb: Embedder, scores: np.ndarray, top_k: int | None = None) -> list[list[dict]]:
+def labelled(ctx: ModelContext, scores: np.ndarray, top_k: int | None = None) -> list[list[dict]]:
     """(n, labels) scores -> per input ``{"label", "score"}`` best first (ties in label order), the first ``top_k``
     (all when None)."""
-    names = emb.labels
+    names = ctx.labels
     return [[{"label": names[j], "score": float(row[j])} for j in rank_order(row, top_k)] for row in scores]
 
 
 # ---------------------------------------------------------------- score
-def prepare_score(emb: Embedder, queries, documents=None, *, use_activation: bool | None = None,
+def prepare_score(ctx: ModelContext, queries, documents=None, *, use_activation: bool | None = None,
                   truncate_prompt_tokens: int | None = None, max_tokens_per_doc: int | None = None,
                   **tokenize) -> Prepared:
     """vLLM's pairing (1-1, 1-N, N-N): a cross-encoder's pair scores (its activation unless ``use_activation`` is
     False), or the cosines of an embedding artifact's vectors (texts or, for two towers, images on either side)."""
     left, right = score_pairs(queries, documents)
-    if use_activation is not None and not emb.cross_encoder:
+    if use_activation is not None and not ctx.cross_encoder:
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
                            "whose scores are cosine similarities", param="use_activation")
-    if emb.cross_encoder:
-        items = tokenize_pairs(emb, left, right, truncate_prompt_tokens=truncate_prompt_tokens,
+    if ctx.cross_encoder:
+        items = tokenize_pairs(ctx, left, right, truncate_prompt_tokens=truncate_prompt_tokens,
                                max_tokens_per_doc=max_tokens_per_doc)
-        return Prepared([Run(items, "logits")], lambda rows: pair_scores(emb, rows[0], use_activation),
+        return Prepared([Run(items, "logits")], lambda rows: pair_scores(ctx, rows[0], use_activation),
                         tokens=_tokens(items))
-    both = prepare_mixed(emb, left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
+    both = prepare_mixed(ctx, left + right, normalize=True, truncate_prompt_tokens=truncate_prompt_tokens, **tokenize)
     return Prepared(both.runs, lambda rows: cosine_scores(both.reduce(rows), len(left)), tokens=both.tokens,
                     images=both.images)
 
 
-def tokenize_pairs(emb: Embedder, queries: list[str], documents: list[str], *,
+def tokenize_pairs(ctx: ModelContext, queries: list[str], documents: list[str], *,
                    truncate_prompt_tokens: int | None = None, max_tokens_per_doc: int | None = None) -> list:
     """(query, document) pairs tokenized as the cross-encoder reads them; one query pairs with every document, each
     document first cut to ``max_tokens_per_doc`` tokens when given (vLLM's rerank field: the document's, not the
@@ -296,27 +306,27 @@ def tokenize_pairs(emb: Embedder, queries: list[str], documents: list[str], *,
     if any(not t for t in (*queries, *documents)):
         raise RequestError("queries and documents must not be empty strings", param="documents")
     firsts = queries * len(documents) if len(queries) == 1 else queries
-    return emb.tokenizer.encode_pairs(firsts, documents, truncate=emb.truncation(truncate_prompt_tokens),
+    return ctx.tokenizer.encode_pairs(firsts, documents, truncate=ctx.truncation(truncate_prompt_tokens),
                                       second_limit=max_tokens_per_doc)
 
 
-def pair_scores(emb: Embedder, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
+def pair_scores(ctx: ModelContext, rows: list[np.ndarray], use_activation: bool | None = True) -> np.ndarray:
     """(n,) scores from a one-label cross-encoder's logits rows."""
     logits = np.stack(rows).astype(np.float32)  # (n, labels)
     if logits.shape[1] != 1:
         raise RequestError(f"this cross-encoder has {logits.shape[1]} labels; scores need one (use /pooling "
                            "with task classify for per-label scores)", param="model")
-    return activate(logits[:, 0], emb.card.activation) if use_activation is not False else logits[:, 0]
+    return activate(logits[:, 0], ctx.card.activation) if use_activation is not False else logits[:, 0]
 
 
-def _score_inputs(emb: Embedder, queries, documents=None) -> int:
+def _score_inputs(ctx: ModelContext, queries, documents=None) -> int:
     """A cross-encoder runs one pair a document; an embedding artifact embeds both sides."""
     left, right = score_pairs(queries, documents)
-    return len(right) if emb.cross_encoder else len(left) + len(right)
+    return len(right) if ctx.cross_encoder else len(left) + len(right)
 
 
 # ---------------------------------------------------------------- rerank
-def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n: int | None = None,
+def prepare_rerank(ctx: ModelContext, query: str, documents: Sequence[str], *, top_n: int | None = None,
                    return_documents: bool = False, use_activation: bool | None = None,
                    truncate_prompt_tokens: int | None = None, query_truncate_prompt_tokens: int | None = None,
                    truncation_side: str = "right", max_tokens_per_doc: int | None = None) -> Prepared:
@@ -325,8 +335,8 @@ def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n
     each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit).
     ``max_tokens_per_doc`` (Cohere's / vLLM's field) cuts each document first, never the query."""
     documents = list(documents)
-    if emb.cross_encoder:
-        scored = prepare_score(emb, query, documents, use_activation=use_activation,
+    if ctx.cross_encoder:
+        scored = prepare_score(ctx, query, documents, use_activation=use_activation,
                                truncate_prompt_tokens=truncate_prompt_tokens, max_tokens_per_doc=max_tokens_per_doc)
     else:
         side = {"truncation_side": truncation_side, "normalize": True}
@@ -334,8 +344,8 @@ def prepare_rerank(emb: Embedder, query: str, documents: Sequence[str], *, top_n
         d_limit = truncate_prompt_tokens
         if max_tokens_per_doc is not None:
             d_limit = max_tokens_per_doc if d_limit in (None, -1) else min(d_limit, max_tokens_per_doc)
-        parts = [([0], prepare_embed(emb, [query], truncate_prompt_tokens=q_limit, **side)),
-                 (list(range(1, len(documents) + 1)), prepare_embed(emb, documents,
+        parts = [([0], prepare_embed(ctx, [query], truncate_prompt_tokens=q_limit, **side)),
+                 (list(range(1, len(documents) + 1)), prepare_embed(ctx, documents,
                                                                    truncate_prompt_tokens=d_limit, **side))]
         scored = _combine(len(documents) + 1, parts, lambda vectors: cosine_scores(vectors, 1))
 
@@ -352,29 +362,29 @@ def rank_order(scores: np.ndarray, top_n: int | None = None) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[: top_n or None]
 
 
-def _listed(emb: Embedder, result) -> list[np.ndarray]:
+def _listed(ctx: ModelContext, result) -> list[np.ndarray]:
     return list(result)
 
 
-def _densified(emb: Embedder, result) -> list[np.ndarray]:
+def _densified(ctx: ModelContext, result) -> list[np.ndarray]:
     """SPLADE's (indices, weights) as vocabulary-sized rows (vLLM's /pooling ``embed`` of a sparse model)."""
     rows = []
     for indices, values in result:
-        row = np.zeros(emb.dimensions, dtype=np.float32)
+        row = np.zeros(ctx.dimensions, dtype=np.float32)
         row[indices] = values
         rows.append(row)
     return rows
 
 
 register(Task("embed", prepare_embed, inline=small_text, rows=_listed, description="sentence vectors (n, dimensions)"))
-register(Task("embed_images", prepare_images, count=lambda emb, images: len(as_image_list(images)), base="embed",
+register(Task("embed_images", prepare_images, count=lambda ctx, images: len(as_image_list(images)), base="embed",
               rows=_listed, modality="image", description="image vectors (two-tower artifacts)"))
-register(Task("embed_mixed", prepare_mixed, count=lambda emb, items: len(items), base="embed", rows=_listed,
+register(Task("embed_mixed", prepare_mixed, count=lambda ctx, items: len(items), base="embed", rows=_listed,
               modality="mixed", description="texts and images in one list (two-tower artifacts)"))
 register(Task("token_embed", prepare_token_embed, inline=small_text, rows=_listed, description="per-token vectors"))
 register(Task("embed_sparse", prepare_sparse, inline=small_text, rows=_densified,
               description="SPLADE (indices, weights)"))
 register(Task("classify", prepare_classify, inline=small_text, rows=_listed, description="per-label scores"))
 register(Task("score", prepare_score, count=_score_inputs, param="documents", description="pair scores or cosines"))
-register(Task("rerank", prepare_rerank, count=lambda emb, query, documents: len(documents) + 1, param="documents",
+register(Task("rerank", prepare_rerank, count=lambda ctx, query, documents: len(documents) + 1, param="documents",
               base="score", description="documents best first"))

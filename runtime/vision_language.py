@@ -29,7 +29,7 @@ from toolkit.runtime.session import OrtSession
 from toolkit.runtime.video import Video, VideoRef, expand_videos, prepare_video
 
 if TYPE_CHECKING:
-    from toolkit.runtime.embedder import Embedder
+    from toolkit.runtime.context import ModelContext
     from toolkit.runtime.outputs import OutputPlan
 
 __all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "item_messages", "placeholder_images",
@@ -124,16 +124,17 @@ class VisionLanguageEncoder:
     """Texts, images and ``Multimodal`` items of a vision-language artifact, through its two graphs."""
 
     modality = "multimodal"
+    builds_inputs = True  # each item's prompt rendered around its images (``model_inputs``)
 
     @staticmethod
     def accepts(item) -> bool:
         return isinstance(item, Multimodal)
 
-    def __init__(self, emb: Embedder, path: Path) -> None:
-        spec = emb.manifest.vision_language
+    def __init__(self, ctx: ModelContext, path: Path) -> None:
+        spec = ctx.manifest.vision_language
         if spec is None:
             raise ConfigError(f"{path}: its head is vision-language but its manifest has no vision_language facts")
-        if not emb.manifest.chat_template and not spec.templates:
+        if not ctx.manifest.chat_template and not spec.templates:
             raise ConfigError(f"{path}: a vision-language artifact needs the model's chat template or its card's "
                               "item templates; it has neither")
         if spec.family not in FAMILIES:
@@ -143,11 +144,11 @@ class VisionLanguageEncoder:
         if not vision_path.is_file():
             raise ConfigError(f"{path}: its vision graph {vision_path.name} is not beside it (an export writes both "
                               "files; keep them together)")
-        self.session = OrtSession(vision_path, emb.options)
+        self.session = OrtSession(vision_path, ctx.options)
         own = decode_manifest(self.session.metadata.get(MANIFEST_KEY, "{}"), source=str(vision_path))
-        if own.tower != "image" or own.card != emb.card:
+        if own.tower != "image" or own.card != ctx.manifest.card:
             raise ConfigError(f"{vision_path}: not the vision graph of {path.name} (its manifest differs)")
-        self.emb, self.spec, self.family = emb, spec, FAMILIES[spec.family](spec)
+        self.ctx, self.spec, self.family = ctx, spec, FAMILIES[spec.family](spec)
         self.outputs = ("sentence_embedding", "sentence_embedding_raw")
 
     # ---------------------------------------------------------------- inputs
@@ -200,15 +201,15 @@ class VisionLanguageEncoder:
             rows.append(count)
             grids.append(grid)
         seen = [(image.width, image.height, (image.format or "").lower()) for image in decoded]
-        emb = self.emb
+        ctx = self.ctx
         images = len(rows) - first_image
         if spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
-            ids = emb.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index))
+            ids = ctx.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index))
         else:
             messages = item_messages(item.text, images, instruction, spec, videos=len(stand_ins))
-            prompt = render_chat(emb.manifest.chat_template, messages, special_tokens=emb.manifest.special_tokens,
+            prompt = render_chat(ctx.manifest.chat_template, messages, special_tokens=ctx.manifest.special_tokens,
                                  add_generation_prompt=True, keep_parts=True) + spec.prompt_suffix
-            ids = emb.tokenizer.ids(expand_videos(prompt, stand_ins, spec.video, index), add_special_tokens=False)
+            ids = ctx.tokenizer.ids(expand_videos(prompt, stand_ins, spec.video, index), add_special_tokens=False)
         token = spec.image_token_id
         if ids.count(token) != images:
             raise RequestError(f"input[{index}]: the prompt holds {ids.count(token)} image placeholders for "
@@ -237,40 +238,40 @@ class VisionLanguageEncoder:
         each) and the output plan; ``prompt`` / ``prompt_name`` choose the instruction (the system message).
         Items are not cut: one longer than the model's window is a RequestError, and so is a truncation
         length (cutting a prompt could split an image's tokens)."""
-        emb = self.emb
+        ctx = self.ctx
         listed = [inputs] if isinstance(inputs, (str, Multimodal, ImageRef)) else list(inputs)
         if not listed:
             raise RequestError("input must not be empty", param="input")
         if isinstance(truncate_prompt_tokens, int) and not isinstance(truncate_prompt_tokens, bool) \
                 and truncate_prompt_tokens > 0:
             raise RequestError("truncate_prompt_tokens is not supported for vision-language models: an item longer "
-                               f"than the model's {emb.manifest.max_seq_len} tokens is refused", param="truncate_prompt_tokens")
-        plan = plan_output(emb, dimensions, normalize, any_size=any_size)
-        instruction = emb.prompt_text(prompt_name, prompt)
-        limit = emb.manifest.max_seq_len
+                               f"than the model's {ctx.manifest.max_seq_len} tokens is refused", param="truncate_prompt_tokens")
+        plan = plan_output(ctx, dimensions, normalize, any_size=any_size)
+        instruction = ctx.prompt_text(prompt_name, prompt)
+        limit = ctx.manifest.max_seq_len
         return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
 
     # ---------------------------------------------------------------- graphs
     def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
         """A batch of ``VisionInput`` (or bare token ids, ``Tokenized``: a text prompt as given, as /ready's probe
         sends) through the vision graph per image, then the language graph."""
-        emb = self.emb
+        ctx = self.ctx
         items = [item if isinstance(item, VisionInput) else
                  VisionInput(list(item.ids), self.family.positions([False] * len(item), []), []) for item in items]
         spec = self.spec
         runs = [self.session.run(list(self.family.outputs), feeds) for item in items for feeds in item.feeds]
         embeds = np.concatenate([r[0] for r in runs]) if runs else np.zeros((1, spec.hidden_size), np.float32)
         seq = max(len(item) for item in items)
-        ids = np.full((len(items), seq), emb.manifest.pad_token_id, dtype=np.int64)
+        ids = np.full((len(items), seq), ctx.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(items), seq), dtype=np.int64)
         positions = np.zeros((items[0].positions.shape[0], len(items), seq), dtype=np.int64)
         for row, item in enumerate(items):
             n = len(item)
-            cols = slice(0, n) if emb.padding == PaddingSide.RIGHT else slice(seq - n, seq)
+            cols = slice(0, n) if ctx.padding == PaddingSide.RIGHT else slice(seq - n, seq)
             ids[row, cols], mask[row, cols], positions[:, row, cols] = item.ids, 1, item.positions
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                  "image_embeds": embeds.astype(np.float32, copy=False)}
         if spec.deepstack:  # one unused row per layer when no item has an image, as image_embeds
             feeds["deepstack_embeds"] = np.concatenate([r[1] for r in runs], axis=1) if runs else \
                 np.zeros((spec.deepstack, 1, spec.hidden_size), np.float32)
-        return emb.session.run(outputs, feeds)
+        return ctx.session.run(outputs, feeds)

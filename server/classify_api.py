@@ -100,7 +100,7 @@ async def tei_predict(request: Request, data: TEIPredictRequest) -> Response:
         max_tokens=options.max_request_tokens, **tei_truncation(data.truncate, data.truncation_direction))
     if function is not None and not data.raw_scores:
         scores = activate(scores, None if function == "none" else function)
-    ranked = labelled(emb, scores, params.top_k if params is not None else None)
+    ranked = labelled(emb.context, scores, params.top_k if params is not None else None)
     body = ranked if batch or params is not None else ranked[0]
     return Response(body, headers={**timing_headers(timings, started), "x-compute-tokens": str(tokens)})
 

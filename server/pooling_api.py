@@ -71,7 +71,7 @@ def _pooling_entries(embedder) -> dict[str, str]:
     that the artifact answers, under vLLM's name where it has one."""
     names: dict[str, str] = {}
     for name, task in TASK_TABLE.items():
-        if task.rows is not None and task.modality == "text" and task.applies(embedder):
+        if task.rows is not None and task.modality == "text" and task.applies(embedder.context):
             names.setdefault(_ALIASES.get(name, name), name)
     return names
 
@@ -103,7 +103,7 @@ class PoolingController(Controller):
                   **{"embed": {"dimensions": data.dimensions, "normalize": data.use_activation},
                      "classify": {"use_activation": data.use_activation is not False}}.get(name, {})}
         result, prepared = await served.engine.perform(name, inputs, max_tokens=options.max_request_tokens, **params)
-        rows, tokens = TASK_TABLE[name].rows(emb, result), prepared.tokens
+        rows, tokens = TASK_TABLE[name].rows(emb.context, result), prepared.tokens
         head = {"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
                 "usage": UsageInfo.of(tokens)}
         if data.encoding_format in ("bytes", "bytes_only"):

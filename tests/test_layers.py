@@ -1,5 +1,5 @@
 """The floors of STYLE.md, checked on the source: no import cycle (deferred imports included; type-only imports
-under TYPE_CHECKING excepted), and no arrow up (ground -> engines or apps, runtime -> export or server, server ->
+under TYPE_CHECKING excepted, except in the runtime, where they count too), and no arrow up (ground -> engines or apps, runtime -> export or server, server ->
 export)."""
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(type_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``type_only``: those under TYPE_CHECKING too)."""
     modules = _modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING" and not type_only:
                 node.body = []  # type-only imports
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("toolkit"):
@@ -59,8 +60,8 @@ def test_no_import_points_up():
     assert up == [], up
 
 
-def test_no_import_cycle():
-    graph, seen, cycles = _graph(), {}, []
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    seen, cycles = {}, []
 
     def visit(node: str, path: list[str]) -> None:  # depth-first; grey nodes on the path close a cycle
         seen[node] = "grey"
@@ -74,4 +75,28 @@ def test_no_import_cycle():
     for start in sorted(graph):
         if start not in seen:
             visit(start, [start])
-    assert cycles == [], cycles
+    return cycles
+
+
+def test_no_import_cycle():
+    assert _cycles(_graph()) == []
+
+
+def test_no_import_cycle_in_the_runtime_type_only_imports_included():
+    """The runtime's modules read a model context (``runtime.context``), never the engine: not even a type-only
+    import closes a circle among them."""
+    graph = {name: {t for t in targets if _floor(t) == "toolkit.runtime"}
+             for name, targets in _graph(type_only=True).items() if _floor(name) == "toolkit.runtime"}
+    assert _cycles(graph) == []
+
+
+def test_the_runtime_reads_capabilities_never_sniffs_them():
+    """What an artifact or an encoder can do is declared (the manifest, the encoder protocol's ``builds_inputs``),
+    never probed: no ``hasattr`` / ``getattr`` / ``id()`` in the runtime, but for the one place an INPUT declares its
+    modality by its type (``encoders.declared_modality``)."""
+    allowed = {('encoders.py', 'return getattr(type(item), "modality", "text")')}
+    found = [(path.name, line.strip()) for path in sorted((ROOT / "runtime").glob("*.py"))
+             for line in path.read_text().splitlines()
+             if any(probe in line for probe in ("hasattr(", "getattr(", " id(", "{id(", "(id("))
+             and not line.strip().startswith("#")]
+    assert [f for f in found if f not in allowed] == []

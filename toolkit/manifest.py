@@ -153,11 +153,20 @@ class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     token_offset: int = 0  # leading positions ``token_embed`` drops (BGE-M3's ColBERT: the CLS token, as FlagEmbedding)
     pairs: bool = False  # it scores (query, document) pairs (a cross-encoder) instead of embedding each side
     modalities: list[str] = msgspec.field(default_factory=lambda: ["text"])
+    # the encoder that reads each modality (the runtime's ``toolkit.runtime.encoders.ENCODERS``): "text", "image",
+    # "vision_language" (one encoder for texts, images, items with both, and videos); {} in artifacts written
+    # before it was recorded (``Manifest.encoders`` tells those as that toolkit did)
+    encoders: dict[str, str] = {}
 
 
 def legacy_head(outputs: list[str], card: ModelCard, image: bool) -> HeadSpec:
     """The head of an artifact written before format 2 (which did not record it), told from its outputs and card
     as that toolkit did: the one place a kind is inferred, and only for such artifacts."""
+    head = _legacy_kind(outputs, card, image)
+    return msgspec.structs.replace(head, encoders={modality: modality for modality in head.modalities})
+
+
+def _legacy_kind(outputs: list[str], card: ModelCard, image: bool) -> HeadSpec:
     if card.pooling == Pooling.RANK:
         return HeadSpec(name="classifier", label="cross-encoder (reranker)", tasks=["score", "classify"], pairs=True)
     if image:
@@ -207,6 +216,19 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def head_spec(self) -> HeadSpec:
         """What the artifact is (recorded by the exporter; told from outputs only for format-1 artifacts)."""
         return self.head or legacy_head(self.outputs, self.card, self.image is not None)
+
+    @property
+    def encoders(self) -> dict[str, str]:
+        """Each modality's encoder, as the exporter recorded it; for artifacts that predate the record, what that
+        toolkit opened: the vision-language encoder for every modality (and videos, where the model reads them)
+        of a vision-language artifact, else one encoder per modality, named after it."""
+        head = self.head_spec
+        if head.encoders:
+            return dict(head.encoders)
+        if self.vision_language is not None:
+            video = ["video"] if self.vision_language.video is not None else []
+            return {modality: "vision_language" for modality in (*head.modalities, *video)}
+        return {modality: modality for modality in head.modalities}
 
     @property
     def sparse(self) -> bool:

@@ -57,7 +57,7 @@ class RowEncoder:
         if entry is None or entry.rows is None or entry.modality != "text":
             valid = [name for name, t in TASKS.items() if t.rows is not None and t.modality == "text"]
             raise ConfigError(f"--task '{self.task}' is not one of: {', '.join(valid)}")
-        if not entry.applies(embedder):
+        if not entry.applies(embedder.context):
             raise ConfigError(f"this {embedder.kind} artifact does not answer '{self.task}'; it answers: "
                               f"{', '.join(embedder.tasks)}")
         self.generic = self.task not in ("embed", "embed_sparse")
@@ -172,14 +172,14 @@ class RowEncoder:
         tokenized row by row to find which (the others are then prepared again)."""
         entry, options = TASKS[self.task], self._tokenize_options()
         try:
-            prepared = entry.prepare(self.embedder, values, **options)
+            prepared = entry.prepare(self.embedder.context, values, **options)
         except RequestError:
             self._tokenize(values, index, bad)
             values = [value for value, row in zip(values, index) if row not in bad]
             if not values:
                 return [], 0
-            prepared = entry.prepare(self.embedder, values, **options)
-        return entry.rows(self.embedder, self.embedder.complete(prepared, on_batch)), prepared.tokens
+            prepared = entry.prepare(self.embedder.context, values, **options)
+        return entry.rows(self.embedder.context, self.embedder.complete(prepared, on_batch)), prepared.tokens
 
     def _tokenize_options(self) -> dict:
         return {"prompt_name": self.options.prompt_name, "truncate_prompt_tokens": -1 if self.options.truncate else None}
@@ -197,14 +197,14 @@ class RowEncoder:
                   "prompt_name": self.options.prompt_name}
         embed = TASKS["embed"]
         try:
-            prepared = embed.prepare(self.embedder, items, **params)
+            prepared = embed.prepare(self.embedder.context, items, **params)
             return self.embedder.complete(prepared, on_batch), prepared.tokens
         except RequestError:
             pass
         rows, tokens = [], 0
         for item, row in zip(items, index):
             try:
-                prepared = embed.prepare(self.embedder, [item], **params)
+                prepared = embed.prepare(self.embedder.context, [item], **params)
                 rows.append(self.embedder.complete(prepared)[0])
                 tokens += prepared.tokens
             except RequestError as exc:
