@@ -147,7 +147,10 @@ def render_chat(template: str | None, messages: Sequence[Any], *, special_tokens
     except TemplateError as exc:
         raise RequestError(f"chat template failed on these messages: {exc}", param="messages") from None
     if continue_final_message:
-        final = conversation[-1]["content"].strip()
+        final = conversation[-1]["content"]
+        if isinstance(final, list):  # content parts: the last text part is what continues (transformers' rule)
+            final = next((part.get("text", "") for part in reversed(final) if "text" in part), "")
+        final = final.strip()
         cut = text.rfind(final) if final else -1
         if cut < 0:
             raise RequestError("continue_final_message: the rendered template does not contain the final message",

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from toolkit.runtime.context import ModelContext
     from toolkit.runtime.outputs import OutputPlan
 
-__all__ = ["Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "item_messages", "placeholder_images",
+__all__ = ["Chat", "Multimodal", "VisionInput", "VisionLanguageEncoder", "item_kind", "item_messages", "placeholder_images",
            "template_prompt"]
 
 
@@ -96,6 +96,31 @@ class Multimodal:
     def __repr__(self) -> str:
         videos = f", videos={len(self.videos)}" if self.videos else ""
         return f"Multimodal(text={self.text!r}, images={len(self.images)}{videos})"
+
+
+class Chat(Multimodal):
+    """A chat request's conversation, rendered as the request says (vLLM's chat embeddings): ``messages`` as the
+    chat template reads them (roles and the caller's own system message kept; each image or video content part
+    ``{"type": "image"}`` / ``{"type": "video"}``, its source in ``images`` / ``videos`` in order, videos first), the
+    model's chat template or the request's, and the request's ``add_generation_prompt``, ``continue_final_message``
+    and ``chat_template_kwargs``; no card instruction, no card suffix (those belong to plain items)."""
+
+    __slots__ = ("add_generation_prompt", "chat_template", "chat_template_kwargs", "continue_final_message",
+                 "messages")
+
+    def __init__(self, messages: list[dict], images: Sequence = (), videos: Sequence = (), *,
+                 add_generation_prompt: bool = False, continue_final_message: bool = False,
+                 chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> None:
+        texts = [part["text"] for m in messages for part in
+                 (m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}])
+                 if part.get("type") == "text"]
+        super().__init__(" ".join(texts) or None, images, videos)
+        self.messages = messages
+        self.add_generation_prompt, self.continue_final_message = add_generation_prompt, continue_final_message
+        self.chat_template, self.chat_template_kwargs = chat_template, chat_template_kwargs
+
+    def __repr__(self) -> str:
+        return f"Chat(messages={len(self.messages)}, images={len(self.images)}, videos={len(self.videos)})"
 
 
 class VisionInput:
@@ -179,7 +204,8 @@ class VisionLanguageEncoder:
         return item
 
     def build(self, item: Multimodal, instruction: str, index: int, limit: int) -> VisionInput:
-        """One item's model inputs (see the module docstring); RequestError past ``limit`` tokens."""
+        """One item's model inputs (see the module docstring): a plain item's prompt by the card's convention, a
+        ``Chat`` rendered as its request says; RequestError past ``limit`` tokens."""
         from toolkit.runtime.chat import render_chat
 
         feeds, rows, grids, stand_ins = [], [], [], []
@@ -203,7 +229,13 @@ class VisionLanguageEncoder:
         seen = [(image.width, image.height, (image.format or "").lower()) for image in decoded]
         ctx = self.ctx
         images = len(rows) - first_image
-        if spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
+        if isinstance(item, Chat):  # the request's conversation, rendered as it says
+            prompt = ctx.render_chat(item.messages, chat_template=item.chat_template, keep_parts=True,
+                                     add_generation_prompt=item.add_generation_prompt,
+                                     continue_final_message=item.continue_final_message,
+                                     chat_template_kwargs=item.chat_template_kwargs)
+            ids = ctx.tokenizer.ids(expand_videos(prompt, stand_ins, spec.video, index), add_special_tokens=False)
+        elif spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
             ids = ctx.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index))
         else:
             messages = item_messages(item.text, images, instruction, spec, videos=len(stand_ins))

@@ -21,11 +21,11 @@ from toolkit.errors import RequestError
 from toolkit.runtime.encoders import declared_modality
 from toolkit.runtime.images import ImageRef
 from toolkit.runtime.video import VideoRef
-from toolkit.runtime.vision_language import Multimodal
+from toolkit.runtime.vision_language import Chat, Multimodal
 from toolkit.server.images import fetch_media
 from toolkit.settings import ServerOptions
 
-__all__ = ["admit_content", "content_item", "has_image_parts", "image_url", "image_urls", "message_item", "messages_are_content",
+__all__ = ["admit_content", "chat_item", "content_item", "renders_chat_items", "has_image_parts", "image_url", "image_urls", "message_item", "messages_are_content",
            "sglang_items"]
 
 _IMAGE_PARTS = ("image_url", "image")  # content-part types that carry an image
@@ -96,6 +96,13 @@ def has_image_parts(messages: list) -> bool:
                for m in messages)
 
 
+def renders_chat_items(embedder) -> bool:
+    """Whether the artifact renders conversations itself (its multimodal encoder builds its own model inputs: a
+    vision-language artifact), as its manifest declares."""
+    encoder = embedder.encoders.get("multimodal")
+    return encoder is not None and encoder.builds_inputs
+
+
 def messages_are_content(messages: list, embedder) -> bool:
     """Whether chat ``messages`` are one content item (they carry an image part, or the artifact reads more than
     text) rather than a conversation for the chat template."""
@@ -114,6 +121,46 @@ def message_item(messages: list) -> str | ImageRef | Multimodal:
         else:
             raise RequestError(f"messages[{i}] must have a content string or list", param="messages")
     return content_item(parts, "messages")
+
+
+def chat_item(messages: list, **flags) -> Chat:
+    """vLLM's chat ``messages`` as a conversation to render as the request says (``flags``: ``inputs.chat_flags``):
+    each message's role and content kept, its image and video parts as the chat template reads them
+    (``{"type": "image"}`` / ``{"type": "video"}``), their URLs in order; videos come before images."""
+    rendered, images, videos = [], [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(f"{where} must be an object with a string 'role' and 'content'", param="messages")
+        content = message.get("content")
+        if isinstance(content, str):
+            rendered.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise RequestError(f"{where} must have a content string or list", param="messages")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in _IMAGE_PARTS:
+                images.append(ImageRef(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where)))
+                parts.append({"type": "image"})
+            elif kind in _VIDEO_PARTS:
+                if images:
+                    raise RequestError(f"{where}: a video part after an image part; put the videos first",
+                                       param="messages")
+                videos.append(VideoRef(image_url(part, where, "video_url") if kind == "video_url"
+                                       else _string(part.get("video"), where, "video")))
+                parts.append({"type": "video"})
+            else:
+                raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}}, "
+                                   "{'type': 'image_url', 'image_url': {'url': ...}} or "
+                                   "{'type': 'video_url', 'video_url': {'url': ...}}", param="messages")
+        rendered.append({"role": message["role"], "content": parts})
+    if not rendered:
+        raise RequestError("messages must not be empty", param="messages")
+    return Chat(rendered, images, videos, **flags)
 
 
 def sglang_items(items: list) -> list[str | ImageRef | Multimodal] | None:

@@ -19,15 +19,15 @@ from toolkit.runtime.encoding import (
 from toolkit.server.content import (
     admit_content,
     image_urls,
-    message_item,
     messages_are_content,
     sglang_items,
 )
-from toolkit.server.inputs import ChatRequest, prompt_or_chat
+from toolkit.server.inputs import ChatRequest, messages_item, prompt_or_chat
 from toolkit.server.limits import check_choice, check_limits, check_priority
 from toolkit.server.metrics import timing_headers
 from toolkit.server.outputs import bytes_response, check_row_encoding
 from toolkit.server.schema import ListResponse, UsageInfo
+from toolkit.settings import ServerOptions
 
 __all__ = ["ModelList", "OpenAIController", "OpenAIEmbeddingRequest", "OpenAIEmbeddingResponse", "create_embeddings"]
 
@@ -104,7 +104,7 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     normalize = data.use_activation if data.use_activation is not None else data.normalize
     timings = Timings()
     common = {"dimensions": data.dimensions, "normalize": normalize, "priority": data.priority, "timings": timings}
-    mixed = content_items(served.embedder, data)
+    mixed = content_items(served.embedder, data, options)
     if mixed is not None:  # content of several modalities (two-tower models): each item a text or an image
         check_limits(len(mixed), options)
         mixed = await admit_content(mixed, served.embedder, options, "messages" if data.messages else "input")
@@ -132,9 +132,10 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     return Response(body, headers=headers)
 
 
-def content_items(embedder, data: OpenAIEmbeddingRequest) -> list | None:
+def content_items(embedder, data: OpenAIEmbeddingRequest, options: ServerOptions) -> list | None:
     """The request's items when it carries content parts (infinity's modality, vLLM's content parts in messages,
-    SGLang's items); None for plain text input or a chat to render, which take the usual path."""
+    SGLang's items); None for plain text input or a chat to render, which take the usual path. A vision-language
+    artifact's chat that asks to be rendered as given (``ChatRequest.renders_as_given``) is one ``Chat`` item."""
     if data.modality == "image":
         return image_urls(data.input, "input")
     if data.messages is not None:
@@ -142,7 +143,7 @@ def content_items(embedder, data: OpenAIEmbeddingRequest) -> list | None:
             return None
         if data.input is not None:
             raise RequestError("give input or messages, not both", param="messages")
-        return [message_item(data.messages)]
+        return [messages_item(embedder, data, options)]
     return sglang_items(data.input) if isinstance(data.input, list) else None
 
 

@@ -15,7 +15,8 @@ from msgspec import UNSET, UnsetType
 from toolkit.errors import RequestError
 from toolkit.runtime.pooling import score_pairs
 from toolkit.runtime.tokenization import INLINE_CHARS
-from toolkit.server.inputs import ChatRequest, prompt_or_chat
+from toolkit.server.content import admit_content, renders_chat_items
+from toolkit.server.inputs import ChatRequest, messages_item, prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.schema import ListResponse, UsageInfo
 
@@ -121,8 +122,19 @@ async def create_tokens(request: Request, data: TokenizeRequest) -> TokenizeResp
         return await _tei_tokens(request, data)
     served = request.app.state.registry.get(data.model)
     emb = served.embedder
-    prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", request.app.state.options)
-    limit = request.app.state.options.max_request_tokens
+    options = request.app.state.options
+    if data.messages is not None and renders_chat_items(emb):  # the tokens /v1/embeddings embeds for these messages
+        if data.prompt is not None:
+            raise RequestError("give prompt or messages, not both", param="messages")
+        items = await admit_content([messages_item(emb, data, options)], emb, options, "messages")
+        (built,), _ = await asyncio.to_thread(emb.encoder("multimodal").model_inputs, items)
+        if len(built.ids) > options.max_request_tokens:
+            raise RequestError(f"the request has {len(built.ids)} tokens; the limit is {options.max_request_tokens}",
+                               param="messages")
+        return TokenizeResponse(count=len(built.ids), max_model_len=emb.manifest.max_seq_len, tokens=built.ids,
+                                token_strs=emb.tokenizer.token_strings(built.ids) if data.return_token_strs else None)
+    prompt, specials = await prompt_or_chat(emb, data, data.prompt, "prompt", options)
+    limit = options.max_request_tokens
     if len(prompt) <= INLINE_CHARS:  # longer prompts tokenize in a thread
         ids = emb.tokenizer.ids(prompt, specials, limit)
     else:  # off the event loop, and no further than the server's tokens per request

@@ -193,6 +193,71 @@ async def test_every_dialect_sends_text_and_images_in_one_item(vl_export, vl):
         assert (await client.get("/health")).status_code == 200
 
 
+@pytest.mark.anyio
+async def test_chat_requests_render_as_they_say_and_tokenize_counts_what_is_embedded(vl_dir, vl_export, vl):
+    """A chat request that sets its flags (or brings its own system message) is rendered as it says, as vLLM
+    renders chat embeddings: token for token transformers' rendering of those messages (its chat template, its
+    image processor's grid for the placeholders), embedded as the model embeds those tokens; /tokenize of the same
+    body gives exactly the tokens /v1/embeddings embeds (its usage). A user-only body without flags stays one plain
+    item by the card's convention, and /tokenize counts that."""
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.export.resolve import resolve_model
+    from toolkit.export.vision_language import load_vision_language
+    from toolkit.settings import ExportOptions
+
+    spec = vl_export.manifest.vision_language
+    tokenizer = AutoTokenizer.from_pretrained(vl_dir)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(vl_dir, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    model = load_vision_language(resolve_model(str(vl_dir), ExportOptions()))
+    pixels = processor(images=[Image.open(io.BytesIO(IMAGES["wide.png"]))], return_tensors="np")
+    rows = int(np.prod(pixels["image_grid_thw"][0])) // spec.merge_size ** 2
+    system = {"role": "system", "content": "Describe the picture."}
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri("wide.png")}},
+                                        {"type": "text", "text": "what is this?"}]}
+    hf_user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}
+
+    def transformers_ids(messages: list, **flags) -> list[int]:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, **flags)
+        return tokenizer(prompt.replace(spec.image_token, spec.image_token * rows), add_special_tokens=False)["input_ids"]
+
+    def transformers_vector(ids: list[int]) -> np.ndarray:
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=(ids == spec.image_token_id).to(torch.int32),
+                           pixel_values=torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
+                           image_grid_thw=torch.from_numpy(np.asarray(pixels["image_grid_thw"]))).last_hidden_state
+        return hidden[0, -1].numpy()[None]
+
+    cases = [({"messages": [user], "add_generation_prompt": False}, [hf_user], {"add_generation_prompt": False}),
+             ({"messages": [system, user], "add_generation_prompt": True}, [system, hf_user],
+              {"add_generation_prompt": True}),
+             ({"messages": [system, user], "continue_final_message": True}, [system, hf_user],
+              {"continue_final_message": True}),
+             ({"messages": [system, user]}, [system, hf_user], {})]  # its own system message: as given, vLLM's defaults
+    async with async_app_client(vl_export.path, names=("vl",)) as client:
+        for body, hf_messages, flags in cases:
+            tokens = (await client.post("/tokenize", json=body)).json()
+            assert tokens["tokens"] == transformers_ids(hf_messages, **flags), body
+            r = await client.post("/v1/embeddings", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == tokens["count"]
+            assert cosines(_vectors(r.json()), transformers_vector(tokens["tokens"]))[0] >= 0.99999
+        plain = {"messages": [user]}  # no flags, no system message: the card's item (GME's prompt and suffix)
+        tokens = (await client.post("/tokenize", json=plain)).json()
+        r = await client.post("/v1/embeddings", json=plain)
+        assert r.json()["usage"]["prompt_tokens"] == tokens["count"] > len(transformers_ids([hf_user]))
+        item = Multimodal("what is this?", [IMAGES["wide.png"]])
+        assert tokens["tokens"] == vl.encoder("multimodal").build(item, vl.prompt_text(None, None), 0, 10**6).ids
+        np.testing.assert_allclose(_vectors(r.json()), vl.embed([item]), atol=1e-5)
+        r = await client.post("/v1/embeddings", json={**plain, "chat_template": "{{ messages }}"})
+        assert r.status_code == 400 and "--allow-request-chat-template" in r.json()["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def live_vl(vl_export):
     url, _, proc = serve_subprocess(vl_export.path, "--served-model-name", "vl")
