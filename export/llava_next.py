@@ -1,4 +1,5 @@
-"""LLaVA-NeXT embedders (e5-v): the vision graph, the manifest's facts and the transformers reference.
+"""LLaVA-NeXT embedders (e5-v): the family's export half (``toolkit.vision_families``): its vision graph, its
+manifest facts and the transformers reference.
 
 The language graph is ``export.vision_language.LanguageGraph``, as for Qwen-VL (its positions one axis here). The
 vision graph takes ONE image's views (the whole image squashed to the tower's side, then its tiles; as
@@ -21,7 +22,9 @@ from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ParityReport, VisionLanguage
 
-__all__ = ["LlavaNextVisionGraph", "export_llava_next_vision", "llava_next_reference", "llava_next_spec"]
+__all__ = ["POSITION_AXES", "LlavaNextVisionGraph", "build_spec", "export_vision", "load_processor", "run_reference"]
+
+POSITION_AXES = 1  # a plain decoder: its positions count up over each prompt's real tokens
 
 
 class LlavaNextVisionGraph(nn.Module):
@@ -45,8 +48,10 @@ class LlavaNextVisionGraph(nn.Module):
         return torch.cat([rows, self.newline[None].to(rows.dtype)])[layout]
 
 
-def llava_next_spec(resolved: ResolvedModel, cfg: dict, token: str, token_id: int, resample: str) -> VisionLanguage:
-    """The manifest's facts for a LLaVA-NeXT checkpoint (``cfg``: its preprocessor_config.json)."""
+def build_spec(resolved: ResolvedModel, cfg: dict, tokenizer, token: str, token_id: int,
+               resample: str) -> VisionLanguage:
+    """The manifest's facts for a LLaVA-NeXT checkpoint (``cfg``: its preprocessor_config.json; the prompt's
+    tokens come from the card, so ``tokenizer`` is not read)."""
     config, card = resolved.config, resolved.card
     vision = config.get("vision_config") or {}
     where = resolved.model_dir / "preprocessor_config.json"
@@ -82,8 +87,7 @@ def _feature_layers(config: dict) -> list[int]:
     return [int(layers)] if isinstance(layers, int) else [int(v) for v in layers]
 
 
-def export_llava_next_vision(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
-                             path: Path) -> None:
+def export_vision(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int, path: Path) -> None:
     """The vision graph, dynamo-exported with dynamic view and row axes (an example image two tiles wide)."""
     from toolkit.runtime.llava_next import LlavaNextImages, feature_layout
 
@@ -99,7 +103,7 @@ def export_llava_next_vision(model: nn.Module, resolved: ResolvedModel, spec: Vi
         program.save(str(path), external_data=True)
 
 
-def llava_next_processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
+def load_processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
     """transformers' own processor for the checkpoint: its Pillow image processor, and the token counts its
     processor class computes, told the tower's facts (e5-v's processor config lacks the patch size, which vLLM's
     own test patches in the same way)."""
@@ -114,8 +118,8 @@ def llava_next_processor(resolved: ResolvedModel, spec: VisionLanguage, tokenize
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def llava_next_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> torch.Tensor:
-    """The model's last hidden state for one item: the card's prompt (or the tokenizer's chat template),
+def run_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> torch.Tensor:
+    """The model's last hidden state for one item (1, seq, hidden): the card's prompt (or the tokenizer's chat template),
     transformers' processor (its image processor and its count of image tokens), the forward."""
     from PIL import Image
 

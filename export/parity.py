@@ -26,6 +26,7 @@ import torch
 
 from toolkit.corpus import load_corpus
 from toolkit.export.graph import EmbeddingModule
+from toolkit.export.precision import PrecisionPlan
 from toolkit.export.resolve import ResolvedModel, declared_length
 from toolkit.manifest import ParityCase, ParityReport
 from toolkit.runtime.embedder import Embedder
@@ -69,9 +70,10 @@ def _as_read(item: Tokenized, emb: Embedder) -> Tokenized:
 
 
 def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str) -> ParityReport:
-    """Min cosine per output over batch sizes 1 and 4, short / medium / max lengths, padded and unpadded."""
-    # fp16 artifacts are checked where they will run (the GPU when there is one); the rest on the CPU
-    emb = Embedder(artifact, device="auto" if precision == "fp16" else "cpu")
+    """Min cosine per output over batch sizes 1 and 4, short / medium / max lengths, padded and unpadded;
+    ``precision``: the graph's own (its gate, and where it runs: ``PrecisionPlan``)."""
+    plan = PrecisionPlan.of(precision)
+    emb = Embedder(artifact, device=plan.parity_device)
     outputs = emb.session.output_names
     cap = min(emb.manifest.max_seq_len, _PROBE_CAP)
     probes = _probe_texts(cap)
@@ -124,10 +126,10 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         worst["sentence_embedding"] = min(worst["sentence_embedding"], st_cos)
         cases.append(ParityCase(output="sentence_embedding (sentence-transformers)", batch=4, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=st_cos, max_abs_diff=-1.0))
-    threshold = THRESHOLDS[precision]
+    threshold = THRESHOLDS[plan.name]
     missed = [o for o, output in enumerate(outputs) if worst[output] < threshold]
     noise: dict[str, list[float]] = {}
-    if missed and precision == "fp32":
+    if missed and plan.judges_noise:
         compact = emb.manifest.optimization.get("embedding_table") == "fp16"
         noise = _noise_floor(module, checked, missed, outputs, resolved.arch.token_type_ids, compact)
     passed = all(worst[o] >= threshold or (o in noise and noise[o][0] <= NOISE_FACTOR * noise[o][1])

@@ -20,6 +20,7 @@ from toolkit.export.optimize import (
     time_graphs,
 )
 from toolkit.export.parity import check_parity
+from toolkit.export.precision import PrecisionPlan
 from toolkit.export.resolve import ResolvedModel, resolve_model
 from toolkit.export.steps import (
     ExportResult,
@@ -39,7 +40,7 @@ from toolkit.export.towers import (
     quantize_image_tower,
 )
 from toolkit.runtime.tokenization import Tokenizer
-from toolkit.settings import ExportOptions, Precision, Target
+from toolkit.settings import ExportOptions, Target
 
 __all__ = ["ExportResult", "StepReporter", "default_output", "export_model"]
 
@@ -85,12 +86,12 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     torch.manual_seed(0)
     with step("Resolving the model card"):
         resolved = resolve_model(model, options)
-    precision, target = _check_precision(resolved, options)
-    out = Path(options.output) if options.output else default_output(resolved.card.name, precision)
+    plan, target = PrecisionPlan.for_export(options, pairs=resolved.head.pairs), Target(options.target)
+    out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
     if resolved.head.vision_language:
         from toolkit.export.vision_language_pipeline import export_vision_language
 
-        return export_vision_language(resolved, options, out, step, started)
+        return export_vision_language(resolved, options, plan, out, step, started)
     with tempfile.TemporaryDirectory(prefix="toolkit-export-") as tmp_name:
         tmp = Path(tmp_name)
         with step(f"Loading {resolved.arch.model_type} in PyTorch"):
@@ -99,10 +100,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             pad_id = pad_token_id(tokenizer, resolved)
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
-        with step(f"Optimizing for {target.value} / {precision.value}"):
-            fp32, final, optimization = _optimize(module, resolved, graph, tmp, options, tokenizer)
+        with step(f"Optimizing for {target.value} / {plan.name}"):
+            fp32, final, optimization = _optimize(module, resolved, graph, tmp, options, plan, tokenizer)
         choice = None
-        if precision == Precision.INT8 and not resolved.head.image_tower:  # two towers: the image tower's, below
+        if plan.quantizes_int8 and not resolved.head.image_tower:  # two towers: the image tower's, below
             with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
                 from toolkit.export.int8 import choose_for_model
 
@@ -117,8 +118,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         image_graph = None
         if resolved.head.image_tower:
             with step("Exporting the image tower (torch.onnx, dynamo)"):
-                image_graph, tower = build_image_tower(module, resolved, options, tmp)
-            if precision == Precision.INT8:  # the GEMM-bound ViT; the text tower (a few ms a query) stays fp32
+                image_graph, tower = build_image_tower(module, resolved, options, plan, tmp)
+            if plan.quantizes_int8:  # the GEMM-bound ViT; the text tower (a few ms a query) stays fp32
                 image_graph, optimization = quantize_image_tower(image_graph, tmp, optimization)
         manifest = draft_manifest(resolved, options, final, tokenizer, pad_id, optimization)
         if image_graph is not None:
@@ -134,16 +135,16 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against PyTorch"):
-                text_precision = "fp32" if resolved.head.image_tower else precision.value  # that graph's own
+                text_precision = "fp32" if resolved.head.image_tower else plan.name  # that graph's own
                 report = check_parity(candidate, resolved, module, text_precision)
                 if choice is not None:
                     from toolkit.export.int8 import int8_gate
 
                     report = int8_gate(report, choice)
                 if image_graph is not None:
-                    manifest = check_image_tower(manifest, candidate, resolved, module, precision)
+                    manifest = check_image_tower(manifest, candidate, resolved, module, plan)
             if not report.passed:
-                if not (options.allow_low_accuracy and precision == Precision.INT8):
+                if not plan.allows_low_accuracy(options):
                     raise parity_error(report)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
@@ -155,19 +156,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
 
 
-def _check_precision(resolved: ResolvedModel, options: ExportOptions) -> tuple[Precision, Target]:
-    """The precision / target pair, refused where it does not fit (int8 is CPU, fp16 GPU; no int8 cross-encoders)."""
-    precision, target = Precision(options.precision), Target(options.target)
-    if precision == Precision.INT8 and target != Target.CPU:
-        raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
-    if precision == Precision.INT8 and resolved.head.pairs:
-        raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
-    if precision == Precision.FP16 and target == Target.CPU:
-        raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
-    return precision, target
-
-
-def _optimize(module, resolved: ResolvedModel, graph: Path, tmp: Path, options: ExportOptions,
+def _optimize(module, resolved: ResolvedModel, graph: Path, tmp: Path, options: ExportOptions, plan: PrecisionPlan,
               tokenizer: Tokenizer) -> tuple[Path, Path, dict[str, float | int | str]]:
     """(the fp32 graph to ship or quantize, the final graph, what was chosen and measured).
 
@@ -195,7 +184,7 @@ def _optimize(module, resolved: ResolvedModel, graph: Path, tmp: Path, options: 
         if compacted is not None:
             fp32 = compacted
             optimization["embedding_table"] = "fp16"
-    final = convert_fp16(fp32, tmp / "fp16.onnx") if Precision(options.precision) == Precision.FP16 else fp32
+    final = convert_fp16(fp32, tmp / "fp16.onnx") if plan.converts_fp16 else fp32
     return fp32, final, optimization
 
 

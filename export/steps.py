@@ -17,6 +17,7 @@ from toolkit.export.graph import output_names
 from toolkit.export.onnx_export import write_artifact
 from toolkit.export.optimize import fused_counts
 from toolkit.export.parity import NOISE_FACTOR
+from toolkit.export.precision import PrecisionPlan
 from toolkit.export.resolve import ResolvedModel
 from toolkit.export.towers import image_tower_path
 from toolkit.manifest import Manifest, ParityReport
@@ -42,9 +43,9 @@ def quiet_step(title: str) -> Iterator[None]:
     yield
 
 
-def default_output(card_name: str, precision: Precision) -> Path:
-    suffix = "" if precision == Precision.FP32 else f"-{precision.value}"
-    return Path.cwd() / f"{card_name.replace('/', '_')}{suffix}.onnx"
+def default_output(card_name: str, plan: PrecisionPlan) -> Path:
+    """Where an export writes when no output is given: the card's name and the precision's suffix, here."""
+    return Path.cwd() / f"{card_name.replace('/', '_')}{plan.file_suffix}.onnx"
 
 
 def package_versions() -> dict[str, str]:

@@ -29,12 +29,13 @@ from toolkit.export.heads import normalize
 from toolkit.export.int8_weights import quantize_weights, weight_gemms
 from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.optimize import convert_fp16
+from toolkit.export.precision import PrecisionPlan
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ImagePreprocess, ImageTower, Manifest, ParityCase, ParityReport
 from toolkit.runtime.artifact import (
     image_tower_path,  # the runtime's convention; re-exported for the exporter
 )
-from toolkit.settings import ExportOptions, Precision
+from toolkit.settings import ExportOptions
 
 __all__ = ["IMAGE_THRESHOLDS", "ImageFeatures", "build_image_tower", "check_image_tower", "export_image_graph", "image_parity", "image_preprocess",
            "image_tower_path", "probe_images", "quantize_image_tower", "text_reference_check"]
@@ -212,12 +213,13 @@ def text_reference_check(emb, resolved: ResolvedModel, model: torch.nn.Module, t
     return float(cosines(got, reference).min())
 
 
-def build_image_tower(module, resolved: ResolvedModel, options: ExportOptions, tmp: Path) -> tuple[Path, ImageTower]:
+def build_image_tower(module, resolved: ResolvedModel, options: ExportOptions, plan: PrecisionPlan,
+                      tmp: Path) -> tuple[Path, ImageTower]:
     """The image tower's graph (fp16 for fp16 targets) and its manifest entry (parity filled in later)."""
     spec = image_preprocess(resolved.model_dir, resolved.config, resolved.arch)
     graph = export_image_graph(module.encoder.model, spec, resolved.card.normalize, opset=options.opset,
                                path=tmp / "image.onnx")
-    if Precision(options.precision) == Precision.FP16:
+    if plan.converts_fp16:
         graph = convert_fp16(graph, tmp / "image-fp16.onnx")
     vision = resolved.config.get("vision_config") or {}
     patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
@@ -227,13 +229,13 @@ def build_image_tower(module, resolved: ResolvedModel, options: ExportOptions, t
     return graph, tower
 
 
-def check_image_tower(manifest: Manifest, candidate: Path, resolved: ResolvedModel, module, precision: Precision) -> Manifest:
+def check_image_tower(manifest: Manifest, candidate: Path, resolved: ResolvedModel, module, plan: PrecisionPlan) -> Manifest:
     """The image tower's check (``image_parity``): ParityError when it misses, else the manifest
     with its report."""
     from toolkit.runtime.embedder import Embedder
 
-    emb = Embedder(candidate, device="auto" if precision == Precision.FP16 else "cpu")
-    report = image_parity(emb, resolved, module.encoder.model, precision.value)
+    emb = Embedder(candidate, device=plan.parity_device)
+    report = image_parity(emb, resolved, module.encoder.model, plan.name)
     if not report.passed:
         raise ParityError(f"image tower parity check failed (min cosine {report.min_cosine['image_embedding']:.6f}, "
                           f"need >= {report.threshold}; pixels differ from the image processor's by up to "

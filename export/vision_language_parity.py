@@ -8,11 +8,11 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import Manifest, ParityCase, ParityReport, VisionLanguage
+from toolkit.vision_families import load_half
 
 __all__ = ["THRESHOLDS", "References", "as_input", "parity_references", "probe_set", "probe_vectors",
            "vision_language_parity"]
@@ -95,105 +95,16 @@ def probe_vectors(emb) -> np.ndarray:
 
 
 def _reference(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, tokenizer, processor, item: dict) -> np.ndarray:
-    """The model's own embedding of one item: its family's forward (``_qwen_reference``, ``llava_next_reference``),
-    the last token's state, normalized."""
-    if spec.family == "llava_next":
-        from toolkit.export.llava_next import llava_next_reference
-
-        hidden = llava_next_reference(model, spec, tokenizer, processor, item)
-    else:
-        hidden = _qwen_reference(model, spec, tokenizer, processor, item)
+    """The model's own embedding of one item: its family's forward (the export half's ``run_reference``), the last
+    token's state, normalized."""
+    hidden = load_half(spec.family, "export").run_reference(model, spec, tokenizer, processor, item)
     last = hidden[0, -1].numpy().astype(np.float64)
     return last / max(np.linalg.norm(last), 1e-12)
 
 
-def _qwen_reference(model: nn.Module, spec: VisionLanguage, tokenizer, processor, item: dict) -> torch.Tensor:
-    """The model's last hidden state for one item: its tokenizer's chat template, transformers' image processor,
-    the forward with ``mm_token_type_ids``."""
-    from PIL import Image
-
-    from toolkit.runtime.vision_language import item_messages, placeholder_images
-
-    videos = [_qwen_video(spec, video) for video in item.get("videos", [])]
-    decoded = [Image.open(io.BytesIO(data)) for data in item.get("images", [])] or \
-        ([] if videos else placeholder_images(spec))
-    messages = item_messages(item.get("text"), len(decoded), item.get("instruction"), spec, videos=len(videos))
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + spec.prompt_suffix
-    feeds = {}
-    if videos:  # each video's placeholder (start, pad, end) replaced as vLLM's Qwen3-VL processor does
-        facts = spec.video
-        parts = prompt.split(facts.vision_start + facts.token + facts.vision_end)
-        prompt = parts[0] + "".join(text + rest for (_, _, text), rest in zip(videos, parts[1:]))
-        feeds = {"pixel_values_videos": torch.cat([v[0] for v in videos]),
-                 "video_grid_thw": torch.tensor([v[1] for v in videos])}
-    if decoded:
-        pixels = processor(images=decoded, return_tensors="np")
-        grids = pixels["image_grid_thw"]
-        parts = prompt.split(spec.image_token)
-        counts = [int(np.prod(g)) // spec.merge_size ** 2 for g in grids]
-        prompt = parts[0] + "".join(spec.image_token * n + rest for n, rest in zip(counts, parts[1:]))
-        feeds.update(pixel_values=torch.from_numpy(np.asarray(pixels["pixel_values"], np.float32)),
-                     image_grid_thw=torch.from_numpy(np.asarray(grids)))
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    kinds = (ids == spec.image_token_id).to(torch.int32)  # text 0, image 1, video 2
-    if spec.video is not None:
-        kinds += 2 * (ids == spec.video.token_id).to(torch.int32)
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds,
-                     **feeds).last_hidden_state
-
-
-def _qwen_video(spec: VisionLanguage, video: dict) -> tuple[torch.Tensor, list[int], str]:
-    """One frame list through transformers' Qwen3-VL video processing: its ``smart_resize``, each frame resized
-    as torchvision resizes uint8 frames (antialiased bicubic in float32, clamped, rounded: the one step done
-    here, torchvision's CUDA-built wheel does not load beside a CPU torch), its fused rescale and normalize, its
-    ``patchify``, and its processor's timestamps and placeholder text -> (patches, grid, placeholder text)."""
-    from types import SimpleNamespace
-
-    from PIL import Image
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
-        Qwen3VLVideoProcessor,
-        smart_resize,
-    )
-    from transformers.video_utils import VideoMetadata
-
-    facts = spec.video
-    frames = np.stack([np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in video["frames"]])
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, C, H, W)
-    h, w = smart_resize(len(frames), x.shape[2], x.shape[3], temporal_factor=spec.temporal_patch_size,
-                        factor=spec.patch_size * spec.merge_size, min_pixels=facts.min_pixels,
-                        max_pixels=facts.max_pixels)
-    x = nn.functional.interpolate(x, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
-    x = x.clamp_(0, 255).round_()
-    mean, std = torch.tensor(facts.mean) * (1 / (1 / 255)), torch.tensor(facts.std) * (1 / (1 / 255))
-    x = (x - mean[:, None, None]) / std[:, None, None]
-    patches, t, gh, gw = Qwen3VLVideoProcessor.patchify(None, x[None], spec.patch_size, spec.merge_size,
-                                                          spec.temporal_patch_size)
-    processor = SimpleNamespace(
-        video_processor=SimpleNamespace(merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size),
-        vision_start_token=facts.vision_start, vision_end_token=facts.vision_end, video_token=facts.token,
-        _calculate_timestamps=lambda *a: Qwen3VLProcessor._calculate_timestamps(None, *a))
-    metadata = VideoMetadata(total_num_frames=len(frames), fps=video["fps"], frames_indices=list(range(len(frames))))
-    text = Qwen3VLProcessor.replace_video_token(processor, {"video_grid_thw": torch.tensor([[t, gh, gw]]),
-                                                            "video_metadata": [metadata]}, 0)
-    return patches[0], [t, gh, gw], text
-
-
 def _processor(resolved: ResolvedModel, spec: VisionLanguage, tokenizer):
-    """transformers' processor for the reference: LLaVA-NeXT's processor class, or Qwen-VL's image processor
-    (Pillow backend) within the card's pixel bounds."""
-    from transformers import AutoImageProcessor
-
-    if spec.family == "llava_next":
-        from toolkit.export.llava_next import llava_next_processor
-
-        return llava_next_processor(resolved, spec, tokenizer)
-    bounds = {"min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}  # the card's, where it sets them
-    try:
-        return AutoImageProcessor.from_pretrained(resolved.model_dir, backend="pil", **bounds)
-    except (TypeError, ValueError):
-        return AutoImageProcessor.from_pretrained(resolved.model_dir, **bounds)
+    """transformers' processor for the reference: the family's own (the export half's ``load_processor``)."""
+    return load_half(spec.family, "export").load_processor(resolved, spec, tokenizer)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from toolkit.export.precision import PrecisionPlan
 from toolkit.export.resolve import ResolvedModel
 from toolkit.export.steps import (
     ExportResult,
@@ -23,7 +24,7 @@ from toolkit.export.steps import (
 )
 from toolkit.export.towers import image_tower_path
 from toolkit.runtime.tokenization import Tokenizer
-from toolkit.settings import ExportOptions, Precision
+from toolkit.settings import ExportOptions
 
 __all__ = ["export_vision_language"]
 
@@ -31,9 +32,10 @@ _INT8_SEARCH_SLACK = 0.95  # the int8 search allows 95% of the gate's 1 - cosine
 # the gate vs transformers (which our fp32 graphs match within 1e-5)
 
 
-def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out: Path, step: StepReporter,
-                           started: float) -> ExportResult:
-    """The artifact at ``out`` (the language graph) and its vision graph beside it; see the module docstring."""
+def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan: PrecisionPlan, out: Path,
+                           step: StepReporter, started: float) -> ExportResult:
+    """The artifact at ``out`` (the language graph) and its vision graph beside it, at ``plan``'s precision (its
+    target already checked by ``export_model``); see the module docstring."""
     from toolkit.export.vision_language import (
         export_vision_language_graphs,
         load_vision_language,
@@ -52,8 +54,6 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
         with step("Exporting the vision and language graphs (torch.onnx, dynamo)"):
             language, vision = export_vision_language_graphs(model, resolved, spec, opset=options.opset, tmp=tmp)
         optimization: dict[str, float | int | str] = {}
-        precision = Precision(options.precision)
-        int8 = precision == Precision.INT8
         draft = vision_language_manifest(draft_manifest(resolved, options, language, tokenizer, pad_id, {}), spec)
         references = None
         if not options.skip_parity:
@@ -61,7 +61,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
                 references = parity_references(draft, resolved, model)
         del model  # not needed past this point (a 2B model: 8.8 GB), before any graph is rewritten or opened
         release_memory()
-        if int8:  # the kinds of layer int8 leaves within its gate (vs our fp32 graphs); then the parity check below
+        if plan.quantizes_int8:  # the kinds of layer int8 leaves within its gate (vs our fp32 graphs); then the parity check below
             from toolkit.cpu import describe
             from toolkit.export.vision_language_int8 import choose_kinds
             from toolkit.export.vision_language_parity import THRESHOLDS, probe_vectors
@@ -76,7 +76,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
                                   min_cosine=1 - _INT8_SEARCH_SLACK * (1 - THRESHOLDS["int8"]))
             language, vision = choice.language, choice.vision
             optimization = {**choice.record(), "int8_gated_on": describe()}
-        elif precision == Precision.FP16:  # fp16 weights and compute, fp32 inputs and outputs
+        elif plan.converts_fp16:  # fp16 weights and compute, fp32 inputs and outputs
             from toolkit.export.optimize import convert_fp16
 
             with step("Converting both graphs to fp16 (inputs and outputs stay fp32)"):
@@ -91,10 +91,10 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, out:
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against transformers (text, image and text + image items)"):
-                device = "auto" if precision == Precision.FP16 else "cpu"  # fp16: the GPU where there is one
-                report = vision_language_parity(Embedder(candidate, device=device), references, precision.value)
+                report = vision_language_parity(Embedder(candidate, device=plan.parity_device), references,
+                                                plan.name)
             if not report.passed:
-                if not (int8 and options.allow_low_accuracy):
+                if not plan.allows_low_accuracy(options):
                     raise parity_error(report)
                 warnings.append("int8 accuracy gate missed; written anyway (--allow-low-accuracy)")
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings,

@@ -28,7 +28,7 @@ import numpy as np
 
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["LlavaNextImageSpec", "LlavaNextImages", "best_resolution", "feature_layout", "preprocess_llava_next"]
+__all__ = ["Images", "LlavaNextImageSpec", "LlavaNextImages", "best_resolution", "feature_layout", "preprocess_llava_next"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,6 @@ class LlavaNextImages:
     @staticmethod
     def positions(is_image: Sequence[bool], grids: Sequence) -> np.ndarray:
         return np.arange(len(is_image), dtype=np.int64)[None]
+
+
+Images = LlavaNextImages  # the family's runtime half (``toolkit.vision_families``): what the encoder builds from the spec

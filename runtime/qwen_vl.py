@@ -28,7 +28,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.images import _FILTERS, _rgb
 
-__all__ = ["QwenImages", "QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "scaled_size", "vision_positions",
+__all__ = ["Images", "QwenImages", "QwenVLImageSpec", "fit_size", "mrope_positions", "placeholder_count", "preprocess_qwen_vl", "scaled_size", "vision_positions",
            "position_taps", "window_layout"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -211,3 +211,6 @@ class QwenImages:
 
     def positions(self, is_image: Sequence[bool], grids: Sequence) -> np.ndarray:
         return mrope_positions(is_image, grids, self.spec.merge_size)[0]
+
+
+Images = QwenImages  # the family's runtime half (``toolkit.vision_families``): what the encoder builds from the spec

@@ -22,11 +22,10 @@ from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
 from toolkit.runtime.images import ImageRef, Pixels, decode_image, is_image_input, require_pillow
-from toolkit.runtime.llava_next import LlavaNextImages
 from toolkit.runtime.outputs import plan_output
-from toolkit.runtime.qwen_vl import QwenImages
 from toolkit.runtime.session import OrtSession
 from toolkit.runtime.video import Video, VideoRef, expand_videos, prepare_video
+from toolkit.vision_families import FamilyView
 
 if TYPE_CHECKING:
     from toolkit.runtime.context import ModelContext
@@ -142,7 +141,7 @@ class VisionInput:
 MAX_VIDEOS = 4  # videos per item
 
 # each family's image side: its preprocessing, the vision graph's feeds, its feature rows and the prompt's positions
-FAMILIES = {"qwen2_vl": QwenImages, "qwen2_5_vl": QwenImages, "qwen3_vl": QwenImages, "llava_next": LlavaNextImages}
+FAMILIES = FamilyView("runtime", "Images")  # family -> its runtime half's Images (toolkit.vision_families)
 
 
 class VisionLanguageEncoder:
