@@ -17,11 +17,12 @@ from pathlib import Path
 import msgspec
 
 from toolkit.export.pipeline import export_model
-from toolkit.export.steps import StepReporter, quiet_step
-from toolkit.model_source import cache_entry, find_cached_artifact, locate_source
+from toolkit.export.precision import PrecisionPlan
+from toolkit.export.steps import ExportResult, StepReporter, default_output, quiet_step
+from toolkit.model_source import SourceKind, cache_entry, find_cached_artifact, locate_source
 from toolkit.settings import ExportOptions
 
-__all__ = ["CachedArtifact", "ensure_artifact"]
+__all__ = ["CachedArtifact", "ensure_artifact", "export_to"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,47 @@ def ensure_artifact(model: str | Path | None, options: ExportOptions | None = No
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return CachedArtifact(entry.artifact, reused=False)
+
+
+def export_to(model: str | None, options: ExportOptions, *, step: StepReporter = quiet_step,
+              force: bool = False) -> tuple[ExportResult, bool]:
+    """``toolkit export``: (the artifact at ``options.output``, whether it was reused). A model exported before with
+    the same source, options and toolkit version (the cache's key, ``cache_entry``) is not exported again: its
+    verified artifact is linked (or copied) from the cache, beside it its image tower where it has one. Otherwise it
+    is exported into the cache first (``ensure_artifact``), so ``serve`` / ``embed`` / ``Embedder`` of the same
+    model find it too. ``force``: export again, replacing the cache's copy."""
+    import time
+
+    from toolkit.manifest import MANIFEST_KEY, decode_manifest
+    from toolkit.runtime.artifact import image_tower_path, read_metadata
+
+    started = time.perf_counter()
+    source = locate_source(model)
+    if source.kind is SourceKind.ARTIFACT:  # nothing to export: export_model says so in its words
+        return export_model(model, options, step=step), False
+    if force:
+        shutil.rmtree(cache_entry(source, options).folder, ignore_errors=True)
+    cached = ensure_artifact(model, options, step=step)
+    manifest = decode_manifest(read_metadata(cached.path)[MANIFEST_KEY], source=str(cached.path))
+    out = Path(options.output) if options.output else default_output(manifest.card.name, PrecisionPlan.of(options.precision))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with step(f"Writing {out.name}" + (" (the verified export in the cache: same model, options and toolkit)"
+                                       if cached.reused else "")):
+        for src, dst in [(cached.path, out)] + ([(image_tower_path(cached.path), image_tower_path(out))]
+                                               if image_tower_path(cached.path).is_file() else []):
+            _place(src, dst)
+    return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size), cached.reused
+
+
+def _place(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``: a hard link where the file system allows one (an 8 GB artifact is not
+    written twice), else a copy; written beside ``dst`` and renamed, so a reader never sees half of it."""
+    if dst.resolve() == src.resolve():
+        return
+    staging = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(src, staging)
+    except OSError:
+        shutil.copyfile(src, staging)
+    os.replace(staging, dst)

@@ -222,3 +222,29 @@ def test_a_card_name_exported_before_is_reused_and_said_so(tiny_artifact, tmp_pa
     said = " ".join(done.stderr.split())
     assert f"reusing the export of {DEFAULT_MODEL} in {cached} (exported before" in said, done.stderr
     assert "exporting" not in said and "sentences/s" in done.stdout
+
+
+def test_toolkit_export_reuses_the_same_export_and_force_redoes_it(tiny_st_dir, tmp_path, monkeypatch):
+    """`toolkit export` of a model exported before with the same options (the cache's key) writes its verified
+    artifact again without exporting, and says so; other options are another export; --force exports again; the
+    export is the cache's, which `serve` / `Embedder` of the same model then find."""
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    env = {**os.environ}
+
+    def export(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*TOOLKIT, "export", str(tiny_st_dir), *args], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = export("-o", "first.onnx")
+    assert "reused" not in first.stderr
+    again = export("-o", "again.onnx")
+    assert "reused the verified export in the cache" in again.stderr
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "first.onnx").read_bytes()
+    cached = find_cached_artifact(str(tiny_st_dir))  # the export is the cache's: serve / Embedder find it
+    assert cached is not None and cached.read_bytes() == (tmp_path / "first.onnx").read_bytes()
+    other = export("-o", "other.onnx", "--no-normalize")
+    assert "reused" not in other.stderr and (tmp_path / "other.onnx").read_bytes() != (tmp_path / "first.onnx").read_bytes()
+    forced = export("-o", "again.onnx", "--force")
+    assert "reused" not in forced.stderr and (tmp_path / "again.onnx").is_file()

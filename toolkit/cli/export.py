@@ -31,6 +31,7 @@ def export(
     skip_parity: Annotated[bool, typer.Option(help="Skip verification (recorded in the manifest as UNVERIFIED)")] = False,
     allow_low_accuracy: Annotated[bool, typer.Option(help="Write an int8 artifact that misses its accuracy gate")] = False,
     no_optimize: Annotated[bool, typer.Option("--no-optimize", help="Skip onnxruntime transformer fusions")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Export again even where the cache holds this model exported with the same options and toolkit version (it is reused by default)")] = False,
     fp32_embedding_table: Annotated[bool, typer.Option("--fp32-embedding-table", help="CPU: keep the word-embedding table in fp32 (default: fp16 lookup, cast to fp32; cosine moves ~1e-7, -22 MiB for MiniLM)")] = False,
 ) -> None:
     """Export MODEL to ONE self-contained ONNX artifact, verified against PyTorch."""
@@ -54,9 +55,9 @@ def export(
         if skip_parity:
             console.print("[bold yellow]WARNING: --skip-parity: the artifact will NOT be checked against PyTorch; "
                           "the manifest records it as unverified.[/]")
-        from toolkit.export import export_model
+        from toolkit.export.cache import export_to
 
-        result = export_model(model, options, step=step)
+        result, reused = export_to(model, options, step=step, force=force)
     parity = result.manifest.parity
     if parity.max_abs_diff and not parity.min_cosine:  # a cross-encoder's scores
         figure = f"max abs difference vs {parity.reference} {max(parity.max_abs_diff.values()):.2e}"
@@ -66,6 +67,8 @@ def export(
         figure += (f"; image tower ({image.parity.reference}) {image.parity.min_cosine['image_embedding']:.7f}, "
                    f"pixels within {image.parity.max_abs_diff['pixel_values']:.1e}")
     console.print(f"[bold]{escape(str(result.path))}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
-                  + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else ""))
+                  + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else "")
+                  + ("; reused the verified export in the cache (same model, options and toolkit; --force exports "
+                     "again)" if reused else ""))
 
 
