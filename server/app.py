@@ -24,6 +24,9 @@ from toolkit.errors import (
 )
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
+from toolkit.server.batch_runner import BatchRunner
+from toolkit.server.batch_store import BatchStore
+from toolkit.server.batches_api import BatchesController, batch_api_off
 from toolkit.server.classify_api import (
     ClassifyController,
     ClassifyRequest,
@@ -35,6 +38,7 @@ from toolkit.server.cohere_api import CohereController
 from toolkit.server.decoding import ToolkitRequest
 from toolkit.server.dispatch import BodyRoute, convert_body, dispatch_body
 from toolkit.server.errors import handle_exception
+from toolkit.server.files_api import FilesController
 from toolkit.server.gateway import Gateway
 from toolkit.server.metrics import Metrics
 from toolkit.server.models import ModelRegistry, ServedModel
@@ -269,6 +273,17 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         for served in registry.models.values():
             served.engine.close()
 
+    store = BatchStore(options.batch_dir) if options.batch_dir else None  # the Batch API, or its paths a 404
+    batch_routes = [FilesController, BatchesController] if store else [batch_api_off]
+
+    async def stop_batches() -> None:
+        if store is not None:
+            await app.state.batch_runner.stop()
+
+    def start_batches() -> None:
+        if store is not None:
+            app.state.batch_runner.start()
+
     docs, assets = _docs_plugin()
     routes: set[str] = set()
     tracer = Tracer(options.otlp_endpoint, options.otlp_service_name) if options.otlp_endpoint else None
@@ -288,12 +303,13 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
     app = Litestar(
         route_handlers=[OpenAIController, CohereController, VLLMController, TEIController, RerankController,
                         PoolingController, ClassifyController, invocations, root, embeddings_unversioned, ping, health, ready, prometheus,
-                        openapi_json, *assets],
+                        openapi_json, *batch_routes, *assets],
         exception_handlers={Exception: handle_exception},
         middleware=[gateway],
         request_class=ToolkitRequest,
         request_max_body_size=options.payload_limit,
-        on_shutdown=[close_engines, close_tracer],
+        on_startup=[start_batches],
+        on_shutdown=[stop_batches, close_engines, close_tracer],
         cors_config=cors,
         openapi_config=OpenAPIConfig(
             title="onnx-embed-toolkit", version="0.1.0", path="/docs", render_plugins=[docs],
@@ -311,6 +327,8 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
     app.state.metrics = metrics
     app.state.readiness = Readiness(registry)
     app.state.started = int(time.time())
+    if store is not None:
+        app.state.batch_store, app.state.batch_runner = store, BatchRunner(app, store, options)
     return app
 
 

@@ -22,7 +22,9 @@ from toolkit.server.schema import is_open
 from toolkit.server.telemetry import RequestRecord, Tracer, begin_request, end_request
 from toolkit.settings import ServerOptions
 
-__all__ = ["Gateway"]
+__all__ = ["BATCH_SCOPE_KEY", "Gateway"]
+
+BATCH_SCOPE_KEY = "toolkit.batch"  # set in the ASGI scope of a Batch API line's in-process call
 
 log = logging.getLogger("toolkit.server")
 
@@ -96,6 +98,8 @@ class Gateway:
                 started_response = True
             await send(message)
 
+        # a Batch API line (server.batch_runner) is counted apart: its time in the queue is not an online latency
+        route = f"{path} (batch)" if scope.get(BATCH_SCOPE_KEY) else self._route(path)
         self.in_flight += 1
         started = time.perf_counter()
         try:
@@ -108,4 +112,4 @@ class Gateway:
             log.warning("%s %s cancelled by shutdown", scope.get("method"), path)
         finally:
             self.in_flight -= 1
-            self.metrics.request(self._route(path), record.status, time.perf_counter() - started)
+            self.metrics.request(route, record.status, time.perf_counter() - started)

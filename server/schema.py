@@ -160,6 +160,11 @@ _BYTES_METADATA = OpenAPIHeader(
     description="encoding_format bytes: JSON with id, created, model, usage and per-row index, embed_dtype, "
                 "endianness, start, end, shape (vLLM's layout)")
 
+_UPLOAD = RequestBody(required=True, description="a JSONL file of requests for a batch (OpenAI's files.create)",
+                      content={"multipart/form-data": OpenAPIMediaType(schema=_object(
+                          file=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+                          purpose=Schema(type=OpenAPIType.STRING, enum=["batch"])))})
+
 
 def _error_response(status: int, shape: str) -> OpenAPIResponse:
     schema = {"cohere": _ref("CohereError"), "tei": _ref("TEIError"), "openai": _ref("OpenAIError"),
@@ -251,6 +256,8 @@ def document_schema(app: Litestar, options: ServerOptions) -> None:
                 if options.api_key:
                     statuses.add(401)
             _success(operation, path, keys)
+            if (path, method) == ("/v1/files", "post"):
+                operation.request_body = _UPLOAD
             responses = {code: r for code, r in (operation.responses or {}).items() if not code.startswith("4")}
             for status in sorted(statuses):
                 responses[str(status)] = _error_response(status, shape)

@@ -13,7 +13,8 @@
     │   ├── AuthenticationError           401
     │   ├── PayloadTooLargeError          413
     │   ├── UnsupportedMediaTypeError     415
-    │   └── ModelNotFoundError            404
+    │   ├── ModelNotFoundError            404
+    │   └── ObjectNotFoundError           404 (a file or batch of the Batch API)
     ├── OverloadedError                   429
     ├── BulkError (toolkit.bulk)          a row `toolkit embed` cannot embed, or an output it cannot resume
     └── BackendError                      500
@@ -34,6 +35,7 @@ __all__ = [
     "ModelKindError",
     "ModelNotFoundError",
     "NotReadyError",
+    "ObjectNotFoundError",
     "OverloadedError",
     "ParityError",
     "PayloadTooLargeError",
@@ -144,6 +146,13 @@ class ModelNotFoundError(RequestError):
     status_code = 404
     error_type = "not_found_error"
     param = "model"
+
+
+class ObjectNotFoundError(RequestError):
+    """A file or batch id the server does not hold (the Batch API)."""
+
+    status_code = 404
+    error_type = "not_found_error"
 
 
 class OverloadedError(ToolkitError):

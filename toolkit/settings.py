@@ -154,3 +154,8 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     disable_spans: bool = False  # JSON log lines without trace / span ids
     uds_path: str | None = None  # also listen on this Unix domain socket
     prometheus_port: int | None = None  # also serve /metrics, without the API key, on this port
+    # the Batch API (/v1/files, /v1/batches): its files and batches live in this directory; None: the routes are off
+    batch_dir: str | None = None
+    batch_max_file_bytes: int = 200 * 1024 * 1024  # one uploaded file (OpenAI's limit, 200 MB)
+    batch_max_requests: int = 50_000  # request lines in one batch (OpenAI's limit)
+    batch_concurrency: int = 2  # a batch's lines in flight at once, each queued behind every online request

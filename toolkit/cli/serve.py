@@ -92,6 +92,10 @@ def serve(
     hf_overrides: Annotated[str | None, typer.Option(help="vLLM's Matryoshka switch, for a model trained for it whose card lists no sizes: '{\"is_matryoshka\": true}' accepts any `dimensions` 1..dim (cut, then normalized), '{\"matryoshka_dimensions\": [64, 128]}' only those; no other key [default: the card's sizes]")] = None,
     uds_path: Annotated[str | None, typer.Option("--uds-path", "--uds", envvar=_env("UDS_PATH"), help="Also listen on this Unix domain socket")] = None,
     prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), min=0, max=65535, help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
+    batch_dir: Annotated[str | None, typer.Option(envvar="TOOLKIT_BATCH_DIR", help="Turn on OpenAI's Batch API (/v1/files, /v1/batches for /v1/embeddings, /v1/score, /v1/rerank and /v2/embed) with its files and batches kept in this directory: batches run in this process, queued behind online requests, and a restarted server resumes them [default: off: those paths answer 404]")] = None,
+    batch_max_file_mb: Annotated[float, typer.Option(help="With --batch-dir: the largest file /v1/files takes, in MiB (OpenAI's: 200)")] = 200.0,
+    batch_max_requests: Annotated[int, typer.Option(help="With --batch-dir: request lines per batch (OpenAI's: 50,000)")] = 50_000,
+    batch_concurrency: Annotated[int, typer.Option(help="With --batch-dir: a batch's lines in flight at once; each waits for every online request in the batcher; more: more throughput where batching pays (GPUs), longer waits for online requests")] = 2,
     engine: Annotated[str, typer.Option(help="local: one process | ray: replicas behind Ray Serve's HTTP proxy, on a local Ray or a cluster (the [serve] extra)")] = "local",
     address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (auto, ray://HOST:10001) [default: start a local Ray]")] = None,
     replicas: Annotated[int | None, typer.Option(help="--engine ray: a fixed number of replicas [default: 1]")] = None,
@@ -122,8 +126,12 @@ def serve(
                                  target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                                  replica_gpus=replica_gpus, models_per_replica=models_per_replica)
             scale.check()
+            if batch_dir is not None:
+                raise ConfigError("--batch-dir goes with --engine local: a batch runs in the serving process")
         elif any(v is not None for v in (address, replicas, min_replicas, max_replicas, models_per_replica)):
             raise ConfigError("--address and the replica flags go with --engine ray")
+        if batch_max_file_mb <= 0 or batch_max_requests < 1 or batch_concurrency < 1:
+            raise ConfigError("--batch-max-file-mb, --batch-max-requests and --batch-concurrency must be positive")
         from toolkit.server.process import LOG_LEVELS
 
         if log_level.lower() not in LOG_LEVELS:
@@ -165,7 +173,9 @@ def serve(
                                cors_allow_credentials=cors_allow_credentials, ssl_keyfile=ssl_keyfile,
                                ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, otlp_endpoint=otlp_endpoint,
                                otlp_service_name=otlp_service_name, disable_spans=disable_spans, uds_path=uds_path,
-                               prometheus_port=prometheus_port)
+                               prometheus_port=prometheus_port, batch_dir=batch_dir,
+                               batch_max_file_bytes=int(batch_max_file_mb * 1024 * 1024),
+                               batch_max_requests=batch_max_requests, batch_concurrency=batch_concurrency)
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
                                  default_prompt_name=default_prompt_name, default_prompt=default_prompt, **matryoshka)
