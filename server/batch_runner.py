@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from toolkit.runtime.async_embedder import BATCH_LANE, queue_lane
+from toolkit.server.asgi import asgi_call
 from toolkit.server.batch_store import (
     BatchRecord,
     BatchStore,
@@ -67,34 +68,11 @@ def _parse(raw: bytes) -> tuple[Any, int]:
 
 async def call_route(app, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, bytes]:
     """(status, headers, body) of ``POST path`` with a JSON ``body``, answered by the ASGI ``app`` in-process."""
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "client": None, "server": None, "state": {}, "extensions": {}, BATCH_SCOPE_KEY: True,
-             "headers": [(b"host", b"batch"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()), *headers]}
-    delivered, finished = False, asyncio.Event()
-    status, answer_headers, chunks = 500, {}, []
-
-    async def receive() -> dict:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await finished.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        nonlocal status, answer_headers
-        if message["type"] == "http.response.start":
-            status, answer_headers = message["status"], dict(message.get("headers", []))
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                finished.set()
-
-    await app(scope, receive, send)
-    finished.set()
-    return status, answer_headers, b"".join(chunks)
+    status, answer_headers, content = await asgi_call(
+        app, "POST", path, body=body, scope={BATCH_SCOPE_KEY: True, "server": None},
+        headers=[(b"host", b"batch"), (b"content-type", b"application/json"),
+                 (b"content-length", str(len(body)).encode()), *headers])
+    return status, dict(answer_headers), content
 
 
 def _error_line(request_id: str, custom_id: Any, code: str, message: str) -> bytes:

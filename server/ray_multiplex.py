@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from toolkit.server.asgi import asgi_call
 from toolkit.settings import RuntimeOptions, ServerOptions
 
 __all__ = ["build_multiplexed"]
@@ -35,32 +36,6 @@ def _model_of(body: bytes) -> str | None:
         return msgspec.json.decode(body, type=_Named).model
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):  # invalid UTF-8, nested too deep
         return None
-
-
-async def _asgi_call(app, method: str, path: str, query: bytes, headers: list, body: bytes, client) -> tuple:
-    """One HTTP request through an ASGI app in this process: (status, headers, body)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": headers,
-             "client": client, "server": ("127.0.0.1", 80), "state": {}}
-    sent = False
-    status, out_headers, chunks = 500, [], []
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            await asyncio.Event().wait()  # nothing more: the request is whole (a disconnect never comes)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict) -> None:
-        nonlocal status, out_headers
-        if message["type"] == "http.response.start":
-            status, out_headers = message["status"], list(message.get("headers", []))
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, out_headers, b"".join(chunks)
 
 
 class _Open:
@@ -122,7 +97,7 @@ class _ModelsBase:
             await self.load(name)
         self._inside[name] = self._inside.get(name, 0) + 1
         try:
-            return await _asgi_call(self._app, method, path, query, headers, body, client)
+            return await asgi_call(self._app, method, path, query=query, headers=headers, body=body, client=client)
         finally:
             self._inside[name] -= 1
 

@@ -225,26 +225,21 @@ def test_a_card_name_exported_before_is_reused_and_said_so(tiny_artifact, tmp_pa
 
 
 def test_toolkit_export_reuses_the_same_export_and_force_redoes_it(tiny_st_dir, tmp_path, monkeypatch):
-    """`toolkit export` of a model exported before with the same options (the cache's key) writes its verified
-    artifact again without exporting, and says so; other options are another export; --force exports again; the
-    export is the cache's, which `serve` / `Embedder` of the same model then find."""
+    """`toolkit export` of a model exported before with the same options (the cache's key: other options are
+    another entry, test_cache_key_follows_what_changes_the_artifact) writes its verified artifact again without
+    exporting, and says so; --force exports again; the export is the cache's, which `serve` / `Embedder` of the
+    same model find."""
+    from toolkit.export.cache import export_to
+
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
-    env = {**os.environ}
-
-    def export(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([*TOOLKIT, "export", str(tiny_st_dir), *args], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        return done
-
-    first = export("-o", "first.onnx")
-    assert "reused" not in first.stderr
-    again = export("-o", "again.onnx")
-    assert "reused the verified export in the cache" in again.stderr
-    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "first.onnx").read_bytes()
-    cached = find_cached_artifact(str(tiny_st_dir))  # the export is the cache's: serve / Embedder find it
-    assert cached is not None and cached.read_bytes() == (tmp_path / "first.onnx").read_bytes()
-    other = export("-o", "other.onnx", "--no-normalize")
-    assert "reused" not in other.stderr and (tmp_path / "other.onnx").read_bytes() != (tmp_path / "first.onnx").read_bytes()
-    forced = export("-o", "again.onnx", "--force")
-    assert "reused" not in forced.stderr and (tmp_path / "again.onnx").is_file()
+    first, reused = export_to(str(tiny_st_dir), ExportOptions(output=tmp_path / "first.onnx"))
+    assert not reused and first.manifest.parity.passed
+    cached = find_cached_artifact(str(tiny_st_dir))
+    assert cached is not None and cached.read_bytes() == first.path.read_bytes()
+    done = subprocess.run([*TOOLKIT, "export", str(tiny_st_dir), "-o", "again.onnx"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "reused the verified export in the cache" in done.stderr
+    assert (tmp_path / "again.onnx").read_bytes() == first.path.read_bytes()
+    forced, reused = export_to(str(tiny_st_dir), ExportOptions(output=tmp_path / "again.onnx"), force=True)
+    assert not reused and forced.path.is_file() and find_cached_artifact(str(tiny_st_dir)).is_file()
