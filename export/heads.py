@@ -13,6 +13,9 @@ export is verified. The rest of the exporter asks the head and never checks a ki
 - ``ClassifierHead`` (cross-encoders, pooling ``rank``, one label): the sequence-classification logits (batch, 1);
   the activation is recorded in the card and applied by the runtime. Verified on (query, document) pairs by
   max absolute difference, against sentence-transformers' ``CrossEncoder.predict`` where it loads the model.
+- ``MultiVectorHead`` (late interaction: ColBERT in sentence-transformers' ``MultiVectorEncoder`` / PyLate layout): the
+  Dense projection of every token's state, each vector normalized. Outputs ``colbert_embeddings`` (batch, seq, dim);
+  which positions count (a query's [MASK] expansion, a document's skiplist) is declared data for the runtime.
 - ``LabelsHead`` (text classifiers: sentiment, NLI, emotion, topic; pooling ``rank``, N labels): the same logits
   (batch, N) with the config's ``id2label`` and the activation transformers' text-classification pipeline applies.
   Verified on single texts against torch (the logits) and the pipeline (the probabilities).
@@ -26,9 +29,9 @@ import torch
 
 from toolkit.cards import ACTIVATIONS, ModelCard, Pooling
 from toolkit.errors import ConfigError
-from toolkit.manifest import HeadSpec
+from toolkit.manifest import HeadSpec, LateInteraction
 
-__all__ = ["ClassifierHead", "DenseHead", "Head", "LabelsHead", "M3Head", "SparseHead", "TowerHead", "VisionLanguageHead",
+__all__ = ["ClassifierHead", "DenseHead", "Head", "LabelsHead", "M3Head", "MultiVectorHead", "SparseHead", "TowerHead", "VisionLanguageHead",
            "cross_encoder_activation", "head_for", "label_names", "num_labels", "pipeline_activation"]
 
 
@@ -54,6 +57,7 @@ class Head(ABC):
     vision_language: bool = False  # a vision graph beside a language graph (export.vision_language)
     modalities: tuple[str, ...] = ("text",)  # what the artifact reads (the runtime opens an encoder for each)
     encoder: str | None = None  # one encoder for every modality (the runtime's ENCODERS name); None: one each
+    multi_vector: bool = False  # late interaction: checked against MultiVectorEncoder (export.late_interaction)
     # what the manifest records (toolkit.manifest.HeadSpec): the runtime reads these, never the outputs' names
     label: str
     tasks: tuple[str, ...]  # entries of the runtime's task table (toolkit.runtime.tasks)
@@ -179,6 +183,43 @@ class M3Encoder(torch.nn.Module):
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
+
+
+class MultiVectorHead(Head):
+    """Late interaction (ColBERT): ``normalize(dense(hidden))`` at every position, as sentence-transformers'
+    MultiVectorEncoder runs its Transformer, Dense (per token) and Normalize modules. Every position's vector is an
+    output: a query's [MASK] expansion positions are read with attention mask 0 and still scored, so the runtime,
+    not the graph, keeps the positions the checkpoint scores (``LateInteraction``: the MultiVectorMask's rule)."""
+
+    name = "multi_vector"
+    label = "multi-vector (late interaction, ColBERT)"
+    tasks = ("token_embed", "score")  # token_embed in query / document mode; score and rerank by MaxSim
+    token_output = "colbert_embeddings"
+    auto_class = "AutoModel"
+    optimizable = True
+    compact_table = False  # per-token vectors are checked at 1e-5 against the library: keep the lookup exact
+    dense_layers = True  # the per-token Dense to 128
+    calibrated_range = False
+    st_reference = False  # MultiVectorEncoder is checked by export.late_interaction, not SentenceTransformer
+    multi_vector = True
+
+    def __init__(self, late: LateInteraction) -> None:
+        self.late = late
+
+    def spec(self) -> HeadSpec:
+        import msgspec
+
+        return msgspec.structs.replace(super().spec(), late_interaction=self.late)
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return ["colbert_embeddings"]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return dense_out if dense_out is not None else int(config.get("hidden_size", 0))
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        vectors = dense(out.last_hidden_state)  # (batch, seq, dim)
+        return (normalize(vectors) if card.normalize else vectors,)
 
 
 class SparseHead(Head):

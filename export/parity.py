@@ -126,6 +126,15 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         worst["sentence_embedding"] = min(worst["sentence_embedding"], st_cos)
         cases.append(ParityCase(output="sentence_embedding (sentence-transformers)", batch=4, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=st_cos, max_abs_diff=-1.0))
+    multi_vector: dict[str, float] = {}
+    if resolved.head.multi_vector:  # the library's own encode_query / encode_document / similarity on raw texts
+        from toolkit.export.late_interaction import multi_vector_check
+
+        reference = "sentence-transformers MultiVectorEncoder"
+        queries = [probes["short"], probes["short2"], probes["medium"]]  # the medium one fills the query length
+        multi_vector, extra = multi_vector_check(resolved.model_dir, emb, queries, [probes[k] for k in probes],
+                                                 str(emb.card.padding_side.value))
+        cases.extend(extra)
     threshold = THRESHOLDS[plan.name]
     missed = [o for o, output in enumerate(outputs) if worst[output] < threshold]
     noise: dict[str, list[float]] = {}
@@ -134,8 +143,9 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         noise = _noise_floor(module, checked, missed, outputs, resolved.arch.token_type_ids, compact)
     passed = all(worst[o] >= threshold or (o in noise and noise[o][0] <= NOISE_FACTOR * noise[o][1])
                  for o in worst)
+    passed = passed and all(v <= ABS_THRESHOLDS[plan.name] for v in multi_vector.values())
     return ParityReport(reference=reference, threshold=threshold, min_cosine=worst, cases=cases, passed=passed,
-                        noise_floor={k: v for k, v in noise.items()})
+                        noise_floor={k: v for k, v in noise.items()}, max_abs_diff=multi_vector)
 
 
 def _score_parity(resolved: ResolvedModel, emb: Embedder, probes: dict[str, str], cap: int, precision: str,

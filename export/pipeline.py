@@ -86,7 +86,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     torch.manual_seed(0)
     with step("Resolving the model card"):
         resolved = resolve_model(model, options)
-    plan, target = PrecisionPlan.for_export(options, pairs=resolved.head.pairs), Target(options.target)
+    plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector)
+    target = Target(options.target)
     out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
     if resolved.head.vision_language:
         from toolkit.export.vision_language_pipeline import export_vision_language

@@ -41,14 +41,17 @@ class PrecisionPlan:
         raise ValueError(f"precision {value!r} has no plan")
 
     @classmethod
-    def for_export(cls, options: ExportOptions, *, pairs: bool = False) -> PrecisionPlan:
+    def for_export(cls, options: ExportOptions, *, pairs: bool = False, multi_vector: bool = False) -> PrecisionPlan:
         """The export's plan; ExportError where the precision does not fit the target or the model (int8 is CPU,
-        fp16 GPU; no int8 cross-encoders: ``pairs``)."""
+        fp16 GPU; no int8 cross-encoders: ``pairs``, nor late-interaction artifacts: ``multi_vector``)."""
         plan, target = cls.of(options.precision), Target(options.target)
         if plan.quantizes_int8 and target != Target.CPU:
             raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
         if plan.quantizes_int8 and pairs:
             raise ExportError("int8 is not offered for cross-encoders yet: export fp32 (or fp16 for cuda)")
+        if plan.quantizes_int8 and multi_vector:
+            raise ExportError("int8 is not offered for late-interaction (ColBERT) artifacts yet: export fp32 (or fp16 "
+                              "for cuda)")
         if plan.converts_fp16 and target == Target.CPU:
             raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
         return plan

@@ -15,7 +15,15 @@ import msgspec
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
-from toolkit.export.heads import Head, M3Head, cross_encoder_activation, head_for, num_labels
+from toolkit.export.heads import (
+    Head,
+    M3Head,
+    MultiVectorHead,
+    cross_encoder_activation,
+    head_for,
+    num_labels,
+)
+from toolkit.export.late_interaction import is_multi_vector, read_multi_vector
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
 from toolkit.settings import ExportOptions
@@ -165,7 +173,13 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     fields: dict = {}
     dense: tuple[DenseSpec, ...] = ()
     transformer_dir = model_dir
-    if st_layout:
+    multi_vector = read_multi_vector(model_dir) if st_layout and is_multi_vector(model_dir) else None
+    if multi_vector is not None:  # ColBERT (MultiVectorEncoder, PyLate v3): export.late_interaction reads it
+        fields, transformer_dir = dict(multi_vector.fields), multi_vector.transformer_dir
+        dense = tuple(_dense(d) for d in multi_vector.dense_dirs)
+        if (max_len := declared_length(transformer_dir)) is not None:
+            fields["max_seq_len"] = max_len
+    elif st_layout:
         fields, transformer_dir, dense = _read_sentence_transformers(model_dir)
     if not (transformer_dir / "config.json").is_file():
         raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
@@ -213,7 +227,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         merged["matryoshka_dims"] = sorted(set(options.matryoshka_dims))
     if options.matryoshka_any:
         merged["matryoshka_any"] = True
-    if merged.get("pooling") is None:
+    if merged.get("pooling") is None and multi_vector is None:  # late interaction pools nothing
         raise ConfigError(
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
             "pass --pooling cls|mean|last_token|splade|rank"
@@ -221,8 +235,11 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("instruction_end_tokens") and Pooling(merged["pooling"]) != Pooling.MEAN:
         raise ConfigError("instruction_end_tokens (skip the instruction when pooling) needs mean pooling, got "
                           f"{Pooling(merged['pooling']).value}")
-    head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower, vision_language=arch.vision_language,
-                    labels=num_labels(config))
+    if multi_vector is not None:
+        head: Head = MultiVectorHead(multi_vector.late)
+    else:
+        head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower,
+                        vision_language=arch.vision_language, labels=num_labels(config))
     m3 = next((d for d in (transformer_dir, model_dir) if all((d / f).is_file() for f in M3Head.FILES)), None)
     if m3 is not None and head.name == "dense":  # FlagEmbedding's layout: BGE-M3's sparse and ColBERT layers too
         head = M3Head(m3)
@@ -233,6 +250,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         dense = ()
     resolved_card = msgspec.convert(merged, ModelCard, from_attributes=True)
     files = read_model_files(model_dir, transformer_dir, name=resolved_card.name, source=resolved_card.source)
+    if multi_vector is not None and multi_vector.tokenizer_json is not None:  # PyLate's prefixes registered
+        files = replace(files, tokenizer_json=multi_vector.tokenizer_json)
     return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head, files)
 
 

@@ -217,6 +217,12 @@ class AsyncEmbedder:
         states, prepared = await self.perform("token_embed", inputs, **params)
         return states, prepared.tokens
 
+    async def embed_multi(self, texts, *, is_query: bool | None = None, **params) -> tuple[list[np.ndarray], int]:
+        """(per text its (tokens, dim) vectors in query or document mode, prompt tokens), like
+        ``Embedder.embed_multi`` (a late-interaction artifact)."""
+        vectors, prepared = await self.perform("token_embed", texts, is_query=is_query, **params)
+        return vectors, prepared.tokens
+
     async def embed_sparse(self, inputs: Inputs, **params) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
         """(per input its (indices, weights) of non-zero vocabulary entries, prompt tokens), like
         ``Embedder.embed_sparse``."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from toolkit.cards import ModelCard, PaddingSide
 from toolkit.errors import RequestError
-from toolkit.manifest import HeadSpec, Manifest
+from toolkit.manifest import HeadSpec, LateInteraction, Manifest
 from toolkit.runtime.pooling import Inputs, as_input_list
 from toolkit.runtime.session import OrtSession
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
@@ -95,6 +95,11 @@ class ModelContext:
     def cross_encoder(self) -> bool:
         """A reranker artifact: it scores (query, document) pairs instead of embedding texts."""
         return self.head.pairs
+
+    @property
+    def late_interaction(self) -> LateInteraction | None:
+        """A multi-vector (ColBERT) artifact's modes and scoring, as its manifest declares them; None otherwise."""
+        return self.head.late_interaction
 
     @property
     def labels(self) -> list[str]:

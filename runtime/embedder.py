@@ -15,6 +15,7 @@ from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.context import ModelContext
 from toolkit.runtime.encoders import open_encoders
 from toolkit.runtime.images import Pixels, as_image_list
+from toolkit.runtime.late_interaction import max_sim
 from toolkit.runtime.outputs import OutputPlan, finish, matryoshka_card, plan_output
 from toolkit.runtime.pooling import Inputs
 from toolkit.runtime.tasks import Prepared, embed_items, labelled, require, sparse_items, task_for
@@ -224,6 +225,19 @@ class Embedder:
         """Documents best first: ``{"index", "relevance_score"[, "document"]}`` (cross-encoder scores, or cosines
         for an embedding artifact)."""
         return self.perform("rerank", query, documents, top_n=top_n, return_documents=return_documents, **kwargs)
+
+    def embed_multi(self, texts: str | Sequence[str], *, is_query: bool | None = None, **params) -> list[np.ndarray]:
+        """A late-interaction (ColBERT) artifact's vectors: per text a (tokens, dim) float32 matrix in query mode
+        (``is_query=True``: the query prompt, [MASK] expansion) or document mode (the default: the document prompt,
+        the skiplist's tokens dropped), as sentence-transformers' ``encode_query`` / ``encode_document`` return
+        them; ``prompt_name="query"`` / ``"document"`` picks the mode too."""
+        return self.perform("token_embed", texts, is_query=is_query, **params)
+
+    def max_sim(self, queries: Sequence[np.ndarray], documents: Sequence[np.ndarray]) -> np.ndarray:
+        """(n_queries, n_documents) MaxSim of ``embed_multi`` matrices, as this artifact scores (MeanMaxSim where
+        its checkpoint declares it); every document at once, no loop over pairs."""
+        late = self.context.late_interaction
+        return max_sim(list(queries), list(documents), mean=late is not None and late.similarity == "meanmaxsim")
 
     def classify(self, inputs: Inputs, *, use_activation: bool = True, **tokenize) -> np.ndarray:
         """(n, labels) per-label probabilities (the model's activation; raw logits with ``use_activation=False``)

@@ -27,6 +27,7 @@ import numpy as np
 from toolkit.errors import RequestError
 from toolkit.runtime.encoders import by_modality, modality_of
 from toolkit.runtime.images import as_image_list
+from toolkit.runtime.late_interaction import kept_rows, max_sim, mode_of, tokenize_mode
 from toolkit.runtime.outputs import chunk_plan, finish, plan_output
 from toolkit.runtime.pooling import (
     activate,
@@ -216,13 +217,46 @@ def _combine(n: int, parts: list[tuple[list[int], Prepared]], finish: Callable[[
 
 
 # ---------------------------------------------------------------- token_embed
-def prepare_token_embed(ctx: ModelContext, inputs, **tokenize) -> Prepared:
+def prepare_token_embed(ctx: ModelContext, inputs, *, is_query: bool | None = None, **tokenize) -> Prepared:
+    """Per-token vectors; on a late-interaction artifact, the vectors it scores in query or document mode
+    (``is_query``, or ``prompt_name`` "query" / "document"; default document)."""
+    if ctx.late_interaction is not None:
+        mode = mode_of(is_query, tokenize.pop("prompt_name", None))
+        return multi_vector_items(ctx, inputs, mode, prompt=tokenize.get("prompt"),
+                                  truncate_prompt_tokens=tokenize.get("truncate_prompt_tokens"))
+    if is_query is not None:
+        raise RequestError("is_query applies to late-interaction (multi-vector) artifacts only", param="is_query")
     items = ctx.tokenize_inputs(inputs, **tokenize)
     if any(t.parts for t in items):
         raise RequestError("token embeddings of an input longer than the model's window are not supported in "
                            "chunked mode; truncate it", param="input")
     return Prepared([Run(items, ctx.token_output)],
                     lambda rows: [ctx.token_states(s, len(t)) for s, t in zip(rows[0], items)], tokens=_tokens(items))
+
+
+def multi_vector_items(ctx: ModelContext, texts, mode: str, *, prompt: str | None = None,
+                       truncate_prompt_tokens: int | None = None) -> Prepared:
+    """A late-interaction artifact's (tokens, dim) vectors of ``texts`` in ``mode`` (``toolkit.runtime.late_interaction``)."""
+    late = ctx.late_interaction
+    items = tokenize_mode(ctx, late, texts, mode, prompt=prompt, truncate_prompt_tokens=truncate_prompt_tokens)
+    return Prepared([Run(items, ctx.token_output)],
+                    lambda rows: [kept_rows(late, ctx.unpad(r, len(t)), t, mode) for r, t in zip(rows[0], items)],
+                    tokens=_tokens(items))
+
+
+def max_sim_scores(ctx: ModelContext, queries: list, documents: list, *, query_limit: int | None = None,
+                   document_limit: int | None = None) -> Prepared:
+    """MaxSim of queries (query mode) against documents (document mode), vLLM's pairing: (n_documents,) scores."""
+    late = ctx.late_interaction
+    left = multi_vector_items(ctx, queries, "query", truncate_prompt_tokens=query_limit)
+    right = multi_vector_items(ctx, documents, "document", truncate_prompt_tokens=document_limit)
+
+    def reduce(rows):
+        q, d = left.reduce(rows[:1]), right.reduce(rows[1:])
+        mean = late.similarity == "meanmaxsim"
+        return max_sim(q, d, mean=mean)[0] if len(q) == 1 else max_sim(q, d, mean=mean, pairwise=True)
+
+    return Prepared(left.runs + right.runs, reduce, tokens=left.tokens + right.tokens)
 
 
 # ---------------------------------------------------------------- embed_sparse
@@ -288,6 +322,9 @@ def prepare_score(ctx: ModelContext, queries, documents=None, *, use_activation:
     if use_activation is not None and not ctx.cross_encoder:
         raise RequestError("use_activation applies to cross-encoder scores; this is an embedding model, "
                            "whose scores are cosine similarities", param="use_activation")
+    if ctx.late_interaction is not None:  # MaxSim: queries in query mode, documents in document mode
+        return max_sim_scores(ctx, left, right, query_limit=truncate_prompt_tokens,
+                              document_limit=_doc_limit(truncate_prompt_tokens, max_tokens_per_doc))
     if ctx.cross_encoder:
         items = tokenize_pairs(ctx, left, right, truncate_prompt_tokens=truncate_prompt_tokens,
                                max_tokens_per_doc=max_tokens_per_doc)
@@ -335,15 +372,17 @@ def prepare_rerank(ctx: ModelContext, query: str, documents: Sequence[str], *, t
     each document's vectors, the query cut to ``query_truncate_prompt_tokens`` (default: the documents' limit).
     ``max_tokens_per_doc`` (Cohere's / vLLM's field) cuts each document first, never the query."""
     documents = list(documents)
-    if ctx.cross_encoder:
+    if ctx.late_interaction is not None:
+        q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens
+        scored = max_sim_scores(ctx, [query], documents, query_limit=q_limit,
+                                document_limit=_doc_limit(truncate_prompt_tokens, max_tokens_per_doc))
+    elif ctx.cross_encoder:
         scored = prepare_score(ctx, query, documents, use_activation=use_activation,
                                truncate_prompt_tokens=truncate_prompt_tokens, max_tokens_per_doc=max_tokens_per_doc)
     else:
         side = {"truncation_side": truncation_side, "normalize": True}
         q_limit = truncate_prompt_tokens if query_truncate_prompt_tokens is None else query_truncate_prompt_tokens
-        d_limit = truncate_prompt_tokens
-        if max_tokens_per_doc is not None:
-            d_limit = max_tokens_per_doc if d_limit in (None, -1) else min(d_limit, max_tokens_per_doc)
+        d_limit = _doc_limit(truncate_prompt_tokens, max_tokens_per_doc)
         parts = [([0], prepare_embed(ctx, [query], truncate_prompt_tokens=q_limit, **side)),
                  (list(range(1, len(documents) + 1)), prepare_embed(ctx, documents,
                                                                    truncate_prompt_tokens=d_limit, **side))]
@@ -355,6 +394,13 @@ def prepare_rerank(ctx: ModelContext, query: str, documents: Sequence[str], *, t
                  **({"document": documents[i]} if return_documents else {})} for i in rank_order(scores, top_n)]
 
     return Prepared(scored.runs, reduce, tokens=scored.tokens)
+
+
+def _doc_limit(truncate_prompt_tokens: int | None, max_tokens_per_doc: int | None) -> int | None:
+    """A document's token limit: the call's truncation, cut further by ``max_tokens_per_doc``."""
+    if max_tokens_per_doc is None:
+        return truncate_prompt_tokens
+    return max_tokens_per_doc if truncate_prompt_tokens in (None, -1) else min(truncate_prompt_tokens, max_tokens_per_doc)
 
 
 def rank_order(scores: np.ndarray, top_n: int | None = None) -> np.ndarray:

@@ -61,14 +61,18 @@ class Tokenized:
 
     ``parts``: an input longer than the model's window, in chunked mode: its chunks, each a window-sized
     input with its own special tokens (``ids`` then holds all of them, back to back, for counting).
+    ``mask``: its attention mask where some of its own positions are not attended (a ColBERT query's [MASK]
+    expansion); None: every token is.
     """
 
-    __slots__ = ("ids", "parts", "type_ids")
+    __slots__ = ("ids", "mask", "parts", "type_ids")
 
-    def __init__(self, ids: list[int], type_ids: list[int] | None = None, parts: list[Tokenized] | None = None) -> None:
+    def __init__(self, ids: list[int], type_ids: list[int] | None = None, parts: list[Tokenized] | None = None,
+                 mask: list[int] | None = None) -> None:
         self.ids = ids
         self.type_ids = type_ids
         self.parts = parts
+        self.mask = mask
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -317,7 +321,7 @@ def pad_batch(
         n = len(item)
         cols = slice(0, n) if side == PaddingSide.RIGHT else slice(seq - n, seq)
         ids[row, cols] = item.ids
-        mask[row, cols] = 1
+        mask[row, cols] = 1 if item.mask is None else item.mask
         if types is not None and item.type_ids is not None:
             types[row, cols] = item.type_ids
     out = {"input_ids": ids, "attention_mask": mask}

@@ -37,6 +37,7 @@ class PoolingRequest(ChatRequest, kw_only=True):
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "right"
     use_activation: bool | None = None  # embed: normalize or not (vLLM's flag)
+    is_query: bool | None = None  # token_embed of a late-interaction (ColBERT) artifact: query mode (default document)
 
 
 class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -101,7 +102,8 @@ class PoolingController(Controller):
         params = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,
                   "add_special_tokens": specials,
                   **{"embed": {"dimensions": data.dimensions, "normalize": data.use_activation},
-                     "classify": {"use_activation": data.use_activation is not False}}.get(name, {})}
+                     "classify": {"use_activation": data.use_activation is not False},
+                     "token_embed": {"is_query": data.is_query}}.get(name, {})}
         result, prepared = await served.engine.perform(name, inputs, max_tokens=options.max_request_tokens, **params)
         rows, tokens = TASK_TABLE[name].rows(emb.context, result), prepared.tokens
         head = {"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,

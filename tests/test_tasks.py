@@ -8,7 +8,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from toolkit.errors import RequestError
+from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import HeadSpec, Manifest, decode_manifest, encode_manifest
 from toolkit.runtime import AsyncEmbedder, Embedder
 from toolkit.runtime.tasks import TASKS, task_for
@@ -39,6 +39,19 @@ def test_a_format_1_manifest_is_still_read(tiny_artifact, splade_artifact, cross
         old["format_version"] = 1
         legacy = decode_manifest(msgspec.json.encode(old).decode())
         assert legacy.head is None and legacy.head_spec == manifest.head
+
+
+def test_a_newer_format_says_upgrade_before_anything_else(tiny_artifact):
+    """A manifest from a newer toolkit may hold keys this one does not know: the answer is to upgrade, not a list
+    of unknown keys; a format-2 manifest (written before the head declared its encoders) still reads as it did."""
+    manifest = Embedder(tiny_artifact, device="cpu").manifest
+    newer = {**msgspec.json.decode(encode_manifest(manifest)), "format_version": 99, "a_new_key": 1}
+    with pytest.raises(ConfigError, match=r"manifest format 99 is newer than this toolkit reads .*upgrade"):
+        decode_manifest(msgspec.json.encode(newer).decode())
+    format_2 = msgspec.json.decode(encode_manifest(manifest))
+    format_2["format_version"] = 2
+    format_2["head"].pop("encoders")
+    assert decode_manifest(msgspec.json.encode(format_2).decode()).encoders == {"text": "text"}
 
 
 def test_the_engines_share_each_recipe(tiny_artifact, cross_encoder_artifact):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from toolkit.corpus import load_corpus
 
-__all__ = ["GENERIC_DECODERS", "TINY_CONFIGS", "build_remote_code_model", "build_tiny_llava_next", "build_tiny_model"]
+__all__ = ["GENERIC_DECODERS", "TINY_CONFIGS", "build_remote_code_model", "build_tiny_colbert", "build_tiny_llava_next",
+           "build_tiny_model"]
 
 _COMMON = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 64, "max_position_embeddings": 128}
@@ -185,6 +186,85 @@ def add_sentence_transformers_layout(folder: Path, *, pooling: str, dense_dims: 
     data["prompts"] = prompts or {}
     st_config.write_text(json.dumps(data, indent=2))
     return folder
+
+
+COLBERT_MARKERS = ("[unused0]", "[unused1]")  # the query / document markers of ColBERTv2 and answerai-colbert
+
+
+def build_tiny_colbert(folder: Path, *, seed: int = 0, query_length: int = 16, document_length: int = 48,
+                       pylate: bool = False) -> Path:
+    """A random-weight ColBERT saved by sentence-transformers 6's ``MultiVectorEncoder``: a tiny BERT, a bias-free
+    ``Dense`` to 128 per token, the punctuation skiplist for documents, query expansion with [MASK] to
+    ``query_length`` tokens, the ``[unused0] `` / ``[unused1] `` prompts (special tokens of the tokenizer, as
+    sentence-transformers registers them). ``pylate``: rewritten in PyLate v3's layout (modules.json lists only the
+    Transformer and the Dense; the knobs sit flat in config_sentence_transformers.json), which the library loads to
+    the same model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tiny-colbert-") as tmp:  # the plain BERT the encoder is saved from
+        _save_colbert(Path(tmp) / "bert", folder, seed, query_length, document_length, special=not pylate)
+    if pylate:
+        _as_pylate_v3(folder, query_length, document_length)
+    return folder
+
+
+def _save_colbert(base: Path, folder: Path, seed: int, query_length: int, document_length: int, *,
+                  special: bool) -> None:
+    """``special``: the markers are special tokens of the tokenizer; else plain vocabulary entries that the
+    pre-tokenizer splits (as in BERT's vocab.txt), which the library registers as special tokens for PyLate saves."""
+    import string
+
+    import torch
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    build_tiny_model("bert", base, seed=seed, config={"initializer_range": 0.2})
+    if special:
+        tok = PreTrainedTokenizerFast.from_pretrained(base)
+        tok.add_special_tokens({"additional_special_tokens": list(COLBERT_MARKERS)})
+        tok.save_pretrained(base)
+    else:
+        data = json.loads((base / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        for marker in COLBERT_MARKERS:
+            vocab[marker] = len(vocab)
+        (base / "tokenizer.json").write_text(json.dumps(data))
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    model = AutoModel.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(base)
+    torch.manual_seed(seed)
+    transformer = Transformer(str(base), document_length=document_length,
+                              query_expansion={"strategy": "fixed", "length": query_length})
+    width = transformer.get_embedding_dimension()
+    modules = [transformer, Dense(width, 128, bias=False, activation_function=torch.nn.Identity(),
+                                  module_input_name="token_embeddings"),
+               MultiVectorMask(skiplist_words=list(string.punctuation)), Normalize(module_input_name="token_embeddings")]
+    mve = MultiVectorEncoder(modules=modules, device="cpu",
+                             prompts={"query": f"{COLBERT_MARKERS[0]} ", "document": f"{COLBERT_MARKERS[1]} "})
+    mve.save(str(folder))
+
+
+def _as_pylate_v3(folder: Path, query_length: int, document_length: int) -> None:
+    """Rewrite a MultiVectorEncoder save in PyLate v3's layout (``model_type`` ColBERT, flat knobs)."""
+    import string
+
+    modules = json.loads((folder / "modules.json").read_text())
+    kept = [m for m in modules if m["type"].rsplit(".", 1)[-1] in ("Transformer", "Dense")]
+    for m in kept:
+        if m["type"].endswith("Dense"):
+            m["type"] = "pylate.models.Dense.Dense"
+    (folder / "modules.json").write_text(json.dumps(kept, indent=2))
+    st_cfg = folder / "config_sentence_transformers.json"
+    data = json.loads(st_cfg.read_text())
+    data.pop("prompts", None)
+    data.update({"model_type": "ColBERT", "query_prefix": "[unused0]", "document_prefix": "[unused1]",
+                 "query_length": query_length, "document_length": document_length, "attend_to_expansion_tokens": False,
+                 "skiplist_words": list(string.punctuation), "do_query_expansion": True})
+    st_cfg.write_text(json.dumps(data, indent=2))
 
 
 _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -470,7 +550,7 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next"])
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next", "colbert"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     if not (args.folder / "config.json").is_file():
@@ -483,6 +563,8 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
             build_tiny_qwen2_vl(args.folder)
         elif args.kind == "qwen3-vl":  # Qwen3-VL-Embedding's shape: DeepStack, a learned position table, videos
             build_tiny_qwen2_vl(args.folder, family="qwen3_vl")
+        elif args.kind == "colbert":  # a ColBERT (PyLate's shape): 128 per token, queries expanded to 16 tokens
+            build_tiny_colbert(args.folder)
         elif args.kind == "llava-next":  # e5-v's shape: 28-pixel views, up to 3 tiles
             build_tiny_llava_next(args.folder)
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images

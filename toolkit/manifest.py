@@ -19,6 +19,7 @@ __all__ = [
     "TOKENIZER_KEY",
     "ImagePreprocess",
     "ImageTower",
+    "LateInteraction",
     "Manifest",
     "VideoFacts",
     "VisionLanguage",
@@ -31,7 +32,10 @@ __all__ = [
 MANIFEST_KEY = "toolkit.manifest"
 TOKENIZER_KEY = "toolkit.tokenizer"
 MODEL_CARD_KEY = "toolkit.model_card"
-MANIFEST_VERSION = 2  # 2: the head (what the artifact is and the tasks it answers) is recorded
+# 2: the head (what the artifact is and the tasks it answers) is recorded; 3: the head declares each modality's
+# encoder (and a late-interaction artifact its modes): a reader of format 2 would refuse the new keys, so the
+# version says "upgrade" first (``decode_manifest`` reads the version before anything else)
+MANIFEST_VERSION = 3
 
 
 class ParityCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -142,6 +146,24 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     parity: ParityReport
 
 
+class LateInteraction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A late-interaction (ColBERT) artifact's modes, as the checkpoint's sentence-transformers files declare them
+    (``MultiVectorEncoder``: its Transformer's lengths and query expansion, its MultiVectorMask's skiplist): how a
+    query and a document are tokenized, which positions' vectors are kept, and how a pair is scored (MaxSim)."""
+
+    prompts: dict[str, str]  # mode ("query" | "document") -> the text prepended ("[unused0] ", "[Q] ")
+    query_length: int | None = None  # cap on a query's tokens, specials included (None: the model's window)
+    document_length: int | None = None  # cap on a document's tokens (None: the model's window)
+    expansion: str | None = None  # queries padded with expansion_id up to expansion_length: "fixed" (cut there
+    # too) | "min" (only padded) | None (no expansion)
+    expansion_length: int = 0
+    expansion_id: int = -1  # [MASK]: its vectors are kept and scored
+    attend_expansion: bool = False  # the encoder attends to the expansion positions (else attention mask 0)
+    skiplist_ids: list[int] = []  # token ids whose vectors are dropped (punctuation) in the skiplist modes
+    skiplist_modes: list[str] = msgspec.field(default_factory=lambda: ["document"])
+    similarity: str = "maxsim"  # "maxsim" | "meanmaxsim" (divided by the query's token count)
+
+
 class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What the artifact IS, written by the exporter from its head (``export.heads``): the runtime reads this and
     never infers a kind from output names."""
@@ -157,6 +179,7 @@ class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # "vision_language" (one encoder for texts, images, items with both, and videos); {} in artifacts written
     # before it was recorded (``Manifest.encoders`` tells those as that toolkit did)
     encoders: dict[str, str] = {}
+    late_interaction: LateInteraction | None = None  # a multi-vector (ColBERT) artifact: its modes and scoring
 
 
 def legacy_head(outputs: list[str], card: ModelCard, image: bool) -> HeadSpec:
@@ -240,15 +263,23 @@ def encode_manifest(manifest: Manifest) -> str:
     return msgspec.json.encode(manifest).decode()
 
 
+class _Version(msgspec.Struct):
+    format_version: int = 1
+
+
 def decode_manifest(text: str, *, source: str = "artifact") -> Manifest:
-    """Decode a manifest, refusing unknown keys and newer format versions."""
+    """Decode a manifest, refusing newer format versions (checked first: a newer format may hold keys this
+    toolkit does not know, and the answer to that is "upgrade") and unknown keys."""
     try:
-        manifest = msgspec.json.decode(text, type=Manifest)
+        version = msgspec.json.decode(text, type=_Version).format_version
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{source}: invalid toolkit manifest: {exc}") from None
+    if version > MANIFEST_VERSION:
+        raise ConfigError(
+            f"{source}: manifest format {version} is newer than this toolkit reads ({MANIFEST_VERSION}); "
+            "upgrade onnx-embed-toolkit"
+        )
+    try:
+        return msgspec.json.decode(text, type=Manifest)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: invalid toolkit manifest: {exc}") from None
-    if manifest.format_version > MANIFEST_VERSION:
-        raise ConfigError(
-            f"{source}: manifest format {manifest.format_version} is newer than this toolkit "
-            f"reads ({MANIFEST_VERSION}); upgrade onnx-embed-toolkit"
-        )
-    return manifest

@@ -57,6 +57,13 @@ def inspect(
              + [f"{k} max abs {v:.2e}" for k, v in manifest.parity.max_abs_diff.items()])),
         ("versions", ", ".join(f"{k} {v}" for k, v in manifest.versions.items())),
     ]
+    if (late := manifest.head_spec.late_interaction) is not None:  # ColBERT: its modes, as the checkpoint declares
+        query = {"fixed": f"query exactly {late.expansion_length} tokens ([MASK]-padded)",
+                 "min": f"query at least {late.expansion_length} tokens ([MASK]-padded)"}.get(
+            late.expansion or "", f"query at most {late.query_length or manifest.max_seq_len} tokens")
+        rows.insert(4, ("late interaction", f"{late.similarity}; {query}; document at most "
+                        f"{late.document_length or manifest.max_seq_len} tokens; {len(late.skiplist_ids)} skiplist "
+                        f"ids dropped ({', '.join(late.skiplist_modes)})"))
     if manifest.parity.retrieval_top10_overlap is not None:
         rows.append(("top-10 overlap vs fp32", f"{manifest.parity.retrieval_top10_overlap:.3f}"))
     for warning in manifest.warnings:
