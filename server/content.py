@@ -46,24 +46,29 @@ def image_url(part: Any, where: str, key: str = "image_url") -> str:
     return value
 
 
+def content_part(part: Any, where: str, param: str) -> tuple[str, str]:
+    """One content part as ("text", its text), ("image", its URL) or ("video", its URL); RequestError (pointing at
+    ``param``) naming the accepted shapes otherwise."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return "text", part["text"]
+    if kind in _IMAGE_PARTS:
+        return "image", image_url(part, where) if kind == "image_url" else _string(part.get("image"), where)
+    if kind in _VIDEO_PARTS:
+        return "video", (image_url(part, where, "video_url") if kind == "video_url"
+                         else _string(part.get("video"), where, "video"))
+    raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}}, "
+                       "{'type': 'image_url', 'image_url': {'url': ...}} or "
+                       "{'type': 'video_url', 'video_url': {'url': ...}}", param=param)
+
+
 def content_item(parts: list, where: str) -> str | ImageRef | Multimodal:
     """Text parts joined by a space, or the one image, or a ``Multimodal`` item of the images and the text."""
-    texts: list[str] = []
-    images: list[str] = []
-    videos: list[str] = []
+    found: dict[str, list[str]] = {"text": [], "image": [], "video": []}
     for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in _IMAGE_PARTS:
-            images.append(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where))
-        elif kind in _VIDEO_PARTS:
-            videos.append(image_url(part, where, "video_url") if kind == "video_url"
-                          else _string(part.get("video"), where, "video"))
-        else:
-            raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}}, "
-                               "{'type': 'image_url', 'image_url': {'url': ...}} or "
-                               "{'type': 'video_url', 'video_url': {'url': ...}}", param="input")
+        kind, value = content_part(part, where, "input")
+        found[kind].append(value)
+    texts, images, videos = found["text"], found["image"], found["video"]
     if videos:
         return Multimodal(" ".join(texts) or None, [ImageRef(u) for u in images], [VideoRef(u) for u in videos])
     if (texts and images) or len(images) > 1:
@@ -140,23 +145,15 @@ def chat_item(messages: list, **flags) -> Chat:
             raise RequestError(f"{where} must have a content string or list", param="messages")
         parts = []
         for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind in _IMAGE_PARTS:
-                images.append(ImageRef(image_url(part, where) if kind == "image_url" else _string(part.get("image"), where)))
-                parts.append({"type": "image"})
-            elif kind in _VIDEO_PARTS:
-                if images:
-                    raise RequestError(f"{where}: a video part after an image part; put the videos first",
-                                       param="messages")
-                videos.append(VideoRef(image_url(part, where, "video_url") if kind == "video_url"
-                                       else _string(part.get("video"), where, "video")))
-                parts.append({"type": "video"})
-            else:
-                raise RequestError(f"{where}: content parts must be {{'type': 'text', 'text': ...}}, "
-                                   "{'type': 'image_url', 'image_url': {'url': ...}} or "
-                                   "{'type': 'video_url', 'video_url': {'url': ...}}", param="messages")
+            kind, value = content_part(part, where, "messages")
+            if kind == "text":
+                parts.append({"type": "text", "text": value})
+                continue
+            if kind == "video" and images:
+                raise RequestError(f"{where}: a video part after an image part; put the videos first",
+                                   param="messages")
+            (images if kind == "image" else videos).append(ImageRef(value) if kind == "image" else VideoRef(value))
+            parts.append({"type": kind})
         rendered.append({"role": message["role"], "content": parts})
     if not rendered:
         raise RequestError("messages must not be empty", param="messages")

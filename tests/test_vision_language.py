@@ -256,6 +256,17 @@ async def test_chat_requests_render_as_they_say_and_tokenize_counts_what_is_embe
         np.testing.assert_allclose(_vectors(r.json()), vl.embed([item]), atol=1e-5)
         r = await client.post("/v1/embeddings", json={**plain, "chat_template": "{{ messages }}"})
         assert r.status_code == 400 and "--allow-request-chat-template" in r.json()["error"]["message"]
+        broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no png").decode()}}
+        hostile = [{"messages": [system, {"role": "user", "content": [broken]}], "add_generation_prompt": True},
+                   {"messages": [system, {"role": "user", "content": [{"type": "audio"}]}]},
+                   {"messages": [system, {"role": "user", "content": [{"type": "text", "text": "x"} for _ in range(2)],
+                                          "extra": [[[[]]]]}], "chat_template_kwargs": {"deep": [[[[[[]]]]]]}}]
+        for body in hostile[:2]:  # a broken image, an unknown part: 400 in OpenAI's shape, the server answers on
+            for route in ("/v1/embeddings", "/tokenize"):
+                r = await client.post(route, json=body)
+                assert r.status_code == 400 and r.json()["error"]["message"], (route, r.text)
+                assert (await client.get("/health")).status_code == 200
+        assert (await client.post("/v1/embeddings", json=hostile[2])).status_code == 200  # unknown keys: ignored
 
 
 @pytest.fixture(scope="module")
