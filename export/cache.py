@@ -67,13 +67,13 @@ def export_to(model: str | None, options: ExportOptions, *, step: StepReporter =
               force: bool = False) -> tuple[ExportResult, bool]:
     """``toolkit export``: (the artifact at ``options.output``, whether it was reused). A model exported before with
     the same source, options and toolkit version (the cache's key, ``cache_entry``) is not exported again: its
-    verified artifact is linked (or copied) from the cache, beside it its image tower where it has one. Otherwise it
+    verified artifact is linked (or copied) from the cache, beside it the files it reads (image tower, adapters). Otherwise it
     is exported into the cache first (``ensure_artifact``), so ``serve`` / ``embed`` / ``Embedder`` of the same
     model find it too. ``force``: export again, replacing the cache's copy."""
     import time
 
     from toolkit.manifest import MANIFEST_KEY, decode_manifest
-    from toolkit.runtime.artifact import image_tower_path, read_metadata
+    from toolkit.runtime.artifact import companion_files, read_metadata
 
     started = time.perf_counter()
     source = locate_source(model)
@@ -87,9 +87,9 @@ def export_to(model: str | None, options: ExportOptions, *, step: StepReporter =
     out.parent.mkdir(parents=True, exist_ok=True)
     with step(f"Writing {out.name}" + (" (the verified export in the cache: same model, options and toolkit)"
                                        if cached.reused else "")):
-        for src, dst in [(cached.path, out)] + ([(image_tower_path(cached.path), image_tower_path(out))]
-                                               if image_tower_path(cached.path).is_file() else []):
-            _place(src, dst)
+        for src in companion_files(cached.path, manifest):  # beside it first: a reader of ``out`` finds them
+            _place(src, out.with_name(out.stem + src.name.removeprefix(cached.path.stem)))
+        _place(cached.path, out)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size), cached.reused
 
 

@@ -69,11 +69,14 @@ def _as_read(item: Tokenized, emb: Embedder) -> Tokenized:
     return Tokenized(item.ids + [emb.manifest.pad_token_id] * (emb.manifest.max_seq_len - len(item)))
 
 
-def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str) -> ParityReport:
+def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModule, precision: str, *,
+                 adapter: str | None = None) -> ParityReport:
     """Min cosine per output over batch sizes 1 and 4, short / medium / max lengths, padded and unpadded;
-    ``precision``: the graph's own (its gate, and where it runs: ``PrecisionPlan``)."""
+    ``precision``: the graph's own (its gate, and where it runs: ``PrecisionPlan``). ``adapter``: the artifact's
+    LoRA adapter of that name against ``module`` with PEFT's same adapter active (the libraries' own checks,
+    which read the base weights, are the base's)."""
     plan = PrecisionPlan.of(precision)
-    emb = Embedder(artifact, device=plan.parity_device)
+    emb = Embedder(artifact, device=plan.parity_device, adapter=adapter)
     outputs = emb.session.output_names
     cap = min(emb.manifest.max_seq_len, _PROBE_CAP)
     probes = _probe_texts(cap)
@@ -92,7 +95,7 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
             items = emb.tokenizer.encode_pairs([probes["short2"]] * len(texts), texts, truncate=cap)
         else:
             items = emb.tokenize_inputs(texts, truncate_prompt_tokens=cap)
-        got = emb.run_batch(items, outputs)
+        got = emb.run_batch(items, outputs, adapter=adapter)
         read = [_as_read(item, emb) for item in items]
         refs = [_reference(module, item, resolved.arch.token_type_ids) for item in read]
         rows = [[emb.unpad(got[o][row], len(item)) if output in TOKEN_OUTPUTS else got[o][row]
@@ -108,10 +111,11 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
             cases.append(ParityCase(output=output, batch=len(items), seq_len=max(len(t) for t in items),
                                     padded=len({len(t) for t in items}) > 1, padding_side=str(emb.card.padding_side.value),
                                     min_cosine=cos_min, max_abs_diff=diff_max))
-    reference = "torch"
-    if resolved.head.parity_metric == "abs":  # scores: their largest absolute difference, against the library too
+    reference = "torch" if adapter is None else f"PEFT (adapter '{adapter}')"
+    # the libraries' references below load the base weights: an adapter's reference is PEFT's model above only
+    if adapter is None and resolved.head.parity_metric == "abs":  # scores: their largest absolute difference, against the library too
         return _score_parity(resolved, emb, probes, cap, precision, cases, largest)
-    if resolved.head.image_tower:  # the model's own tokenizer and get_text_features, on the raw texts
+    if adapter is None and resolved.head.image_tower:  # the model's own tokenizer and get_text_features, on the raw texts
         from toolkit.export.towers import text_reference_check
 
         reference = "transformers tokenizer + get_text_features"
@@ -120,14 +124,14 @@ def check_parity(artifact: Path, resolved: ResolvedModel, module: EmbeddingModul
         worst["sentence_embedding"] = min(worst["sentence_embedding"], own)
         cases.append(ParityCase(output="sentence_embedding (get_text_features)", batch=3, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=own, max_abs_diff=-1.0))
-    if resolved.st_layout and resolved.head.st_reference:
+    if adapter is None and resolved.st_layout and resolved.head.st_reference:
         reference = "sentence-transformers"
         st_cos = _sentence_transformers_check(resolved, emb, [probes[k] for k in ("short", "medium", "max", "short2")], cap)
         worst["sentence_embedding"] = min(worst["sentence_embedding"], st_cos)
         cases.append(ParityCase(output="sentence_embedding (sentence-transformers)", batch=4, seq_len=cap, padded=True,
                                 padding_side=str(emb.card.padding_side.value), min_cosine=st_cos, max_abs_diff=-1.0))
     multi_vector: dict[str, float] = {}
-    if resolved.head.multi_vector:  # the library's own encode_query / encode_document / similarity on raw texts
+    if adapter is None and resolved.head.multi_vector:  # the library's own encode_query / encode_document / similarity on raw texts
         from toolkit.export.late_interaction import multi_vector_check
 
         reference = "sentence-transformers MultiVectorEncoder"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import ExportError
+from toolkit.export.adapters import AdapterExport
 from toolkit.export.graph import build_module
 from toolkit.export.onnx_export import export_graph
 from toolkit.export.optimize import (
@@ -89,6 +90,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector)
     target = Target(options.target)
     out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
+    adapter_folders = AdapterExport.check(resolved, plan, options) if options.adapters else []
     if resolved.head.vision_language:
         from toolkit.export.vision_language_pipeline import export_vision_language
 
@@ -99,10 +101,17 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
             module = build_module(resolved, trust_remote_code=options.trust_remote_code)
             tokenizer = Tokenizer(resolved.files.tokenizer_json, max_length=resolved.card.max_seq_len or 512)
             pad_id = pad_token_id(tokenizer, resolved)
+        adapters = None
+        if adapter_folders:
+            with step(f"Reading {len(adapter_folders)} LoRA adapter(s) with PEFT (the reference: a second copy)"):
+                adapters = AdapterExport.prepare(module, build_module(resolved, trust_remote_code=options.trust_remote_code),
+                                                 adapter_folders)
         with step("Exporting the graph (torch.onnx, dynamo)"):
             graph = export_graph(module, resolved, opset=options.opset, path=tmp / "graph.onnx")
         with step(f"Optimizing for {target.value} / {plan.name}"):
             fp32, final, optimization = _optimize(module, resolved, graph, tmp, options, plan, tokenizer)
+            if adapters is not None:  # the slots as overridable inputs; the module is the base model again
+                final = adapters.expose(final, tmp)
         choice = None
         if plan.quantizes_int8 and not resolved.head.image_tower:  # two towers: the image tower's, below
             with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
@@ -125,7 +134,11 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         manifest = draft_manifest(resolved, options, final, tokenizer, pad_id, optimization)
         if image_graph is not None:
             manifest = msgspec.structs.replace(manifest, image=tower)
+        if adapters is not None:
+            manifest = msgspec.structs.replace(manifest, adapters=adapters.specs())
         candidate = write_graphs(final, image_graph, tmp / "candidate.onnx", manifest, resolved, self_contained=False)
+        if adapters is not None:
+            adapters.write_files(candidate)
         report, warnings = manifest.parity, []
         if resolved.arch.converted:
             warnings.append(f"converted: '{resolved.arch.model_type}' is not in the registry; exported as a "
@@ -144,6 +157,10 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
                     report = int8_gate(report, choice)
                 if image_graph is not None:
                     manifest = check_image_tower(manifest, candidate, resolved, module, plan)
+            if adapters is not None and report.passed:
+                with step(f"Verifying {len(manifest.adapters)} adapter(s) against PEFT's model"):
+                    manifest = msgspec.structs.replace(
+                        manifest, adapters=adapters.verify(candidate, resolved, text_precision, manifest.adapters))
             if not report.passed:
                 if not plan.allows_low_accuracy(options):
                     raise parity_error(report)
@@ -151,8 +168,12 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         quant_range = _quantization_range(candidate) if resolved.head.calibrated_range else None
         manifest = msgspec.structs.replace(manifest, parity=report, warnings=warnings, quantization_range=quant_range)
         del module  # the reference's weights are not needed past this point: the write holds its own copy
+        if adapters is not None:
+            adapters.release()
         release_memory()
         with step(f"Writing {out.name}" + (f" and {image_tower_path(out).name}" if image_graph else "")):
+            if adapters is not None:
+                adapters.write_files(out)
             write_graphs(final, image_graph, out, manifest, resolved)
     return ExportResult(out, manifest, time.perf_counter() - started, out.stat().st_size)
 

@@ -122,6 +122,7 @@ def parity_error(report: ParityReport) -> ParityError:
 def option_values(options: ExportOptions) -> dict:
     """The options that differ from off / unset, as JSON values of their own types (enums as their values)."""
     values = msgspec.to_builtins(options, enc_hook=str)
+    values.pop("adapters", None)  # the manifest lists them (``Manifest.adapters``)
     return {k: v for k, v in values.items() if v not in (None, [], False)}
 
 

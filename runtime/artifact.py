@@ -13,7 +13,8 @@ from toolkit.model_source import cache_root, find_cached_artifact, install_hint,
 from toolkit.runtime.session import OrtSession
 from toolkit.settings import RuntimeOptions
 
-__all__ = ["Artifact", "image_tower_path", "open_artifact", "read_metadata", "resolve_artifact_path"]
+__all__ = ["Artifact", "adapter_path", "companion_files", "image_tower_path", "open_artifact", "read_metadata",
+           "resolve_artifact_path"]
 
 
 @dataclass
@@ -28,6 +29,18 @@ class Artifact:
 def image_tower_path(text_path: Path) -> Path:
     """Where the image tower of the artifact ``text_path`` lives: ``name.onnx`` -> ``name.image.onnx``."""
     return text_path.with_name(text_path.stem + ".image.onnx")
+
+
+def adapter_path(text_path: Path, adapter: str) -> Path:
+    """Where the artifact's LoRA adapter ``adapter`` lives: ``name.onnx`` -> ``name.adapter.<adapter>.onnx_adapter``
+    (onnxruntime's adapter format)."""
+    return text_path.with_name(f"{text_path.stem}.adapter.{adapter}.onnx_adapter")
+
+
+def companion_files(text_path: Path, manifest: Manifest) -> list[Path]:
+    """The files an artifact reads beside itself: its image tower, its adapters' parameters."""
+    tower = image_tower_path(text_path)
+    return ([tower] if tower.is_file() else []) + [adapter_path(text_path, a.name) for a in manifest.adapters]
 
 
 def resolve_artifact_path(model: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import heapq
 import itertools
 import threading
@@ -71,6 +72,7 @@ class _Job:
     started: float = 0.0
     inference: float = 0.0
     failed: bool = False
+    adapter: str | None = None  # the LoRA adapter its rows run with (None: the base model)
 
 
 
@@ -85,14 +87,24 @@ class AsyncEmbedder:
         self.max_queue = max_queue or embedder.options.max_queue
         self._on_batch = on_batch
         self._on_request = on_request
+        self.adapter = embedder.adapter  # the LoRA adapter a call runs with unless it names one (None: the base)
         self._heap: list[tuple[int, int, int, _Job]] = []  # (priority, seq, item index, job)
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self._admitted = 0  # inputs of requests between admission and their answer
+        self._admitted = [0]  # inputs of requests between admission and their answer (shared with the views)
         self.last_error: str | None = None
         self._worker = threading.Thread(target=self._loop, name="toolkit-batcher", daemon=True)
         self._worker.start()
+
+    def for_adapter(self, adapter: str | None) -> AsyncEmbedder:
+        """A view of this engine whose calls run with LoRA ``adapter`` (None: the base model): the same batcher,
+        queue and bound, so requests for the base and for every adapter share batches' turns (a batch holds one
+        adapter's rows). RequestError naming the adapters for an unknown one."""
+        self.embedder.context.adapter(adapter)
+        view = copy.copy(self)
+        view.adapter = adapter
+        return view
 
     # ---------------------------------------------------------------- status
     @property
@@ -114,23 +126,24 @@ class AsyncEmbedder:
     def admit(self, n_inputs: int):
         """Reserve room for ``n_inputs`` before any work is done on them: OverloadedError (429) at once
         when the inputs already admitted (tokenizing, queued or running) would pass ``max_queue``."""
-        if self._admitted + n_inputs > self.max_queue:
-            raise OverloadedError(f"the server holds {self._admitted} inputs already (limit {self.max_queue}); "
+        if self._admitted[0] + n_inputs > self.max_queue:
+            raise OverloadedError(f"the server holds {self._admitted[0]} inputs already (limit {self.max_queue}); "
                                   "retry shortly")
-        self._admitted += n_inputs
+        self._admitted[0] += n_inputs
         try:
             yield
         finally:
-            self._admitted -= n_inputs
+            self._admitted[0] -= n_inputs
 
     async def run(self, items: Sequence[Tokenized], output: str, *, modality: str = "text", priority: int = 0,
-                  timings: Timings | None = None) -> list[np.ndarray]:
-        """Each input's row of ``output``, in order; equal to running it alone."""
+                  timings: Timings | None = None, adapter: str | None = None) -> list[np.ndarray]:
+        """Each input's row of ``output`` (with LoRA ``adapter`` active; None: the base), in order; equal to
+        running it alone."""
         if not self.alive:
             raise NotReadyError("the inference worker is not running")
         loop = asyncio.get_running_loop()
         job = _Job(items, output, modality, loop, loop.create_future(), time.perf_counter(),
-                   results=[None] * len(items), remaining=len(items))
+                   results=[None] * len(items), remaining=len(items), adapter=adapter)
         priority += queue_lane.get()
         with self._cond:
             if len(self._heap) + len(items) > self.max_queue:
@@ -154,12 +167,15 @@ class AsyncEmbedder:
 
         The inputs are admitted first (OverloadedError past the queue bound, before any work), prepared on the
         event loop when small or in a thread, bounded by ``max_tokens`` (RequestError past it), and every run is
-        queued on the shared batcher at ``priority``.
+        queued on the shared batcher at ``priority``. ``adapter=`` (every task takes it): the LoRA adapter for this
+        call instead of this engine's (None: the base).
         """
         entry = task_for(task)
         timings = timings if timings is not None else Timings()
         ctx = self.embedder.context
         require(ctx, entry.name)
+        adapter = params.pop("adapter", self.adapter)
+        ctx.adapter(adapter)  # an unknown name fails before any work
         with self.admit(entry.count(ctx, *inputs)):
             started = time.perf_counter()
             if entry.inline(*inputs):
@@ -171,7 +187,7 @@ class AsyncEmbedder:
                                    param=entry.param)
             timings.tokenize = time.perf_counter() - started
             rows = await asyncio.gather(*(self.run(run.items, run.output, modality=run.modality, priority=priority,
-                                                   timings=timings)
+                                                   timings=timings, adapter=adapter)
                                           for run in prepared.runs))
         result = prepared.reduce(list(rows))
         if self._on_request is not None:
@@ -270,18 +286,19 @@ class AsyncEmbedder:
         for _, job in taken:
             if not job.started:
                 job.started = now
-        by_output: dict[tuple[str, str], list[tuple[int, _Job]]] = {}  # one graph output of one encoder each
+        # one graph output of one encoder, with one adapter, each
+        by_output: dict[tuple[str, str, str | None], list[tuple[int, _Job]]] = {}
         for entry in taken:
-            by_output.setdefault((entry[1].modality, entry[1].output), []).append(entry)
+            by_output.setdefault((entry[1].modality, entry[1].output, entry[1].adapter), []).append(entry)
         options = self.embedder.options
-        for (modality, output), entries in by_output.items():
+        for (modality, output, adapter), entries in by_output.items():
             lengths = [len(job.items[i]) for i, job in entries]
             for batch in plan_batches(lengths, max_batch_tokens=options.max_batch_tokens,
                                       max_batch_size=options.max_batch_size):
                 chosen = [entries[b] for b in batch]
                 started = time.perf_counter()
                 try:
-                    (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality)
+                    (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality, adapter)
                 except ToolkitError as exc:
                     self.last_error = exc.message
                     self._fail(dict.fromkeys(job for _, job in chosen), exc)

@@ -21,7 +21,7 @@ from toolkit.cards import ModelCard, PaddingSide
 from toolkit.errors import RequestError
 from toolkit.manifest import HeadSpec, LateInteraction, Manifest
 from toolkit.runtime.pooling import Inputs, as_input_list
-from toolkit.runtime.session import OrtSession
+from toolkit.runtime.session import LoadedAdapter, OrtSession
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
 from toolkit.settings import Device, RuntimeOptions
 
@@ -42,8 +42,9 @@ class Encoder(Protocol):
     def accepts(item) -> bool:
         """Whether ``item`` is an input of this modality (text, the fallback, takes whatever no other claims)."""
 
-    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
-        """(batch, ...) arrays in ``outputs`` order for one batch of this modality's model inputs."""
+    def run(self, items: Sequence, outputs: Sequence[str], adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
+        """(batch, ...) arrays in ``outputs`` order for one batch of this modality's model inputs (``adapter``: the
+        LoRA adapter active for the batch; only the text graph has slots for one)."""
 
 
 @dataclass(eq=False)
@@ -60,6 +61,17 @@ class ModelContext:
     session: OrtSession
     model_card: str = ""
     encoders: dict[str, Encoder] = field(default_factory=dict)
+    adapters: dict[str, LoadedAdapter] = field(default_factory=dict)  # LoRA adapters by name (the manifest's first)
+
+    def adapter(self, name: str | None) -> LoadedAdapter | None:
+        """The adapter ``name`` (None: the base model); RequestError naming the adapters there are."""
+        if name is None:
+            return None
+        found = self.adapters.get(name)
+        if found is None:
+            raise RequestError(f"adapter '{name}' is not one of this model's: "
+                               f"{', '.join(self.adapters) or '(it has none)'}", param="adapter")
+        return found
 
     # ---------------------------------------------------------------- what it is
     @property

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import msgspec
 import numpy as np
 
 from toolkit.errors import ConfigError, RequestError
 from toolkit.manifest import ImagePreprocess
-from toolkit.runtime.artifact import open_artifact
+from toolkit.runtime.artifact import adapter_path, open_artifact
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.context import ModelContext
 from toolkit.runtime.encoders import open_encoders
@@ -18,11 +19,23 @@ from toolkit.runtime.images import Pixels, as_image_list
 from toolkit.runtime.late_interaction import max_sim
 from toolkit.runtime.outputs import OutputPlan, finish, matryoshka_card, plan_output
 from toolkit.runtime.pooling import Inputs
+from toolkit.runtime.session import LoadedAdapter
 from toolkit.runtime.tasks import Prepared, embed_items, labelled, require, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
 from toolkit.settings import Device, RuntimeOptions, parse_device
 
-__all__ = ["Embedder", "Inputs", "open_context"]
+__all__ = ["OWN_ADAPTER", "Embedder", "Inputs", "open_context"]
+
+
+class _OwnAdapter:
+    """The default of the engine methods' ``adapter``: the Embedder's own (``Embedder(adapter=...)``); None is the
+    base model."""
+
+    def __repr__(self) -> str:
+        return "OWN_ADAPTER"
+
+
+OWN_ADAPTER = _OwnAdapter()
 
 
 class Embedder:
@@ -35,18 +48,25 @@ class Embedder:
     """
 
     def __init__(self, artifact: str | os.PathLike, *, device: str | Device | None = None, options: RuntimeOptions | None = None,
-                 **overrides) -> None:
+                 adapter: str | None = None, **overrides) -> None:
         """Open ``artifact``: an artifact file, or a card name / Hub id / model directory exported before into
         ``TOOLKIT_CACHE`` (``toolkit.export.ensure_artifact`` exports one: ``Embedder(ensure_artifact(MODEL))``).
 
         ``device`` overrides ``options.device`` when given (default: ``options.device``, itself "auto"); one that
-        is not a :class:`Device` name is a ConfigError naming those.
+        is not a :class:`Device` name is a ConfigError naming those. ``adapter``: the LoRA adapter every call uses
+        unless it names another (``adapter=`` per call; None: the base model); ``adapters`` (the artifact's and
+        ``options.adapters``) lists them.
         """
         base = options or RuntimeOptions()
         if device is not None:
             overrides["device"] = parse_device(device)
         self.context = open_context(artifact, msgspec.structs.replace(base, **overrides))
         self._check_defaults()
+        try:
+            self.context.adapter(adapter)
+        except RequestError as exc:  # a bad name at open time is the caller's configuration
+            raise ConfigError(exc.message) from None
+        self.adapter = adapter
 
     def __repr__(self) -> str:
         return (f"Embedder({str(self.path)!r}, model={self.card.name!r}, tasks={list(self.tasks)}, "
@@ -82,6 +102,7 @@ class Embedder:
                              doc="A reranker: it scores (query, document) pairs instead of embedding texts.")
     labels = property(lambda self: self.context.labels, doc="The label of each classify column.")
     token_output = property(lambda self: self.context.token_output, doc="The graph output token_embed reads.")
+    adapters = property(lambda self: self.context.adapters, doc="Its LoRA adapters by name (``adapter=`` picks one).")
 
     def encoder(self, modality: str):
         """This artifact's encoder for ``modality``; RequestError naming the ones it has."""
@@ -106,19 +127,22 @@ class Embedder:
 
     # ---------------------------------------------------------------- engine
     def run_batch(self, items: Sequence[Tokenized] | Sequence[Pixels], outputs: Sequence[str],
-                  modality: str = "text") -> list[np.ndarray]:
-        """One batch of ``modality``'s model inputs through its graph: (batch, ...) arrays in ``outputs`` order."""
-        return self.encoder(modality).run(items, outputs)
+                  modality: str = "text", adapter: str | None | _OwnAdapter = OWN_ADAPTER) -> list[np.ndarray]:
+        """One batch of ``modality``'s model inputs through its graph (with LoRA ``adapter`` active: by default
+        this Embedder's, None: the base): (batch, ...) arrays in ``outputs`` order."""
+        chosen = self.adapter if adapter is OWN_ADAPTER else adapter
+        return self.encoder(modality).run(items, outputs, self.context.adapter(chosen))
 
     def run(self, items: Sequence[Tokenized] | Sequence[Pixels], output: str, modality: str = "text",
-            on_batch: Callable[[int], None] | None = None) -> list[np.ndarray]:
+            on_batch: Callable[[int], None] | None = None,
+            adapter: str | None | _OwnAdapter = OWN_ADAPTER) -> list[np.ndarray]:
         """Length-sorted token-budget batches of ``modality``'s model inputs (``on_batch(n)`` told each batch of n
         done); one array per input, in input order."""
         results: list[np.ndarray | None] = [None] * len(items)
         batches = plan_batches([len(t) for t in items], max_batch_tokens=self.options.max_batch_tokens,
                                max_batch_size=self.options.max_batch_size)
         for batch in batches:
-            (out,) = self.run_batch([items[i] for i in batch], [output], modality)
+            (out,) = self.run_batch([items[i] for i in batch], [output], modality, adapter)
             for row, index in enumerate(batch):
                 results[index] = out[row]
             if on_batch is not None:
@@ -149,14 +173,20 @@ class Embedder:
     # ---------------------------------------------------------------- public API
     def perform(self, task: str, *inputs, **params):
         """Run the task table's ``task`` (``toolkit.runtime.tasks``) on ``inputs`` in this thread: its checks and
-        preparation, its runs one after the other, its reduction. RequestError names unknown tasks."""
+        preparation, its runs one after the other, its reduction. RequestError names unknown tasks. ``adapter=``
+        (every task takes it): the LoRA adapter for this call instead of the Embedder's (None: the base)."""
         entry = task_for(task)
         require(self.context, entry.name)
-        return self.complete(entry.prepare(self.context, *inputs, **params))
+        adapter = params.pop("adapter", self.adapter)
+        self.context.adapter(adapter)  # an unknown name fails before any work
+        return self.complete(entry.prepare(self.context, *inputs, **params), adapter=adapter)
 
-    def complete(self, prepared: Prepared, on_batch: Callable[[int], None] | None = None):
-        """A prepared task's result, its runs through ``run`` (``on_batch`` told each batch) in this thread."""
-        return prepared.reduce([self.run(run.items, run.output, run.modality, on_batch) for run in prepared.runs])
+    def complete(self, prepared: Prepared, on_batch: Callable[[int], None] | None = None, *,
+                 adapter: str | None | _OwnAdapter = OWN_ADAPTER):
+        """A prepared task's result, its runs through ``run`` (``on_batch`` told each batch; ``adapter`` active)
+        in this thread."""
+        return prepared.reduce([self.run(run.items, run.output, run.modality, on_batch, adapter)
+                                for run in prepared.runs])
 
     def embed(self, inputs: Inputs, *, dimensions: int | None = None, normalize: bool | None = None, **tokenize) -> np.ndarray:
         """(n, dimensions) float32 sentence embeddings (texts, or token ids)."""
@@ -292,4 +322,23 @@ def open_context(artifact: str | os.PathLike, options: RuntimeOptions) -> ModelC
                        tokenizer=Tokenizer(loaded.tokenizer_json, max_length=manifest.max_seq_len),
                        session=loaded.session, model_card=loaded.model_card)
     ctx.encoders.update(open_encoders(ctx, loaded.path))  # one per modality the manifest declares
+    ctx.adapters.update(open_adapters(ctx))
     return ctx
+
+
+def open_adapters(ctx: ModelContext) -> dict[str, LoadedAdapter]:
+    """The artifact's LoRA adapters (its manifest's, beside it), then the options' ``NAME=FILE`` ones; ConfigError
+    for a missing or unfit file, or a name given twice."""
+    files = {spec.name: adapter_path(ctx.path, spec.name) for spec in ctx.manifest.adapters}
+    for text in ctx.options.adapters:
+        name, sep, file = text.partition("=")
+        name, file = name.strip(), file.strip()
+        if not sep or not name or not file:
+            raise ConfigError(f"adapter {text!r}: give NAME=FILE (an .onnx_adapter file)")
+        if name in files:
+            raise ConfigError(f"adapter '{name}' is given twice (the artifact carries one of that name)")
+        files[name] = Path(file).expanduser()
+    for name, file in files.items():
+        if not file.is_file():
+            raise ConfigError(f"adapter '{name}': no such file {file}")
+    return {name: ctx.session.load_adapter(name, file) for name, file in files.items()}

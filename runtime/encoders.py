@@ -25,7 +25,7 @@ from toolkit.runtime.images import (
     load_pixels,
     require_pillow,
 )
-from toolkit.runtime.session import OrtSession
+from toolkit.runtime.session import LoadedAdapter, OrtSession, refuse_adapter
 from toolkit.runtime.tokenization import pad_batch
 from toolkit.runtime.vision_language import VisionLanguageEncoder
 
@@ -52,8 +52,8 @@ class TextEncoder:
                        "type_ids": "token_type_ids" in ctx.session.input_names,
                        "length": ctx.manifest.max_seq_len if ctx.card.pad_to_max_length else None}
 
-    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
-        return self.session.run(outputs, pad_batch(items, **self._feeds))
+    def run(self, items: Sequence, outputs: Sequence[str], adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
+        return self.session.run(outputs, pad_batch(items, **self._feeds), adapter)
 
 
 class ImageEncoder:
@@ -100,7 +100,8 @@ class ImageEncoder:
         """Preprocessed pixels of ``images``; RequestError names the first input that fails."""
         return self.collect(self.decode(as_image_list(images), 0))
 
-    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
+    def run(self, items: Sequence, outputs: Sequence[str], adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
+        refuse_adapter(adapter, "image tower")
         pixels = np.stack([item.pixels for item in items])  # (batch, 3, height, width)
         return self.session.run(outputs, {self.tower.input: pixels})
 

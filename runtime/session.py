@@ -9,15 +9,16 @@ import ctypes
 import ctypes.util
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.errors import BackendError, ConfigError
+from toolkit.errors import BackendError, ConfigError, RequestError
 from toolkit.settings import Device, RuntimeOptions, default_threads, parse_device
 
-__all__ = ["OrtSession", "usable_devices"]
+__all__ = ["LoadedAdapter", "OrtSession", "refuse_adapter", "usable_devices"]
 
 _PROVIDERS = {
     Device.TENSORRT: "TensorrtExecutionProvider",
@@ -59,6 +60,35 @@ def usable_devices() -> list[Device]:
             if _PROVIDERS[Device.TENSORRT] in built and _loadable("libnvinfer.so.10", "libnvinfer.so"):
                 devices.insert(0, Device.TENSORRT)
     return devices
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedAdapter:
+    """A LoRA adapter file opened against one session: its parameters (the graph's LoRA slots it fills) and the
+    run options that activate it (onnxruntime's ``LoraAdapter``: the file is mapped once, not copied per run)."""
+
+    name: str
+    path: Path
+    parameters: dict[str, np.ndarray]
+    run_options: ort.RunOptions
+    handle: ort.LoraAdapter  # kept alive here: the run options hold only a pointer to it
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over its slots."""
+        return max((array.shape[1] for key, array in self.parameters.items() if key.endswith("lora_a")), default=0)
+
+    @property
+    def size(self) -> int:
+        """Its own numbers (the base model's are shared)."""
+        return sum(array.size for array in self.parameters.values())
+
+
+def refuse_adapter(adapter: LoadedAdapter | None, graph: str) -> None:
+    """A graph without LoRA slots takes no adapter (RequestError)."""
+    if adapter is not None:
+        raise RequestError(f"adapter '{adapter.name}' applies to the text graph; the {graph} has no LoRA slots",
+                           param="adapter")
 
 
 class OrtSession:
@@ -114,15 +144,51 @@ class OrtSession:
     def metadata(self) -> dict[str, str]:
         return dict(self._session.get_modelmeta().custom_metadata_map)
 
-    def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one batch; raise BackendError on any onnxruntime failure."""
+    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """The onnxruntime adapter file ``path`` as ``name``, checked against this graph's LoRA slots (its
+        overridable initializers): ConfigError when it is not one or does not fit (another base, another shape)."""
+        path = Path(path)
+        slots = {arg.name: arg for arg in self._session.get_overridable_initializers()}
+        if not slots:
+            raise ConfigError(f"adapter '{name}': {path.name} needs an artifact exported with LoRA slots "
+                              "(toolkit export BASE --adapter NAME=DIR); this one has none")
+        try:
+            parameters = {key: value.numpy() for key, value in
+                          ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+            lora = ort.LoraAdapter()
+            lora.Load(str(path))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's boundary for adapter files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"adapter '{name}': {path} is not an onnxruntime adapter file: {first}") from None
+        for key, array in parameters.items():
+            slot = slots.get(key)
+            if slot is None:
+                raise ConfigError(f"adapter '{name}': its parameter {key} is no LoRA slot of this artifact "
+                                  "(an adapter exported from another base model?)")
+            fixed = [(axis, dim) for axis, dim in enumerate(slot.shape) if isinstance(dim, int)]
+            expected = "tensor(float16)" if array.dtype == np.float16 else "tensor(float)"
+            if array.ndim != len(slot.shape) or any(array.shape[axis] != dim for axis, dim in fixed) \
+                    or slot.type != expected:
+                raise ConfigError(f"adapter '{name}': {key} is {array.dtype}{list(array.shape)}; this artifact's "
+                                  f"slot takes {slot.type}{slot.shape}")
+        if not parameters:
+            raise ConfigError(f"adapter '{name}': {path} holds no parameters")
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+        return LoadedAdapter(name, path, parameters, options, lora)
+
+    def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray],
+            adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
+        """Run one batch (with ``adapter``'s LoRA parameters active); raise BackendError on any onnxruntime
+        failure."""
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         try:
             if not self._binding:
-                return self._session.run(list(outputs), feeds)
+                return self._session.run(list(outputs), feeds, adapter.run_options if adapter else None)
             binding = self._session.io_binding()
             device = "cuda" if self.device != Device.CPU else "cpu"
-            for name, array in feeds.items():
+            # onnxruntime applies no active adapter to a bound run: its parameters are bound as the inputs they are
+            for name, array in {**feeds, **(adapter.parameters if adapter else {})}.items():
                 binding.bind_cpu_input(name, array)
             for name in outputs:  # only these cross back to the host
                 binding.bind_output(name, device)

@@ -23,7 +23,7 @@ from toolkit.manifest import MANIFEST_KEY, decode_manifest
 from toolkit.runtime.artifact import image_tower_path
 from toolkit.runtime.images import ImageRef, Pixels, decode_image, is_image_input, require_pillow
 from toolkit.runtime.outputs import plan_output
-from toolkit.runtime.session import OrtSession
+from toolkit.runtime.session import LoadedAdapter, OrtSession, refuse_adapter
 from toolkit.runtime.video import Video, VideoRef, expand_videos, prepare_video
 from toolkit.vision_families import FamilyView
 
@@ -283,9 +283,10 @@ class VisionLanguageEncoder:
         return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
 
     # ---------------------------------------------------------------- graphs
-    def run(self, items: Sequence, outputs: Sequence[str]) -> list[np.ndarray]:
+    def run(self, items: Sequence, outputs: Sequence[str], adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
         """A batch of ``VisionInput`` (or bare token ids, ``Tokenized``: a text prompt as given, as /ready's probe
         sends) through the vision graph per image, then the language graph."""
+        refuse_adapter(adapter, "vision-language graph")
         ctx = self.ctx
         items = [item if isinstance(item, VisionInput) else
                  VisionInput(list(item.ids), self.family.positions([False] * len(item), []), []) for item in items]

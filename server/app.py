@@ -242,10 +242,14 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
     served: list[ServedModel] = []
     for i, path in enumerate(paths):
         model = open_model(path, names[i] if names else None, runtime, metrics)
-        if any(s.name == model.name for s in served):
-            model.engine.close()
-            raise ConfigError(f"two artifacts are served as '{model.name}': set --served-model-name")
-        served.append(model)
+        # each LoRA adapter is a model name of its own, on the base's batcher (vLLM serves a LoRA by its name)
+        for entry in [model] + [ServedModel(adapter, model.engine.for_adapter(adapter), parent=model.name)
+                                for adapter in model.embedder.adapters]:
+            if any(s.name == entry.name for s in served):
+                model.engine.close()
+                raise ConfigError(f"two models are served as '{entry.name}': set --served-model-name"
+                                  + (" or rename the adapter" if entry.parent else ""))
+            served.append(entry)
     registry = ModelRegistry(served)
     metrics.queue_depth = registry.queue_depth
     return registry

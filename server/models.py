@@ -14,6 +14,7 @@ __all__ = ["ModelRegistry", "ServedModel"]
 class ServedModel:
     name: str
     engine: AsyncEmbedder
+    parent: str | None = None  # a LoRA adapter's base model (its served name); None: a base model
 
     @property
     def embedder(self):

@@ -85,6 +85,8 @@ class ServedModelCard(msgspec.Struct):
     precision: str
     task: Literal["embed", "rerank"]
     modalities: list[str]
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for a base model
+    adapters: list[str] = []  # a base model's LoRA adapters, each served under its own name
 
 
 class ModelList(msgspec.Struct):
@@ -161,9 +163,12 @@ class OpenAIController(Controller):
         for name, served in request.app.state.registry.models.items():
             emb = served.embedder
             card = emb.card
+            adapter = emb.adapters.get(served.engine.adapter) if served.engine.adapter else None
+            root = str(adapter.path) if adapter else card.source or card.name  # vLLM: an adapter's root is its path
             data.append(ServedModelCard(
                 id=name, object="model", created=request.app.state.started, owned_by="onnx-embed-toolkit",
-                root=card.source or card.name, max_model_len=emb.manifest.max_seq_len, dimensions=emb.dimensions,
+                parent=served.parent, adapters=[] if served.parent else list(emb.adapters),
+                root=root, max_model_len=emb.manifest.max_seq_len, dimensions=emb.dimensions,
                 matryoshka_dimensions=list(card.matryoshka_dims), matryoshka_any=card.matryoshka_any,
                 prompts=dict(card.prompts), pooling=card.pooling.value if card.pooling else None,
                 normalize=card.normalize, sparse=emb.manifest.sparse, precision=emb.manifest.precision,

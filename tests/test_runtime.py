@@ -242,10 +242,10 @@ def test_failing_batch_fails_only_its_callers(tiny, monkeypatch):
     engine = AsyncEmbedder(tiny)
     real = tiny.run_batch
 
-    def flaky(items, outputs, modality="text"):
+    def flaky(items, outputs, modality="text", adapter=None):
         if any(len(t) == 3 for t in items):  # the one-word input
             raise BackendError("boom")
-        return real(items, outputs, modality)
+        return real(items, outputs, modality, adapter)
 
     monkeypatch.setattr(tiny, "run_batch", flaky)
 

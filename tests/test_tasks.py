@@ -180,7 +180,7 @@ class _ToyEncoder:
     def __init__(self, emb, path) -> None:
         self.dims = emb.dimensions
 
-    def run(self, items, outputs):
+    def run(self, items, outputs, adapter=None):
         return [np.stack([np.full(self.dims, item.value, dtype=np.float32) for item in items])]
 
 

@@ -191,6 +191,33 @@ def add_sentence_transformers_layout(folder: Path, *, pooling: str, dense_dims: 
 COLBERT_MARKERS = ("[unused0]", "[unused1]")  # the query / document markers of ColBERTv2 and answerai-colbert
 
 
+def add_lora_adapters(folder: Path, adapters: dict[str, dict]) -> dict[str, Path]:
+    """PEFT LoRA adapters of the model in ``folder``, one per name (``LoraConfig`` keywords each), saved beside it
+    (``folder.parent / name``), B initialised at random (PEFT's default zeros would change nothing) with the
+    adapter's position as the seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    made = {}
+    for seed, (name, config) in enumerate(adapters.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModel.from_pretrained(folder), LoraConfig(init_lora_weights=False, **config))
+        model.save_pretrained(folder.parent / name)
+        made[name] = folder.parent / name
+    return made
+
+
+def build_tiny_lora(folder: Path) -> Path:
+    """A tiny BERT (sentence-transformers layout: mean pooling, normalized) in ``folder / "base"``, with two LoRA
+    adapters beside it: ``support`` (r=8 on query and value) and ``legal`` (r=4 on every Linear of the encoder)."""
+    base = build_tiny_model("bert", folder / "base")
+    add_sentence_transformers_layout(base, pooling="mean")
+    add_lora_adapters(base, {"support": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
+                             "legal": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value", "dense"]}})
+    return folder
+
+
 def build_tiny_colbert(folder: Path, *, seed: int = 0, query_length: int = 16, document_length: int = 48,
                        pylate: bool = False) -> Path:
     """A random-weight ColBERT saved by sentence-transformers 6's ``MultiVectorEncoder``: a tiny BERT, a bias-free
@@ -550,11 +577,14 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
-    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next", "colbert"])
+    parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next", "colbert",
+                                         "lora"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
-    if not (args.folder / "config.json").is_file():
-        if args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
+    if not (args.folder / "config.json").is_file() and not (args.folder / "base" / "config.json").is_file():
+        if args.kind == "lora":  # a base model and two PEFT LoRA adapters (docs/adapters.md)
+            build_tiny_lora(args.folder)
+        elif args.kind == "reranker":  # a one-label BertForSequenceClassification, scores spread apart (std 0.2)
             build_tiny_model("bert", args.folder, classifier=True, config={"initializer_range": 0.2})
         elif args.kind == "classifier":  # a three-label sentiment-style BertForSequenceClassification
             build_tiny_model("bert", args.folder, classifier=["negative", "neutral", "positive"],

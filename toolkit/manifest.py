@@ -17,6 +17,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "MODEL_CARD_KEY",
     "TOKENIZER_KEY",
+    "AdapterSpec",
     "ImagePreprocess",
     "ImageTower",
     "LateInteraction",
@@ -34,8 +35,9 @@ TOKENIZER_KEY = "toolkit.tokenizer"
 MODEL_CARD_KEY = "toolkit.model_card"
 # 2: the head (what the artifact is and the tasks it answers) is recorded; 3: the head declares each modality's
 # encoder (and a late-interaction artifact its modes): a reader of format 2 would refuse the new keys, so the
-# version says "upgrade" first (``decode_manifest`` reads the version before anything else)
-MANIFEST_VERSION = 3
+# version says "upgrade" first (``decode_manifest`` reads the version before anything else); 4: the LoRA adapters
+# an artifact carries
+MANIFEST_VERSION = 4
 
 
 class ParityCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -164,6 +166,20 @@ class LateInteraction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     similarity: str = "maxsim"  # "maxsim" | "meanmaxsim" (divided by the query's token count)
 
 
+class AdapterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A LoRA adapter the artifact carries: its parameters in ``<artifact stem>.adapter.<name>.onnx_adapter``
+    beside it (``toolkit.runtime.artifact.adapter_path``), verified at export against PEFT's own model."""
+
+    name: str
+    rank: int  # the largest r over the modules it adapts
+    alpha: float
+    targets: list[str]  # the modules it adapts (names in the exported module)
+    parameters: int  # its own numbers (the base's are not repeated)
+    source: str = ""  # the PEFT folder it was read from
+    min_cosine: dict[str, float] = {}  # per output, against PEFT's model with this adapter active
+    passed: bool = False
+
+
 class HeadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What the artifact IS, written by the exporter from its head (``export.heads``): the runtime reads this and
     never infers a kind from output names."""
@@ -233,6 +249,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     vision_language: VisionLanguage | None = None  # vision-language embedders (Qwen2-VL)
     tower: str = "text"  # which tower this file holds: "text" (the handle) or "image"
     head: HeadSpec | None = None  # None only in format-1 artifacts: see ``head_spec``
+    adapters: list[AdapterSpec] = []  # LoRA adapters picked per request (format 4)
     warnings: list[str] = []
 
     @property

@@ -66,6 +66,7 @@ class ExportOptions(msgspec.Struct, frozen=True, kw_only=True):
     allow_low_accuracy: bool = False
     optimize: bool = True
     fp16_embedding_table: bool = True  # CPU: store the word-embedding table in fp16 (-22 MiB for MiniLM)
+    adapters: tuple[str, ...] = ()  # PEFT LoRA adapters as NAME=DIR (``--adapter``), each picked per request
 
 
 class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,6 +90,8 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     # or only matryoshka_dims when given (given alone, they imply True); False: no size below the model's
     matryoshka: bool | None = None
     matryoshka_dims: tuple[int, ...] | None = None
+    # LoRA adapter files (onnxruntime's format) added to the artifact's own, as NAME=FILE (``--adapter``)
+    adapters: tuple[str, ...] = ()
 
 
 HF_OVERRIDE_KEYS = ("is_matryoshka", "matryoshka_dimensions")

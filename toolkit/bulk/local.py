@@ -85,7 +85,7 @@ def embed_files(
     else:
         files = [f for spec in inputs for f in input_files(spec, options.input_format)]
     check_columns(files, options)
-    embedder = artifact if isinstance(artifact, Embedder) else Embedder(artifact)
+    embedder = artifact if isinstance(artifact, Embedder) else Embedder(artifact, adapter=options.adapter)
     encoder = RowEncoder(embedder, options)
     out = Path(output)
     progress_path = out / PROGRESS_FILE

@@ -52,6 +52,7 @@ class BulkOptions(msgspec.Struct, frozen=True, kw_only=True):
     # artifact, "classify" for a classifier (columns `label` and `probabilities`); any other text task with a row
     # per input writes its rows as a list column `embedding`
     task: str | None = None
+    adapter: str | None = None  # the artifact's LoRA adapter every row runs with (None: the base model)
 
     def validate(self) -> None:
         if self.embedding_type not in EMBEDDING_TYPES:

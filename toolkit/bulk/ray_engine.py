@@ -41,7 +41,7 @@ class _RayEmbed:
         from toolkit.runtime import Embedder
 
         overrides = {"intra_op_threads": threads} if threads else {}
-        self.encoder = RowEncoder(Embedder(artifact, **overrides), options)
+        self.encoder = RowEncoder(Embedder(artifact, adapter=options.adapter, **overrides), options)
         self.options = options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -156,7 +156,7 @@ def embed_with_ray(
         raise ConfigError(f"{out}: not empty; --overwrite replaces it (--resume is for the in-process engine)")
     from toolkit.runtime import Embedder
 
-    RowEncoder(Embedder(artifact), options)  # the options' errors here, in one line, before Ray starts
+    RowEncoder(Embedder(artifact, adapter=options.adapter), options)  # the options' errors here, in one line, before Ray starts
     if out.exists() and overwrite:
         shutil.rmtree(out)
     created = not out.exists()  # else an empty directory: whatever it holds after a failure, this run wrote

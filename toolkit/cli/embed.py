@@ -36,6 +36,7 @@ def embed(
     prompt_name: Annotated[str | None, typer.Option(help="Card prompt to prepend, e.g. query / document [default: the card's default]")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Write raw (un-normalized) vectors")] = False,
     embedding_type: Annotated[str, typer.Option(help="float | int8 | uint8 | binary | ubinary (Cohere's types)")] = "float",
+    adapter: Annotated[str | None, typer.Option(help="The artifact's LoRA adapter to embed with (`toolkit inspect` lists them) [default: the base model]")] = None,
     task: Annotated[str | None, typer.Option(help="The runtime's task to run: embed, token_embed, embed_sparse, classify, ... [default: embed; embed_sparse for a sparse artifact, classify (label, probabilities) for a classifier]")] = None,
     truncate: Annotated[bool, typer.Option(help="Cut texts past the model's maximum instead of refusing them")] = False,
     on_error: Annotated[str, typer.Option(help="stop: the first bad row (empty, missing, too long) stops the run, naming its id; skip: record it in OUTPUT/_skipped.jsonl and go on")] = "stop",
@@ -65,7 +66,7 @@ def embed(
                                    input_format=input_format, dimensions=dimensions, prompt_name=prompt_name,
                                    normalize=False if no_normalize else None, embedding_type=embedding_type,
                                    truncate=truncate, on_error=on_error, rows_per_part=rows_per_part, window=window,
-                                   task=task)
+                                   task=task, adapter=adapter)
         options.validate()
         artifact = artifact_for(model, export_options_for_sources(precision, target, revision, trust_remote_code))
         match engine:
@@ -124,7 +125,7 @@ def _embed_local(artifact: Path, inputs: str, output: Path, options, *, resume: 
     from toolkit import bulk
     from toolkit.runtime import Embedder
 
-    embedder = Embedder(artifact, device=device, intra_op_threads=threads)
+    embedder = Embedder(artifact, device=device, intra_op_threads=threads, adapter=options.adapter)
     columns = [TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     progress = Progress(*columns, console=console, transient=False, refresh_per_second=4)

@@ -33,6 +33,7 @@ def export(
     no_optimize: Annotated[bool, typer.Option("--no-optimize", help="Skip onnxruntime transformer fusions")] = False,
     force: Annotated[bool, typer.Option("--force", help="Export again even where the cache holds this model exported with the same options and toolkit version (it is reused by default)")] = False,
     fp32_embedding_table: Annotated[bool, typer.Option("--fp32-embedding-table", help="CPU: keep the word-embedding table in fp32 (default: fp16 lookup, cast to fp32; cosine moves ~1e-7, -22 MiB for MiniLM)")] = False,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="A PEFT LoRA adapter of this model as NAME=DIR (repeat it): the artifact gets LoRA slots, each adapter its own .onnx_adapter file beside it, verified against PEFT's model; served under its own name, picked per request [default: none]")] = None,
 ) -> None:
     """Export MODEL to ONE self-contained ONNX artifact, verified against PyTorch."""
     from toolkit.cards import parse_pooling
@@ -51,7 +52,12 @@ def export(
             matryoshka_dims=int_list(matryoshka_dims, "--matryoshka-dims"), matryoshka_any=matryoshka == "any",
             trust_remote_code=trust_remote_code, skip_parity=skip_parity, allow_low_accuracy=allow_low_accuracy,
             optimize=not no_optimize, fp16_embedding_table=not fp32_embedding_table,
+            adapters=tuple(adapter or ()),
         )
+        for text in options.adapters:  # the form first, before any model is read
+            from toolkit.export.adapters import parse_adapter
+
+            parse_adapter(text)
         if skip_parity:
             console.print("[bold yellow]WARNING: --skip-parity: the artifact will NOT be checked against PyTorch; "
                           "the manifest records it as unverified.[/]")
@@ -66,6 +72,8 @@ def export(
     if (image := result.manifest.image) is not None and not image.parity.skipped:
         figure += (f"; image tower ({image.parity.reference}) {image.parity.min_cosine['image_embedding']:.7f}, "
                    f"pixels within {image.parity.max_abs_diff['pixel_values']:.1e}")
+    for spec in result.manifest.adapters:
+        figure += f"; adapter {spec.name} (r={spec.rank}) {min(spec.min_cosine.values()) if spec.min_cosine else float('nan'):.7f}"
     console.print(f"[bold]{escape(str(result.path))}[/]: {result.size_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s; {figure}"
                   + (f", top-10 overlap vs fp32 {parity.retrieval_top10_overlap:.3f}" if parity.retrieval_top10_overlap is not None else "")
                   + ("; reused the verified export in the cache (same model, options and toolkit; --force exports "

@@ -64,6 +64,10 @@ def inspect(
         rows.insert(4, ("late interaction", f"{late.similarity}; {query}; document at most "
                         f"{late.document_length or manifest.max_seq_len} tokens; {len(late.skiplist_ids)} skiplist "
                         f"ids dropped ({', '.join(late.skiplist_modes)})"))
+    if manifest.adapters:  # LoRA adapters, each in its own file beside the artifact
+        rows.append(("adapters", "; ".join(
+            f"{a.name} (r={a.rank}, alpha {a.alpha:g}, {a.parameters:,} numbers, {len(a.targets)} slots; "
+            + (f"vs PEFT {min(a.min_cosine.values()):.7f})" if a.passed else "UNVERIFIED)") for a in manifest.adapters)))
     if manifest.parity.retrieval_top10_overlap is not None:
         rows.append(("top-10 overlap vs fp32", f"{manifest.parity.retrieval_top10_overlap:.3f}"))
     for warning in manifest.warnings:

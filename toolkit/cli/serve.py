@@ -46,6 +46,25 @@ def _origins(values: list[str]) -> list[str]:
     return origins
 
 
+def lora_module(text: str) -> str:
+    """``--adapter`` as NAME=FILE: vLLM's ``--lora-modules`` forms, ``name=path`` or its JSON object
+    (``{"name": ..., "path": ...}``); ConfigError naming them."""
+    text = text.strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            item = json.loads(text)
+            return f"{item['name']}={item['path']}"
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"--adapter {text!r}: the JSON form needs \"name\" and \"path\"") from None
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ConfigError(f"--adapter {text!r}: give NAME=FILE (an .onnx_adapter file) or "
+                          '{"name": ..., "path": ...}')
+    return f"{name.strip()}={path.strip()}"
+
+
 @app.command()
 def serve(
     models: Annotated[list[str] | None, typer.Argument(metavar="[MODEL]...", help="What to serve: artifacts (.onnx), bundled card names (`toolkit cards`), Hub ids or local model directories; anything but an artifact is exported once into TOOLKIT_CACHE and reused [default: the bundled all-MiniLM-L6-v2]")] = None,
@@ -96,6 +115,7 @@ def serve(
     batch_max_file_mb: Annotated[float, typer.Option(help="With --batch-dir: the largest file /v1/files takes, in MiB (OpenAI's: 200)")] = 200.0,
     batch_max_requests: Annotated[int, typer.Option(help="With --batch-dir: request lines per batch (OpenAI's: 50,000)")] = 50_000,
     batch_concurrency: Annotated[int, typer.Option(help="With --batch-dir: a batch's lines in flight at once; each waits for every online request in the batcher; more: more throughput where batching pays (GPUs), longer waits for online requests")] = 2,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", "--lora-modules", help="Serve this LoRA adapter as NAME=FILE (an .onnx_adapter file that `toolkit export BASE --adapter NAME=DIR` wrote for the same base; repeat it), beside the adapters the artifact carries; each is a served model name on every route (vLLM's --lora-modules name=path form) [default: the artifact's own]")] = None,
     engine: Annotated[str, typer.Option(help="local: one process | ray: replicas behind Ray Serve's HTTP proxy, on a local Ray or a cluster (the [serve] extra)")] = "local",
     address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (auto, ray://HOST:10001) [default: start a local Ray]")] = None,
     replicas: Annotated[int | None, typer.Option(help="--engine ray: a fixed number of replicas [default: 1]")] = None,
@@ -176,9 +196,12 @@ def serve(
                                prometheus_port=prometheus_port, batch_dir=batch_dir,
                                batch_max_file_bytes=int(batch_max_file_mb * 1024 * 1024),
                                batch_max_requests=batch_max_requests, batch_concurrency=batch_concurrency)
+        if adapter and len(paths) != 1:
+            raise ConfigError("--adapter names a LoRA adapter of one base model: serve one artifact with it")
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
-                                 default_prompt_name=default_prompt_name, default_prompt=default_prompt, **matryoshka)
+                                 default_prompt_name=default_prompt_name, default_prompt=default_prompt,
+                                 adapters=tuple(lora_module(text) for text in adapter or []), **matryoshka)
         if engine == "ray":
             from toolkit.server.ray import run_ray
 
