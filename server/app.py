@@ -26,6 +26,7 @@ from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
 from toolkit.server.batch_runner import BatchRunner
 from toolkit.server.batch_store import BatchStore
+from toolkit.server.adapters_api import ADAPTER_ROUTES
 from toolkit.server.batches_api import BatchesController, batch_api_off
 from toolkit.server.classify_api import (
     ClassifyController,
@@ -244,7 +245,7 @@ def load_models(paths: list[Path], names: list[str], runtime: RuntimeOptions, me
         model = open_model(path, names[i] if names else None, runtime, metrics)
         # each LoRA adapter is a model name of its own, on the base's batcher (vLLM serves a LoRA by its name)
         for entry in [model] + [ServedModel(adapter, model.engine.for_adapter(adapter), parent=model.name)
-                                for adapter in model.embedder.adapters]:
+                                for adapter in list(model.embedder.adapters)]:
             if any(s.name == entry.name for s in served):
                 model.engine.close()
                 raise ConfigError(f"two models are served as '{entry.name}': set --served-model-name"
@@ -279,6 +280,7 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
 
     store = BatchStore(options.batch_dir) if options.batch_dir else None  # the Batch API, or its paths a 404
     batch_routes = [FilesController, BatchesController] if store else [batch_api_off]
+    batch_routes += ADAPTER_ROUTES if options.allow_runtime_lora_updating else []  # vLLM's: absent unless allowed
 
     async def stop_batches() -> None:
         if store is not None:

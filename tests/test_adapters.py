@@ -231,3 +231,41 @@ def test_toolkit_embed_writes_the_adapters_vectors(bert_adapters, tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "toolkit.cli", "embed", str(result.path), str(tmp_path / "in.txt"),
                             "-o", str(tmp_path / "out2"), "--adapter", "nope"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "not one of this model's: one, two" in wrong.stderr + wrong.stdout
+
+
+def test_adapters_load_and_unload_at_run_time_only_when_allowed(bert_adapters, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: absent by default; with the flag, an adapter file
+    becomes a served name at once and stops being one, with vLLM's status codes."""
+    from conftest import app_client
+
+    result, _, _ = bert_adapters
+    two = result.path.with_name("base.adapter.two.onnx_adapter")
+    body = {"lora_name": "three", "lora_path": str(two)}
+    with app_client(result.path, names=("base",)) as client:
+        assert client.post("/v1/load_lora_adapter", json=body).status_code == 404
+    expected = Embedder(result.path, device="cpu").embed(TEXTS, adapter="two")
+    with app_client(result.path, names=("base",), allow_runtime_lora_updating=True) as client:
+        assert client.post("/v1/embeddings", json={"model": "three", "input": TEXTS}).status_code == 404
+        loaded = client.post("/v1/load_lora_adapter", json=body)
+        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'three' added successfully."
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["three"]["parent"] == "base" and "three" in models["base"]["adapters"]
+        vectors = client.post("/v1/embeddings", json={"model": "three", "input": TEXTS}).json()["data"]
+        np.testing.assert_allclose([d["embedding"] for d in vectors], expected, atol=1e-5)
+        again = client.post("/v1/load_lora_adapter", json=body)
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        assert client.post("/v1/load_lora_adapter", json={**body, "load_inplace": True}).status_code == 200
+        missing = client.post("/v1/load_lora_adapter", json={"lora_name": "four", "lora_path": str(tmp_path / "x")})
+        assert missing.status_code == 404
+        (tmp_path / "bogus.onnx_adapter").write_bytes(b"nope")
+        bogus = client.post("/v1/load_lora_adapter", json={"lora_name": "four",
+                                                           "lora_path": str(tmp_path / "bogus.onnx_adapter")})
+        assert bogus.status_code == 400 and "not an onnxruntime adapter file" in bogus.json()["error"]["message"]
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": str(two)}).status_code == 400
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "five"}).status_code == 400
+        unloaded = client.post("/v1/unload_lora_adapter", json={"lora_name": "three"})
+        assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'three' removed successfully."
+        assert client.post("/v1/embeddings", json={"model": "three", "input": TEXTS}).status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "three"}).status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "base"}).status_code == 404
+        assert client.post("/v1/embeddings", json={"model": "one", "input": TEXTS}).status_code == 200

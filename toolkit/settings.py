@@ -127,6 +127,7 @@ def parse_hf_overrides(value: str) -> dict:
 
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
+    allow_runtime_lora_updating: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter
     port: int = 8000
     api_key: str | None = None
     max_concurrent_requests: int = 512  # requests in flight before 429

@@ -116,6 +116,7 @@ def serve(
     batch_max_requests: Annotated[int, typer.Option(help="With --batch-dir: request lines per batch (OpenAI's: 50,000)")] = 50_000,
     batch_concurrency: Annotated[int, typer.Option(help="With --batch-dir: a batch's lines in flight at once; each waits for every online request in the batcher; more: more throughput where batching pays (GPUs), longer waits for online requests")] = 2,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", "--lora-modules", help="Serve this LoRA adapter as NAME=FILE (an .onnx_adapter file that `toolkit export BASE --adapter NAME=DIR` wrote for the same base; repeat it), beside the adapters the artifact carries; each is a served model name on every route (vLLM's --lora-modules name=path form) [default: the artifact's own]")] = None,
+    allow_runtime_lora_updating: Annotated[bool, typer.Option("--allow-runtime-lora-updating", envvar="VLLM_ALLOW_RUNTIME_LORA_UPDATING", help="Serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter: adapter files loaded and dropped while the server runs (vLLM's environment variable turns it on too) [default: off: those paths are 404]")] = False,
     engine: Annotated[str, typer.Option(help="local: one process | ray: replicas behind Ray Serve's HTTP proxy, on a local Ray or a cluster (the [serve] extra)")] = "local",
     address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (auto, ray://HOST:10001) [default: start a local Ray]")] = None,
     replicas: Annotated[int | None, typer.Option(help="--engine ray: a fixed number of replicas [default: 1]")] = None,
@@ -148,6 +149,9 @@ def serve(
             scale.check()
             if batch_dir is not None:
                 raise ConfigError("--batch-dir goes with --engine local: a batch runs in the serving process")
+            if allow_runtime_lora_updating:
+                raise ConfigError("--allow-runtime-lora-updating goes with --engine local: a load would reach one "
+                                  "replica")
         elif any(v is not None for v in (address, replicas, min_replicas, max_replicas, models_per_replica)):
             raise ConfigError("--address and the replica flags go with --engine ray")
         if batch_max_file_mb <= 0 or batch_max_requests < 1 or batch_concurrency < 1:
@@ -195,7 +199,8 @@ def serve(
                                otlp_service_name=otlp_service_name, disable_spans=disable_spans, uds_path=uds_path,
                                prometheus_port=prometheus_port, batch_dir=batch_dir,
                                batch_max_file_bytes=int(batch_max_file_mb * 1024 * 1024),
-                               batch_max_requests=batch_max_requests, batch_concurrency=batch_concurrency)
+                               batch_max_requests=batch_max_requests, batch_concurrency=batch_concurrency,
+                               allow_runtime_lora_updating=allow_runtime_lora_updating)
         if adapter and len(paths) != 1:
             raise ConfigError("--adapter names a LoRA adapter of one base model: serve one artifact with it")
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
