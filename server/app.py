@@ -24,9 +24,9 @@ from toolkit.errors import (
 )
 from toolkit.runtime.async_embedder import AsyncEmbedder, BatchStats, Timings
 from toolkit.runtime.embedder import Embedder
+from toolkit.server.adapters_api import ADAPTER_ROUTES
 from toolkit.server.batch_runner import BatchRunner
 from toolkit.server.batch_store import BatchStore
-from toolkit.server.adapters_api import ADAPTER_ROUTES
 from toolkit.server.batches_api import BatchesController, batch_api_off
 from toolkit.server.classify_api import (
     ClassifyController,
