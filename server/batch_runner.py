@@ -206,7 +206,8 @@ class BatchRunner:
                 pass
             os.truncate(partial[kind], size)  # what a killed server wrote after its last commit goes
         done = {"line": progress.line, "offset": progress.offset, "output_bytes": progress.output_bytes,
-                "error_bytes": progress.error_bytes, "completed": progress.completed, "failed": progress.failed}
+                "error_bytes": progress.error_bytes, "completed": progress.completed, "failed": progress.failed,
+                "tokens": progress.tokens}
         pending: deque[tuple[int, int, asyncio.Task | None, int]] = deque()  # (line, offset after it, task, inputs)
         with open(self.store.content_path(batch.input_file_id), "rb") as source, \
                 open(partial["output"], "ab") as output, open(partial["errors"], "ab") as errors:
@@ -243,11 +244,13 @@ class BatchRunner:
                     line, end, task, inputs = pending.popleft()
                     in_flight -= inputs
                     if task is not None:
-                        ok, data = await task
+                        ok, data, tokens = await task
                         (output if ok else errors).write(data)
                         done["output_bytes" if ok else "error_bytes"] += len(data)
                         done["completed" if ok else "failed"] += 1
+                        done["tokens"] += tokens
                         batch.request_counts.completed, batch.request_counts.failed = done["completed"], done["failed"]
+                        batch.usage.input_tokens = batch.usage.total_tokens = done["tokens"]
                     done["line"], done["offset"] = line, end
                     if time.monotonic() - last >= COMMIT_S:
                         await commit()
@@ -261,28 +264,34 @@ class BatchRunner:
             batch.status, batch.finalizing_at = "finalizing", int(time.time())
             await self.save(record, outcome="completed" if eof else "expired")
 
-    async def _answer(self, endpoint: str, line: Any, number: int) -> tuple[bool, bytes]:
-        """(answered with a 2xx, the line for the output or error file) of one input line (its JSON, or the
-        exception decoding it)."""
+    async def _answer(self, endpoint: str, line: Any, number: int) -> tuple[bool, bytes, int]:
+        """(answered with a 2xx, the line for the output or error file, the input tokens it was billed) of one
+        input line (its JSON, or the exception decoding it)."""
+        ok, content, data = await self._respond(endpoint, line, number)
+        return ok, data, _billed_tokens(content) if ok else 0
+
+    async def _respond(self, endpoint: str, line: Any, number: int) -> tuple[bool, bytes, bytes]:
+        """(answered with a 2xx, the route's answer body (empty for a line refused before the route), the line
+        for the output or error file)."""
         key = uuid.uuid4().hex
         line_id = f"batch_req_{key}"
         if isinstance(line, Exception):
-            return False, _error_line(line_id, None, "invalid_json_line", f"line {number} is not valid JSON: {line}")
+            return False, b"", _error_line(line_id, None, "invalid_json_line", f"line {number} is not valid JSON: {line}")
         if not isinstance(line, dict):
-            return False, _error_line(line_id, None, "invalid_json_line", f"line {number} is not a JSON object "
-                                      "with custom_id, method, url and body")
+            return False, b"", _error_line(line_id, None, "invalid_json_line", f"line {number} is not a JSON object "
+                                           "with custom_id, method, url and body")
         custom_id = line.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
-            return False, _error_line(line_id, None, "missing_custom_id", f"line {number} has no custom_id (a string)")
+            return False, b"", _error_line(line_id, None, "missing_custom_id", f"line {number} has no custom_id (a string)")
         if line.get("method") != "POST":
-            return False, _error_line(line_id, custom_id, "invalid_method",
-                                      f"line {number}: method must be POST, got {line.get('method')!r}")
+            return False, b"", _error_line(line_id, custom_id, "invalid_method",
+                                           f"line {number}: method must be POST, got {line.get('method')!r}")
         if line.get("url") != endpoint:
-            return False, _error_line(line_id, custom_id, "invalid_url", f"line {number}: url {line.get('url')!r} is "
-                                      f"not this batch's endpoint ({endpoint}); every line goes to the batch's endpoint")
+            return False, b"", _error_line(line_id, custom_id, "invalid_url", f"line {number}: url {line.get('url')!r} is "
+                                           f"not this batch's endpoint ({endpoint}); every line goes to the batch's endpoint")
         if not isinstance(line.get("body"), dict):
-            return False, _error_line(line_id, custom_id, "invalid_body",
-                                      f"line {number}: body must be a JSON object (the request's body)")
+            return False, b"", _error_line(line_id, custom_id, "invalid_body",
+                                           f"line {number}: body must be a JSON object (the request's body)")
         body = msgspec.json.encode(line["body"])
         headers = [*self._headers, (b"x-request-id", f"req_{key}".encode())]
         for attempt in range(RETRIES):
@@ -293,12 +302,12 @@ class BatchRunner:
                 break
             await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
         if not answer_headers.get(b"content-type", b"").startswith(b"application/json"):
-            return False, _error_line(line_id, custom_id, "unsupported_response", f"line {number}: the answer is not "
-                                      "JSON (encoding_format bytes / bytes_only): ask for float or base64 in a batch")
+            return False, b"", _error_line(line_id, custom_id, "unsupported_response", f"line {number}: the answer is not "
+                                           "JSON (encoding_format bytes / bytes_only): ask for float or base64 in a batch")
         request_id = answer_headers.get(b"x-request-id", f"req_{key}".encode())
         head = b'{"id":"%s","custom_id":%s,"response":{"status_code":%d,"request_id":"%s","body":' % (
             line_id.encode(), msgspec.json.encode(custom_id), status, request_id)
-        return 200 <= status < 300, head + content + b'},"error":null}\n'
+        return 200 <= status < 300, content, head + content + b'},"error":null}\n'
 
     async def _finalize(self, record: BatchRecord) -> None:
         """The partial files become the batch's output and error files (each only when it has lines); a repeat
@@ -322,6 +331,7 @@ class BatchRunner:
         now = int(time.time())
         batch.output_file_id, batch.error_file_id = progress.output_file_id, progress.error_file_id
         batch.request_counts.completed, batch.request_counts.failed = progress.completed, progress.failed
+        batch.usage.input_tokens = batch.usage.total_tokens = progress.tokens
         if batch.status == "cancelling":
             batch.status, batch.cancelled_at = "cancelled", now
         elif progress.outcome == "expired":
@@ -329,3 +339,33 @@ class BatchRunner:
         else:
             batch.status, batch.completed_at = "completed", now
         await self.save(record)
+
+
+class _Billed(msgspec.Struct):
+    input_tokens: int = 0
+
+
+class _Meta(msgspec.Struct):
+    billed_units: _Billed | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _Counted(msgspec.Struct):
+    usage: _Usage | None = None  # OpenAI's and vLLM's answers
+    meta: _Meta | None = None  # Cohere's
+
+
+def _billed_tokens(content: bytes) -> int:
+    """The input tokens an answer body reports (``usage.prompt_tokens``, or Cohere's ``meta.billed_units``)."""
+    try:
+        counted = msgspec.json.decode(content, type=_Counted)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    if counted.usage is not None:
+        return counted.usage.prompt_tokens
+    if counted.meta is not None and counted.meta.billed_units is not None:
+        return counted.meta.billed_units.input_tokens
+    return 0

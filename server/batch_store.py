@@ -77,6 +77,24 @@ class OpenAIBatchErrors(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
+class OpenAITokensDetails(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class OpenAIOutputDetails(msgspec.Struct):
+    reasoning_tokens: int = 0
+
+
+class OpenAIBatchUsage(msgspec.Struct, omit_defaults=False):
+    """OpenAI's ``BatchUsage``: the answered lines' input tokens (an embedding, score or rerank outputs none)."""
+
+    input_tokens: int = 0
+    input_tokens_details: OpenAITokensDetails = msgspec.field(default_factory=OpenAITokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OpenAIOutputDetails = msgspec.field(default_factory=OpenAIOutputDetails)
+    total_tokens: int = 0
+
+
 class OpenAIBatch(msgspec.Struct, omit_defaults=False):
     """OpenAI's batch object (``openai.types.Batch``)."""
 
@@ -101,6 +119,7 @@ class OpenAIBatch(msgspec.Struct, omit_defaults=False):
     request_counts: OpenAIBatchRequestCounts = msgspec.field(default_factory=OpenAIBatchRequestCounts)
     metadata: dict[str, str] | None = None
     model: str | None = None
+    usage: OpenAIBatchUsage = msgspec.field(default_factory=OpenAIBatchUsage)
 
 
 class BatchProgress(msgspec.Struct):
@@ -113,6 +132,7 @@ class BatchProgress(msgspec.Struct):
     error_bytes: int = 0
     completed: int = 0  # the request counts at that point
     failed: int = 0
+    tokens: int = 0  # the answered lines' input tokens at that point (the batch's usage)
     outcome: Literal["completed", "expired"] | None = None  # how its lines ended, once they have
     output_file_id: str | None = None  # the ids its results will get, chosen when it starts finalizing
     error_file_id: str | None = None

@@ -92,6 +92,10 @@ def test_embeddings_lines_equal_the_online_answers(server):
         answer = row["response"]["body"]
         assert (answer["model"], answer["usage"], answer["object"]) == (online["model"], online["usage"], "list")
         np.testing.assert_allclose(_vectors(answer), _vectors(online), atol=1e-6)
+    # the batch's usage: every answered line's input tokens (OpenAI's BatchUsage), as the online answers bill them
+    billed = sum(results[f"e{i}"]["response"]["body"]["usage"]["prompt_tokens"] for i in range(len(bodies)))
+    assert billed > 0 and (batch.usage.input_tokens, batch.usage.output_tokens, batch.usage.total_tokens) == (
+        billed, 0, billed)
     metrics = httpx.get(url + "/metrics").text  # batch lines are counted apart from online requests
     assert 'toolkit_requests_total{route="/v1/embeddings (batch)",status="200"}' in metrics
 
@@ -124,6 +128,10 @@ def test_score_rerank_and_cohere_lines_equal_the_online_answers(server):
                                            [r["relevance_score"] for r in online["results"]], atol=1e-6)
             else:
                 np.testing.assert_allclose(answer["embeddings"]["float"], online["embeddings"]["float"], atol=1e-6)
+        billed = [results[f"x{i}"]["response"]["body"] for i in range(len(bodies))]
+        billed = sum(b["meta"]["billed_units"]["input_tokens"] if "meta" in b else b["usage"]["prompt_tokens"]
+                     for b in billed)
+        assert billed > 0 and batch.usage.input_tokens == billed, (endpoint, batch.usage)
 
 
 def test_bad_lines_are_their_own_errors_not_the_batch_failure(server):
@@ -249,6 +257,9 @@ def test_a_killed_server_resumes_the_batch_answering_each_line_once(tiny_artifac
         assert batch.status == "completed" and batch.request_counts.completed == 3000
         answered = _results(client, batch.output_file_id)  # fails on a custom_id answered twice
         assert set(answered) == {line["custom_id"] for line in lines}
+        # the usage counts each answered line once across the restart
+        assert batch.usage.input_tokens == sum(a["response"]["body"]["usage"]["prompt_tokens"]
+                                               for a in answered.values())
         assert not any(Path(folder / "batches").glob("*.jsonl"))  # the partial files became the output file
     finally:
         proc.terminate()
