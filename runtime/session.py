@@ -64,24 +64,24 @@ def usable_devices() -> list[Device]:
 
 @dataclass(frozen=True, eq=False)
 class LoadedAdapter:
-    """A LoRA adapter file opened against one session: its parameters (the graph's LoRA slots it fills) and the
-    run options that activate it (onnxruntime's ``LoraAdapter``: the file is mapped once, not copied per run)."""
+    """A LoRA adapter file opened against one session: the shapes of the graph's LoRA slots it fills, and the run
+    options that activate it (onnxruntime's ``LoraAdapter``, which holds its parameters once)."""
 
     name: str
     path: Path
-    parameters: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
     run_options: ort.RunOptions
     handle: ort.LoraAdapter  # kept alive here: the run options hold only a pointer to it
 
     @property
     def rank(self) -> int:
         """The largest rank over its slots."""
-        return max((array.shape[1] for key, array in self.parameters.items() if key.endswith("lora_a")), default=0)
+        return max((shape[1] for key, shape in self.shapes.items() if key.endswith("lora_a")), default=0)
 
     @property
     def size(self) -> int:
         """Its own numbers (the base model's are shared)."""
-        return sum(array.size for array in self.parameters.values())
+        return sum(int(np.prod(shape)) for shape in self.shapes.values())
 
 
 def refuse_adapter(adapter: LoadedAdapter | None, graph: str) -> None:
@@ -175,7 +175,8 @@ class OrtSession:
             raise ConfigError(f"adapter '{name}': {path} holds no parameters")
         options = ort.RunOptions()
         options.add_active_adapter(lora)
-        return LoadedAdapter(name, path, parameters, options, lora)
+        shapes = {key: tuple(array.shape) for key, array in parameters.items()}
+        return LoadedAdapter(name, path, shapes, options, lora)
 
     def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray],
             adapter: LoadedAdapter | None = None) -> list[np.ndarray]:
@@ -183,12 +184,13 @@ class OrtSession:
         failure."""
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         try:
-            if not self._binding:
+            # onnxruntime applies no active adapter to a bound run, nor binds its slots (overridable initializers)
+            # as inputs: a run with an adapter is a plain run (its inputs copied to the device as needed)
+            if not self._binding or adapter is not None:
                 return self._session.run(list(outputs), feeds, adapter.run_options if adapter else None)
             binding = self._session.io_binding()
             device = "cuda" if self.device != Device.CPU else "cpu"
-            # onnxruntime applies no active adapter to a bound run: its parameters are bound as the inputs they are
-            for name, array in {**feeds, **(adapter.parameters if adapter else {})}.items():
+            for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
             for name in outputs:  # only these cross back to the host
                 binding.bind_output(name, device)

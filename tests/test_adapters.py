@@ -269,3 +269,13 @@ def test_adapters_load_and_unload_at_run_time_only_when_allowed(bert_adapters, t
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "three"}).status_code == 404
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "base"}).status_code == 404
         assert client.post("/v1/embeddings", json={"model": "one", "input": TEXTS}).status_code == 200
+
+
+def test_bound_runs_get_the_adapter_too(bert_adapters):
+    """onnxruntime applies no active adapter to an IO-binding run (CUDA's default path): a run with an adapter is a
+    plain run there, and gives the same vectors."""
+    result, _, _ = bert_adapters
+    plain = Embedder(result.path, device="cpu")
+    bound = Embedder(result.path, device="cpu", io_binding=True)
+    for adapter in (None, "one", "two"):
+        np.testing.assert_allclose(bound.embed(TEXTS, adapter=adapter), plain.embed(TEXTS, adapter=adapter), atol=1e-6)
