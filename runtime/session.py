@@ -140,6 +140,10 @@ class OrtSession:
         """onnxruntime's execution providers for this session, the one it runs on first."""
         return self._session.get_providers()
 
+    def output_shape(self, name: str) -> list[int | str | None]:
+        """The graph's declared shape of output ``name`` (a symbolic axis as its name)."""
+        return next(list(o.shape) for o in self._session.get_outputs() if o.name == name)
+
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self._session.get_modelmeta().custom_metadata_map)

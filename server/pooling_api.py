@@ -46,12 +46,15 @@ class LlamaEmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
 
 
-class PoolingData(msgspec.Struct):
+class PoolingData(msgspec.Struct, omit_defaults=True):
     index: int
     object: Literal["pooling"]
-    # embed / classify: a row; token_embed: a row per token; encoding_format base64: float32 bytes
+    # embed / classify: a row; token_embed: a row per token; encoding_format base64: the rows' bytes in embed_dtype
     # (one union: msgspec allows one array type in a union)
     data: list[float | list[float]] | str
+    # base64 only (not in vLLM's answer): the array's shape, e.g. [tokens, 128] for a token_embed matrix, so a
+    # client reads a 300-token document's vectors from one string instead of 38,400 JSON numbers
+    shape: list[int] | None = None
 
 
 class PoolingResponse(ListResponse):
@@ -110,9 +113,13 @@ class PoolingController(Controller):
                 "usage": UsageInfo.of(tokens)}
         if data.encoding_format in ("bytes", "bytes_only"):
             return bytes_response(rows, data.encoding_format, data.embed_dtype, data.endianness, head, {})
-        encoded = ([to_base64(np.asarray(r, np.float32).reshape(1, -1), data.embed_dtype, data.endianness)[0]
-                    for r in rows] if data.encoding_format == "base64" else [np.asarray(r).tolist() for r in rows])
-        return Response(PoolingResponse(**head, data=[PoolingData(i, "pooling", d) for i, d in enumerate(encoded)]))
+        if data.encoding_format == "base64":
+            items = [PoolingData(i, "pooling", to_base64(np.asarray(r, np.float32).reshape(1, -1), data.embed_dtype,
+                                                         data.endianness)[0], list(np.shape(r)))
+                     for i, r in enumerate(rows)]
+        else:
+            items = [PoolingData(i, "pooling", np.asarray(r).tolist()) for i, r in enumerate(rows)]
+        return Response(PoolingResponse(**head, data=items))
 
     @post("/embedding", status_code=200, summary="llama.cpp's native embedding route (pooled, normalized)")
     async def embedding(self, request: Request, data: LlamaEmbeddingRequest) -> list[LlamaEmbedding]:

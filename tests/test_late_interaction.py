@@ -4,6 +4,8 @@ and the routes that score by MaxSim (the official cohere client's rerank, vLLM's
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import numpy as np
 import pytest
@@ -138,5 +140,29 @@ def test_routes_score_by_max_sim(colbert, emb):
             assert body.status_code == 200, body.text
             _close([np.asarray(d["data"], dtype=np.float32) for d in body.json()["data"]],
                    emb.embed_multi(texts, is_query=is_query))
+        # the compact form: each matrix one base64 string of float16 (or float32) with its shape
+        for dtype, tolerance in (("float16", 2e-3), ("float32", 1e-6)):
+            body = httpx.post(url + "/pooling", json={"input": DOCUMENTS[:2], "task": "token_embed",
+                                                      "encoding_format": "base64", "embed_dtype": dtype}).json()
+            for item, expected in zip(body["data"], emb.embed_multi(DOCUMENTS[:2], is_query=False)):
+                got = np.frombuffer(base64.b64decode(item["data"]), dtype=dtype).reshape(item["shape"])
+                assert got.shape == expected.shape
+                np.testing.assert_allclose(got.astype(np.float32), expected, atol=tolerance)
     finally:
         proc.kill()
+
+
+def test_bulk_token_embed_writes_each_documents_vectors_for_an_index(colbert, emb, tmp_path):
+    """`toolkit embed --task token_embed` (here its Python API): each row's document-mode matrix as a list of
+    fixed-size (128) vectors, equal to embed_multi."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from toolkit.bulk import BulkOptions, embed_files
+
+    (tmp_path / "docs.txt").write_text("\n".join(DOCUMENTS) + "\n")
+    embed_files(colbert[1].path, str(tmp_path / "docs.txt"), tmp_path / "out", BulkOptions(task="token_embed"))
+    table = pq.read_table(sorted((tmp_path / "out").glob("*.parquet"))).sort_by("row")
+    assert table.schema.field("embedding").type == pa.list_(pa.list_(pa.float32(), 128))
+    for got, expected in zip(table["embedding"].to_pylist(), emb.embed_multi(DOCUMENTS, is_query=False)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=1e-6)

@@ -67,6 +67,12 @@ class RowEncoder:
                                   "--embedding-type and --image-column do not apply")
             self.plan = None
             self.fields = [pa.field("embedding", pa.list_(pa.float32()))]
+            self.width = None
+            if self.task == "token_embed":  # a matrix per row: a list of fixed-size vectors, as an index reads them
+                width = embedder.session.output_shape(embedder.token_output)[-1]
+                if isinstance(width, int):
+                    self.width = width
+                    self.fields = [pa.field("embedding", pa.list_(pa.list_(pa.float32(), width)))]
             if self.task == "classify":  # the most likely label, and every label's probability in label order
                 self.fields = [pa.field("label", pa.string()), pa.field("probabilities", pa.list_(pa.float32()))]
         elif self.sparse:
@@ -240,6 +246,12 @@ class RowEncoder:
             labels = self.embedder.labels
             return [pa.array([labels[int(np.argmax(r))] for r in rows], pa.string()),
                     _list_column([np.asarray(r, np.float32) for r in rows], pa.float32())]
+        if self.generic and self.width is not None:  # token_embed: each row's (tokens, width) matrix
+            matrices = [np.asarray(r, np.float32).reshape(-1, self.width) for r in rows]
+            offsets = np.zeros(len(matrices) + 1, np.int32)
+            offsets[1:] = np.cumsum([len(m) for m in matrices])
+            vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(matrices).reshape(-1)), self.width)
+            return [pa.ListArray.from_arrays(pa.array(offsets), vectors)]
         if self.generic:
             return [_list_column([np.asarray(r, np.float32).reshape(-1) for r in rows], pa.float32())]
         match self.options.embedding_type:
