@@ -323,7 +323,8 @@ class BatchRunner:
                 def move(path=path, size=size, kind=kind, file_id=file_id, lines=lines):
                     if path.exists():
                         os.truncate(path, size)
-                    self.store.add_file(path, f"{batch.id}_{kind}.jsonl", "batch_output", lines, file_id)
+                    self.store.add_file(path, f"{batch.id}_{kind}.jsonl", "batch_output", lines, file_id,
+                                        record.output_expires_in)
 
                 await asyncio.to_thread(move)
             with contextlib.suppress(FileNotFoundError):

@@ -27,7 +27,23 @@ import msgspec
 
 from toolkit.errors import ConfigError, ObjectNotFoundError, RequestError
 
-__all__ = ["BatchProgress", "BatchRecord", "BatchStore", "FileRecord", "OpenAIBatch", "OpenAIBatchErrors",
+EXPIRY_RANGE = (3600, 2_592_000)  # OpenAI's: one hour to 30 days
+
+
+def expiry_seconds(anchor, seconds, param: str) -> int:
+    """OpenAI's ``expires_after`` (``{"anchor": "created_at", "seconds": N}``) as N; RequestError naming the rule."""
+    if anchor != "created_at":
+        raise RequestError(f"{param}.anchor must be 'created_at', got {str(anchor)[:40]!r}", param=param)
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or isinstance(seconds, bool) or not EXPIRY_RANGE[0] <= value <= EXPIRY_RANGE[1]:
+        raise RequestError(f"{param}.seconds must be an integer between {EXPIRY_RANGE[0]} (one hour) and "
+                           f"{EXPIRY_RANGE[1]} (30 days), got {str(seconds)[:40]!r}", param=param)
+    return value
+
+__all__ = ["EXPIRY_RANGE", "expiry_seconds", "BatchProgress", "BatchRecord", "BatchStore", "FileRecord", "OpenAIBatch", "OpenAIBatchErrors",
            "OpenAIBatchRequestCounts", "OpenAIFileObject", "new_id"]
 
 _IDS = {"file": re.compile(r"file-[0-9a-f]{24}\Z"), "batch": re.compile(r"batch_[0-9a-f]{24}\Z")}
@@ -142,6 +158,7 @@ class BatchRecord(msgspec.Struct):
     batch: OpenAIBatch
     progress: BatchProgress
     created_ns: int
+    output_expires_in: int | None = None  # OpenAI's output_expires_after: its output and error files' lifetime
 
     @property
     def done(self) -> bool:
@@ -209,15 +226,30 @@ class BatchStore:
 
     # ---------------------------------------------------------------- files
     def file(self, file_id: str, param: str = "file_id") -> FileRecord:
+        self.drop_expired()
         record = self.files.get(file_id)
         if record is None:
             raise ObjectNotFoundError(f"no file with id '{file_id[:80]}'", param=param)
         return record
 
+    def drop_expired(self, now: float | None = None) -> list[str]:
+        """Delete the files past their ``expires_at`` (an unfinished batch's input waits for its batch); their
+        ids. Called before files are read or listed, so an expired file is never served."""
+        now = time.time() if now is None else now
+        reading = {b.batch.input_file_id for b in self.batches.values() if not b.done}
+        expired = [file_id for file_id, record in self.files.items()
+                   if record.file.expires_at is not None and record.file.expires_at <= now and file_id not in reading]
+        for file_id in expired:
+            (self.root / "files" / f"{file_id}.json").unlink(missing_ok=True)
+            self.content_path(file_id).unlink(missing_ok=True)
+            del self.files[file_id]
+        return expired
+
     def add_file(self, source: Path, filename: str, purpose: Literal["batch", "batch_output"], lines: int,
-                 file_id: str | None = None) -> FileRecord:
+                 file_id: str | None = None, expires_in: int | None = None) -> FileRecord:
         """Move ``source`` (in this directory) in as a file, under ``file_id`` or a new id; its record written
-        (a repeat after a stop in between finds ``source`` moved already)."""
+        (a repeat after a stop in between finds ``source`` moved already). ``expires_in``: seconds after its
+        creation when it is deleted (OpenAI's ``expires_after``); None: kept until deleted."""
         file_id = file_id or new_id("file")
         target = self.content_path(file_id)
         if source.exists():
@@ -225,8 +257,11 @@ class BatchStore:
                 os.fsync(f.fileno())
             os.replace(source, target)
         now = time.time_ns()
-        record = FileRecord(OpenAIFileObject(id=file_id, bytes=target.stat().st_size, created_at=now // 10**9,
-                                             filename=filename, purpose=purpose), lines, now)
+        created = now // 10**9
+        record = FileRecord(OpenAIFileObject(id=file_id, bytes=target.stat().st_size, created_at=created,
+                                             filename=filename, purpose=purpose,
+                                             expires_at=None if expires_in is None else created + expires_in),
+                            lines, now)
         _write_atomic(self.root / "files" / f"{file_id}.json", msgspec.json.encode(record))
         self.files[file_id] = record
         return record

@@ -11,7 +11,13 @@ import msgspec
 from litestar import Controller, HttpMethod, Request, get, post, route
 
 from toolkit.errors import ObjectNotFoundError, RequestError
-from toolkit.server.batch_store import BatchProgress, BatchRecord, OpenAIBatch, new_id
+from toolkit.server.batch_store import (
+    BatchProgress,
+    BatchRecord,
+    OpenAIBatch,
+    expiry_seconds,
+    new_id,
+)
 from toolkit.server.limits import check_choice
 
 __all__ = ["BATCH_ENDPOINTS", "BatchesController", "OpenAIBatchCreateRequest", "OpenAIBatchList", "batch_api_off"]
@@ -25,7 +31,7 @@ class OpenAIBatchCreateRequest(msgspec.Struct, kw_only=True):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
-    output_expires_after: Any = None  # taken, not applied: results stay until deleted
+    output_expires_after: Any = None  # {"anchor": "created_at", "seconds": N}: the output and error files' lifetime
 
 
 class OpenAIBatchList(msgspec.Struct):
@@ -70,7 +76,11 @@ class BatchesController(Controller):
         batch = OpenAIBatch(id=new_id("batch"), endpoint=data.endpoint, input_file_id=data.input_file_id,
                             completion_window=data.completion_window, status="validating", created_at=now // 10**9,
                             expires_at=now // 10**9 + WINDOW_S[data.completion_window], metadata=data.metadata)
-        record = BatchRecord(batch, BatchProgress(), now)
+        expires_in = None
+        if data.output_expires_after is not None:
+            after = data.output_expires_after if isinstance(data.output_expires_after, dict) else {}
+            expires_in = expiry_seconds(after.get("anchor"), after.get("seconds"), "output_expires_after")
+        record = BatchRecord(batch, BatchProgress(), now, output_expires_in=expires_in)
         runner = request.app.state.batch_runner
         await runner.save(record)
         store.batches[batch.id] = record

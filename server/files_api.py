@@ -20,7 +20,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.response import File
 
 from toolkit.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
-from toolkit.server.batch_store import BatchStore, FileRecord, OpenAIFileObject
+from toolkit.server.batch_store import BatchStore, FileRecord, OpenAIFileObject, expiry_seconds
 from toolkit.server.limits import check_choice
 
 __all__ = ["FilesController", "OpenAIFileDeleted", "OpenAIFileList", "receive_upload"]
@@ -98,8 +98,13 @@ async def receive_upload(request: Request, store: BatchStore, limit: int) -> Fil
             raise RequestError("the form has no `file` part", param="file")
         purpose = fields.get("purpose", bytearray()).decode(errors="replace")
         check_choice(purpose, ("batch",), "purpose")
+        expires_in = None
+        if "expires_after[anchor]" in fields or "expires_after[seconds]" in fields:  # the openai client's form
+            expires_in = expiry_seconds(fields.get("expires_after[anchor]", bytearray()).decode(errors="replace"),
+                                        fields.get("expires_after[seconds]", bytearray()).decode(errors="replace"),
+                                        "expires_after")
         lines = await asyncio.to_thread(_count_requests, target)
-        return await asyncio.to_thread(store.add_file, target, filename[:255], "batch", lines)
+        return await asyncio.to_thread(store.add_file, target, filename[:255], "batch", lines, None, expires_in)
     except multipart.MultipartError as exc:
         raise RequestError(f"the multipart body is malformed: {exc}") from None
     finally:
@@ -127,6 +132,7 @@ class FilesController(Controller):
         if not 1 <= limit <= 10_000:
             raise RequestError(f"limit must be between 1 and 10000, got {limit}", param="limit")
         check_choice(order, ("asc", "desc"), "order")
+        _store(request).drop_expired()
         records = sorted(_store(request).files.values(), key=lambda r: r.created_ns, reverse=order == "desc")
         files = [r.file for r in records if purpose is None or r.file.purpose == purpose]
         if after is not None:

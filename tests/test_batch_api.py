@@ -271,3 +271,46 @@ def test_without_batch_dir_the_paths_answer_404_saying_so(tiny_artifact):
         for method, path in (("GET", "/v1/batches"), ("POST", "/v1/files"), ("GET", "/v1/files/file-1/content")):
             answer = client.request(method, path)
             assert answer.status_code == 404 and "--batch-dir" in answer.json()["error"]["message"]
+
+
+def test_files_and_outputs_expire_as_openai_says(server, tmp_path):
+    """OpenAI's expires_after on files.create and output_expires_after on batches.create: the files get their
+    expires_at, out-of-range values are OpenAI's 400, and an expired file is gone (an unfinished batch's input
+    waits for its batch)."""
+    url, client = server
+    text = json.dumps(_line("a", "/v1/embeddings", {"input": "hello", "model": "tiny"})) + "\n"
+    uploaded = client.files.create(file=("r.jsonl", text.encode()), purpose="batch",
+                                   expires_after={"anchor": "created_at", "seconds": 3600})
+    assert uploaded.expires_at == uploaded.created_at + 3600
+    assert client.files.retrieve(uploaded.id).expires_at == uploaded.expires_at
+    with pytest.raises(openai.BadRequestError, match="between 3600"):
+        client.files.create(file=("r.jsonl", text.encode()), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 10})
+    with pytest.raises(openai.BadRequestError, match="anchor must be 'created_at'"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                              extra_body={"output_expires_after": {"anchor": "now", "seconds": 3600}})
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 7200})
+    batch = _wait(client, batch.id)
+    output = client.files.retrieve(batch.output_file_id)
+    assert output.expires_at == output.created_at + 7200
+
+    from toolkit.server.batch_store import BatchStore
+
+    store = BatchStore(tmp_path)
+    source = tmp_path / "uploads" / "x"
+    source.write_text(text)
+    kept = store.add_file(source, "r.jsonl", "batch", 1, expires_in=3600)
+    source.write_text(text)
+    busy = store.add_file(source, "r.jsonl", "batch", 1, expires_in=3600)
+    from toolkit.server.batch_store import BatchProgress, BatchRecord, OpenAIBatch
+
+    store.batches["batch_x"] = BatchRecord(OpenAIBatch(id="batch_x", endpoint="/v1/embeddings",
+                                                       input_file_id=busy.file.id, completion_window="24h",
+                                                       status="in_progress", created_at=0, expires_at=0),
+                                           BatchProgress(), 0)
+    assert store.drop_expired(now=time.time() + 60) == []
+    assert store.drop_expired(now=time.time() + 3601) == [kept.file.id]  # the busy input waits for its batch
+    with pytest.raises(Exception, match="no file with id"):
+        store.file(kept.file.id)
+    assert not store.content_path(kept.file.id).exists() and store.file(busy.file.id)
