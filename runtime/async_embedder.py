@@ -112,6 +112,11 @@ class AsyncEmbedder:
         return len(self._heap)
 
     @property
+    def admitted(self) -> int:
+        """Inputs of requests between admission and their answer (tokenizing, queued or running), all views'."""
+        return self._admitted[0]
+
+    @property
     def alive(self) -> bool:
         return self._worker.is_alive() and not self._closed
 

@@ -135,7 +135,7 @@ def test_overload_is_refused_before_any_tokenization(tiny_artifact, monkeypatch)
         with engine.admit(3):
             with pytest.raises(OverloadedError, match="holds 3 inputs"):
                 await engine.embed(["a", "b"])
-        assert engine._admitted == 0
+        assert engine.admitted == 0
 
     asyncio.run(main())
     engine.close()
