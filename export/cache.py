@@ -66,7 +66,7 @@ def ensure_artifact(model: str | Path | None, options: ExportOptions | None = No
 def export_to(model: str | None, options: ExportOptions, *, step: StepReporter = quiet_step,
               force: bool = False) -> tuple[ExportResult, bool]:
     """``toolkit export``: (the artifact at ``options.output``, whether it was reused). A model exported before with
-    the same source, options and toolkit version (the cache's key, ``cache_entry``) is not exported again: its
+    the same source, options and toolkit (version and code: the cache's key, ``cache_entry``) is not exported again: its
     verified artifact is linked (or copied) from the cache, beside it the files it reads (image tower, adapters). Otherwise it
     is exported into the cache first (``ensure_artifact``), so ``serve`` / ``embed`` / ``Embedder`` of the same
     model find it too. ``force``: export again, replacing the cache's copy."""

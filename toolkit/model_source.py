@@ -17,6 +17,7 @@ torch); ``toolkit.export.cache`` fills them.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import os
@@ -224,13 +225,30 @@ def _identity(source: ModelSource) -> dict:
             raise ValueError(source.kind)
 
 
+@functools.cache
+def export_code_digest() -> str:
+    """A digest of the code and data an export runs: the toolkit's own modules, the exporter's, the runtime's that
+    verify it, the bundled cards and the probe corpus. Part of the cache's key, so an export made by other code is
+    never reused, also in a checkout being edited (whose version does not change)."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in ("toolkit", "toolkit.export", "toolkit.runtime", "toolkit.model_cards"):
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted([*Path(folder).glob("*.py"), *Path(folder).glob("*.toml"),
+                                *Path(folder).glob("data/*.jsonl")]):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_entry(source: ModelSource, options: ExportOptions) -> CacheEntry:
     """The cache folder for ``source`` exported with ``options`` (``options.output`` is ignored)."""
     from toolkit import __version__
 
     settings = msgspec.to_builtins(msgspec.structs.replace(options, output=None))
     settings.pop("output", None)
-    key = {"source": _identity(source), "options": settings, "toolkit": __version__}
+    key = {"source": _identity(source), "options": settings, "toolkit": __version__, "code": export_code_digest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = source.card.name if source.card else Path(source.text.rstrip("/\\")).name
     slug = re.sub(r"[^\w.-]+", "-", name).strip("-.") or "model"

@@ -31,7 +31,7 @@ def export(
     skip_parity: Annotated[bool, typer.Option(help="Skip verification (recorded in the manifest as UNVERIFIED)")] = False,
     allow_low_accuracy: Annotated[bool, typer.Option(help="Write an int8 artifact that misses its accuracy gate")] = False,
     no_optimize: Annotated[bool, typer.Option("--no-optimize", help="Skip onnxruntime transformer fusions")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Export again even where the cache holds this model exported with the same options and toolkit version (it is reused by default)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Export again even where the cache holds this model exported with the same options and toolkit version and code (it is reused by default)")] = False,
     fp32_embedding_table: Annotated[bool, typer.Option("--fp32-embedding-table", help="CPU: keep the word-embedding table in fp32 (default: fp16 lookup, cast to fp32; cosine moves ~1e-7, -22 MiB for MiniLM)")] = False,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="A PEFT LoRA adapter of this model as NAME=DIR (repeat it): the artifact gets LoRA slots, each adapter its own .onnx_adapter file beside it, verified against PEFT's model; served under its own name, picked per request [default: none]")] = None,
 ) -> None:
