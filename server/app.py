@@ -50,6 +50,7 @@ from toolkit.server.openai_api import (
     create_embeddings,
 )
 from toolkit.server.pooling_api import PoolingController
+from toolkit.server.ray_batches import forward_batch_api
 from toolkit.server.rerank_api import RERANK_BODIES, RerankController, TEIRerankRequest, tei_rerank
 from toolkit.server.schema import document_schema
 from toolkit.server.tei_api import (
@@ -270,7 +271,11 @@ def _docs_plugin() -> tuple[SwaggerRenderPlugin, list]:
     return plugin, [assets]
 
 
-def create_app(registry: ModelRegistry, options: ServerOptions | None = None, metrics: Metrics | None = None) -> Litestar:
+def create_app(registry: ModelRegistry, options: ServerOptions | None = None, metrics: Metrics | None = None, *,
+               batch_call=None, batch_forward=None) -> Litestar:
+    """The app serving ``registry``. The Batch API, with ``options.batch_dir``: its store and runner here, each line
+    answered in-process or by ``batch_call(endpoint, body, headers)`` (the batch deployment on Ray Serve); or,
+    with ``batch_forward`` (a Ray Serve handle to that deployment), its requests handed there whole."""
     options = options or ServerOptions()
     metrics = metrics or Metrics()
 
@@ -278,8 +283,10 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
         for served in registry.models.values():
             served.engine.close()
 
-    store = BatchStore(options.batch_dir) if options.batch_dir else None  # the Batch API, or its paths a 404
-    batch_routes = [FilesController, BatchesController] if store else [batch_api_off]
+    # the Batch API here, or handed to the batch deployment (Ray Serve), or its paths a 404 saying how to turn it on
+    store = BatchStore(options.batch_dir) if options.batch_dir and batch_forward is None else None
+    batch_routes = [FilesController, BatchesController] if store else \
+        [forward_batch_api] if batch_forward is not None else [batch_api_off]
     batch_routes += ADAPTER_ROUTES if options.allow_runtime_lora_updating else []  # vLLM's: absent unless allowed
 
     async def stop_batches() -> None:
@@ -334,14 +341,15 @@ def create_app(registry: ModelRegistry, options: ServerOptions | None = None, me
     app.state.readiness = Readiness(registry)
     app.state.started = int(time.time())
     if store is not None:
-        app.state.batch_store, app.state.batch_runner = store, BatchRunner(app, store, options)
+        app.state.batch_store, app.state.batch_runner = store, BatchRunner(app, store, options, call=batch_call)
+    app.state.batch_forward = batch_forward
     return app
 
 
-def create_logged_app(registry: ModelRegistry, options: ServerOptions, metrics: Metrics) -> Litestar:
+def create_logged_app(registry: ModelRegistry, options: ServerOptions, metrics: Metrics, **batches) -> Litestar:
     """``create_app``, then the process's logging configured again: Litestar configures its own logger while
     building the app, and every line must go through one handler (one process, or each Ray Serve replica)."""
-    app = create_app(registry, options, metrics)
+    app = create_app(registry, options, metrics, **batches)
     configure_logging(options.log_level, options.json_output, spans=not options.disable_spans)
     return app
 

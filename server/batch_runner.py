@@ -115,10 +115,13 @@ def _scan(path, limit: int) -> tuple[int, list[OpenAIBatchError]]:
 class BatchRunner:
     """Every batch's task, started by ``submit`` (and ``start`` for the ones a stopped server left)."""
 
-    def __init__(self, app, store: BatchStore, options: ServerOptions) -> None:
+    def __init__(self, app, store: BatchStore, options: ServerOptions, *, call=None) -> None:
+        """``call(endpoint, body, headers) -> (status, headers, content)`` answers a line: by default the online
+        route of ``app`` in this process (Ray Serve's batch deployment sends it to the model replicas)."""
         self.app = app
         self.store = store
         self.options = options
+        self._call = call or (lambda endpoint, body, headers: call_route(app, endpoint, body, headers))
         self.tasks: dict[str, asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._stopping = False
@@ -295,7 +298,7 @@ class BatchRunner:
         body = msgspec.json.encode(line["body"])
         headers = [*self._headers, (b"x-request-id", f"req_{key}".encode())]
         for attempt in range(RETRIES):
-            status, answer_headers, content = await call_route(self.app, endpoint, body, headers)
+            status, answer_headers, content = await self._call(endpoint, body, headers)
             if self._stopping:  # the gateway answers a request cut off by shutdown: that is no answer
                 raise asyncio.CancelledError
             if status not in TRANSIENT or attempt == RETRIES - 1:

@@ -93,7 +93,8 @@ class _Replica:
     """One replica: the models opened, the Litestar app built over them (as ``run_server`` does), ``/ready`` as
     Ray Serve's health check. Wrapped by ``serve.ingress()`` in ``build_app``."""
 
-    def __init__(self, paths: list[str], names: list[str], server: ServerOptions, runtime: RuntimeOptions) -> None:
+    def __init__(self, paths: list[str], names: list[str], server: ServerOptions, runtime: RuntimeOptions,
+                 batches=None) -> None:
         from toolkit.server.app import create_logged_app, load_models
         from toolkit.server.metrics import Metrics
         from toolkit.server.telemetry import configure_logging
@@ -101,7 +102,14 @@ class _Replica:
         configure_logging(server.log_level, server.json_output, spans=not server.disable_spans)
         metrics = Metrics()
         registry = load_models([local_path(p) for p in paths], names, runtime, metrics)
-        self._app = create_logged_app(registry, server, metrics)
+        # ``batches``: the batch deployment's handle (--batch-dir): the Batch API's requests go there
+        self._app = create_logged_app(registry, server, metrics, batch_forward=batches)
+
+    async def batch_line(self, endpoint: str, body: bytes, headers: list) -> tuple[int, dict, bytes]:
+        """A batch line from the batch deployment, answered by this replica's route, in its batch lane."""
+        from toolkit.server.ray_batches import answer_line
+
+        return await answer_line(self._app, endpoint, body, headers)
 
     def __serve_build_asgi_app__(self):  # Ray Serve: the ASGI app of this replica, after __init__
         return self._app
@@ -144,11 +152,21 @@ def build_app(paths: list[str | Path], names: list[str], server: ServerOptions, 
     else:
         options["num_replicas"] = scale.replicas
     if scale.models_per_replica is not None:
+        if server.batch_dir:
+            raise ConfigError("--batch-dir does not go with --models-per-replica yet: serve the models of a batch "
+                              "on every replica")
         from toolkit.server.ray_multiplex import build_multiplexed
 
         return build_multiplexed(_named(paths, names), server, runtime, options, scale.models_per_replica)
+    batches = None
+    if server.batch_dir:  # one deployment holds the files and batches; the lines come back to the replicas
+        from toolkit.server.ray_batches import BATCH_DEPLOYMENT, BatchApi
+
+        batches = serve.deployment(name=BATCH_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                   max_ongoing_requests=server.max_concurrent_requests,
+                                   health_check_period_s=scale.health_check_period_s)(BatchApi).bind(server)
     replica = serve.deployment(**options)(serve.ingress()(_Replica))
-    return replica.bind([str(p) for p in paths], list(names), server, runtime)
+    return replica.bind([str(p) for p in paths], list(names), server, runtime, batches)
 
 
 def _named(paths: list[Path], names: list[str]) -> dict[str, str]:
@@ -179,7 +197,7 @@ _ARGS = {  # serve run's key=value arguments: (where it goes, how to read it)
     "replicas": ("scale", int), "min_replicas": ("scale", int), "max_replicas": ("scale", int),
     "target_ongoing_requests": ("scale", float), "replica_cpus": ("scale", float), "replica_gpus": ("scale", float),
     "upscale_delay_s": ("scale", float), "downscale_delay_s": ("scale", float),
-    "models_per_replica": ("scale", int),
+    "models_per_replica": ("scale", int), "batch_dir": ("server", str),
 }
 
 

@@ -136,6 +136,33 @@ def test_two_replicas_answer_every_dialect_as_a_solo_embedder(ray_proxy, tiny_ar
     assert _replicas() == 2
 
 
+def test_the_batch_api_on_ray_one_record_lines_answered_by_the_replicas(ray_proxy, tiny_artifact, tiny, tmp_path):
+    """--batch-dir on Ray Serve: the files and batches live in one batch deployment whichever replica a request
+    reaches; the lines go back to the two replicas; the official client reads the results, equal to online."""
+    import json
+
+    from openai import NotFoundError, OpenAI
+
+    _deploy(tiny_artifact, ScaleOptions(replicas=2), batch_dir=str(tmp_path / "batches"))
+    client = OpenAI(base_url=ray_proxy + "/v1", api_key=KEY, max_retries=0)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"input": TEXTS[i], "model": "tiny"}} for i in range(24)]
+    uploaded = client.files.create(file=("in.jsonl", "\n".join(json.dumps(x) for x in lines).encode()),
+                                   purpose="batch")
+    assert [f.id for f in client.files.list()] == [uploaded.id]  # one record, whichever replica lists it
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    _wait(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed"), 90, "the batch")
+    batch = client.batches.retrieve(batch.id)
+    assert (batch.status, batch.request_counts.completed, batch.request_counts.failed) == ("completed", 24, 0)
+    rows = [json.loads(x) for x in client.files.content(batch.output_file_id).content.splitlines()]
+    got = {row["custom_id"]: row["response"]["body"]["data"][0]["embedding"] for row in rows}
+    np.testing.assert_allclose([got[f"r{i}"] for i in range(24)], tiny.embed(TEXTS[:24]), atol=1e-6)
+    assert batch.usage.input_tokens == sum(row["response"]["body"]["usage"]["prompt_tokens"] for row in rows)
+    with pytest.raises(NotFoundError):
+        client.files.retrieve("file-" + "0" * 24)
+    assert httpx.get(ray_proxy + "/v1/files", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
 def test_a_killed_replica_is_replaced_and_costs_only_its_in_flight_requests(ray_proxy, tiny_artifact, tiny):
     import ray
 

@@ -111,7 +111,7 @@ def serve(
     hf_overrides: Annotated[str | None, typer.Option(help="vLLM's Matryoshka switch, for a model trained for it whose card lists no sizes: '{\"is_matryoshka\": true}' accepts any `dimensions` 1..dim (cut, then normalized), '{\"matryoshka_dimensions\": [64, 128]}' only those; no other key [default: the card's sizes]")] = None,
     uds_path: Annotated[str | None, typer.Option("--uds-path", "--uds", envvar=_env("UDS_PATH"), help="Also listen on this Unix domain socket")] = None,
     prometheus_port: Annotated[int | None, typer.Option(envvar=_env("PROMETHEUS_PORT"), min=0, max=65535, help="Also serve /metrics on this port, without the API key (the API port's /metrics then needs the key)")] = None,
-    batch_dir: Annotated[str | None, typer.Option(envvar="TOOLKIT_BATCH_DIR", help="Turn on OpenAI's Batch API (/v1/files, /v1/batches for /v1/embeddings, /v1/score, /v1/rerank and /v2/embed) with its files and batches kept in this directory: batches run in this process, queued behind online requests, and a restarted server resumes them [default: off: those paths answer 404]")] = None,
+    batch_dir: Annotated[str | None, typer.Option(envvar="TOOLKIT_BATCH_DIR", help="Turn on OpenAI's Batch API (/v1/files, /v1/batches for /v1/embeddings, /v1/score, /v1/rerank and /v2/embed) with its files and batches kept in this directory: batches run in this process, queued behind online requests, and a restarted server resumes them; with --engine ray, a deployment of one replica holds them and the model replicas answer the lines [default: off: those paths answer 404]")] = None,
     batch_max_file_mb: Annotated[float, typer.Option(help="With --batch-dir: the largest file /v1/files takes, in MiB (OpenAI's: 200)")] = 200.0,
     batch_max_requests: Annotated[int, typer.Option(help="With --batch-dir: request lines per batch (OpenAI's: 50,000)")] = 50_000,
     batch_concurrency: Annotated[int, typer.Option(help="With --batch-dir: a batch's lines in flight at once; each waits for every online request in the batcher; more: more throughput where batching pays (GPUs), longer waits for online requests")] = 2,
@@ -147,8 +147,10 @@ def serve(
                                  target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                                  replica_gpus=replica_gpus, models_per_replica=models_per_replica)
             scale.check()
-            if batch_dir is not None:
-                raise ConfigError("--batch-dir goes with --engine local: a batch runs in the serving process")
+            if batch_dir is not None:  # the batch deployment opens it: a bad directory is one line here, first
+                from toolkit.server.batch_store import BatchStore
+
+                BatchStore(batch_dir)
             if allow_runtime_lora_updating:
                 raise ConfigError("--allow-runtime-lora-updating goes with --engine local: a load would reach one "
                                   "replica")
