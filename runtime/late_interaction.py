@@ -119,17 +119,24 @@ def max_sim(queries: Sequence[np.ndarray], documents: Sequence[np.ndarray], *, m
                            param="documents")
     docs, doc_mask = pad_vectors(documents)  # (n_docs, d_tokens, dim), (n_docs, d_tokens)
     query_array, query_mask = pad_vectors(queries)  # (n_q, q_tokens, dim)
+    # padded document positions never win a max: -inf added to their similarities (BLAS matmuls, no einsum loop)
+    hidden = np.where(doc_mask, np.float32(0.0), np.float32(-np.inf))  # (n_docs, d_tokens)
     if pairwise:
-        sims = np.einsum("nqd,ntd->nqt", query_array, docs)  # (n, q_tokens, d_tokens)
-        best = np.where(doc_mask[:, None, :], sims, -np.inf).max(-1)  # (n, q_tokens)
+        sims = np.matmul(query_array, docs.transpose(0, 2, 1)) + hidden[:, None, :]  # (n, q_tokens, d_tokens)
+        best = sims.max(-1)  # (n, q_tokens)
         scores = np.where(query_mask & doc_mask.any(-1, keepdims=True), best, 0.0).sum(-1)
     else:
-        step = max(1, _CHUNK_ELEMENTS // max(1, docs.shape[0] * docs.shape[1] * query_array.shape[1]))
+        n_docs, d_tokens, dim = docs.shape
+        q_tokens = query_array.shape[1]
+        flat_docs = docs.reshape(-1, dim).T  # (dim, n_docs * d_tokens)
+        flat_hidden = hidden.reshape(-1)
+        step = max(1, _CHUNK_ELEMENTS // max(1, n_docs * d_tokens * q_tokens))
         scores = np.empty((len(queries), len(documents)), dtype=np.float32)
         for start in range(0, len(queries), step):
-            group = query_array[start:start + step]
-            sims = np.einsum("qid,ntd->qnit", group, docs)  # (q, n_docs, q_tokens, d_tokens)
-            best = np.where(doc_mask[None, :, None, :], sims, -np.inf).max(-1)  # (q, n_docs, q_tokens)
+            group = query_array[start:start + step]  # (q, q_tokens, dim)
+            sims = group.reshape(-1, dim) @ flat_docs  # (q * q_tokens, n_docs * d_tokens)
+            sims += flat_hidden
+            best = sims.reshape(len(group), q_tokens, n_docs, d_tokens).max(-1).transpose(0, 2, 1)  # (q, n, q_tok)
             valid = query_mask[start:start + step, None, :] & doc_mask.any(-1)[None, :, None]
             scores[start:start + step] = np.where(valid, best, 0.0).sum(-1)
     if mean:

@@ -219,24 +219,26 @@ def build_tiny_lora(folder: Path) -> Path:
 
 
 def build_tiny_colbert(folder: Path, *, seed: int = 0, query_length: int = 16, document_length: int = 48,
-                       pylate: bool = False) -> Path:
+                       pylate: bool = False, encoder: Path | None = None) -> Path:
     """A random-weight ColBERT saved by sentence-transformers 6's ``MultiVectorEncoder``: a tiny BERT, a bias-free
     ``Dense`` to 128 per token, the punctuation skiplist for documents, query expansion with [MASK] to
     ``query_length`` tokens, the ``[unused0] `` / ``[unused1] `` prompts (special tokens of the tokenizer, as
     sentence-transformers registers them). ``pylate``: rewritten in PyLate v3's layout (modules.json lists only the
     Transformer and the Dense; the knobs sit flat in config_sentence_transformers.json), which the library loads to
-    the same model."""
+    the same model. ``encoder``: a BERT folder to start from instead of the tiny one (a ColBERT of its shape and
+    weights, with a random projection: benchmarks/late_interaction_bench.py)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="tiny-colbert-") as tmp:  # the plain BERT the encoder is saved from
-        _save_colbert(Path(tmp) / "bert", folder, seed, query_length, document_length, special=not pylate)
+        _save_colbert(Path(tmp) / "bert", folder, seed, query_length, document_length, special=not pylate,
+                      encoder=encoder)
     if pylate:
         _as_pylate_v3(folder, query_length, document_length)
     return folder
 
 
 def _save_colbert(base: Path, folder: Path, seed: int, query_length: int, document_length: int, *,
-                  special: bool) -> None:
+                  special: bool, encoder: Path | None = None) -> None:
     """``special``: the markers are special tokens of the tokenizer; else plain vocabulary entries that the
     pre-tokenizer splits (as in BERT's vocab.txt), which the library registers as special tokens for PyLate saves."""
     import string
@@ -248,7 +250,16 @@ def _save_colbert(base: Path, folder: Path, seed: int, query_length: int, docume
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
     from transformers import AutoModel, PreTrainedTokenizerFast
 
-    build_tiny_model("bert", base, seed=seed, config={"initializer_range": 0.2})
+    if encoder is None:
+        build_tiny_model("bert", base, seed=seed, config={"initializer_range": 0.2})
+    else:  # its transformers files only (a sentence-transformers layout's modules are rebuilt below)
+        import shutil
+
+        base.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                     "special_tokens_map.json"):
+            if (encoder / name).is_file():
+                shutil.copy(encoder / name, base / name)
     if special:
         tok = PreTrainedTokenizerFast.from_pretrained(base)
         tok.add_special_tokens({"additional_special_tokens": list(COLBERT_MARKERS)})
