@@ -86,6 +86,8 @@ class BidirectionalMask(nn.Module):
 def _load_dense(spec: DenseSpec) -> nn.Module:
     linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
     weights = _read_weights(spec.path)
+    if spec.key is not None:  # one tensor of a file that holds more (the encoder's too)
+        weights = {"weight": weights[spec.key]}
     linear.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
     activation = {"Identity": nn.Identity, "Tanh": nn.Tanh, "ReLU": nn.ReLU, "GELU": nn.GELU,
                   "Sigmoid": nn.Sigmoid, "SiLU": nn.SiLU}[spec.activation]()

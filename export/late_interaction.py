@@ -8,7 +8,12 @@ Two on-disk layouts load as sentence-transformers 6's ``MultiVectorEncoder`` (th
 - PyLate v3 (``model_type`` "ColBERT"): only Transformer and Dense listed, the knobs flat in
   ``config_sentence_transformers.json`` (``query_prefix`` / ``document_prefix``, ``query_length`` as the expansion
   length, ``do_query_expansion``, ``attend_to_expansion_tokens``, ``skiplist_words``, default the punctuation);
-  the library appends the MultiVectorMask and the Normalize, and registers the prefixes as special tokens.
+  the library appends the MultiVectorMask and the Normalize, and registers the prefixes as special tokens;
+- Stanford-NLP ColBERT (``colbert-ir/colbertv2.0``: ``config.json`` ``architectures`` ["HF_ColBERT"]): the encoder
+  and the projection (``linear.weight``, no bias) in one weights file at the root, the knobs in
+  ``artifact.metadata`` (``query_token_id`` / ``doc_token_id`` markers, ``query_maxlen`` as the [MASK] expansion
+  length, ``doc_maxlen``, ``attend_to_mask_tokens``, ``mask_punctuation``, default true), read as
+  ``MultiVectorEncoder._maybe_load_stanford_metadata`` reads them.
 
 What the runtime needs is recorded as ``toolkit.manifest.LateInteraction``; the graph is ``MultiVectorHead``'s.
 """
@@ -40,6 +45,7 @@ class MultiVectorLayout:
     dense_dirs: tuple[Path, ...]
     late: LateInteraction
     tokenizer_json: str | None = None
+    inline_dense: tuple[int, int] | None = None  # Stanford's: (out, in) of ``linear.weight`` in the root's weights
 
 
 def _json(path: Path) -> dict:
@@ -50,8 +56,27 @@ def _json(path: Path) -> dict:
 
 
 def is_multi_vector(model_dir: Path) -> bool:
-    """The folder is a MultiVectorEncoder (or PyLate v3 ColBERT) save."""
-    return _json(model_dir / "config_sentence_transformers.json").get("model_type") in _MODEL_TYPES
+    """The folder is a MultiVectorEncoder (or PyLate v3) save, or a Stanford-NLP ColBERT checkpoint."""
+    return _json(model_dir / "config_sentence_transformers.json").get("model_type") in _MODEL_TYPES \
+        or _is_stanford(model_dir)
+
+
+def _is_stanford(model_dir: Path) -> bool:
+    return "HF_ColBERT" in (_json(model_dir / "config.json").get("architectures") or [])
+
+
+def _stanford_projection(model_dir: Path) -> tuple[int, int]:
+    """(out, in) of the root's ``linear.weight``, read from the weights file's header."""
+    from safetensors import safe_open
+
+    path = model_dir / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: a Stanford-NLP ColBERT checkpoint needs model.safetensors (with linear.weight)")
+    with safe_open(str(path), framework="np") as weights:
+        if "linear.weight" not in weights.keys():
+            raise ConfigError(f"{path}: no linear.weight (the ColBERT projection)")
+        out_features, in_features = weights.get_slice("linear.weight").get_shape()
+    return int(out_features), int(in_features)
 
 
 def read_multi_vector(model_dir: Path) -> MultiVectorLayout:
@@ -59,10 +84,11 @@ def read_multi_vector(model_dir: Path) -> MultiVectorLayout:
     (token pooling, an image allowlist: ColPali's)."""
     top = _json(model_dir / "config_sentence_transformers.json")
     pylate = top.get("model_type") == "ColBERT"
+    stanford = not top and _is_stanford(model_dir)
     transformer_dir, dense_dirs, knobs = model_dir, [], {}
     mask: dict | None = None
     normalize = False
-    for module in _json_list(model_dir / "modules.json"):
+    for module in [] if stanford else _json_list(model_dir / "modules.json"):
         kind, sub = module["type"].rsplit(".", 1)[-1], model_dir / module.get("path", "")
         match kind:
             case "Transformer":
@@ -99,6 +125,16 @@ def read_multi_vector(model_dir: Path) -> MultiVectorLayout:
         words = top.get("skiplist_words")
         mask = {"skiplist_words": list(string.punctuation) if words is None else words}
         normalize = True
+    if stanford:  # the library's reading of artifact.metadata
+        meta = _json(model_dir / "artifact.metadata")
+        prefixes = {"query": (meta.get("query_token_id") or "[unused0]") + " ",
+                    "document": (meta.get("doc_token_id") or "[unused1]") + " "}
+        prompts = dict(prefixes)
+        knobs = {"document_length": meta.get("doc_maxlen"),
+                 "query_expansion": {"strategy": "fixed", "attend": bool(meta.get("attend_to_mask_tokens")),
+                                     "length": meta.get("query_maxlen") or 32}}
+        mask = {"skiplist_words": list(string.punctuation) if meta.get("mask_punctuation", True) else []}
+        normalize = True
     if mask is None and (knobs.get("query_expansion") or {}).get("length"):
         raise ConfigError(f"{model_dir}: query expansion without a MultiVectorMask module (its positions would not "
                           "be scored) is not supported")
@@ -127,7 +163,8 @@ def read_multi_vector(model_dir: Path) -> MultiVectorLayout:
         raise ConfigError(f"{model_dir}: similarity '{late.similarity}' is not one of: maxsim, meanmaxsim")
     fields = {"normalize": normalize, "prompts": {k: v for k, v in late.prompts.items() if v}}
     return MultiVectorLayout(fields, transformer_dir, tuple(dense_dirs), late,
-                             tokenizer.backend_tokenizer.to_str() if prefixes else None)
+                             tokenizer.backend_tokenizer.to_str() if prefixes else None,
+                             _stanford_projection(model_dir) if stanford else None)
 
 
 def _json_list(path: Path) -> list:

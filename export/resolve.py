@@ -42,6 +42,7 @@ class DenseSpec:
     out_features: int
     bias: bool
     activation: str  # one of _ACTIVATIONS
+    key: str | None = None  # its weight is this tensor of ``path``'s weights file (Stanford ColBERT's linear.weight)
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,13 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     fields: dict = {}
     dense: tuple[DenseSpec, ...] = ()
     transformer_dir = model_dir
-    multi_vector = read_multi_vector(model_dir) if st_layout and is_multi_vector(model_dir) else None
-    if multi_vector is not None:  # ColBERT (MultiVectorEncoder, PyLate v3): export.late_interaction reads it
+    multi_vector = read_multi_vector(model_dir) if is_multi_vector(model_dir) else None
+    if multi_vector is not None:  # ColBERT (MultiVectorEncoder, PyLate v3, Stanford): export.late_interaction reads it
         fields, transformer_dir = dict(multi_vector.fields), multi_vector.transformer_dir
         dense = tuple(_dense(d) for d in multi_vector.dense_dirs)
+        if multi_vector.inline_dense is not None:
+            out_features, in_features = multi_vector.inline_dense
+            dense = (DenseSpec(model_dir, in_features, out_features, False, "Identity", key="linear.weight"),)
         if (max_len := declared_length(transformer_dir)) is not None:
             fields["max_seq_len"] = max_len
     elif st_layout:

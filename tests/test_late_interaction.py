@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import _export, serve_subprocess
-from tiny_models import build_tiny_colbert
+from tiny_models import build_tiny_colbert, build_tiny_stanford_colbert
 
 from toolkit.corpus import load_corpus
 from toolkit.runtime import Embedder
@@ -101,6 +101,22 @@ def test_max_sim_is_the_sum_of_best_dot_products():
     np.testing.assert_allclose(max_sim(queries, documents), loops, rtol=1e-5)
     np.testing.assert_allclose(max_sim(queries, documents, mean=True), loops / [[3], [5]], rtol=1e-5)
     np.testing.assert_allclose(max_sim(queries, documents[:2], pairwise=True), [loops[0, 0], loops[1, 1]], rtol=1e-5)
+
+
+def test_a_stanford_colbert_checkpoint_exports_at_parity(tmp_path):
+    """Stanford-NLP ColBERT's layout (colbertv2.0's: HF_ColBERT, linear.weight beside the encoder's weights,
+    artifact.metadata): read as MultiVectorEncoder reads it, the export equal to the library's vectors and MaxSim."""
+    folder = build_tiny_stanford_colbert(tmp_path / "stanford")
+    result = _export(str(folder), tmp_path / "stanford.onnx", optimize=False)
+    late = result.manifest.head.late_interaction
+    assert late.prompts == {"query": "[unused0] ", "document": "[unused1] "}
+    assert (late.expansion_length, late.document_length, late.attend_expansion) == (16, 48, False)
+    assert result.manifest.parity.reference == "sentence-transformers MultiVectorEncoder"
+    assert late.skiplist_ids and result.manifest.parity.passed
+    assert max(result.manifest.parity.max_abs_diff.values()) <= 1e-5
+    emb = Embedder(result.path, device="cpu")
+    assert [m.shape[1] for m in emb.embed_multi(DOCUMENTS[:2])] == [128, 128]
+    assert emb.tokenizer.ids("[unused1] hi", add_special_tokens=False)[0] == emb.tokenizer.token_id("[unused1]")
 
 
 def test_a_pylate_v3_layout_exports_at_parity(tmp_path):

@@ -305,6 +305,37 @@ def _as_pylate_v3(folder: Path, query_length: int, document_length: int) -> None
     st_cfg.write_text(json.dumps(data, indent=2))
 
 
+def build_tiny_stanford_colbert(folder: Path, *, seed: int = 2, query_length: int = 16,
+                                document_length: int = 48) -> Path:
+    """A random-weight ColBERT in Stanford-NLP ColBERT's layout (colbert-ir/colbertv2.0's): ``config.json`` with
+    ``architectures: ["HF_ColBERT"]``, one ``model.safetensors`` holding the encoder under ``bert.`` and the
+    projection as ``linear.weight`` (128 x hidden, no bias), ``artifact.metadata`` with the markers, lengths and
+    ``mask_punctuation``; the markers plain vocabulary entries, as in BERT's vocab.txt."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    build_tiny_model("bert", folder, seed=seed, config={"initializer_range": 0.2})
+    data = json.loads((folder / "tokenizer.json").read_text())
+    for marker in COLBERT_MARKERS:
+        data["model"]["vocab"].setdefault(marker, len(data["model"]["vocab"]))
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    model = AutoModel.from_pretrained(folder)
+    model.resize_token_embeddings(len(data["model"]["vocab"]))
+    model.save_pretrained(folder)
+    weights = {f"bert.{k}": v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    torch.manual_seed(seed)
+    weights["linear.weight"] = torch.randn(128, model.config.hidden_size) * 0.2
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["HF_ColBERT"]}, indent=2))
+    (folder / "artifact.metadata").write_text(json.dumps({
+        "query_token_id": COLBERT_MARKERS[0], "doc_token_id": COLBERT_MARKERS[1], "query_maxlen": query_length,
+        "doc_maxlen": document_length, "dim": 128, "similarity": "cosine", "attend_to_mask_tokens": False,
+        "mask_punctuation": True}, indent=2))
+    return folder
+
+
 _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
