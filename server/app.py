@@ -27,7 +27,7 @@ from toolkit.runtime.embedder import Embedder
 from toolkit.server.adapters_api import ADAPTER_ROUTES
 from toolkit.server.batch_runner import BatchRunner
 from toolkit.server.batch_store import BatchStore
-from toolkit.server.batches_api import BatchesController, batch_api_off
+from toolkit.server.batches_api import BatchesController, batch_api_off, forward_batch_api
 from toolkit.server.classify_api import (
     ClassifyController,
     ClassifyRequest,
@@ -50,7 +50,6 @@ from toolkit.server.openai_api import (
     create_embeddings,
 )
 from toolkit.server.pooling_api import PoolingController
-from toolkit.server.ray_batches import forward_batch_api
 from toolkit.server.rerank_api import RERANK_BODIES, RerankController, TEIRerankRequest, tei_rerank
 from toolkit.server.schema import document_schema
 from toolkit.server.tei_api import (

@@ -8,9 +8,9 @@ import time
 from typing import Any, Literal
 
 import msgspec
-from litestar import Controller, HttpMethod, Request, get, post, route
+from litestar import Controller, HttpMethod, Request, Response, get, post, route
 
-from toolkit.errors import ObjectNotFoundError, RequestError
+from toolkit.errors import ObjectNotFoundError, PayloadTooLargeError, RequestError
 from toolkit.server.batch_store import (
     BatchProgress,
     BatchRecord,
@@ -20,7 +20,8 @@ from toolkit.server.batch_store import (
 )
 from toolkit.server.limits import check_choice
 
-__all__ = ["BATCH_ENDPOINTS", "BatchesController", "OpenAIBatchCreateRequest", "OpenAIBatchList", "batch_api_off"]
+__all__ = ["BATCH_ENDPOINTS", "BatchesController", "OpenAIBatchCreateRequest", "OpenAIBatchList", "batch_api_off",
+           "forward_batch_api"]
 
 BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank", "/v2/embed")
 WINDOW_S = {"24h": 24 * 3600}
@@ -122,3 +123,29 @@ async def batch_api_off(request: Request) -> None:
     """The Batch API's paths on a server without ``--batch-dir``: 404, saying how to turn it on."""
     raise ObjectNotFoundError("the Batch API (/v1/files, /v1/batches) is off on this server: start it with "
                               "--batch-dir DIR")
+
+
+_FORWARDED = (b"authorization", b"content-type", b"content-length", b"x-request-id", b"accept")
+
+
+@route(["/v1/files", "/v1/files/{rest:path}", "/v1/batches", "/v1/batches/{rest:path}"],
+       http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.DELETE], include_in_schema=False,
+       request_max_body_size=None)
+async def forward_batch_api(request: Request) -> Response:
+    """A model replica's Batch API paths: the request, whole, to the batch deployment, and its answer back."""
+    options = request.app.state.options
+    limit = options.batch_max_file_bytes + 64 * 1024  # the file, and the multipart framing around it
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise PayloadTooLargeError(f"the file is larger than this server takes ({options.batch_max_file_bytes} "
+                                   "bytes; --batch-max-file-mb)", param="file")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"the file is larger than this server takes ({options.batch_max_file_bytes} "
+                                       "bytes; --batch-max-file-mb)", param="file")
+    headers = [(k.encode(), v.encode()) for k, v in request.headers.items() if k.encode() in _FORWARDED]
+    status, answer_headers, content = await request.app.state.batch_forward.forward.remote(
+        request.method, request.url.path, request.url.query.encode(), headers, bytes(body))
+    kept = {k.decode(): v.decode() for k, v in answer_headers if k.lower() in (b"content-type", b"x-request-id")}
+    return Response(content, status_code=status, headers=kept, media_type=kept.pop("content-type", None))

@@ -164,7 +164,8 @@ def build_app(paths: list[str | Path], names: list[str], server: ServerOptions, 
 
         batches = serve.deployment(name=BATCH_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
                                    max_ongoing_requests=server.max_concurrent_requests,
-                                   health_check_period_s=scale.health_check_period_s)(BatchApi).bind(server)
+                                   health_check_period_s=scale.health_check_period_s)(BatchApi).bind(server,
+                                                                                                      DEPLOYMENT)
     replica = serve.deployment(**options)(serve.ingress()(_Replica))
     return replica.bind([str(p) for p in paths], list(names), server, runtime, batches)
 

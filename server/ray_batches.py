@@ -3,7 +3,7 @@
 ``toolkit serve --engine ray --batch-dir DIR`` adds a deployment of one replica, ``toolkit-batches``, beside the
 model replicas. It owns ``DIR`` (the store and the batch runner, as ``toolkit serve`` runs them in one process),
 so there is one record of every file and batch whichever replica a request reaches: each model replica hands the
-requests for ``/v1/files`` and ``/v1/batches`` to it whole (``forward_batch_api``). A batch's lines go back to the
+requests for ``/v1/files`` and ``/v1/batches`` to it whole (``batches_api.forward_batch_api``). A batch's lines go back to the
 model replicas through Ray Serve's handle (``answer_line``): Ray spreads them over the replicas, and each line
 meets the very route an online request meets, in the batch lane of that replica's batcher (behind every online
 request there). A restarted batch deployment resumes its batches from ``DIR`` as a restarted server does.
@@ -14,15 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import HttpMethod, Request, Response, route
-
-from toolkit.errors import PayloadTooLargeError
 from toolkit.server.asgi import asgi_call
 
-__all__ = ["BATCH_DEPLOYMENT", "BatchApi", "answer_line", "forward_batch_api"]
+__all__ = ["BATCH_DEPLOYMENT", "BatchApi", "answer_line"]
 
 BATCH_DEPLOYMENT = "toolkit-batches"
-_FORWARDED = (b"authorization", b"content-type", b"content-length", b"x-request-id", b"accept")
 
 
 async def answer_line(app, endpoint: str, body: bytes, headers: list) -> tuple[int, dict, bytes]:
@@ -34,34 +30,12 @@ async def answer_line(app, endpoint: str, body: bytes, headers: list) -> tuple[i
     return await call_route(app, endpoint, body, headers)
 
 
-@route(["/v1/files", "/v1/files/{rest:path}", "/v1/batches", "/v1/batches/{rest:path}"],
-       http_method=[HttpMethod.GET, HttpMethod.POST, HttpMethod.DELETE], include_in_schema=False,
-       request_max_body_size=None)
-async def forward_batch_api(request: Request) -> Response:
-    """A model replica's Batch API paths: the request, whole, to the batch deployment, and its answer back."""
-    options = request.app.state.options
-    limit = options.batch_max_file_bytes + 64 * 1024  # the file, and the multipart framing around it
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise PayloadTooLargeError(f"the file is larger than this server takes ({options.batch_max_file_bytes} "
-                                   "bytes; --batch-max-file-mb)", param="file")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"the file is larger than this server takes ({options.batch_max_file_bytes} "
-                                       "bytes; --batch-max-file-mb)", param="file")
-    headers = [(k.encode(), v.encode()) for k, v in request.headers.items() if k.encode() in _FORWARDED]
-    status, answer_headers, content = await request.app.state.batch_forward.forward.remote(
-        request.method, request.url.path, request.url.query.encode(), headers, bytes(body))
-    kept = {k.decode(): v.decode() for k, v in answer_headers if k.lower() in (b"content-type", b"x-request-id")}
-    return Response(content, status_code=status, headers=kept, media_type=kept.pop("content-type", None))
-
-
 class BatchApi:
     """The batch deployment (one replica): the store and the runner over an app of the Batch API's routes only,
     its lines sent to the model deployment of the same Ray Serve application."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, models: str) -> None:
+        """``models``: the name of the model deployment in this Ray Serve application (where the lines go)."""
         from toolkit.server.app import create_app
         from toolkit.server.metrics import Metrics
         from toolkit.server.models import ModelRegistry
@@ -70,6 +44,7 @@ class BatchApi:
         configure_logging(server.log_level, server.json_output, spans=not server.disable_spans)
         self._app = create_app(ModelRegistry([]), server, Metrics(), batch_call=self._line)
         self._started = False
+        self._deployment = models
         self._models: Any = None
 
     def _start(self) -> None:
@@ -83,9 +58,8 @@ class BatchApi:
         if self._models is None:
             from ray import serve
 
-            from toolkit.server.ray import DEPLOYMENT
-
-            self._models = serve.get_deployment_handle(DEPLOYMENT, app_name=serve.get_replica_context().app_name)
+            self._models = serve.get_deployment_handle(self._deployment,
+                                                       app_name=serve.get_replica_context().app_name)
         return await self._models.batch_line.remote(endpoint, body, headers)
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> tuple[int, list, bytes]:

@@ -187,7 +187,7 @@ def _non_null(schema: Schema) -> Schema:
 
 def _success(operation, path: str, keys: dict[str, str]) -> None:
     """The success bodies that handler types cannot give: TEI's lists, /invocations' four answers, and
-    /v1/embeddings' (and /invocations') application/octet-stream rows."""
+    /v1/embeddings' (and /embeddings', /invocations', /pooling's) application/octet-stream rows."""
     ok = (operation.responses or {}).get("200")
     if ok is None:
         return
@@ -205,7 +205,7 @@ def _success(operation, path: str, keys: dict[str, str]) -> None:
             "an embeddings (input or messages), score (queries, data_1 or text_1), tokenize (prompt), "
             "detokenize (tokens) or rerank (query + documents) body, or TEI's (inputs; query + texts)"), content={"application/json": OpenAPIMediaType(
                 schema=Schema(any_of=[_ref(keys[r]) for r in _INVOCATIONS]))})
-    if path in ("/v1/embeddings", "/invocations", "/pooling"):  # encoding_format bytes / bytes_only
+    if path in ("/v1/embeddings", "/embeddings", "/invocations", "/pooling"):  # encoding_format bytes / bytes_only
         ok.content = {**(ok.content or {}), "application/octet-stream": _BYTES}
         ok.headers = {**(ok.headers or {}), "metadata": _BYTES_METADATA}
 
