@@ -11,7 +11,7 @@ if [ $# -gt 0 ] || [ "$(nproc)" -lt 2 ]; then
   exec "${PYTEST[@]}" tests "$@"
 fi
 SIDE=(tests/test_readme.py tests/test_bulk.py tests/test_ray_serve.py tests/test_ray_cluster.py
-      tests/test_vision_language.py tests/test_video.py tests/test_llava_next.py)
+      tests/test_vision_language.py)  # about half the suite's time (2026-12-07: 990 s of 1900)
 log=$(mktemp)
 "${PYTEST[@]}" "${SIDE[@]}" >"$log" 2>&1 &
 side=$!
