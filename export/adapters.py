@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ConfigError, ExportError, ParityError
+from toolkit.settings import split_named
 
 __all__ = ["LoraSlot", "PeftAdapters", "expose_slots", "insert_slots", "parse_adapter", "write_adapter_file"]
 
@@ -30,14 +31,11 @@ SLOT_A, SLOT_B = "lora_a", "lora_b"
 
 def parse_adapter(text: str) -> tuple[str, Path]:
     """``NAME=DIR`` (``--adapter``; vLLM's ``--lora-modules`` form) as (name, folder); ConfigError saying the form."""
-    name, sep, folder = text.partition("=")
-    name = name.strip()
-    if not sep or not folder.strip():
-        raise ConfigError(f"--adapter {text!r}: give NAME=DIR (a PEFT LoRA adapter folder), e.g. support=./lora-support")
+    name, folder = split_named(text, "--adapter", "DIR (a PEFT LoRA adapter folder), e.g. support=./lora-support")
     if not _NAME.match(name):
         raise ConfigError(f"--adapter {text!r}: the name must be 1-64 letters, digits, '.', '_' or '-', starting "
                           "with a letter or digit (it becomes a served model name)")
-    return name, Path(folder.strip()).expanduser()
+    return name, Path(folder).expanduser()
 
 
 def read_lora_config(folder: Path) -> dict:
@@ -160,10 +158,6 @@ class PeftAdapters:
             seen.update(dict.fromkeys(found))
         return list(seen)
 
-    def remove(self) -> None:
-        """PEFT's layers out again: the module is the base model as it was loaded."""
-        self.peft_model.unload()
-
 
 def insert_slots(module: nn.Module, targets: list[str]) -> list[Slot]:
     """Replace each target Linear of ``module`` by a ``LoraSlot`` (in place); ``remove_slots`` undoes it."""
@@ -186,11 +180,12 @@ def remove_slots(module: nn.Module, slots: list[Slot]) -> None:
         setattr(owner, child, getattr(owner, child).base_layer)
 
 
-def expose_slots(graph: Path, out: Path, slots: list[Slot]) -> list[Slot]:
+def expose_slots(graph: Path, out: Path, slots: list[Slot]) -> tuple[list[Slot], dict[str, np.dtype]]:
     """``graph`` written to ``out`` with each slot's parameters as overridable initializers: graph inputs of shape
-    (in, r_k) and (r_k, out), defaults zeros of rank 1 (the base model). Returns the slots the graph has: a module
-    no output reads (BERT's pooler under mean pooling) was pruned with its slot, and what an adapter does there
-    changes nothing; a slot lost any other way shows as that adapter's parity miss."""
+    (in, r_k) and (r_k, out), defaults zeros of rank 1 (the base model). Returns the slots the graph has, and each
+    slot parameter's element type (fp16 graphs take fp16 adapters): a module no output reads (BERT's pooler under
+    mean pooling) was pruned with its slot, and what an adapter does there changes nothing; a slot lost any other
+    way shows as that adapter's parity miss."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -200,27 +195,17 @@ def expose_slots(graph: Path, out: Path, slots: list[Slot]) -> list[Slot]:
     # the shapes recorded at export fixed each slot's rank at 1 ((batch, seq, 1) between the two MatMuls), and
     # onnxruntime plans buffers by them: onnxruntime infers them again from the symbolic ranks
     del model.graph.value_info[:]
+    dtypes: dict[str, np.dtype] = {}
     for k, slot in enumerate(kept):
         for name, shape, dims in ((slot.a, (slot.in_features, 1), [slot.in_features, f"lora_rank_{k}"]),
                                   (slot.b, (1, slot.out_features), [f"lora_rank_{k}", slot.out_features])):
             init = initializers[name]
-            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-            init.CopyFrom(numpy_helper.from_array(np.zeros(shape, dtype=dtype), name))
+            dtypes[name] = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+            init.CopyFrom(numpy_helper.from_array(np.zeros(shape, dtype=dtypes[name]), name))
             model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, dims))
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out.name + ".data")
-    return kept
-
-
-def slot_dtypes(graph: Path, slots: list[Slot]) -> dict[str, np.dtype]:
-    """The element type of each slot parameter in ``graph`` (fp16 graphs take fp16 adapters)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(graph), load_external_data=False)
-    wanted = {name for slot in slots for name in (slot.a, slot.b)}
-    return {init.name: np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-            for init in model.graph.initializer if init.name in wanted}
+    return kept, dtypes
 
 
 def write_adapter_file(path: Path, weights: dict[str, tuple[np.ndarray, np.ndarray]], slots: list[Slot],
@@ -282,14 +267,13 @@ class AdapterExport:
         """The exported graph with its slots as overridable inputs; ``module`` is the base model again."""
         remove_slots(self.module, self.slots)
         exposed = tmp / "adapter-slots.onnx"
-        self.slots = expose_slots(final, exposed, self.slots)
+        self.slots, self.dtypes = expose_slots(final, exposed, self.slots)
         if not self.slots:
             raise ExportError("no LoRA slot is left in the graph: the adapters adapt no module the outputs read")
         kept = {slot.module for slot in self.slots}
         for found in self.peft.weights.values():
             for module in [m for m in found if m not in kept]:
                 del found[module]
-        self.dtypes = slot_dtypes(exposed, self.slots)
         return exposed
 
     def specs(self) -> list:

@@ -22,7 +22,7 @@ from toolkit.runtime.pooling import Inputs
 from toolkit.runtime.session import LoadedAdapter
 from toolkit.runtime.tasks import Prepared, embed_items, labelled, require, sparse_items, task_for
 from toolkit.runtime.tokenization import Tokenized, Tokenizer
-from toolkit.settings import Device, RuntimeOptions, parse_device
+from toolkit.settings import Device, RuntimeOptions, parse_device, split_named
 
 __all__ = ["OWN_ADAPTER", "Embedder", "Inputs", "open_context"]
 
@@ -331,10 +331,7 @@ def open_adapters(ctx: ModelContext) -> dict[str, LoadedAdapter]:
     for a missing or unfit file, or a name given twice."""
     files = {spec.name: adapter_path(ctx.path, spec.name) for spec in ctx.manifest.adapters}
     for text in ctx.options.adapters:
-        name, sep, file = text.partition("=")
-        name, file = name.strip(), file.strip()
-        if not sep or not name or not file:
-            raise ConfigError(f"adapter {text!r}: give NAME=FILE (an .onnx_adapter file)")
+        name, file = split_named(text, "adapter", "FILE (an .onnx_adapter file)")
         if name in files:
             raise ConfigError(f"adapter '{name}' is given twice (the artifact carries one of that name)")
         files[name] = Path(file).expanduser()

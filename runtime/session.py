@@ -74,11 +74,6 @@ class LoadedAdapter:
     handle: ort.LoraAdapter  # kept alive here: the run options hold only a pointer to it
 
     @property
-    def rank(self) -> int:
-        """The largest rank over its slots."""
-        return max((shape[1] for key, shape in self.shapes.items() if key.endswith("lora_a")), default=0)
-
-    @property
     def size(self) -> int:
         """Its own numbers (the base model's are shared)."""
         return sum(int(np.prod(shape)) for shape in self.shapes.values())
@@ -156,31 +151,28 @@ class OrtSession:
         if not slots:
             raise ConfigError(f"adapter '{name}': {path.name} needs an artifact exported with LoRA slots "
                               "(toolkit export BASE --adapter NAME=DIR); this one has none")
-        try:
-            parameters = {key: value.numpy() for key, value in
+        try:  # the parameters' shapes and types only: their values stay in onnxruntime's LoraAdapter
+            parameters = {key: (tuple(value.shape()), value.data_type()) for key, value in
                           ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
             lora = ort.LoraAdapter()
             lora.Load(str(path))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's boundary for adapter files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"adapter '{name}': {path} is not an onnxruntime adapter file: {first}") from None
-        for key, array in parameters.items():
+        for key, (shape, kind) in parameters.items():
             slot = slots.get(key)
             if slot is None:
                 raise ConfigError(f"adapter '{name}': its parameter {key} is no LoRA slot of this artifact "
                                   "(an adapter exported from another base model?)")
             fixed = [(axis, dim) for axis, dim in enumerate(slot.shape) if isinstance(dim, int)]
-            expected = "tensor(float16)" if array.dtype == np.float16 else "tensor(float)"
-            if array.ndim != len(slot.shape) or any(array.shape[axis] != dim for axis, dim in fixed) \
-                    or slot.type != expected:
-                raise ConfigError(f"adapter '{name}': {key} is {array.dtype}{list(array.shape)}; this artifact's "
-                                  f"slot takes {slot.type}{slot.shape}")
+            if len(shape) != len(slot.shape) or any(shape[axis] != dim for axis, dim in fixed) or slot.type != kind:
+                raise ConfigError(f"adapter '{name}': {key} is {kind}{list(shape)}; this artifact's slot takes "
+                                  f"{slot.type}{slot.shape}")
         if not parameters:
             raise ConfigError(f"adapter '{name}': {path} holds no parameters")
         options = ort.RunOptions()
         options.add_active_adapter(lora)
-        shapes = {key: tuple(array.shape) for key, array in parameters.items()}
-        return LoadedAdapter(name, path, shapes, options, lora)
+        return LoadedAdapter(name, path, {key: shape for key, (shape, _) in parameters.items()}, options, lora)
 
     def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray],
             adapter: LoadedAdapter | None = None) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ import msgspec
 from toolkit.cards import Pooling
 from toolkit.errors import ConfigError
 
-__all__ = ["HF_OVERRIDE_KEYS", "Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target",
+__all__ = ["HF_OVERRIDE_KEYS", "split_named", "Device", "ExportOptions", "Precision", "RuntimeOptions", "ServerOptions", "Target",
            "default_threads", "parse_device", "parse_hf_overrides"]
 
 
@@ -92,6 +92,15 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     matryoshka_dims: tuple[int, ...] | None = None
     # LoRA adapter files (onnxruntime's format) added to the artifact's own, as NAME=FILE (``--adapter``)
     adapters: tuple[str, ...] = ()
+
+
+def split_named(text: str, flag: str, value: str) -> tuple[str, str]:
+    """A ``NAME=VALUE`` option (an adapter and its folder or file) as (name, value), both stripped; ConfigError
+    naming ``flag`` and the form, ``value`` saying what goes after the ``=``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ConfigError(f"{flag} {text!r}: give NAME={value}")
+    return name.strip(), rest.strip()
 
 
 HF_OVERRIDE_KEYS = ("is_matryoshka", "matryoshka_dimensions")

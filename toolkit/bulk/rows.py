@@ -247,11 +247,8 @@ class RowEncoder:
             return [pa.array([labels[int(np.argmax(r))] for r in rows], pa.string()),
                     _list_column([np.asarray(r, np.float32) for r in rows], pa.float32())]
         if self.generic and self.width is not None:  # token_embed: each row's (tokens, width) matrix
-            matrices = [np.asarray(r, np.float32).reshape(-1, self.width) for r in rows]
-            offsets = np.zeros(len(matrices) + 1, np.int32)
-            offsets[1:] = np.cumsum([len(m) for m in matrices])
-            vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(matrices).reshape(-1)), self.width)
-            return [pa.ListArray.from_arrays(pa.array(offsets), vectors)]
+            return [_list_column([np.asarray(r, np.float32).reshape(-1, self.width) for r in rows], pa.float32(),
+                                 self.width)]
         if self.generic:
             return [_list_column([np.asarray(r, np.float32).reshape(-1) for r in rows], pa.float32())]
         match self.options.embedding_type:
@@ -267,11 +264,15 @@ class RowEncoder:
                 _list_column([v.astype(np.float32) for _, v in entries], pa.float32())]
 
 
-def _list_column(rows: list[np.ndarray], kind) -> Any:
-    """A pyarrow list column of 1-D arrays of varying length."""
+def _list_column(rows: list[np.ndarray], kind, width: int | None = None) -> Any:
+    """A pyarrow list column of arrays of varying length: 1-D, or with ``width`` (rows, width) matrices as lists of
+    fixed-size lists."""
     pa = require_pyarrow()
     offsets = np.zeros(len(rows) + 1, np.int32)
     offsets[1:] = np.cumsum([len(r) for r in rows])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows), kind))
+    values = pa.array(np.concatenate(rows).reshape(-1), kind)
+    if width is not None:
+        values = pa.FixedSizeListArray.from_arrays(values, width)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 

@@ -16,6 +16,7 @@ from toolkit.cli.sources import (
     export_options_for_sources,
 )
 from toolkit.errors import ConfigError
+from toolkit.settings import split_named
 
 __all__ = ["serve"]
 
@@ -58,11 +59,7 @@ def lora_module(text: str) -> str:
             return f"{item['name']}={item['path']}"
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"--adapter {text!r}: the JSON form needs \"name\" and \"path\"") from None
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise ConfigError(f"--adapter {text!r}: give NAME=FILE (an .onnx_adapter file) or "
-                          '{"name": ..., "path": ...}')
-    return f"{name.strip()}={path.strip()}"
+    return "=".join(split_named(text, "--adapter", 'FILE (an .onnx_adapter file) or {"name": ..., "path": ...}'))
 
 
 @app.command()
