@@ -269,6 +269,16 @@ def test_adapters_load_and_unload_at_run_time_only_when_allowed(bert_adapters, t
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "three"}).status_code == 404
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "base"}).status_code == 404
         assert client.post("/v1/embeddings", json={"model": "one", "input": TEXTS}).status_code == 200
+        # hostile bodies: each a 4xx in the usual shape, the server answering on
+        json_headers = {"content-type": "application/json"}
+        for body in (b"[" * 10_000 + b"]" * 10_000, b'{"lora_name": "\xff\xfe", "lora_path": "x"}',
+                     b'{"lora_name": "' + b"a" * 3_000_000 + b'", "lora_path": "x"}',
+                     b'{"lora_name": "six", "lora_path": "' + str(result.path).encode() + b'"}'):
+            for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                answer = client.post(route, content=body, headers=json_headers)
+                assert 400 <= answer.status_code < 500, (route, answer.status_code, answer.text[:200])
+            assert client.get("/health").status_code == 200
+        assert "six" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
 
 
 def test_bound_runs_get_the_adapter_too(bert_adapters):
