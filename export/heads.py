@@ -343,7 +343,48 @@ class VisionLanguageHead(DenseHead):
     encoder = "vision_language"  # all through the same two graphs (videos too, where the family reads them)
 
     def dim(self, config: dict, dense_out: int | None) -> int:
-        return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 0)
+        return language_width(config)
+
+
+def language_width(config: dict) -> int:
+    """A vision-language model's language width (its states, and the image feature rows placed among them)."""
+    return int((config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size") or 0)
+
+
+class ColVisionHead(VisionLanguageHead):
+    """ColVision retrievers (ColQwen2): every position's state through the model's ``embedding_proj_layer`` (the
+    ``dense`` the language graph passes), L2-normalized, zeroed where the attention mask is 0, as
+    ``ColQwen2ForRetrieval`` computes them: late interaction over texts and document images
+    (``export.colvision``)."""
+
+    name = "colvision"
+    label = "multi-vector vision-language retrieval (ColQwen2)"
+    tasks = ("token_embed", "score")
+    token_output = "colbert_embeddings"
+    multi_vector = True
+    modalities = ("text", "image")  # a text (a query, as the processor reads it) or an image (a page)
+
+    def __init__(self, late: LateInteraction, width: int) -> None:
+        self.late, self.width = late, width
+
+    def spec(self) -> HeadSpec:
+        import msgspec
+
+        return msgspec.structs.replace(super().spec(), late_interaction=self.late)
+
+    def outputs(self, card: ModelCard) -> list[str]:
+        return ["colbert_embeddings"]
+
+    def dim(self, config: dict, dense_out: int | None) -> int:
+        return self.width
+
+    def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
+        vectors = dense(out.last_hidden_state)  # (batch, seq, width)
+        vectors = vectors / vectors.norm(dim=-1, keepdim=True)  # ColQwen2's own division (no epsilon)
+        return (vectors * attention_mask.unsqueeze(-1).to(vectors.dtype),)
+
+    def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:
+        return {**fields, "pooling": None, "normalize": True}
 
 
 class TextFeatures(torch.nn.Module):

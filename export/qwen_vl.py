@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ConfigError
+from toolkit.export.heads import language_width
 from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.resolve import ResolvedModel
 from toolkit.manifest import ParityReport, VideoFacts, VisionLanguage
@@ -113,7 +114,7 @@ def build_spec(resolved: ResolvedModel, cfg: dict, tokenizer, token: str, token_
         min_pixels=min_pixels, max_pixels=max_pixels,
         mean=[float(v) for v in cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))],
         std=[float(v) for v in cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))],
-        resample=resample, hidden_size=resolved.head.dim(resolved.config, None),
+        resample=resample, hidden_size=language_width(resolved.config),
         video=_video_facts(resolved, tokenizer, cfg) if family == "qwen3_vl" else None,
         parity=ParityReport(reference="none", threshold=0.0, skipped=True, passed=False))
 

@@ -16,6 +16,7 @@ from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
 from toolkit.export.heads import (
+    ColVisionHead,
     Head,
     M3Head,
     MultiVectorHead,
@@ -23,6 +24,7 @@ from toolkit.export.heads import (
     head_for,
     num_labels,
 )
+from toolkit.export.colvision import is_colvision, read_colvision
 from toolkit.export.late_interaction import is_multi_vector, read_multi_vector
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
@@ -188,6 +190,9 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if not (transformer_dir / "config.json").is_file():
         raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
     config = _read_json(transformer_dir / "config.json")
+    colvision = None
+    if is_colvision(config):  # ColQwen2: a Qwen-VL model (its vlm_config) with a per-token projection
+        config, *colvision = read_colvision(transformer_dir, config)
     arch = get_arch(str(config.get("model_type")), config)
     if arch.remote_code and not options.trust_remote_code:
         raise ConfigError(f"{transformer_dir}: '{arch.model_type}' ships its own modeling code (config auto_map); "
@@ -221,7 +226,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         if arch.pooling is not None and Pooling(options.pooling) != arch.pooling:
             raise ConfigError(f"'{arch.model_type}' pools by its own rule ({arch.pooling.value}); drop --pooling")
         merged["pooling"] = options.pooling
-    if arch.pooling is not None:
+    if arch.pooling is not None and colvision is None:
         merged["pooling"] = arch.pooling
     if options.normalize is not None:
         merged["normalize"] = options.normalize
@@ -231,7 +236,7 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         merged["matryoshka_dims"] = sorted(set(options.matryoshka_dims))
     if options.matryoshka_any:
         merged["matryoshka_any"] = True
-    if merged.get("pooling") is None and multi_vector is None:  # late interaction pools nothing
+    if merged.get("pooling") is None and multi_vector is None and colvision is None:  # late interaction pools nothing
         raise ConfigError(
             f"{model_dir}: cannot tell the pooling (no sentence-transformers files, no bundled card); "
             "pass --pooling cls|mean|last_token|splade|rank"
@@ -241,6 +246,8 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
                           f"{Pooling(merged['pooling']).value}")
     if multi_vector is not None:
         head: Head = MultiVectorHead(multi_vector.late)
+    elif colvision is not None:
+        head = ColVisionHead(colvision[1], colvision[0])
     else:
         head = head_for(Pooling(merged["pooling"]), image_tower=arch.image_tower,
                         vision_language=arch.vision_language, labels=num_labels(config))

@@ -21,6 +21,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import torch
 from torch import nn
 
@@ -41,9 +42,11 @@ class LanguageGraph(nn.Module):
     the images' feature rows (in prompt order over the batch, row-major; one unused row when there are none) -> the
     head's outputs."""
 
-    def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard, *, axes: int = 3) -> None:
+    def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard, *, axes: int = 3,
+                 dense: nn.Module | None = None) -> None:
         super().__init__()
         self.model, self.head, self.card = model, head, card
+        self.dense = dense if dense is not None else nn.Identity()  # ColQwen2's per-token projection
         self.image_token_id, self.axes = image_token_id, axes  # M-RoPE's 3 position axes, or 1 (LLaVA-NeXT)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -63,7 +66,7 @@ class LanguageGraph(nn.Module):
         positions = position_ids if self.axes == 3 else position_ids[0]
         hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                            position_ids=positions, **extra).last_hidden_state
-        return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, nn.Identity(), self.card)
+        return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, self.dense, self.card)
 
 
 def _placed_add(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
@@ -89,11 +92,16 @@ def _traceable_deepstack(model: nn.Module) -> Iterator[None]:
 
 
 def load_vision_language(resolved: ResolvedModel) -> nn.Module:
-    """The checkpoint's vision-language model (``Qwen2VLModel``), fp32, eval mode, whichever class saved it."""
+    """The checkpoint's vision-language model (``Qwen2VLModel``), fp32, eval mode, whichever class saved it; a
+    ColVision retriever whole (``ColQwen2ForRetrieval``: its ``vlm`` and ``embedding_proj_layer``)."""
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if resolved.head.name == "colvision":
+        from toolkit.export.colvision import load_colvision
+
+        return load_colvision(resolved.transformer_dir)
     try:
         full = AutoModelForImageTextToText.from_pretrained(resolved.transformer_dir, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -104,10 +112,7 @@ def load_vision_language(resolved: ResolvedModel) -> nn.Module:
 def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
     """The manifest's ``vision_language`` facts from config.json, preprocessor_config.json and the vocabulary
     (``tokenizer``: the artifact's ``runtime.tokenization.Tokenizer``)."""
-    path = resolved.model_dir / "preprocessor_config.json"
-    if not path.is_file():
-        raise ConfigError(f"{resolved.model_dir}: no preprocessor_config.json: the image preprocessing is unknown")
-    cfg = json.loads(path.read_text())
+    cfg = _image_processor_config(resolved.model_dir)
     token_id = int(resolved.config.get("image_token_id", resolved.config.get("image_token_index", -1)))
     (token,) = tokenizer.token_strings([token_id]) if 0 <= token_id < tokenizer.vocab_size else (None,)
     if token is None:
@@ -118,13 +123,38 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
     if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
         raise ConfigError(f"{path}: only the processor's default resize, rescale and normalize are reproduced")
     family = load_half(resolved.arch.model_type, "export")
-    return family.build_spec(resolved, cfg, tokenizer, token, token_id, _FILTERS[resample])
+    spec = family.build_spec(resolved, cfg, tokenizer, token, token_id, _FILTERS[resample])
+    if resolved.head.name == "colvision":  # the processor's prompts, not a chat (export.colvision)
+        from toolkit.export.colvision import colvision_templates
+
+        templates = colvision_templates(resolved.model_dir, resolved.files.special_tokens.get("pad_token"), token)
+        spec = msgspec.structs.replace(spec, templates=templates, prompt_suffix="", max_images=1,
+                                       sequential_positions=True)
+    return spec
+
+
+def _image_processor_config(model_dir: Path) -> dict:
+    """The image processor's settings: preprocessor_config.json, or the ``image_processor`` of the processor's
+    processor_config.json (transformers 5 saves a processor's parts there)."""
+    path = model_dir / "preprocessor_config.json"
+    processor = model_dir / "processor_config.json"
+    try:
+        if path.is_file():
+            return json.loads(path.read_text())
+        if processor.is_file() and isinstance(cfg := json.loads(processor.read_text()).get("image_processor"), dict):
+            return cfg
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the image processor's settings in {model_dir}: {exc}") from None
+    raise ConfigError(f"{model_dir}: no preprocessor_config.json: the image preprocessing is unknown")
 
 
 def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spec: VisionLanguage, *, opset: int,
                                   tmp: Path) -> tuple[Path, Path]:
     """(language graph, vision graph), dynamo-exported with dynamic batch, sequence, patch and row axes."""
     vision_path, language_path = tmp / "image.onnx", tmp / "graph.onnx"
+    dense = None
+    if hasattr(model, "embedding_proj_layer"):  # ColQwen2ForRetrieval: its vision-language model and projection
+        model, dense = model.vlm, model.embedding_proj_layer
     family = load_half(spec.family, "export")
     family.export_vision(model, resolved, spec, opset=opset, path=vision_path)
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +166,7 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
     position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(axes, 2, -1).contiguous()
     embeds = torch.randn(features, spec.hidden_size, generator=gen)
     batch, seq, image_rows = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("image_rows")
-    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card, axes=axes).eval()
+    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card, axes=axes, dense=dense).eval()
     inputs = (ids, mask, position_ids, embeds)
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                "position_ids": {1: batch, 2: seq}, "image_embeds": {0: image_rows}}

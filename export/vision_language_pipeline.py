@@ -56,9 +56,15 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
         optimization: dict[str, float | int | str] = {}
         draft = vision_language_manifest(draft_manifest(resolved, options, language, tokenizer, pad_id, {}), spec)
         references = None
+        colvision = resolved.head.name == "colvision"
         if not options.skip_parity:
             with step("Computing transformers' embeddings of the probe items (the parity reference)"):
-                references = parity_references(draft, resolved, model)
+                if colvision:
+                    from toolkit.export.colvision import colvision_references
+
+                    references = colvision_references(model, resolved.model_dir)
+                else:
+                    references = parity_references(draft, resolved, model)
         del model  # not needed past this point (a 2B model: 8.8 GB), before any graph is rewritten or opened
         release_memory()
         if plan.quantizes_int8:  # the kinds of layer int8 leaves within its gate (vs our fp32 graphs); then the parity check below
@@ -91,8 +97,13 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
             warnings.append("PARITY NOT CHECKED (--skip-parity): this artifact is unverified")
         else:
             with step("Verifying parity against transformers (text, image and text + image items)"):
-                report = vision_language_parity(Embedder(candidate, device=plan.parity_device), references,
-                                                plan.name)
+                candidate_embedder = Embedder(candidate, device=plan.parity_device)
+                if colvision:
+                    from toolkit.export.colvision import colvision_parity
+
+                    report = colvision_parity(candidate_embedder, references, plan.name)
+                else:
+                    report = vision_language_parity(candidate_embedder, references, plan.name)
             if not report.passed:
                 if not plan.allows_low_accuracy(options):
                     raise parity_error(report)

@@ -238,6 +238,13 @@ def multi_vector_items(ctx: ModelContext, texts, mode: str, *, prompt: str | Non
                        truncate_prompt_tokens: int | None = None) -> Prepared:
     """A late-interaction artifact's (tokens, dim) vectors of ``texts`` in ``mode`` (``toolkit.runtime.late_interaction``)."""
     late = ctx.late_interaction
+    encoder = ctx.encoders.get("text")
+    if encoder is not None and encoder.builds_inputs:  # ColVision: the processor's prompt per kind of item
+        built = encoder.multi_vector_inputs(texts, prompt=prompt, truncate_prompt_tokens=truncate_prompt_tokens)
+        return Prepared([Run(built, ctx.token_output, "text")],  # the encoder the text key names reads them all
+                        lambda rows: [np.ascontiguousarray(ctx.unpad(r, len(t)), dtype=np.float32)
+                                      for r, t in zip(rows[0], built)],
+                        tokens=_tokens(built), images=[image for item in built for image in item.images])
     items = tokenize_mode(ctx, late, texts, mode, prompt=prompt, truncate_prompt_tokens=truncate_prompt_tokens)
     return Prepared([Run(items, ctx.token_output)],
                     lambda rows: [kept_rows(late, ctx.unpad(r, len(t)), t, mode) for r, t in zip(rows[0], items)],
@@ -256,7 +263,8 @@ def max_sim_scores(ctx: ModelContext, queries: list, documents: list, *, query_l
         mean = late.similarity == "meanmaxsim"
         return max_sim(q, d, mean=mean)[0] if len(q) == 1 else max_sim(q, d, mean=mean, pairwise=True)
 
-    return Prepared(left.runs + right.runs, reduce, tokens=left.tokens + right.tokens)
+    return Prepared(left.runs + right.runs, reduce, tokens=left.tokens + right.tokens,
+                    images=left.images + right.images)
 
 
 # ---------------------------------------------------------------- embed_sparse

@@ -257,7 +257,10 @@ class VisionLanguageEncoder:
         if len(expanded) > limit:
             raise RequestError(f"input[{index}] takes {len(expanded)} tokens (its images {sum(rows)}); this model "
                                f"reads at most {limit}", param="input")
-        positions = self.family.positions([t == token or t == video for t in expanded], grids)
+        if spec.sequential_positions:  # ColQwen2 as transformers runs it: 0, 1, 2, ... on every axis
+            positions = self.family.positions([False] * len(expanded), [])  # a text's positions
+        else:
+            positions = self.family.positions([t == token or t == video for t in expanded], grids)
         expanded = [token if t == video else t for t in expanded]  # the language graph places rows at image tokens
         images = [Pixels(None, n, w, h, fmt) for n, (w, h, fmt) in zip(rows, seen)]  # the caller's, not a placeholder
         return VisionInput(expanded, positions, feeds, images)
@@ -281,6 +284,25 @@ class VisionLanguageEncoder:
         instruction = ctx.prompt_text(prompt_name, prompt)
         limit = ctx.manifest.max_seq_len
         return [self.build(self.item(x, i), instruction, i, limit) for i, x in enumerate(listed)], plan
+
+    def multi_vector_inputs(self, inputs, *, prompt: str | None = None,
+                            truncate_prompt_tokens: int | None = None) -> list[VisionInput]:
+        """A ColVision artifact's model inputs (``export.colvision``): each text or image rendered by the
+        processor's own template for its kind (a text as a query, an image as a page), whatever the mode."""
+        listed = [inputs] if isinstance(inputs, (str, Multimodal, ImageRef)) or is_image_input(inputs) \
+            else list(inputs)
+        if not listed:
+            raise RequestError("input must not be empty", param="input")
+        if prompt is not None:
+            raise RequestError("this model's prompts are its processor's (a query prefix for texts, a page prompt "
+                               "for images); a prompt cannot replace them", param="prompt")
+        if isinstance(truncate_prompt_tokens, int) and not isinstance(truncate_prompt_tokens, bool) \
+                and truncate_prompt_tokens > 0:
+            raise RequestError("truncate_prompt_tokens is not supported for vision-language models: an item longer "
+                               f"than the model's {self.ctx.manifest.max_seq_len} tokens is refused",
+                               param="truncate_prompt_tokens")
+        limit = self.ctx.manifest.max_seq_len
+        return [self.build(self.item(x, i), None, i, limit) for i, x in enumerate(listed)]
 
     # ---------------------------------------------------------------- graphs
     def run(self, items: Sequence, outputs: Sequence[str], adapter: LoadedAdapter | None = None) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from toolkit.errors import RequestError
 from toolkit.runtime.encoding import ENCODING_FORMATS, to_base64
 from toolkit.runtime.pooling import count_inputs
 from toolkit.runtime.tasks import TASKS as TASK_TABLE
+from toolkit.server.content import admit_content, has_image_parts, message_item
 from toolkit.server.inputs import ChatRequest, prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.outputs import bytes_response, check_row_encoding
@@ -80,6 +81,11 @@ def _pooling_entries(embedder) -> dict[str, str]:
     return names
 
 
+def reads_pages(embedder) -> bool:
+    """A multi-vector vision-language artifact (ColQwen2): it renders every item with its processor's prompts."""
+    return embedder.context.late_interaction is not None and "image" in embedder.modalities
+
+
 def pooling_tasks(embedder) -> tuple[str, ...]:
     """The tasks /pooling answers for this artifact (vLLM's: embed, token_embed, classify; and any other text
     task of the table with a row per input)."""
@@ -99,7 +105,14 @@ class PoolingController(Controller):
             raise RequestError(f"Unsupported task: '{task}' (this model answers: {', '.join(entries)}; vLLM's tasks: "
                                f"{', '.join(VLLM_TASKS)})", param="task")
         check_row_encoding(data.encoding_format, ENCODING_FORMATS, data.embed_dtype, data.endianness)
-        inputs, specials = await prompt_or_chat(emb, data, data.input, "input", options)
+        if data.messages is not None and (has_image_parts(data.messages) or reads_pages(emb)):
+            if data.input is not None:
+                raise RequestError("give input or messages, not both", param="messages")
+            # vLLM's form for an image (ColQwen2's pages): the messages' content parts as ONE item, rendered by the
+            # artifact itself (a page prompt, a query prefix), never by the chat template
+            inputs, specials = await admit_content([message_item(data.messages)], emb, options, "messages"), True
+        else:
+            inputs, specials = await prompt_or_chat(emb, data, data.input, "input", options)
         check_limits(count_inputs(inputs), options)
         name = entries[task]
         params = {"truncate_prompt_tokens": data.truncate_prompt_tokens, "truncation_side": data.truncation_side,

@@ -18,6 +18,7 @@ from msgspec import UNSET, UnsetType
 
 from toolkit.errors import ModelKindError, RequestError
 from toolkit.runtime.async_embedder import Timings
+from toolkit.server.content import admit_content, content_item
 from toolkit.server.dispatch import BodyRoute, dispatch_body
 from toolkit.server.limits import check_limits, tei_truncation
 from toolkit.server.metrics import timing_headers
@@ -50,8 +51,9 @@ class TEIRerankRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
 
 
-class RerankDocument(msgspec.Struct):
-    text: str
+class RerankDocument(msgspec.Struct, omit_defaults=True):
+    text: str | None = None
+    multi_modal: list[Any] | None = None  # vLLM's: an image document's content parts, as sent
 
 
 class RerankResult(msgspec.Struct):
@@ -98,12 +100,24 @@ class TEIRank(msgspec.Struct):
     text: str | UnsetType = UNSET  # with return_text
 
 
-def _document_text(doc: Any, i: int) -> str:
+def _document(doc: Any, i: int):
+    """A document as the engine reads it: a text (a string, or Cohere's / Jina's ``{"text": ...}``), or vLLM's
+    multimodal form ``{"content": [parts]}`` (an image page for a ColQwen2 artifact)."""
     if isinstance(doc, str):
         return doc
     if isinstance(doc, dict) and isinstance(doc.get("text"), str):
         return doc["text"]
-    raise RequestError(f"documents[{i}] must be a string or an object with a string 'text'", param="documents")
+    if isinstance(doc, dict) and isinstance(doc.get("content"), list):
+        return content_item(doc["content"], f"documents[{i}]")
+    raise RequestError(f"documents[{i}] must be a string, an object with a string 'text', or vLLM's "
+                       "{'content': [parts]}", param="documents")
+
+
+def _echoed(doc: Any, document) -> RerankDocument:
+    """A document as ``return_documents`` echoes it: its text, or its content parts (vLLM's ``multi_modal``)."""
+    if isinstance(document, str):
+        return RerankDocument(text=document)
+    return RerankDocument(multi_modal=doc["content"])
 
 
 async def _ranking(request: Request, model: str | None, query: str, documents: list[str], doc_tokens: int | None,
@@ -130,10 +144,12 @@ async def _ranking(request: Request, model: str | None, query: str, documents: l
 
 async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool) -> Response[VLLMRerankResponse]:
     started, timings = time.perf_counter(), Timings()
-    texts = [_document_text(doc, i) for i, doc in enumerate(data.documents)]
+    texts = [_document(doc, i) for i, doc in enumerate(data.documents)]
     if data.top_n is not None and data.top_n < 0:
         raise RequestError("top_n must be >= 0 (0: all documents)", param="top_n")
     served = request.app.state.registry.get(data.model)
+    if any(not isinstance(t, str) for t in texts):  # image documents: checked and fetched as the embed routes do
+        texts = await admit_content(texts, served.embedder, request.app.state.options, "documents")
     doc_cap = None
     if data.max_tokens_per_doc is not None:  # Cohere / Jina / vLLM: a cap on each document, clamped to the model's
         if data.max_tokens_per_doc < 1:
@@ -147,7 +163,8 @@ async def vllm_rerank(request: Request, data: VLLMRerankRequest, *, cohere: bool
                                             data.truncate_prompt_tokens, timings=timings, top_n=data.top_n,
                                             use_activation=activation, max_tokens_per_doc=doc_cap)
     with_docs = data.return_documents if data.return_documents is not None else not cohere
-    results = [RerankResult(r["index"], r["relevance_score"], RerankDocument(texts[r["index"]]) if with_docs else UNSET)
+    results = [RerankResult(r["index"], r["relevance_score"],
+                            _echoed(data.documents[r["index"]], texts[r["index"]]) if with_docs else UNSET)
                for r in ranked]
     head = {"id": f"rerank-{uuid.uuid4().hex}", "model": served.name, "results": results,
             "usage": RerankUsage(prompt_tokens=tokens, total_tokens=tokens)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 from toolkit.errors import RequestError
 from toolkit.runtime.pooling import score_pairs
 from toolkit.runtime.tokenization import INLINE_CHARS
-from toolkit.server.content import admit_content, renders_chat_items
+from toolkit.server.content import admit_content, content_item, renders_chat_items
 from toolkit.server.inputs import ChatRequest, messages_item, prompt_or_chat
 from toolkit.server.limits import check_limits
 from toolkit.server.schema import ListResponse, UsageInfo
@@ -30,23 +30,47 @@ class ScoreRequest(msgspec.Struct, kw_only=True):
     and ``text_1``/``text_2``."""
 
     model: str | None = None
-    queries: str | list[str] | None = None
-    documents: str | list[str] | None = None
-    items: str | list[str] | None = None
-    data_1: str | list[str] | None = None
-    data_2: str | list[str] | None = None
-    text_1: str | list[str] | None = None
-    text_2: str | list[str] | None = None
+    # each side: a text, a list of texts, or vLLM's multimodal forms (images: ColQwen2 pages, two-tower artifacts):
+    # a list whose items may be {"content": [parts]} (one input each), or one {"content": [parts]} (a part each)
+    queries: str | list[Any] | dict[str, Any] | None = None
+    documents: str | list[Any] | dict[str, Any] | None = None
+    items: str | list[Any] | dict[str, Any] | None = None
+    data_1: str | list[Any] | dict[str, Any] | None = None
+    data_2: str | list[Any] | dict[str, Any] | None = None
+    text_1: str | list[Any] | dict[str, Any] | None = None
+    text_2: str | list[Any] | dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = None
     use_activation: bool | None = None
 
-    def pair(self) -> tuple[str | list[str], str | list[str]]:
-        for left, right in ((self.queries, self.documents), (self.queries, self.items), (self.data_1, self.data_2),
-                            (self.text_1, self.text_2)):
+    def pair(self) -> tuple[Any, Any]:
+        for first, second in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"),
+                              ("text_1", "text_2")):
+            left, right = getattr(self, first), getattr(self, second)
             if left is not None and right is not None:
-                return left, right
+                return score_side(left, first), score_side(right, second)
         raise RequestError("give queries and documents (or queries/items, data_1/data_2, text_1/text_2)",
                            param="queries")
+
+
+def score_side(value: Any, field: str) -> str | list:
+    """One side of a score request as the engine reads it: texts as given, vLLM's ``{"content": [parts]}`` as
+    content items (``server.content``: an image becomes an ``ImageRef``); anything else a 400 naming ``field``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        parts = value.get("content")
+        if not isinstance(parts, list) or not parts:
+            raise RequestError(f"{field} must be a string, a list, or {{'content': [parts]}}", param=field)
+        return [content_item([part], f"{field}.content[{i}]") for i, part in enumerate(parts)]
+    side = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            side.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("content"), list):
+            side.append(content_item(item["content"], f"{field}[{i}]"))
+        else:
+            raise RequestError(f"{field}[{i}] must be a string or {{'content': [parts]}}", param=field)
+    return side
 
 
 class TokenizeRequest(ChatRequest, kw_only=True):
@@ -109,6 +133,11 @@ async def create_score(request: Request, data: ScoreRequest) -> ScoreResponse:
     served = request.app.state.registry.get(data.model)
     left, right = score_pairs(*data.pair())
     check_limits(len(left) + len(right), request.app.state.options, param="documents")
+    options = request.app.state.options
+    if any(not isinstance(x, str) for x in left):  # images: checked and fetched as the embed routes do
+        left = await admit_content(left, served.embedder, options, "queries")
+    if any(not isinstance(x, str) for x in right):
+        right = await admit_content(right, served.embedder, options, "documents")
     scores, tokens = await served.engine.score(left, right, use_activation=data.use_activation,
                                                max_tokens=request.app.state.options.max_request_tokens,
                                                truncate_prompt_tokens=data.truncate_prompt_tokens)

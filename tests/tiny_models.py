@@ -557,6 +557,25 @@ def build_tiny_qwen2_vl(folder: Path, *, seed: int = 0, config: dict | None = No
     return folder
 
 
+def build_tiny_colqwen2(folder: Path, *, seed: int = 0, family: str = "qwen2_vl") -> Path:
+    """A random-weight ``ColQwen2ForRetrieval`` over the tiny Qwen2-VL (or Qwen2.5-VL: ColQwen2.5) of
+    ``build_tiny_qwen2_vl``, its projection to 128, saved with its ``ColQwen2Processor`` (the query prefix and the
+    page prompt in processor_config.json, the image processor's settings with them) as transformers saves it."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    base = build_tiny_qwen2_vl(folder.parent / f"{folder.name}-base", seed=seed, family=family)
+    torch.manual_seed(seed + 1)
+    model = ColQwen2ForRetrieval(ColQwen2Config(vlm_config=AutoConfig.from_pretrained(base), embedding_dim=128))
+    model.vlm.load_state_dict(AutoModel.from_pretrained(base).state_dict())
+    model.eval().save_pretrained(folder)
+    processor = ColQwen2Processor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(base),
+                                  tokenizer=AutoTokenizer.from_pretrained(base))
+    processor.save_pretrained(folder)
+    return folder
+
+
 # Qwen2-VL's own chat template, as its tokenizer_config.json ships it (images and videos as vision_start, pad, vision_end)
 QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "

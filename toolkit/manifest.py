@@ -143,6 +143,9 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     std: list[float]
     resample: str = "bicubic"
     max_images: int = 8  # images per item
+    # every token (an image's too) at its index on all position axes, as transformers' ColQwen2ForRetrieval reads
+    # a prompt (it passes no positions to its Qwen2-VL model, which counts 0, 1, 2, ...); else the family's own
+    sequential_positions: bool = False
     hidden_size: int  # width of the vision graph's output rows (the language model's)
     video: VideoFacts | None = None  # Qwen3-VL: videos (frame lists, and files with the [video] extra)
     parity: ParityReport

@@ -1,0 +1,162 @@
+"""ColVision retrievers (ColQwen2, ColQwen2.5: transformers' ``ColQwen2ForRetrieval``): a Qwen-VL model whose every
+position's last state goes through ``embedding_proj_layer`` (to 128), L2-normalized and zeroed where the attention
+mask is 0: late interaction over document images.
+
+They export on the vision-language path (``export.vision_language``: the family's vision graph, the language graph)
+with ``ColVisionHead`` in place of last-token pooling. The prompts are the processor's (``ColQwen2Processor``), read
+from the checkpoint's ``processor_config.json`` (transformers' defaults where absent) and recorded as the manifest's
+item templates, so the runtime renders each item as the processor does:
+
+- a text (``process_queries``): ``query_prefix + text + pad_token * 10 + "\\n"`` (the query augmentation tokens are
+  real tokens: attended and scored);
+- an image (``process_images``): ``visual_prompt_prefix``, its one image token expanded to the image's rows.
+
+The processor has no other forms (a text is always read as a query, an image as a document page), so the modes
+(``is_query``) change nothing here; a text with images in one item is refused (no such prompt).
+
+Verification (``colvision_parity``): per-token vectors of texts and images, alone and batched, and MaxSim
+(``score_retrieval``), against the model and its processor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit.errors import ConfigError
+from toolkit.manifest import LateInteraction, ParityCase, ParityReport
+
+__all__ = ["COLVISION_TYPES", "QUERY_AUGMENTATION", "colvision_parity", "colvision_references", "colvision_templates",
+           "is_colvision", "load_colvision", "read_colvision"]
+
+COLVISION_TYPES = ("colqwen2",)  # config.json model_type: ColQwen2ForRetrieval (its vlm_config Qwen2-VL or 2.5-VL)
+QUERY_AUGMENTATION = 10  # pad tokens after a query's text (ColQwen2Processor: query_augmentation_token * 10)
+_DEFAULT_VISUAL_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image."
+                          "<|im_end|><|endoftext|>")  # ColQwen2Processor's default visual_prompt_prefix
+_DEFAULT_QUERY_PREFIX = "Query: "
+THRESHOLDS = {"fp32": 1e-5, "fp16": 5e-3}  # max absolute difference of unit-vector components and MaxSim / query token
+
+
+def is_colvision(config: dict) -> bool:
+    return config.get("model_type") in COLVISION_TYPES
+
+
+def read_colvision(model_dir: Path, config: dict) -> tuple[dict, int, LateInteraction]:
+    """(the vision-language model's config, the projection's width, the late-interaction facts) of a ColQwen2
+    checkpoint's config.json."""
+    vlm = config.get("vlm_config")
+    if not isinstance(vlm, dict) or vlm.get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ConfigError(f"{model_dir}: a {config.get('model_type')} checkpoint needs vlm_config of a Qwen2-VL or "
+                          f"Qwen2.5-VL model; got {vlm.get('model_type') if isinstance(vlm, dict) else vlm!r}")
+    dim = int(config.get("embedding_dim") or 128)
+    return vlm, dim, LateInteraction(prompts={}, similarity="maxsim")
+
+
+def processor_config(model_dir: Path) -> dict:
+    """The checkpoint's processor_config.json (``{}`` if it has none)."""
+    path = model_dir / "processor_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def colvision_templates(model_dir: Path, pad: str | None, image_token: str) -> dict[str, str]:
+    """The manifest's item templates: ``text`` (a query, as ``process_queries`` writes it) and ``image`` (a
+    document page, as ``process_images``), ``{text}`` / ``{image}`` where the text and the image's tokens go;
+    ``pad``: the tokenizer's pad token (the query augmentation token)."""
+    cfg = processor_config(model_dir)
+    prefix = cfg.get("query_prefix") or _DEFAULT_QUERY_PREFIX
+    visual = cfg.get("visual_prompt_prefix") or _DEFAULT_VISUAL_PROMPT
+    if visual.count(image_token) != 1:
+        raise ConfigError(f"{model_dir}: visual_prompt_prefix holds {visual.count(image_token)} image tokens "
+                          f"({image_token}); one is read")
+    if pad is None:
+        raise ConfigError(f"{model_dir}: the tokenizer has no pad token (the query augmentation token)")
+    return {"text": prefix + "{text}" + pad * QUERY_AUGMENTATION + "\n", "image": visual.replace(image_token, "{image}")}
+
+
+def load_colvision(model_dir: Path) -> torch.nn.Module:
+    """``ColQwen2ForRetrieval`` in fp32, eval mode."""
+    from transformers import ColQwen2ForRetrieval
+
+    try:
+        return ColQwen2ForRetrieval.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{model_dir}: cannot load the model: {exc}") from None
+
+
+def probe_inputs() -> tuple[list[str], list[bytes]]:
+    """Queries (short, long, punctuated) and document images of awkward kinds and mixed sizes."""
+    from toolkit.export.towers import probe_images
+
+    images = probe_images()
+    queries = ["What is ONNX Runtime?", "quarterly revenue chart for 2024, by region and product line",
+               "cats, dogs & birds: which sleeps most?"]
+    return queries, [images[name] for name in ("wide.png", "tall.png", "photo.jpg", "rgba.png")]
+
+
+def reference_vectors(model: torch.nn.Module, processor, queries: list[str], images: list) -> tuple[list, list]:
+    """The model's per-token vectors of ``queries`` and ``images`` (PIL), batched as the processor pads them: each
+    item's rows where its attention mask is 1."""
+    def rows(batch) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = model(**batch).embeddings.numpy()
+        mask = batch["attention_mask"].numpy().astype(bool)
+        return [out[i][mask[i]] for i in range(len(out))]
+
+    return rows(processor.process_queries(queries)), rows(processor.process_images(images))
+
+
+def colvision_references(model: torch.nn.Module, model_dir: Path) -> tuple[list, list, np.ndarray]:
+    """The reference for ``colvision_parity``: ``ColQwen2ForRetrieval``'s per-token vectors of the probe queries
+    and images through ``ColQwen2Processor``, and their MaxSim (``score_retrieval``); computed before the export
+    lets the model go."""
+    import io
+
+    from PIL import Image
+    from transformers import ColQwen2Processor
+
+    processor = ColQwen2Processor.from_pretrained(model_dir)
+    queries, encoded = probe_inputs()
+    images = [Image.open(io.BytesIO(b)) for b in encoded]  # the processor converts (RGBA on white)
+    ref_q, ref_d = reference_vectors(model, processor, queries, images)
+    ref_s = processor.score_retrieval([torch.from_numpy(m) for m in ref_q], [torch.from_numpy(m) for m in ref_d])
+    return ref_q, ref_d, ref_s.numpy()
+
+
+def colvision_parity(emb, references: tuple[list, list, np.ndarray], precision: str) -> ParityReport:
+    """``emb.embed_multi`` of the probe queries and images (all at once and one at a time) and ``emb.max_sim``
+    against ``colvision_references``: the largest absolute difference of each (MaxSim's per query token)."""
+    ref_q, ref_d, ref_s = references
+    queries, encoded = probe_inputs()
+    cases, largest = [], {}
+    batched_q, batched_d = emb.embed_multi(queries, is_query=True), emb.embed_multi(encoded)
+    for label, got_q, got_d in (
+            ("batched", batched_q, batched_d),
+            ("alone", [m for q in queries for m in emb.embed_multi([q], is_query=True)],
+             [m for d in encoded for m in emb.embed_multi([d])])):
+        for name, got, ref in (("query vectors", got_q, ref_q), ("document image vectors", got_d, ref_d)):
+            diff = _diff(got, ref)
+            largest[name] = max(largest.get(name, 0.0), diff)
+            cases.append(ParityCase(output=f"{name} ({label})", batch=len(got), seq_len=max(len(m) for m in got),
+                                    padded=label == "batched", padding_side=emb.padding.value, min_cosine=-1.0,
+                                    max_abs_diff=diff))
+    # MaxSim sums one cosine per query token: its error grows with the query's length
+    per_token = float(np.abs(emb.max_sim(batched_q, batched_d) - ref_s).max()) / max(len(m) for m in ref_q)
+    largest["MaxSim per query token (score_retrieval)"] = per_token
+    cases.append(ParityCase(output="MaxSim per query token (score_retrieval)", batch=len(ref_q) * len(ref_d),
+                            seq_len=0, padded=True, padding_side=emb.padding.value, min_cosine=-1.0,
+                            max_abs_diff=per_token))
+    threshold = THRESHOLDS.get(precision, 5e-3)
+    return ParityReport(reference="transformers ColQwen2ForRetrieval + ColQwen2Processor", threshold=threshold,
+                        max_abs_diff=largest, cases=cases, passed=max(largest.values()) <= threshold)
+
+
+def _diff(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    if [g.shape for g in got] != [r.shape for r in ref]:
+        return float("inf")
+    return max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
