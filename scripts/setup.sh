@@ -44,6 +44,7 @@ fi
 [ -f .cache/models/tiny-qwen3-vl/Qwen3-VL-Embedding-2B/config.json ] || .venv/bin/python tests/tiny_models.py qwen3-vl .cache/models/tiny-qwen3-vl/Qwen3-VL-Embedding-2B
 [ -f .cache/models/tiny-llava-next/e5-v/config.json ] || .venv/bin/python tests/tiny_models.py llava-next .cache/models/tiny-llava-next/e5-v
 [ -f .cache/models/tiny-colbert/config.json ] || .venv/bin/python tests/tiny_models.py colbert .cache/models/tiny-colbert
+[ -f .cache/models/tiny-colqwen2/config.json ] || .venv/bin/python tests/tiny_models.py colqwen2 .cache/models/tiny-colqwen2
 [ -f .cache/models/tiny-lora/legal/adapter_config.json ] || .venv/bin/python tests/tiny_models.py lora .cache/models/tiny-lora
 # openapi-python-client (tests/test_openapi_client.py generates a client from /openapi.json with it) pins an older
 # typer than the toolkit, so it gets a virtualenv of its own; it needs Python >= 3.11.

@@ -565,14 +565,17 @@ def build_tiny_colqwen2(folder: Path, *, seed: int = 0, family: str = "qwen2_vl"
     from transformers import AutoConfig, AutoModel, AutoTokenizer, ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    base = build_tiny_qwen2_vl(folder.parent / f"{folder.name}-base", seed=seed, family=family)
-    torch.manual_seed(seed + 1)
-    model = ColQwen2ForRetrieval(ColQwen2Config(vlm_config=AutoConfig.from_pretrained(base), embedding_dim=128))
-    model.vlm.load_state_dict(AutoModel.from_pretrained(base).state_dict())
-    model.eval().save_pretrained(folder)
-    processor = ColQwen2Processor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(base),
-                                  tokenizer=AutoTokenizer.from_pretrained(base))
-    processor.save_pretrained(folder)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tiny-colqwen2-base-") as scratch:
+        base = build_tiny_qwen2_vl(Path(scratch), seed=seed, family=family)
+        torch.manual_seed(seed + 1)
+        model = ColQwen2ForRetrieval(ColQwen2Config(vlm_config=AutoConfig.from_pretrained(base), embedding_dim=128))
+        model.vlm.load_state_dict(AutoModel.from_pretrained(base).state_dict())
+        model.eval().save_pretrained(folder)
+        processor = ColQwen2Processor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(base),
+                                      tokenizer=AutoTokenizer.from_pretrained(base))
+        processor.save_pretrained(folder)
     return folder
 
 
@@ -639,7 +642,7 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
 
     parser = argparse.ArgumentParser(description="Save a tiny random-weight model (for examples and tests).")
     parser.add_argument("kind", choices=["reranker", "classifier", "clip", "qwen2-vl", "qwen3-vl", "llava-next", "colbert",
-                                         "lora"])
+                                         "colqwen2", "lora"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     if not (args.folder / "config.json").is_file() and not (args.folder / "base" / "config.json").is_file():
@@ -656,6 +659,8 @@ if __name__ == "__main__":  # scripts/setup.sh: the tiny models the README's exa
             build_tiny_qwen2_vl(args.folder, family="qwen3_vl")
         elif args.kind == "colbert":  # a ColBERT (PyLate's shape): 128 per token, queries expanded to 16 tokens
             build_tiny_colbert(args.folder)
+        elif args.kind == "colqwen2":  # a ColQwen2ForRetrieval over the tiny Qwen2-VL, 128 per token, its processor
+            build_tiny_colqwen2(args.folder)
         elif args.kind == "llava-next":  # e5-v's shape: 28-pixel views, up to 3 tiles
             build_tiny_llava_next(args.folder)
         else:  # CLIP with its real 49408-token vocabulary, 32-pixel images
