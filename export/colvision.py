@@ -30,13 +30,18 @@ from toolkit.errors import ConfigError
 from toolkit.manifest import LateInteraction, ParityCase, ParityReport
 
 __all__ = ["COLVISION_TYPES", "QUERY_AUGMENTATION", "colvision_parity", "colvision_references", "colvision_templates",
-           "is_colvision", "load_colvision", "read_colvision"]
+           "colvision_arch", "is_colvision", "load_colvision", "read_colvision"]
 
-COLVISION_TYPES = ("colqwen2",)  # config.json model_type: ColQwen2ForRetrieval (its vlm_config Qwen2-VL or 2.5-VL)
-QUERY_AUGMENTATION = 10  # pad tokens after a query's text (ColQwen2Processor: query_augmentation_token * 10)
-_DEFAULT_VISUAL_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image."
-                          "<|im_end|><|endoftext|>")  # ColQwen2Processor's default visual_prompt_prefix
-_DEFAULT_QUERY_PREFIX = "Query: "
+# config.json model_type -> the vision-language model types its vlm_config may be, its model and processor classes
+COLVISION_TYPES = {"colqwen2": (("qwen2_vl", "qwen2_5_vl"), "ColQwen2ForRetrieval", "ColQwen2Processor"),
+                   "colpali": (("paligemma",), "ColPaliForRetrieval", "ColPaliProcessor")}
+QUERY_AUGMENTATION = 10  # pad tokens after a query's text (the processors' query_augmentation_token * 10)
+# the processors' defaults where processor_config.json has none: (query_prefix, visual_prompt_prefix)
+_DEFAULT_PROMPTS = {
+    "colqwen2": ("Query: ", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image."
+                            "<|im_end|><|endoftext|>"),
+    "colpali": ("Question: ", "Describe the image."),
+}
 THRESHOLDS = {"fp32": 1e-5, "fp16": 5e-3}  # max absolute difference of unit-vector components and MaxSim / query token
 
 
@@ -45,14 +50,27 @@ def is_colvision(config: dict) -> bool:
 
 
 def read_colvision(model_dir: Path, config: dict) -> tuple[dict, int, LateInteraction]:
-    """(the vision-language model's config, the projection's width, the late-interaction facts) of a ColQwen2
+    """(the vision-language model's config, the projection's width, the late-interaction facts) of a ColVision
     checkpoint's config.json."""
+    kind = config.get("model_type")
     vlm = config.get("vlm_config")
-    if not isinstance(vlm, dict) or vlm.get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ConfigError(f"{model_dir}: a {config.get('model_type')} checkpoint needs vlm_config of a Qwen2-VL or "
-                          f"Qwen2.5-VL model; got {vlm.get('model_type') if isinstance(vlm, dict) else vlm!r}")
+    allowed = COLVISION_TYPES[kind][0]
+    if not isinstance(vlm, dict) or vlm.get("model_type") not in allowed:
+        raise ConfigError(f"{model_dir}: a {kind} checkpoint needs vlm_config of a {' or '.join(allowed)} model; got "
+                          f"{vlm.get('model_type') if isinstance(vlm, dict) else vlm!r}")
     dim = int(config.get("embedding_dim") or 128)
-    return vlm, dim, LateInteraction(prompts={}, similarity="maxsim")
+    return {**vlm, "colvision": kind}, dim, LateInteraction(prompts={}, similarity="maxsim")
+
+
+def colvision_arch(config: dict):
+    """The ArchSpec of a ColVision checkpoint's vision-language model where the registry has none (PaliGemma: only
+    ColPali exports it); None otherwise."""
+    if config.get("colvision") != "colpali":
+        return None
+    from toolkit.export.architectures import ArchSpec
+
+    return ArchSpec("paligemma", vision_language=True,
+                    text_inputs=("input_ids", "attention_mask", "position_ids", "image_embeds"))
 
 
 def processor_config(model_dir: Path) -> dict:
@@ -64,27 +82,36 @@ def processor_config(model_dir: Path) -> dict:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
-def colvision_templates(model_dir: Path, pad: str | None, image_token: str) -> dict[str, str]:
-    """The manifest's item templates: ``text`` (a query, as ``process_queries`` writes it) and ``image`` (a
-    document page, as ``process_images``), ``{text}`` / ``{image}`` where the text and the image's tokens go;
-    ``pad``: the tokenizer's pad token (the query augmentation token)."""
+def colvision_templates(model_dir: Path, kind: str, special_tokens: dict, image_token: str) -> dict[str, str]:
+    """The manifest's item templates: ``text`` (a query, as
+    ``process_queries`` writes it) and ``image`` (a page, as ``process_images``), ``{text}`` / ``{image}`` where
+    the text and the image's tokens go; ``special_tokens``: the tokenizer's (the pad token is the query
+    augmentation token; ColPali's prompts start with its bos token)."""
     cfg = processor_config(model_dir)
-    prefix = cfg.get("query_prefix") or _DEFAULT_QUERY_PREFIX
-    visual = cfg.get("visual_prompt_prefix") or _DEFAULT_VISUAL_PROMPT
+    default_query, default_visual = _DEFAULT_PROMPTS[kind]
+    prefix = cfg.get("query_prefix") or default_query
+    visual = cfg.get("visual_prompt_prefix") or default_visual
+    pad = special_tokens.get("pad_token")
+    if pad is None:
+        raise ConfigError(f"{model_dir}: the tokenizer has no pad token (the query augmentation token)")
+    suffix = pad * QUERY_AUGMENTATION + "\n"
+    if kind == "colpali":  # ColPaliProcessor: bos + prefix + text + suffix + "\n"; images: image tokens, bos, prompt
+        bos = special_tokens.get("bos_token")
+        if bos is None:
+            raise ConfigError(f"{model_dir}: the tokenizer has no bos token (ColPali's prompts start with it)")
+        return {"text": bos + prefix + "{text}" + suffix, "image": "{image}" + bos + visual + "\n"}
     if visual.count(image_token) != 1:
         raise ConfigError(f"{model_dir}: visual_prompt_prefix holds {visual.count(image_token)} image tokens "
                           f"({image_token}); one is read")
-    if pad is None:
-        raise ConfigError(f"{model_dir}: the tokenizer has no pad token (the query augmentation token)")
-    return {"text": prefix + "{text}" + pad * QUERY_AUGMENTATION + "\n", "image": visual.replace(image_token, "{image}")}
+    return {"text": prefix + "{text}" + suffix, "image": visual.replace(image_token, "{image}")}
 
 
-def load_colvision(model_dir: Path) -> torch.nn.Module:
-    """``ColQwen2ForRetrieval`` in fp32, eval mode."""
-    from transformers import ColQwen2ForRetrieval
+def load_colvision(model_dir: Path, kind: str) -> torch.nn.Module:
+    """``ColQwen2ForRetrieval`` / ``ColPaliForRetrieval`` (``kind``'s) in fp32, eval mode."""
+    import transformers
 
     try:
-        return ColQwen2ForRetrieval.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return getattr(transformers, COLVISION_TYPES[kind][1]).from_pretrained(model_dir, dtype=torch.float32).eval()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{model_dir}: cannot load the model: {exc}") from None
 
@@ -111,16 +138,16 @@ def reference_vectors(model: torch.nn.Module, processor, queries: list[str], ima
     return rows(processor.process_queries(queries)), rows(processor.process_images(images))
 
 
-def colvision_references(model: torch.nn.Module, model_dir: Path) -> tuple[list, list, np.ndarray]:
+def colvision_references(model: torch.nn.Module, model_dir: Path, kind: str) -> tuple[list, list, np.ndarray]:
     """The reference for ``colvision_parity``: ``ColQwen2ForRetrieval``'s per-token vectors of the probe queries
     and images through ``ColQwen2Processor``, and their MaxSim (``score_retrieval``); computed before the export
     lets the model go."""
     import io
 
+    import transformers
     from PIL import Image
-    from transformers import ColQwen2Processor
 
-    processor = ColQwen2Processor.from_pretrained(model_dir)
+    processor = getattr(transformers, COLVISION_TYPES[kind][2]).from_pretrained(model_dir)
     queries, encoded = probe_inputs()
     images = [Image.open(io.BytesIO(b)) for b in encoded]  # the processor converts (RGBA on white)
     ref_q, ref_d = reference_vectors(model, processor, queries, images)
@@ -128,7 +155,7 @@ def colvision_references(model: torch.nn.Module, model_dir: Path) -> tuple[list,
     return ref_q, ref_d, ref_s.numpy()
 
 
-def colvision_parity(emb, references: tuple[list, list, np.ndarray], precision: str) -> ParityReport:
+def colvision_parity(emb, references: tuple[list, list, np.ndarray], precision: str, kind: str) -> ParityReport:
     """``emb.embed_multi`` of the probe queries and images (all at once and one at a time) and ``emb.max_sim``
     against ``colvision_references``: the largest absolute difference of each (MaxSim's per query token)."""
     ref_q, ref_d, ref_s = references
@@ -152,7 +179,8 @@ def colvision_parity(emb, references: tuple[list, list, np.ndarray], precision: 
                             seq_len=0, padded=True, padding_side=emb.padding.value, min_cosine=-1.0,
                             max_abs_diff=per_token))
     threshold = THRESHOLDS.get(precision, 5e-3)
-    return ParityReport(reference="transformers ColQwen2ForRetrieval + ColQwen2Processor", threshold=threshold,
+    _, model_class, processor_class = COLVISION_TYPES[kind]
+    return ParityReport(reference=f"transformers {model_class} + {processor_class}", threshold=threshold,
                         max_abs_diff=largest, cases=cases, passed=max(largest.values()) <= threshold)
 
 

@@ -352,13 +352,13 @@ def language_width(config: dict) -> int:
 
 
 class ColVisionHead(VisionLanguageHead):
-    """ColVision retrievers (ColQwen2): every position's state through the model's ``embedding_proj_layer`` (the
-    ``dense`` the language graph passes), L2-normalized, zeroed where the attention mask is 0, as
-    ``ColQwen2ForRetrieval`` computes them: late interaction over texts and document images
-    (``export.colvision``)."""
+    """ColVision retrievers (ColQwen2, ColPali): every position's state through the model's ``embedding_proj_layer``
+    (the ``dense`` the language graph passes), L2-normalized, zeroed where the attention mask is 0, as
+    ``ColQwen2ForRetrieval`` / ``ColPaliForRetrieval`` compute them: late interaction over texts and document
+    images (``export.colvision``)."""
 
     name = "colvision"
-    label = "multi-vector vision-language retrieval (ColQwen2)"
+    label = "multi-vector vision-language retrieval (ColQwen2, ColPali)"
     tasks = ("token_embed", "score")
     token_output = "colbert_embeddings"
     multi_vector = True
@@ -380,7 +380,7 @@ class ColVisionHead(VisionLanguageHead):
 
     def forward(self, out, attention_mask: torch.Tensor, dense: torch.nn.Module, card: ModelCard) -> tuple:
         vectors = dense(out.last_hidden_state)  # (batch, seq, width)
-        vectors = vectors / vectors.norm(dim=-1, keepdim=True)  # ColQwen2's own division (no epsilon)
+        vectors = vectors / vectors.norm(dim=-1, keepdim=True)  # the models' own division (no epsilon)
         return (vectors * attention_mask.unsqueeze(-1).to(vectors.dtype),)
 
     def complete(self, fields: dict, normalize: bool | None, config: dict) -> dict:

@@ -24,7 +24,7 @@ from toolkit.export.heads import (
     head_for,
     num_labels,
 )
-from toolkit.export.colvision import is_colvision, read_colvision
+from toolkit.export.colvision import colvision_arch, is_colvision, read_colvision
 from toolkit.export.late_interaction import is_multi_vector, read_multi_vector
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
@@ -191,9 +191,9 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
         raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
     config = _read_json(transformer_dir / "config.json")
     colvision = None
-    if is_colvision(config):  # ColQwen2: a Qwen-VL model (its vlm_config) with a per-token projection
+    if is_colvision(config):  # ColQwen2, ColPali: a vision-language model (its vlm_config), a per-token projection
         config, *colvision = read_colvision(transformer_dir, config)
-    arch = get_arch(str(config.get("model_type")), config)
+    arch = colvision_arch(config) or get_arch(str(config.get("model_type")), config)
     if arch.remote_code and not options.trust_remote_code:
         raise ConfigError(f"{transformer_dir}: '{arch.model_type}' ships its own modeling code (config auto_map); "
                           "pass --trust-remote-code to run it (only for a model you trust)")

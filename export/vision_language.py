@@ -43,10 +43,11 @@ class LanguageGraph(nn.Module):
     head's outputs."""
 
     def __init__(self, model: nn.Module, image_token_id: int, head: Head, card: ModelCard, *, axes: int = 3,
-                 dense: nn.Module | None = None) -> None:
+                 dense: nn.Module | None = None, bidirectional: bool = False) -> None:
         super().__init__()
         self.model, self.head, self.card = model, head, card
-        self.dense = dense if dense is not None else nn.Identity()  # ColQwen2's per-token projection
+        self.dense = dense if dense is not None else nn.Identity()  # ColVision's per-token projection
+        self.bidirectional = bidirectional  # a padding-only mask (PaliGemma's prefix), else the decoder's causal one
         self.image_token_id, self.axes = image_token_id, axes  # M-RoPE's 3 position axes, or 1 (LLaVA-NeXT)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -64,7 +65,11 @@ class LanguageGraph(nn.Module):
             extra = {"visual_pos_masks": is_image,
                      "deepstack_visual_embeds": [deepstack_embeds[k] for k in range(deepstack_embeds.shape[0])]}
         positions = position_ids if self.axes == 3 else position_ids[0]
-        hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+        mask = attention_mask
+        if self.bidirectional:  # the additive 4-D mask transformers' decoders take as-is: every real token, both ways
+            keys = attention_mask[:, None, None, :].to(torch.float32)
+            mask = ((1.0 - keys) * torch.finfo(torch.float32).min).expand(-1, 1, input_ids.shape[1], -1)
+        hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                            position_ids=positions, **extra).last_hidden_state
         return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, self.dense, self.card)
 
@@ -98,10 +103,10 @@ def load_vision_language(resolved: ResolvedModel) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if resolved.head.name == "colvision":
+    if "colvision" in resolved.config:  # export.colvision.read_colvision names the kind there
         from toolkit.export.colvision import load_colvision
 
-        return load_colvision(resolved.transformer_dir)
+        return load_colvision(resolved.transformer_dir, resolved.config["colvision"])
     try:
         full = AutoModelForImageTextToText.from_pretrained(resolved.transformer_dir, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -124,12 +129,15 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
         raise ConfigError(f"{path}: only the processor's default resize, rescale and normalize are reproduced")
     family = load_half(resolved.arch.model_type, "export")
     spec = family.build_spec(resolved, cfg, tokenizer, token, token_id, _FILTERS[resample])
-    if resolved.head.name == "colvision":  # the processor's prompts, not a chat (export.colvision)
+    if "colvision" in resolved.config:  # the processor's prompts, not a chat (export.colvision)
         from toolkit.export.colvision import colvision_templates
 
-        templates = colvision_templates(resolved.model_dir, resolved.files.special_tokens.get("pad_token"), token)
+        templates = colvision_templates(resolved.model_dir, resolved.config["colvision"],
+                                        resolved.files.special_tokens, token)
         spec = msgspec.structs.replace(spec, templates=templates, prompt_suffix="", max_images=1,
-                                       sequential_positions=True)
+                                       sequential_positions=True,
+                                       # ColPaliProcessor turns the tokenizer's bos off and writes its own
+                                       template_specials=resolved.config["colvision"] != "colpali")
     return spec
 
 
@@ -166,7 +174,8 @@ def export_vision_language_graphs(model: nn.Module, resolved: ResolvedModel, spe
     position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(axes, 2, -1).contiguous()
     embeds = torch.randn(features, spec.hidden_size, generator=gen)
     batch, seq, image_rows = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("image_rows")
-    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card, axes=axes, dense=dense).eval()
+    graph = LanguageGraph(model, spec.image_token_id, resolved.head, resolved.card, axes=axes, dense=dense,
+                          bidirectional=getattr(family, "BIDIRECTIONAL", False)).eval()
     inputs = (ids, mask, position_ids, embeds)
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                "position_ids": {1: batch, 2: seq}, "image_embeds": {0: image_rows}}

@@ -62,7 +62,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
                 if colvision:
                     from toolkit.export.colvision import colvision_references
 
-                    references = colvision_references(model, resolved.model_dir)
+                    references = colvision_references(model, resolved.model_dir, resolved.config["colvision"])
                 else:
                     references = parity_references(draft, resolved, model)
         del model  # not needed past this point (a 2B model: 8.8 GB), before any graph is rewritten or opened
@@ -101,7 +101,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
                 if colvision:
                     from toolkit.export.colvision import colvision_parity
 
-                    report = colvision_parity(candidate_embedder, references, plan.name)
+                    report = colvision_parity(candidate_embedder, references, plan.name, resolved.config["colvision"])
                 else:
                     report = vision_language_parity(candidate_embedder, references, plan.name)
             if not report.passed:

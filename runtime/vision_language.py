@@ -235,7 +235,8 @@ class VisionLanguageEncoder:
                                      chat_template_kwargs=item.chat_template_kwargs)
             ids = ctx.tokenizer.ids(expand_videos(prompt, stand_ins, spec.video, index), add_special_tokens=False)
         elif spec.templates:  # the card's prompt per kind of item (e5-v), tokenized with the tokenizer's own specials
-            ids = ctx.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index))
+            ids = ctx.tokenizer.ids(template_prompt(item.text, images, instruction, spec, index),
+                                    add_special_tokens=spec.template_specials)
         else:
             messages = item_messages(item.text, images, instruction, spec, videos=len(stand_ins))
             prompt = render_chat(ctx.manifest.chat_template, messages, special_tokens=ctx.manifest.special_tokens,

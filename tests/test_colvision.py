@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import _export, serve_subprocess
-from tiny_models import build_tiny_colqwen2
+from tiny_models import build_tiny_colpali, build_tiny_colqwen2
 
 from toolkit.errors import RequestError
 from toolkit.export.towers import probe_images
@@ -177,3 +177,30 @@ def test_colqwen2_5_exports_at_parity(tmp_path):
     result = _export(str(folder), tmp_path / "colqwen2.5.onnx")
     assert result.manifest.vision_language.family == "qwen2_5_vl" and result.manifest.parity.passed
     assert max(result.manifest.parity.max_abs_diff.values()) <= 1e-5
+
+
+def test_colpali_exports_at_parity_and_scores_pages_as_transformers(tmp_path):
+    """ColPali (PaliGemma: a SigLIP tower, Gemma read bidirectionally over its all-prefix prompts, positions from 1):
+    its processor's prompts (bos + "Question: " + text + 10 pads + newline; image tokens, bos, "Describe the
+    image." and a newline), vectors and MaxSim as ColPaliForRetrieval with ColPaliProcessor give them."""
+    from PIL import Image
+    from transformers import ColPaliForRetrieval, ColPaliProcessor
+
+    folder = build_tiny_colpali(tmp_path / "tiny-colpali")
+    result = _export(str(folder), tmp_path / "colpali.onnx")
+    manifest = result.manifest
+    assert manifest.head.name == "colvision" and manifest.vision_language.family == "paligemma"
+    assert manifest.vision_language.templates == {"text": "<bos>Question: {text}" + "<pad>" * 10 + "\n",
+                                                  "image": "{image}<bos>Describe the image.\n"}
+    assert manifest.parity.passed and manifest.parity.reference == "transformers ColPaliForRetrieval + ColPaliProcessor"
+    assert max(manifest.parity.max_abs_diff.values()) <= 1e-5, manifest.parity.max_abs_diff
+    reference = (ColPaliForRetrieval.from_pretrained(folder).eval(), ColPaliProcessor.from_pretrained(folder))
+    emb = Embedder(result.path, device="cpu")
+    pages = _pages()
+    ref_q = _reference_rows(reference, queries=QUERIES)
+    ref_d = _reference_rows(reference, images=[Image.open(io.BytesIO(b)) for b in pages])
+    _close(emb.embed_multi(QUERIES, is_query=True), ref_q)
+    _close(emb.embed_multi(pages), ref_d)
+    expected = reference[1].score_retrieval([torch.from_numpy(m) for m in ref_q],
+                                            [torch.from_numpy(m) for m in ref_d]).numpy()
+    np.testing.assert_allclose(emb.score(QUERIES[2], pages), expected[2], atol=1e-4)

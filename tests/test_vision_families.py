@@ -24,8 +24,13 @@ RUNTIME_PROTOCOL = ("prepare", "positions")  # and ``outputs``, which Qwen sets 
 
 
 def test_registry_matches_the_architectures_marked_vision_language():
+    """Every family is an architecture marked vision-language, or the model inside a ColVision checkpoint that only
+    that checkpoint exports (PaliGemma: ColPali)."""
+    from toolkit.export.colvision import COLVISION_TYPES
+
     marked = {model_type for model_type, spec in ARCHITECTURES.items() if spec.vision_language}
-    assert marked == set(FAMILIES), (marked ^ set(FAMILIES))
+    colvision = {t for allowed, _, _ in COLVISION_TYPES.values() for t in allowed}
+    assert marked | colvision == set(FAMILIES), ((marked | colvision) ^ set(FAMILIES))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -38,7 +43,7 @@ def test_every_family_has_both_halves_with_the_protocol(family):
 
 def test_an_unknown_family_names_the_known_ones():
     with pytest.raises(ConfigError, match="vision-language family 'qwen9_vl' is not one of: qwen2_vl, qwen2_5_vl, "
-                                          r"qwen3_vl, llava_next \(an artifact from a newer toolkit\?\)"):
+                                          r"qwen3_vl, llava_next, paligemma \(an artifact from a newer toolkit\?\)"):
         load_half("qwen9_vl", "runtime")
 
 

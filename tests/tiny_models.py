@@ -579,6 +579,36 @@ def build_tiny_colqwen2(folder: Path, *, seed: int = 0, family: str = "qwen2_vl"
     return folder
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<image>"]
+
+
+def build_tiny_colpali(folder: Path, *, seed: int = 0) -> Path:
+    """A random-weight ``ColPaliForRetrieval``: a PaliGemma (a 2-layer SigLIP tower on 28-pixel images of 14-pixel
+    patches: 4 image tokens; a 2-layer Gemma) with its projection to 128, saved with its ``ColPaliProcessor``
+    (SigLIP's image processor with ``image_seq_length``, a trained BPE holding Gemma's special tokens)."""
+    import torch
+    from transformers import ColPaliConfig, ColPaliForRetrieval, ColPaliProcessor, PaliGemmaConfig, PreTrainedTokenizerFast
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(seed)
+    tok, ids = _tokenizer_with(GEMMA_SPECIALS)
+    text = {**_DECODER, "model_type": "gemma", "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 512,
+            "pad_token_id": ids["<pad>"], "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"]}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": 28, "patch_size": 14, "projection_dim": 32}
+    vlm = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_id=ids["<image>"],
+                          projection_dim=32, hidden_size=32)
+    model = ColPaliForRetrieval(ColPaliConfig(vlm_config=vlm, embedding_dim=128)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   padding_side="right", model_input_names=["input_ids", "attention_mask"])
+    images = SiglipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images.image_seq_length = 4
+    ColPaliProcessor(image_processor=images, tokenizer=fast).save_pretrained(folder)
+    return folder
+
+
 # Qwen2-VL's own chat template, as its tokenizer_config.json ships it (images and videos as vision_start, pad, vision_end)
 QWEN_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "

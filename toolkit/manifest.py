@@ -132,6 +132,9 @@ class VisionLanguage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     image_only_text: str = ""  # the text of an item that has only images (DSE: "What is shown in this image?")
     placeholder_image: int = 0  # a black square of this side stands in an item without images (DSE: 56)
     templates: dict[str, str] = {}  # the card's prompt per kind of item (text, image, multimodal), not a chat (e5-v)
+    # the templates are tokenized with the tokenizer's own special tokens added (e5-v's <|begin_of_text|>); False:
+    # as written (a ColVision processor writes its own, ColPali's <bos>)
+    template_specials: bool = True
     crop_size: int = 0  # LLaVA-NeXT: the tower's input side; each image is viewed whole and tiled at one of
     grid_pinpoints: list[list[int]] = []  # these (height, width) resolutions
     patch_size: int

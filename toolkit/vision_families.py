@@ -50,6 +50,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": _QWEN,  # its tower attends within windows (the manifest's window_size)
     "qwen3_vl": _QWEN,  # a learned position table, DeepStack, videos (position_grid, deepstack, video)
     "llava_next": Family(export="toolkit.export.llava_next", runtime="toolkit.runtime.llava_next"),
+    "paligemma": Family(export="toolkit.export.paligemma", runtime="toolkit.runtime.paligemma"),  # ColPali's base
 }
 
 
