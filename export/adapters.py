@@ -57,7 +57,7 @@ def read_lora_config(folder: Path) -> dict:
         found.append(f"bias={config['bias']!r}")
     if found:
         raise ConfigError(f"{folder}: {', '.join(found)} cannot be served as a LoRA slot; "
-                          "supported: plain LoRA on Linear layers (any r, alpha, rank/alpha patterns, rsLoRA)")
+                          "supported: plain LoRA on Linear and Embedding layers (any r, alpha, rank/alpha patterns, rsLoRA)")
     return config
 
 
@@ -74,6 +74,20 @@ class LoraSlot(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + torch.matmul(torch.matmul(x, self.lora_a), self.lora_b)
+
+
+class EmbeddingSlot(nn.Module):
+    """An Embedding with a LoRA slot: ``base_layer(ids) + lora_a[ids] @ lora_b`` (PEFT's Embedding LoRA: lora_a
+    (vocab, r) the rows of ``lora_embedding_A.T``, lora_b (r, dim) ``lora_embedding_B.T * scaling``)."""
+
+    def __init__(self, base_layer: nn.Embedding, mark: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_a = nn.Parameter(torch.full((base_layer.num_embeddings, 1), float(mark)), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.full((1, base_layer.embedding_dim), float(mark)), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(ids) + torch.matmul(nn.functional.embedding(ids, self.lora_a), self.lora_b)
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class PeftAdapters:
     configs: dict[str, dict]
     weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # adapter -> module -> (A (in, r), B (r, out))
     peft_model: nn.Module
+    peft_names: dict[str, str]  # our name -> PEFT's (a module name: no ".", which ours may hold: "retrieval.query")
 
     @classmethod
     def load(cls, module: nn.Module, adapters: list[tuple[str, Path]]) -> PeftAdapters:
@@ -118,13 +133,15 @@ class PeftAdapters:
 
         prefix, model = _hf_model(module)
         configs = {name: read_lora_config(folder) for name, folder in adapters}
+        peft_names = {name: f"adapter_{k}" for k, (name, _) in enumerate(adapters)}
         peft_model = None
         for name, folder in adapters:
             try:
                 if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+                    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=peft_names[name],
+                                                           is_trainable=False)
                 else:
-                    peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                    peft_model.load_adapter(str(folder), adapter_name=peft_names[name], is_trainable=False)
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"adapter '{name}' ({folder}) does not fit this model: {str(exc)[:300]}") from None
         weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in configs}
@@ -133,22 +150,28 @@ class PeftAdapters:
                 continue
             target = prefix + path.removeprefix("base_model.model.")
             for name in configs:
-                if name not in layer.lora_A:
+                key = peft_names[name]
+                if key not in layer.lora_A and key not in getattr(layer, "lora_embedding_A", {}):
                     continue
-                if not isinstance(layer.get_base_layer(), nn.Linear):
-                    raise ConfigError(f"adapter '{name}': {target} is a {type(layer.get_base_layer()).__name__}; "
-                                      "only LoRA on Linear layers is served")
-                a = layer.lora_A[name].weight.detach().float().T.numpy()
-                b = (layer.lora_B[name].weight.detach().float().T * float(layer.scaling[name])).numpy()
+                base = layer.get_base_layer()
+                if isinstance(base, nn.Embedding) and key in layer.lora_embedding_A:
+                    a = layer.lora_embedding_A[key].detach().float().T.numpy()  # (vocab, r)
+                    b = (layer.lora_embedding_B[key].detach().float().T * float(layer.scaling[key])).numpy()
+                elif isinstance(base, nn.Linear):
+                    a = layer.lora_A[key].weight.detach().float().T.numpy()
+                    b = (layer.lora_B[key].weight.detach().float().T * float(layer.scaling[key])).numpy()
+                else:
+                    raise ConfigError(f"adapter '{name}': {target} is a {type(base).__name__}; "
+                                      "only LoRA on Linear and Embedding layers is served")
                 weights[name][target] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
         empty = [name for name, found in weights.items() if not found]
         if empty:
-            raise ConfigError(f"adapter(s) {', '.join(empty)} adapt no Linear layer of this model")
+            raise ConfigError(f"adapter(s) {', '.join(empty)} adapt no Linear or Embedding layer of this model")
         peft_model.eval()
-        return cls([name for name, _ in adapters], configs, weights, peft_model)
+        return cls([name for name, _ in adapters], configs, weights, peft_model, peft_names)
 
     def activate(self, name: str) -> None:
-        self.peft_model.set_adapter(name)
+        self.peft_model.set_adapter(self.peft_names[name])
         self.peft_model.eval()
 
     def targets(self) -> list[str]:
@@ -165,11 +188,16 @@ def insert_slots(module: nn.Module, targets: list[str]) -> list[Slot]:
     for mark, target in enumerate(targets, start=1):
         parent, _, child = target.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
-        linear = getattr(owner, child)
-        if not isinstance(linear, nn.Linear):
-            raise ExportError(f"{target} is a {type(linear).__name__}, not a Linear: it cannot hold a LoRA slot")
-        setattr(owner, child, LoraSlot(linear, mark))
-        slots.append(Slot(target, linear.in_features, linear.out_features))
+        layer = getattr(owner, child)
+        if isinstance(layer, nn.Embedding):
+            setattr(owner, child, EmbeddingSlot(layer, mark))
+            slots.append(Slot(target, layer.num_embeddings, layer.embedding_dim))
+            continue
+        if not isinstance(layer, nn.Linear):
+            raise ExportError(f"{target} is a {type(layer).__name__}, not a Linear or an Embedding: it cannot hold "
+                              "a LoRA slot")
+        setattr(owner, child, LoraSlot(layer, mark))
+        slots.append(Slot(target, layer.in_features, layer.out_features))
     return slots
 
 
@@ -241,7 +269,7 @@ class AdapterExport:
     @staticmethod
     def check(resolved, plan, options) -> list[tuple[str, Path]]:
         """The ``--adapter`` options, refused before any work where this export cannot carry them."""
-        adapters = [parse_adapter(text) for text in options.adapters]
+        adapters = list(resolved.adapters) + [parse_adapter(text) for text in options.adapters]
         names = [name for name, _ in adapters]
         if len(set(names)) != len(names):
             raise ConfigError(f"--adapter names must differ: {', '.join(names)}")

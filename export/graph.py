@@ -18,6 +18,7 @@ from torch import nn
 from toolkit.cards import ModelCard
 from toolkit.errors import ConfigError
 from toolkit.export.heads import Head
+from toolkit.export.jina_v3 import ROTARY_KEY, install_rotary
 from toolkit.export.resolve import DenseSpec, ResolvedModel
 
 __all__ = ["EmbeddingModule", "build_module", "output_names"]
@@ -130,6 +131,9 @@ def load_encoder(resolved: ResolvedModel, *, trust_remote_code: bool) -> nn.Modu
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{resolved.transformer_dir}: cannot load the model: {exc}") from None
     model = model.eval()
+    rotary = getattr(config, ROTARY_KEY, None)
+    if rotary and config.model_type == "xlm-roberta":  # jina-embeddings-v3, converted (export.jina_v3)
+        install_rotary(model, float(rotary))
     if resolved.card.bidirectional:
         model = BidirectionalMask(model)
     return resolved.head.wrap(model).eval()

@@ -90,7 +90,7 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector)
     target = Target(options.target)
     out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
-    adapter_folders = AdapterExport.check(resolved, plan, options) if options.adapters else []
+    adapter_folders = AdapterExport.check(resolved, plan, options) if options.adapters or resolved.adapters else []
     if resolved.head.vision_language:
         from toolkit.export.vision_language_pipeline import export_vision_language
 

@@ -25,6 +25,7 @@ from toolkit.export.heads import (
     num_labels,
 )
 from toolkit.export.colvision import colvision_arch, is_colvision, read_colvision
+from toolkit.export.jina_v3 import convert, is_jina_v3, task_card_fields
 from toolkit.export.late_interaction import is_multi_vector, read_multi_vector
 from toolkit.export.model_files import ModelFiles, read_model_files
 from toolkit.model_source import DEFAULT_MODEL, SourceKind, default_model_dir, locate_source
@@ -58,6 +59,8 @@ class ResolvedModel:
     st_layout: bool
     head: Head  # what follows the encoder (export.heads), chosen once from the card
     files: ModelFiles  # tokenizer.json, special tokens, chat template, model card: read once, here
+    # LoRA adapters the checkpoint itself carries, as PEFT folders (jina-embeddings-v3's tasks): (name, folder)
+    adapters: tuple[tuple[str, Path], ...] = ()
 
 
 def _download(repo_id: str, card: ModelCard | None, revision: str | None = None) -> Path:
@@ -185,11 +188,19 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
             dense = (DenseSpec(model_dir, in_features, out_features, False, "Identity", key="linear.weight"),)
         if (max_len := declared_length(transformer_dir)) is not None:
             fields["max_seq_len"] = max_len
-    elif st_layout:
+    elif st_layout and not ((model_dir / "config.json").is_file()  # jina-v3's modules are its own code
+                            and is_jina_v3(_read_json(model_dir / "config.json"))):
         fields, transformer_dir, dense = _read_sentence_transformers(model_dir)
     if not (transformer_dir / "config.json").is_file():
         raise ConfigError(f"{transformer_dir}: no config.json; is this a Hugging Face model directory?")
     config = _read_json(transformer_dir / "config.json")
+    builtin_adapters: tuple[tuple[str, Path], ...] = ()
+    if is_jina_v3(config):  # its XLM-RoBERTa read into transformers' layout, its task LoRAs into PEFT folders
+        fields = {**fields, **task_card_fields(transformer_dir)}
+        converted, adapters = convert(transformer_dir, Path(_scratch("jina-v3")))
+        builtin_adapters = tuple(adapters)
+        transformer_dir, st_layout = converted, False  # its sentence-transformers module is jina's code
+        config = _read_json(transformer_dir / "config.json")
     colvision = None
     if is_colvision(config):  # ColQwen2, ColPali: a vision-language model (its vlm_config), a per-token projection
         config, *colvision = read_colvision(transformer_dir, config)
@@ -263,7 +274,19 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     files = read_model_files(model_dir, transformer_dir, name=resolved_card.name, source=resolved_card.source)
     if multi_vector is not None and multi_vector.tokenizer_json is not None:  # PyLate's prefixes registered
         files = replace(files, tokenizer_json=multi_vector.tokenizer_json)
-    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head, files)
+    return ResolvedModel(model_dir, transformer_dir, config, arch, resolved_card, dense, st_layout, head, files,
+                         builtin_adapters)
+
+
+def _scratch(label: str) -> str:
+    """A folder for a checkpoint converted at export, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=f"toolkit-{label}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def declared_length(folder: Path) -> int | None:

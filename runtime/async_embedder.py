@@ -179,7 +179,7 @@ class AsyncEmbedder:
         timings = timings if timings is not None else Timings()
         ctx = self.embedder.context
         require(ctx, entry.name)
-        adapter = params.pop("adapter", self.adapter)
+        adapter = ctx.task_adapter(params, self.adapter, takes_prompt=entry.takes_prompt)
         ctx.adapter(adapter)  # an unknown name fails before any work
         with self.admit(entry.count(ctx, *inputs)):
             started = time.perf_counter()

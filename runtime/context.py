@@ -63,6 +63,27 @@ class ModelContext:
     encoders: dict[str, Encoder] = field(default_factory=dict)
     adapters: dict[str, LoadedAdapter] = field(default_factory=dict)  # LoRA adapters by name (the manifest's first)
 
+    def task_adapter(self, params: dict, default: str | None, *, takes_prompt: bool) -> str | None:
+        """The adapter a call runs with, ``params['adapter']`` popped: the one it names, else the engine's
+        (``default``), else, where the card maps prompt names to adapters (jina-embeddings-v3's tasks), the one
+        its prompt name (or the default prompt name) maps to. An adapter that is some prompt's adapter brings that
+        prompt to a call that names none (``takes_prompt``: the task reads ``prompt_name``); a call with its own
+        ``prompt`` text keeps what it says."""
+        adapter = params.pop("adapter", default)
+        mapping = self.card.prompt_adapters
+        if not mapping or params.get("prompt") is not None:
+            return adapter
+        name = params.get("prompt_name")
+        if adapter is not None:
+            if name is None and takes_prompt:
+                prompt = next((p for p, a in mapping.items() if a == adapter), None)
+                if prompt is not None:
+                    params["prompt_name"] = prompt
+            return adapter
+        if name is None and self.options.default_prompt is None:
+            name = self.options.default_prompt_name or self.card.default_prompt_name
+        return mapping.get(name) if name is not None else None
+
     def adapter(self, name: str | None) -> LoadedAdapter | None:
         """The adapter ``name`` (None: the base model); RequestError naming the adapters there are."""
         if name is None:

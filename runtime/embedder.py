@@ -177,7 +177,7 @@ class Embedder:
         (every task takes it): the LoRA adapter for this call instead of the Embedder's (None: the base)."""
         entry = task_for(task)
         require(self.context, entry.name)
-        adapter = params.pop("adapter", self.adapter)
+        adapter = self.context.task_adapter(params, self.adapter, takes_prompt=entry.takes_prompt)
         self.context.adapter(adapter)  # an unknown name fails before any work
         return self.complete(entry.prepare(self.context, *inputs, **params), adapter=adapter)
 

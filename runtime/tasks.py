@@ -84,6 +84,14 @@ class Task:
     modality: str = "text"  # what its inputs are: "text" (or token ids), "image", "mixed" (routes offer text tasks)
     description: str = ""
 
+    @property
+    def takes_prompt(self) -> bool:
+        """Whether its preparation reads a prompt name (``prompt_name``, or any tokenizer option)."""
+        import inspect
+
+        parameters = inspect.signature(self.prepare).parameters.values()
+        return any(p.name == "prompt_name" or p.kind is p.VAR_KEYWORD for p in parameters)
+
     def applies(self, ctx: ModelContext) -> bool:
         """Whether the artifact answers it: its manifest lists this task, or the one it builds on."""
         return (self.base or self.name) in ctx.tasks

@@ -22,11 +22,11 @@ from toolkit.server.schema import CohereApiVersion, CohereTokens
 __all__ = ["COHERE_INPUT_TYPES", "CohereController", "CohereEmbedRequest", "CohereEmbedResponse"]
 
 # Cohere's input types -> the card prompt names tried, in order
-COHERE_INPUT_TYPES = {
-    "search_query": ("query", "search_query"),
-    "search_document": ("document", "passage", "search_document"),
+COHERE_INPUT_TYPES = {  # retrieval.query / retrieval.passage / separation: jina-embeddings-v3's task names
+    "search_query": ("query", "search_query", "retrieval.query"),
+    "search_document": ("document", "passage", "search_document", "retrieval.passage"),
     "classification": ("classification",),
-    "clustering": ("clustering",),
+    "clustering": ("clustering", "separation"),
     "image": (),  # images: no prompt
 }
 EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")

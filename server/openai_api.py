@@ -50,6 +50,8 @@ class OpenAIEmbeddingRequest(ChatRequest, kw_only=True):
     priority: int = 0
     additional_data: Any = None
     modality: str = "text"  # infinity's: "image" reads `input` as image URLs
+    task: str | None = None  # Jina's embeddings API: the task (a prompt name; jina-embeddings-v3: its adapter too)
+    prompt_name: str | None = None  # sentence-transformers' name for the same (as TEI's routes take it)
 
 
 class Embedding(msgspec.Struct):
@@ -105,7 +107,11 @@ async def create_embeddings(request: Request, data: OpenAIEmbeddingRequest) -> R
     check_choice(data.modality, ("text", "image"), "modality")
     normalize = data.use_activation if data.use_activation is not None else data.normalize
     timings = Timings()
+    if data.task is not None and data.prompt_name is not None and data.task != data.prompt_name:
+        raise RequestError(f"task '{data.task}' and prompt_name '{data.prompt_name}' differ; give one", param="task")
     common = {"dimensions": data.dimensions, "normalize": normalize, "priority": data.priority, "timings": timings}
+    if (name := data.task if data.task is not None else data.prompt_name) is not None:
+        common["prompt_name"] = name
     mixed = content_items(served.embedder, data, options)
     if mixed is not None:  # content of several modalities (two-tower models): each item a text or an image
         check_limits(len(mixed), options)

@@ -64,6 +64,9 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     pad_to_max_length: bool = False  # text is padded to max_seq_len, as the model was trained (SigLIP: 64)
     prompts: dict[str, str] = {}
     default_prompt_name: str | None = None
+    # a prompt name that picks a LoRA adapter the artifact carries (jina-embeddings-v3: each task its prompt and
+    # its adapter; the adapter's name picks its prompt the other way)
+    prompt_adapters: dict[str, str] = {}
     matryoshka_dims: list[int] = []
     matryoshka_any: bool = False
     bidirectional: bool = False  # a decoder embedding model that reads with a padding-only mask (no causal mask)
