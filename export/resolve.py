@@ -255,6 +255,10 @@ def resolve_model(model: str | None, options: ExportOptions) -> ResolvedModel:
     if merged.get("instruction_end_tokens") and Pooling(merged["pooling"]) != Pooling.MEAN:
         raise ConfigError("instruction_end_tokens (skip the instruction when pooling) needs mean pooling, got "
                           f"{Pooling(merged['pooling']).value}")
+    if merged.get("late_interaction") and multi_vector is None and colvision is None:
+        raise ConfigError(f"{model_dir}: its card '{merged['name']}' is a late-interaction model, but the folder is "
+                          "not a ColBERT (MultiVectorEncoder, PyLate, Stanford) or ColVision (ColQwen2, ColPali) "
+                          "checkpoint")
     if multi_vector is not None:
         head: Head = MultiVectorHead(multi_vector.late)
     elif colvision is not None:

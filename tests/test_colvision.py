@@ -204,3 +204,23 @@ def test_colpali_exports_at_parity_and_scores_pages_as_transformers(tmp_path):
     expected = reference[1].score_retrieval([torch.from_numpy(m) for m in ref_q],
                                             [torch.from_numpy(m) for m in ref_d]).numpy()
     np.testing.assert_allclose(emb.score(QUERIES[2], pages), expected[2], atol=1e-4)
+
+
+def test_the_bundled_cards_name_late_interaction_and_check_the_checkpoint(colqwen, tmp_path):
+    """A checkpoint saved under a bundled card's name gets that card (per-token: no pooling); a card that says late
+    interaction on a folder that is no ColBERT or ColVision checkpoint is refused, naming both."""
+    from tiny_models import build_tiny_model
+
+    from toolkit.errors import ConfigError
+    from toolkit.export.resolve import resolve_model
+    from toolkit.settings import ExportOptions
+
+    link = tmp_path / "colqwen2-v1.0-hf"
+    link.symlink_to(colqwen[0], target_is_directory=True)
+    resolved = resolve_model(str(link), ExportOptions())
+    assert resolved.card.name == "colqwen2-v1.0-hf" and resolved.card.late_interaction
+    assert resolved.card.source == "vidore/colqwen2-v1.0-hf" and resolved.card.pooling is None
+    assert resolved.head.name == "colvision"
+    plain = build_tiny_model("bert", tmp_path / "colbertv2.0")
+    with pytest.raises(ConfigError, match="late-interaction model, but the folder is not a ColBERT"):
+        resolve_model(str(plain), ExportOptions(pooling="mean"))

@@ -58,6 +58,9 @@ class ModelCard(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     name: str
     source: str | None = None  # Hugging Face Hub id
     pooling: Pooling | None = None
+    # a late-interaction model (ColBERT, ColVision): it pools nothing, one vector per token; its modes, lengths and
+    # prompts come from the checkpoint's own files (export.late_interaction, export.colvision)
+    late_interaction: bool = False
     normalize: bool = True
     max_seq_len: int | None = None
     padding_side: PaddingSide = PaddingSide.RIGHT

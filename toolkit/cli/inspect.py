@@ -131,8 +131,9 @@ def cards(
     table.add_column("offline", no_wrap=True)
     for row in rows:
         dims = ", ".join(map(str, row["matryoshka_dims"])) + (" any" if row["matryoshka_any"] else "")
-        table.add_row(row["name"], row["source"] or "", row["pooling"] or "", str(row["normalize"]),
-                      str(row["max_seq_len"]), ", ".join(row["prompts"]), dims, "yes" if row["offline"] else "")
+        pooling = row["pooling"] or ("per token" if row["late_interaction"] else "")  # late interaction pools none
+        table.add_row(row["name"], row["source"] or "", pooling, str(row["normalize"]),
+                      str(row["max_seq_len"] or ""), ", ".join(row["prompts"]), dims, "yes" if row["offline"] else "")
     stdout_console().print(table)
 
 
