@@ -164,33 +164,14 @@ def cpu_name() -> str:
 
 # ---- served mode: real `toolkit serve` processes -------------------------------------------------------------------
 
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range (where client sockets take their ports)."""
-    import random
-    import socket
-
-    low, high = 20000, 32767
-    try:
-        high = min(high, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
     """A real `toolkit serve ARTIFACT` on a free loopback port, its output in ``log``; ``stop`` kills it by pid."""
 
     def __init__(self, artifact: Path, log: Path) -> None:
+        from toolkit.bench.machine import free_port
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

@@ -197,7 +197,7 @@ def install_rotary(model: nn.Module, base: float) -> nn.Module:
     found = 0
     for module in list(model.modules()):
         if hasattr(module, "query") and hasattr(module, "key") and isinstance(module.query, nn.Linear):
-            heads = int(getattr(module, "num_attention_heads"))
+            heads = int(module.num_attention_heads)
             module.query = RotaryQueryKey(module.query, heads, base)
             module.key = RotaryQueryKey(module.key, heads, base)
             found += 1

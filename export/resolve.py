@@ -15,6 +15,7 @@ import msgspec
 from toolkit.cards import ModelCard, PaddingSide, Pooling, find_card
 from toolkit.errors import ConfigError
 from toolkit.export.architectures import ARCHITECTURES, ArchSpec, get_arch
+from toolkit.export.colvision import colvision_arch, is_colvision, read_colvision
 from toolkit.export.heads import (
     ColVisionHead,
     Head,
@@ -24,7 +25,6 @@ from toolkit.export.heads import (
     head_for,
     num_labels,
 )
-from toolkit.export.colvision import colvision_arch, is_colvision, read_colvision
 from toolkit.export.jina_v3 import convert, is_jina_v3, task_card_fields
 from toolkit.export.late_interaction import is_multi_vector, read_multi_vector
 from toolkit.export.model_files import ModelFiles, read_model_files

@@ -124,9 +124,9 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
         raise ConfigError(f"{resolved.model_dir}: image_token_id {token_id} is not in the tokenizer's vocabulary")
     resample = cfg.get("resample", 3)
     if resample not in _FILTERS:
-        raise ConfigError(f"{path}: resample {resample} is not one of Pillow's filters 0..5")
+        raise ConfigError(f"{resolved.model_dir}: the image processor's resample {resample} is not one of Pillow's filters 0..5")
     if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
-        raise ConfigError(f"{path}: only the processor's default resize, rescale and normalize are reproduced")
+        raise ConfigError(f"{resolved.model_dir}: only the processor's default resize, rescale and normalize are reproduced")
     family = load_half(resolved.arch.model_type, "export")
     spec = family.build_spec(resolved, cfg, tokenizer, token, token_id, _FILTERS[resample])
     if "colvision" in resolved.config:  # the processor's prompts, not a chat (export.colvision)

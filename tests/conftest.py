@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import add_sentence_transformers_layout, build_tiny_model  # noqa: E402
 
+from toolkit.bench.machine import free_port  # noqa: E402,F401  (the suite's servers' ports; tests import it here)
 from toolkit.cards import Pooling  # noqa: E402
 from toolkit.settings import ExportOptions  # noqa: E402
 
@@ -158,30 +159,6 @@ def anyio_backend():
     return "asyncio"
 
 
-def free_port() -> int:
-    """A loopback port free now, chosen at random below the kernel's ephemeral range (where every outgoing
-    connection takes its local port, so a port picked there may be taken by a client socket before a slow server
-    binds it: Ray Serve's proxy, while the suite's other pytest process runs) and above Ray's worker ports."""
-    import random
-    import socket
-
-    low, high = 20000, 32767
-    try:
-        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        high = min(high, low_ephemeral - 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # a crowded range: the kernel's choice
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_subprocess(artifact: Path, *args: str, env: dict | None = None, ready: str = "/ready",

@@ -224,3 +224,24 @@ def test_the_bundled_cards_name_late_interaction_and_check_the_checkpoint(colqwe
     plain = build_tiny_model("bert", tmp_path / "colbertv2.0")
     with pytest.raises(ConfigError, match="late-interaction model, but the folder is not a ColBERT"):
         resolve_model(str(plain), ExportOptions(pooling="mean"))
+
+
+def test_an_image_processor_setting_the_runtime_cannot_reproduce_is_refused(colqwen, tmp_path):
+    """processor_config.json's image processor (transformers 5 saves it there) is read like preprocessor_config.json:
+    a setting the runtime does not reproduce is a ConfigError naming the folder."""
+    import json
+    import shutil
+
+    from toolkit.errors import ConfigError
+    from toolkit.export.resolve import resolve_model
+    from toolkit.export.vision_language import vision_language_spec
+    from toolkit.runtime.tokenization import Tokenizer
+    from toolkit.settings import ExportOptions
+
+    folder = shutil.copytree(colqwen[0], tmp_path / "odd-colqwen2")
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"]["do_normalize"] = False
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    resolved = resolve_model(str(folder), ExportOptions())
+    with pytest.raises(ConfigError, match="odd-colqwen2: only the processor's default resize, rescale and normalize"):
+        vision_language_spec(resolved, Tokenizer(resolved.files.tokenizer_json, max_length=512))

@@ -561,11 +561,18 @@ def build_tiny_colqwen2(folder: Path, *, seed: int = 0, family: str = "qwen2_vl"
     """A random-weight ``ColQwen2ForRetrieval`` over the tiny Qwen2-VL (or Qwen2.5-VL: ColQwen2.5) of
     ``build_tiny_qwen2_vl``, its projection to 128, saved with its ``ColQwen2Processor`` (the query prefix and the
     page prompt in processor_config.json, the image processor's settings with them) as transformers saves it."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, ColQwen2Config, ColQwen2ForRetrieval, ColQwen2Processor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     import tempfile
+
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoTokenizer,
+        ColQwen2Config,
+        ColQwen2ForRetrieval,
+        ColQwen2Processor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     with tempfile.TemporaryDirectory(prefix="tiny-colqwen2-base-") as scratch:
         base = build_tiny_qwen2_vl(Path(scratch), seed=seed, family=family)
@@ -587,7 +594,13 @@ def build_tiny_colpali(folder: Path, *, seed: int = 0) -> Path:
     patches: 4 image tokens; a 2-layer Gemma) with its projection to 128, saved with its ``ColPaliProcessor``
     (SigLIP's image processor with ``image_seq_length``, a trained BPE holding Gemma's special tokens)."""
     import torch
-    from transformers import ColPaliConfig, ColPaliForRetrieval, ColPaliProcessor, PaliGemmaConfig, PreTrainedTokenizerFast
+    from transformers import (
+        ColPaliConfig,
+        ColPaliForRetrieval,
+        ColPaliProcessor,
+        PaliGemmaConfig,
+        PreTrainedTokenizerFast,
+    )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     torch.manual_seed(seed)
