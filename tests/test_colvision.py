@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -78,6 +81,9 @@ def test_the_export_declares_colvision_and_passes_parity(colqwen):
                                        "<|im_end|><|endoftext|>")
     parity = manifest.parity
     assert parity.passed and parity.reference.startswith("transformers ColQwen2ForRetrieval")
+    shown = subprocess.run([sys.executable, "-m", "toolkit.cli", "inspect", str(colqwen[1].path)], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0 and "per token; normalize=True" in shown.stdout, shown.stdout + shown.stderr
     assert max(parity.max_abs_diff.values()) <= 1e-5, parity.max_abs_diff
 
 

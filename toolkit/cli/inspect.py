@@ -44,7 +44,7 @@ def inspect(
     rows = [
         ("model", f"{card.name} ({card.source or 'local'})"), ("architecture", manifest.model_type),
         ("precision / target", f"{manifest.precision} / {manifest.target}"), ("opset", str(manifest.opset)),
-        ("pooling", f"{card.pooling.value if card.pooling else '?'}; normalize={card.normalize}"),
+        ("pooling", f"{_pooling(card, manifest)}; normalize={card.normalize}"),
         ("dimensions", str(manifest.embedding_dim)),
         ("matryoshka", ", ".join(map(str, card.matryoshka_dims)) + (" (any)" if card.matryoshka_any else "") or "-"),
         ("max tokens / padding", f"{manifest.max_seq_len} / {card.padding_side.value}"),
@@ -135,6 +135,13 @@ def cards(
         table.add_row(row["name"], row["source"] or "", pooling, str(row["normalize"]),
                       str(row["max_seq_len"] or ""), ", ".join(row["prompts"]), dims, "yes" if row["offline"] else "")
     stdout_console().print(table)
+
+
+def _pooling(card, manifest) -> str:
+    """The card's pooling; "per token" for a late-interaction artifact (it pools nothing); "?" if unknown."""
+    if card.pooling is not None:
+        return card.pooling.value
+    return "per token" if manifest.head_spec.late_interaction is not None else "?"
 
 
 def _card_offline(name: str) -> bool:
