@@ -60,7 +60,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
         if not options.skip_parity:
             with step("Computing transformers' embeddings of the probe items (the parity reference)"):
                 if colvision:
-                    from toolkit.export.colvision import colvision_references
+                    from toolkit.export.colvision_parity import colvision_references
 
                     references = colvision_references(model, resolved.model_dir, resolved.config["colvision"])
                 else:
@@ -99,7 +99,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
             with step("Verifying parity against transformers (text, image and text + image items)"):
                 candidate_embedder = Embedder(candidate, device=plan.parity_device)
                 if colvision:
-                    from toolkit.export.colvision import colvision_parity
+                    from toolkit.export.colvision_parity import colvision_parity
 
                     report = colvision_parity(candidate_embedder, references, plan.name, resolved.config["colvision"])
                 else:
