@@ -206,3 +206,14 @@ def cache_export(model: str, artifact: Path, cache: Path) -> Path:
     shutil.copy(artifact, folder / entry.artifact.name)
     (folder / "source.json").write_text(json.dumps({"model": source.text, **entry.key}, indent=2))
     return folder / entry.artifact.name
+
+
+def assert_matrices_close(got, expected, atol: float = 1e-5) -> None:
+    """Per-input (tokens, dim) matrices: float32, the reference's shapes, equal within ``atol``."""
+    import numpy as np
+
+    expected = [np.asarray(e, dtype=np.float32) for e in expected]
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, e, atol=atol)

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import _export, serve_subprocess
+from conftest import _export, assert_matrices_close, serve_subprocess
 from tiny_models import build_tiny_colpali, build_tiny_colqwen2
 
 from toolkit.errors import RequestError
@@ -62,13 +62,6 @@ def _pages() -> list[bytes]:
     return [images[name] for name in PAGES]
 
 
-def _close(got, expected, atol=1e-5):
-    assert [g.shape for g in got] == [e.shape for e in expected]
-    for g, e in zip(got, expected):
-        assert g.dtype == np.float32
-        np.testing.assert_allclose(g, e, atol=atol)
-
-
 def test_the_export_declares_colvision_and_passes_parity(colqwen):
     manifest = colqwen[1].manifest
     assert manifest.head.name == "colvision" and manifest.head.tasks == ["token_embed", "score"]
@@ -92,14 +85,14 @@ def test_vectors_of_queries_and_pages_equal_transformers(emb, reference):
     with padding and alone; the mode changes nothing (the processor has one form per kind)."""
     from PIL import Image
 
-    _close(emb.embed_multi(QUERIES, is_query=True), _reference_rows(reference, queries=QUERIES))
-    _close(emb.embed_multi(QUERIES, is_query=False), _reference_rows(reference, queries=QUERIES))
+    assert_matrices_close(emb.embed_multi(QUERIES, is_query=True), _reference_rows(reference, queries=QUERIES))
+    assert_matrices_close(emb.embed_multi(QUERIES, is_query=False), _reference_rows(reference, queries=QUERIES))
     pages = _pages()
     expected = _reference_rows(reference, images=[Image.open(io.BytesIO(b)) for b in pages])
-    _close(emb.embed_multi(pages), expected)
-    _close([emb.embed_multi([p])[0] for p in pages[:2]], expected[:2])
+    assert_matrices_close(emb.embed_multi(pages), expected)
+    assert_matrices_close([emb.embed_multi([p])[0] for p in pages[:2]], expected[:2])
     # PIL images and data URIs are the same pages
-    _close(emb.embed_multi([Image.open(io.BytesIO(pages[0]))]), expected[:1])
+    assert_matrices_close(emb.embed_multi([Image.open(io.BytesIO(pages[0]))]), expected[:1])
 
 
 def test_max_sim_score_and_rerank_of_image_pages_equal_score_retrieval(emb, reference):
@@ -161,9 +154,9 @@ def test_routes_take_image_pages_in_vllms_forms(colqwen, emb):
         body = httpx.post(url + "/pooling", json={"task": "token_embed", "messages": [
             {"role": "user", "content": contents[1]["content"]}]}, timeout=60)
         assert body.status_code == 200, body.text
-        _close([np.asarray(body.json()["data"][0]["data"], dtype=np.float32)], emb.embed_multi([encoded[1]]))
+        assert_matrices_close([np.asarray(body.json()["data"][0]["data"], dtype=np.float32)], emb.embed_multi([encoded[1]]))
         body = httpx.post(url + "/pooling", json={"task": "token_embed", "input": QUERIES[:2], "is_query": True})
-        _close([np.asarray(d["data"], dtype=np.float32) for d in body.json()["data"]],
+        assert_matrices_close([np.asarray(d["data"], dtype=np.float32) for d in body.json()["data"]],
                emb.embed_multi(QUERIES[:2], is_query=True))
         co = cohere.ClientV2(api_key="unused", base_url=url)
         texts = ["a revenue chart", "a cat", "the table of contents"]
@@ -205,8 +198,8 @@ def test_colpali_exports_at_parity_and_scores_pages_as_transformers(tmp_path):
     pages = _pages()
     ref_q = _reference_rows(reference, queries=QUERIES)
     ref_d = _reference_rows(reference, images=[Image.open(io.BytesIO(b)) for b in pages])
-    _close(emb.embed_multi(QUERIES, is_query=True), ref_q)
-    _close(emb.embed_multi(pages), ref_d)
+    assert_matrices_close(emb.embed_multi(QUERIES, is_query=True), ref_q)
+    assert_matrices_close(emb.embed_multi(pages), ref_d)
     expected = reference[1].score_retrieval([torch.from_numpy(m) for m in ref_q],
                                             [torch.from_numpy(m) for m in ref_d]).numpy()
     np.testing.assert_allclose(emb.score(QUERIES[2], pages), expected[2], atol=1e-4)

@@ -9,7 +9,7 @@ import base64
 import httpx
 import numpy as np
 import pytest
-from conftest import _export, serve_subprocess
+from conftest import _export, assert_matrices_close, serve_subprocess
 from tiny_models import build_tiny_colbert, build_tiny_stanford_colbert
 
 from toolkit.corpus import load_corpus
@@ -37,14 +37,6 @@ def emb(colbert) -> Embedder:
     return Embedder(colbert[1].path, device="cpu")
 
 
-def _close(got: list[np.ndarray], expected, atol: float = 1e-5) -> None:
-    expected = [np.asarray(e, dtype=np.float32) for e in expected]
-    assert [g.shape for g in got] == [e.shape for e in expected]
-    for g, e in zip(got, expected):
-        assert g.dtype == np.float32
-        np.testing.assert_allclose(g, e, atol=atol)
-
-
 def test_the_export_declares_late_interaction_and_passes_parity(colbert):
     manifest = colbert[1].manifest
     head, late = manifest.head, manifest.head.late_interaction
@@ -63,15 +55,15 @@ def test_the_export_declares_late_interaction_and_passes_parity(colbert):
 def test_embed_multi_equals_encode_query_and_encode_document(colbert, emb):
     reference = colbert[2]
     queries = emb.embed_multi(QUERIES, is_query=True)
-    _close(queries, reference.encode_query(QUERIES, convert_to_numpy=True))
+    assert_matrices_close(queries, reference.encode_query(QUERIES, convert_to_numpy=True))
     assert all(len(q) == 16 for q in queries)  # expanded with [MASK] (or cut) to the query length
     documents = emb.embed_multi(DOCUMENTS)  # document mode by default, as MultiVectorEncoder.encode
-    _close(documents, reference.encode_document(DOCUMENTS, convert_to_numpy=True))
+    assert_matrices_close(documents, reference.encode_document(DOCUMENTS, convert_to_numpy=True))
     assert len(documents[-1]) < 48  # cut to the document length, then the punctuation dropped
     alone = [emb.embed_multi(d, is_query=False)[0] for d in DOCUMENTS]  # padding invariance
-    _close(alone, documents, atol=1e-6)
+    assert_matrices_close(alone, documents, atol=1e-6)
     assert len(emb.embed_multi("cats sleep.", prompt_name="document")[0]) == len(documents[3])  # "." dropped
-    _close(emb.embed_multi(QUERIES[:1], prompt_name="query"), queries[:1], atol=1e-6)
+    assert_matrices_close(emb.embed_multi(QUERIES[:1], prompt_name="query"), queries[:1], atol=1e-6)
     with pytest.raises(Exception, match="contradicts"):
         emb.embed_multi("x", is_query=True, prompt_name="document")
 
@@ -154,7 +146,7 @@ def test_routes_score_by_max_sim(colbert, emb):
         for is_query, texts in ((True, QUERIES[:2]), (False, DOCUMENTS[:2])):
             body = httpx.post(url + "/pooling", json={"input": texts, "task": "token_embed", "is_query": is_query})
             assert body.status_code == 200, body.text
-            _close([np.asarray(d["data"], dtype=np.float32) for d in body.json()["data"]],
+            assert_matrices_close([np.asarray(d["data"], dtype=np.float32) for d in body.json()["data"]],
                    emb.embed_multi(texts, is_query=is_query))
         # the compact form: each matrix one base64 string of float16 (or float32) with its shape
         for dtype, tolerance in (("float16", 2e-3), ("float32", 1e-6)):
