@@ -57,7 +57,8 @@ def read_lora_config(folder: Path) -> dict:
         found.append(f"bias={config['bias']!r}")
     if found:
         raise ConfigError(f"{folder}: {', '.join(found)} cannot be served as a LoRA slot; "
-                          "supported: plain LoRA on Linear and Embedding layers (any r, alpha, rank/alpha patterns, rsLoRA)")
+                          "supported: plain LoRA on Linear and Embedding layers (any r, alpha, rank/alpha patterns, "
+                          "rsLoRA)")
     return config
 
 

@@ -1,17 +1,19 @@
-"""ColVision retrievers (ColQwen2, ColQwen2.5: transformers' ``ColQwen2ForRetrieval``): a Qwen-VL model whose every
-position's last state goes through ``embedding_proj_layer`` (to 128), L2-normalized and zeroed where the attention
-mask is 0: late interaction over document images.
+"""ColVision retrievers (transformers' ``ColQwen2ForRetrieval``: ColQwen2, ColQwen2.5; ``ColPaliForRetrieval``):
+a vision-language model (Qwen2-VL / Qwen2.5-VL, or PaliGemma) whose every position's last state goes through
+``embedding_proj_layer`` (to 128), L2-normalized and zeroed where the attention mask is 0: late interaction over
+document images.
 
 They export on the vision-language path (``export.vision_language``: the family's vision graph, the language graph)
-with ``ColVisionHead`` in place of last-token pooling. The prompts are the processor's (``ColQwen2Processor``), read
-from the checkpoint's ``processor_config.json`` (transformers' defaults where absent) and recorded as the manifest's
-item templates, so the runtime renders each item as the processor does:
+with ``ColVisionHead`` in place of last-token pooling. The prompts are the processor's (``ColQwen2Processor`` /
+``ColPaliProcessor``), read from the checkpoint's ``processor_config.json`` (transformers' defaults where absent)
+and recorded as the manifest's item templates, so the runtime renders each item as the processor does:
 
-- a text (``process_queries``): ``query_prefix + text + pad_token * 10 + "\\n"`` (the query augmentation tokens are
-  real tokens: attended and scored);
-- an image (``process_images``): ``visual_prompt_prefix``, its one image token expanded to the image's rows.
+- a text (``process_queries``): ``query_prefix + text + pad_token * 10 + "\\n"`` (ColPali's starts with its bos;
+  the query augmentation tokens are real tokens: attended and scored);
+- an image (``process_images``): ColQwen2's ``visual_prompt_prefix``, its one image token expanded to the image's
+  rows; ColPali's image tokens, bos, ``visual_prompt_prefix`` and a newline.
 
-The processor has no other forms (a text is always read as a query, an image as a document page), so the modes
+The processors have no other forms (a text is always read as a query, an image as a document page), so the modes
 (``is_query``) change nothing here; a text with images in one item is refused (no such prompt).
 
 Verification (``export.colvision_parity``): per-token vectors of texts and images, alone and batched, and MaxSim

@@ -68,6 +68,13 @@ def after_instruction(input_ids: torch.Tensor, attention_mask: torch.Tensor, mar
     return attention_mask * (positions >= start.unsqueeze(-1)).to(attention_mask.dtype)
 
 
+def padding_only_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 2-D padding mask as the additive 4-D mask (batch, 1, query, key) that transformers' decoders take as-is:
+    every position attends to every real token, both ways (no causal mask)."""
+    keys = attention_mask[:, None, None, :].to(torch.float32)
+    return ((1.0 - keys) * torch.finfo(torch.float32).min).expand(-1, 1, attention_mask.shape[1], -1)
+
+
 class BidirectionalMask(nn.Module):
     """A decoder read without its causal mask: the 2-D padding mask becomes the additive 4-D mask
     (batch, 1, query, key) that transformers' decoders take as-is, so every token attends to every real token."""
@@ -78,10 +85,7 @@ class BidirectionalMask(nn.Module):
         self.config = model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        length = input_ids.shape[1]
-        keys = attention_mask[:, None, None, :].to(torch.float32)
-        mask = ((1.0 - keys) * torch.finfo(torch.float32).min).expand(-1, 1, length, -1)
-        return self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=padding_only_mask(attention_mask), **kwargs)
 
 
 def _load_dense(spec: DenseSpec) -> nn.Module:

@@ -49,11 +49,13 @@ def build_spec(resolved: ResolvedModel, cfg: dict, tokenizer, token: str, token_
     size = cfg.get("size") or {}
     side = int(vision.get("image_size") or 224)
     if (int(size.get("height", side)), int(size.get("width", side))) != (side, side):
-        raise ConfigError(f"{resolved.model_dir}: the image processor resizes to {size}, the tower reads {side} x {side}")
+        raise ConfigError(f"{resolved.model_dir}: the image processor resizes to {size}, the tower reads "
+                          f"{side} x {side}")
     patch = int(vision.get("patch_size") or 14)
     rows = int(cfg.get("image_seq_length") or (side // patch) ** 2)
     if rows != (side // patch) ** 2:
-        raise ConfigError(f"{resolved.model_dir}: image_seq_length {rows} is not the tower's {(side // patch) ** 2} patches")
+        raise ConfigError(f"{resolved.model_dir}: image_seq_length {rows} is not the tower's "
+                          f"{(side // patch) ** 2} patches")
     return VisionLanguage(
         family="paligemma", image_token=token, image_token_id=token_id, crop_size=side, patch_size=patch,
         merge_size=1, temporal_patch_size=1, min_pixels=rows, max_pixels=rows,

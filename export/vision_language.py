@@ -27,6 +27,7 @@ from torch import nn
 
 from toolkit.cards import ModelCard
 from toolkit.errors import ConfigError
+from toolkit.export.graph import padding_only_mask
 from toolkit.export.heads import Head
 from toolkit.export.onnx_export import torch_onnx_boundary
 from toolkit.export.resolve import ResolvedModel
@@ -65,10 +66,7 @@ class LanguageGraph(nn.Module):
             extra = {"visual_pos_masks": is_image,
                      "deepstack_visual_embeds": [deepstack_embeds[k] for k in range(deepstack_embeds.shape[0])]}
         positions = position_ids if self.axes == 3 else position_ids[0]
-        mask = attention_mask
-        if self.bidirectional:  # the additive 4-D mask transformers' decoders take as-is: every real token, both ways
-            keys = attention_mask[:, None, None, :].to(torch.float32)
-            mask = ((1.0 - keys) * torch.finfo(torch.float32).min).expand(-1, 1, input_ids.shape[1], -1)
+        mask = padding_only_mask(attention_mask) if self.bidirectional else attention_mask
         hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=mask,
                                            position_ids=positions, **extra).last_hidden_state
         return self.head.forward(BaseModelOutput(last_hidden_state=hidden), attention_mask, self.dense, self.card)
@@ -124,9 +122,11 @@ def vision_language_spec(resolved: ResolvedModel, tokenizer) -> VisionLanguage:
         raise ConfigError(f"{resolved.model_dir}: image_token_id {token_id} is not in the tokenizer's vocabulary")
     resample = cfg.get("resample", 3)
     if resample not in _FILTERS:
-        raise ConfigError(f"{resolved.model_dir}: the image processor's resample {resample} is not one of Pillow's filters 0..5")
+        raise ConfigError(f"{resolved.model_dir}: the image processor's resample {resample} is not one of Pillow's "
+                          "filters 0..5")
     if not cfg.get("do_resize", True) or not cfg.get("do_normalize", True) or not cfg.get("do_rescale", True):
-        raise ConfigError(f"{resolved.model_dir}: only the processor's default resize, rescale and normalize are reproduced")
+        raise ConfigError(f"{resolved.model_dir}: only the processor's default resize, rescale and normalize are "
+                          "reproduced")
     family = load_half(resolved.arch.model_type, "export")
     spec = family.build_spec(resolved, cfg, tokenizer, token, token_id, _FILTERS[resample])
     if "colvision" in resolved.config:  # the processor's prompts, not a chat (export.colvision)

@@ -56,13 +56,13 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
         optimization: dict[str, float | int | str] = {}
         draft = vision_language_manifest(draft_manifest(resolved, options, language, tokenizer, pad_id, {}), spec)
         references = None
-        colvision = resolved.head.name == "colvision"
+        colvision = resolved.config.get("colvision")  # its kind (export.colvision.read_colvision), None otherwise
         if not options.skip_parity:
             with step("Computing transformers' embeddings of the probe items (the parity reference)"):
                 if colvision:
                     from toolkit.export.colvision_parity import colvision_references
 
-                    references = colvision_references(model, resolved.model_dir, resolved.config["colvision"])
+                    references = colvision_references(model, resolved.model_dir, colvision)
                 else:
                     references = parity_references(draft, resolved, model)
         del model  # not needed past this point (a 2B model: 8.8 GB), before any graph is rewritten or opened
@@ -101,7 +101,7 @@ def export_vision_language(resolved: ResolvedModel, options: ExportOptions, plan
                 if colvision:
                     from toolkit.export.colvision_parity import colvision_parity
 
-                    report = colvision_parity(candidate_embedder, references, plan.name, resolved.config["colvision"])
+                    report = colvision_parity(candidate_embedder, references, plan.name, colvision)
                 else:
                     report = vision_language_parity(candidate_embedder, references, plan.name)
             if not report.passed:

@@ -18,6 +18,8 @@ find it by name.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,11 +86,10 @@ class Task:
     modality: str = "text"  # what its inputs are: "text" (or token ids), "image", "mixed" (routes offer text tasks)
     description: str = ""
 
-    @property
+    @functools.cached_property
     def takes_prompt(self) -> bool:
-        """Whether its preparation reads a prompt name (``prompt_name``, or any tokenizer option)."""
-        import inspect
-
+        """Whether its preparation reads a prompt name (``prompt_name``, or any tokenizer option); read once per
+        task, not per call."""
         parameters = inspect.signature(self.prepare).parameters.values()
         return any(p.name == "prompt_name" or p.kind is p.VAR_KEYWORD for p in parameters)
 
