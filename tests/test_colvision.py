@@ -166,6 +166,13 @@ def test_routes_take_image_pages_in_vllms_forms(colqwen, emb):
         captioned = {"content": [*contents[0]["content"], {"type": "text", "text": "Describe the image."}]}
         body = httpx.post(url + "/score", json={"data_1": QUERIES[0], "data_2": [captioned]})
         assert body.status_code == 400 and "mixes text and an image" in body.json()["error"]["message"], body.text
+        broken = [{"content": [{"type": "image_url", "image_url": {"url": _data_uri(b"not a png at all")}}]}]
+        for path, request in (("/score", {"data_1": QUERIES[0], "data_2": broken}),
+                              ("/rerank", {"query": QUERIES[0], "documents": broken}),
+                              ("/pooling", {"task": "token_embed", "messages": [
+                                  {"role": "user", "content": broken[0]["content"]}]})):
+            body = httpx.post(url + path, json=request, timeout=60)
+            assert body.status_code == 400 and "not an image" in body.json()["error"]["message"], (path, body.text)
         assert httpx.get(url + "/health").status_code == 200
     finally:
         proc.kill()
