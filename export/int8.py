@@ -23,13 +23,20 @@ top-10 overlap 0.862 / 0.926 / 0.924 / 0.910 / 0.891 at 0.5 / 0.7 / 0.8 / 0.9 /
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.export.optimize import quantizable_matmuls, quantize_int8
+from toolkit.export.optimize import (
+    DEFAULT_INT8_FORM,
+    INT8_FORMS,
+    quantizable_matmuls,
+    quantize_int8,
+    time_graphs,
+)
 from toolkit.export.parity import neighbour_overlap
 from toolkit.runtime.batching import plan_batches
 from toolkit.runtime.pooling import cosines
@@ -44,6 +51,8 @@ MIN_OVERLAP = 0.95
 _GATE_TEXTS = 500  # the gate's texts: the search measures its choice on them once
 _RANK_TEXTS = 200
 _CALIBRATION_TEXTS = 200  # activation ranges for the smoothing: the corpus texts after the gate's
+_TIMING_BATCH = 32  # the forms are timed on one text and on a batch of this many
+_TIMING_NOISE = 0.03  # forms timed within 3% of each other run alike (a 2-core VM's medians spread about that)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,17 @@ class Int8Choice:
     overlap: float  # top-10 neighbour overlap vs fp32 on the probe corpus
     min_cosine: float  # vs fp32
     smoothing: float | None = None  # the activation smoothing's alpha (None: the MatMuls' inputs as exported)
+    form: str = DEFAULT_INT8_FORM  # INT8_FORMS' name of the kernel form
+    seconds: float | None = None  # its time on the timing feeds, where forms were timed against each other
+    forms: dict[str, dict] = dataclasses.field(default_factory=dict)  # every form searched: its summary()
+
+    def summary(self) -> dict:
+        """What the manifest records of a form's search: MatMuls in int8, the gate's measures, its time."""
+        facts = {"matmuls": f"{len(self.quantized)}/{self.total}", "top10_overlap": round(self.overlap, 4),
+                 "min_cosine": round(self.min_cosine, 5)}
+        if self.seconds is not None:
+            facts["ms"] = round(self.seconds * 1e3, 2)
+        return facts
 
 
 class Probe:
@@ -152,10 +172,18 @@ def smooth_activations(fp32: Path, dst: Path, calibration: Probe, alpha: float =
 
 
 def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: Probe, min_overlap: float,
-                      min_cosine: float, calibration: Probe | None = None,
+                      min_cosine: float, calibration: Probe | None = None, forms: tuple[str, ...] = (DEFAULT_INT8_FORM,),
+                      timing: list[dict[str, np.ndarray]] | None = None,
                       report: Callable[[str], None] = lambda _msg: None) -> Int8Choice:
     """Quantize as many MatMuls as the gate allows; the gate is measured on ``gate_probe`` against ``fp32``.
-    With a ``calibration`` probe the MatMuls' inputs are smoothed first (``smooth_activations``)."""
+    With a ``calibration`` probe the MatMuls' inputs are smoothed first (``smooth_activations``).
+
+    With several ``forms`` (``INT8_FORMS``' names) and ``timing`` feeds, the kernels' speed and rounding differ by
+    CPU, so the forms are measured here: each with every MatMul in int8 is timed (``time_graphs``), the form that
+    could be fastest is searched first, and the others in turn, each on the one shared order (the MatMuls' damage
+    measured alone in the first form searched); a form whose every-MatMul time is no faster than the best passing
+    choice so far is not searched. The fastest passing choice is kept; ``forms`` of the result holds what each form
+    measured (``all_int8_ms``: every MatMul in int8, the form's ceiling)."""
     nodes = quantizable_matmuls(fp32)
     reference = gate_probe.vectors(fp32)
     rank_reference = rank_probe.vectors(fp32)
@@ -165,41 +193,92 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
         source, alpha = smooth_activations(fp32, tmp / "smoothed.onnx", calibration), SMOOTHING_ALPHA
         nodes = quantizable_matmuls(source)
 
-    def measure(subset: list[str], probe: Probe, ref: np.ndarray) -> tuple[float, float, Path]:
-        path = quantize_int8(source, tmp / f"int8-{len(subset)}.onnx", nodes=subset)
+    def measure(subset: list[str], probe: Probe, ref: np.ndarray, form: str) -> tuple[float, float, Path]:
+        path = quantize_int8(source, tmp / f"int8-{form}-{len(subset)}.onnx", nodes=subset, form=form)
         vec = probe.vectors(path)
         return neighbour_overlap(vec, ref), float(cosines(vec, ref).min()), path
 
     def passes(result: tuple[float, float, Path]) -> bool:
         return result[0] >= min_overlap and result[1] >= min_cosine
 
-    full = measure(nodes, gate_probe, reference)
-    if passes(full) or not nodes:
-        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha)
-    damage = {}
-    for k, node in enumerate(nodes):
-        report(f"measuring MatMul {k + 1}/{len(nodes)} alone")
-        overlap, cos, _ = measure([node], rank_probe, rank_reference)
-        damage[node] = (1.0 - overlap) + 10.0 * (1.0 - cos)
-    order = sorted(nodes, key=damage.__getitem__)
-    best, lo, hi = None, 1, len(nodes) - 1  # the largest passing prefix in [lo, hi]
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        report(f"trying {mid} of {len(nodes)} MatMuls in int8")
-        result = measure(order[:mid], gate_probe, reference)
-        if passes(result):
-            best, lo = (mid, result), mid + 1
-        else:
-            hi = mid - 1
-    if best is None:  # not even the most harmless one passes: return the full quantization, the gate refuses it
-        return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha)
-    count, (overlap, cos, path) = best
-    return Int8Choice(path, order[:count], len(nodes), overlap, cos, alpha)
+    order: list[str] | None = None
+
+    def search(form: str, full: tuple[float, float, Path]) -> Int8Choice:
+        nonlocal order
+        if passes(full) or not nodes:
+            return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha, form)
+        if order is None:
+            damage = {}
+            for k, node in enumerate(nodes):
+                report(f"measuring MatMul {k + 1}/{len(nodes)} alone ({form})")
+                overlap, cos, _ = measure([node], rank_probe, rank_reference, form)
+                damage[node] = (1.0 - overlap) + 10.0 * (1.0 - cos)
+            order = sorted(nodes, key=damage.__getitem__)
+        best, lo, hi = None, 1, len(nodes) - 1  # the largest passing prefix in [lo, hi]
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            report(f"trying {mid} of {len(nodes)} MatMuls in int8 ({form})")
+            result = measure(order[:mid], gate_probe, reference, form)
+            if passes(result):
+                best, lo = (mid, result), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:  # not even the most harmless one passes: the full quantization, which the gate refuses
+            return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha, form)
+        count, (overlap, cos, path) = best
+        return Int8Choice(path, order[:count], len(nodes), overlap, cos, alpha, form)
+
+    fulls = {form: measure(nodes, gate_probe, reference, form) for form in forms}  # every GEMM in int8
+    if len(forms) == 1 or not timing:
+        chosen = search(forms[0], fulls[forms[0]])
+        return dataclasses.replace(chosen, forms={forms[0]: chosen.summary()})
+    report(f"timing {len(forms)} int8 forms with every MatMul in int8")
+    ceiling = time_graphs({form: full[2] for form, full in fulls.items()}, timing)
+    facts = {form: {"all_int8_ms": round(ceiling[form] * 1e3, 2)} for form in forms}
+    searched: dict[str, Int8Choice] = {}
+    passing: dict[str, Int8Choice] = {}
+    lead: tuple[Int8Choice, float] | None = None  # the best passing choice so far, its time in the last comparison
+    for form in sorted(forms, key=ceiling.__getitem__):  # the form that could be fastest first
+        if lead is not None and ceiling[form] > lead[1] * (1 + _TIMING_NOISE):
+            facts[form]["searched"] = f"no: slower with every MatMul in int8 than {lead[0].form} as chosen"
+            continue
+        choice = searched[form] = search(form, fulls[form])
+        facts[form].update(choice.summary())
+        if choice.overlap >= min_overlap and choice.min_cosine >= min_cosine:
+            passing[form] = choice
+            if lead is None:
+                lead = choice, time_graphs({form: choice.path}, timing)[form]
+            else:
+                seconds = time_graphs({form: choice.path, lead[0].form: lead[0].path}, timing)
+                a, b = (choice, seconds[form]), (lead[0], seconds[lead[0].form])
+                lead = a if _better(*a, *b) else b
+    if not passing:  # no form passes (so each was searched): the first one's choice, which the gate refuses
+        return dataclasses.replace(searched[forms[0]], forms=facts)
+    final = {lead[0].form: lead[1]}
+    if len(passing) > 1:  # the choice and the record from one interleaved run of every passing form
+        report(f"timing the {len(passing)} forms that pass the gate")
+        final = time_graphs({form: c.path for form, c in passing.items()}, timing)
+        for form in final:
+            if not _better(passing[lead[0].form], final[lead[0].form], passing[form], final[form]):
+                lead = passing[form], final[form]
+    for form, seconds in final.items():
+        facts[form]["ms"] = round(seconds * 1e3, 2)
+    return dataclasses.replace(lead[0], seconds=lead[1], forms=facts)
 
 
-def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_id: int) -> Int8Choice:
+def _better(a: Int8Choice, a_seconds: float, b: Int8Choice, b_seconds: float) -> bool:
+    """Whether choice ``a`` beats ``b``: faster beyond the timing's noise, or as fast within it and more accurate
+    (top-10 overlap, then min cosine: on one kernel, 8-bit and 7-bit weights run alike and 8 bits keep more)."""
+    if abs(a_seconds - b_seconds) > _TIMING_NOISE * min(a_seconds, b_seconds):
+        return a_seconds < b_seconds
+    return (a.overlap, a.min_cosine) > (b.overlap, b.min_cosine)
+
+
+def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_id: int,
+                     forms: tuple[str, ...] = tuple(INT8_FORMS)) -> Int8Choice:
     """The export's int8 search for a text graph: the gate on 500 corpus texts, the ranking on 200 of them, the
-    smoothing calibrated on 200 texts the gate does not see (``resolved``: the export's ResolvedModel)."""
+    smoothing calibrated on 200 texts the gate does not see (``resolved``: the export's ResolvedModel); each of
+    ``forms`` searched, the fastest passing one kept (timed on one corpus text and a batch of 32)."""
     from toolkit.corpus import load_corpus
     from toolkit.export.parity import THRESHOLDS
 
@@ -208,8 +287,11 @@ def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_
     gate = Probe(texts[:_GATE_TEXTS], tokenizer, **common)
     rank = Probe(texts[:_RANK_TEXTS], tokenizer, **common)
     calibration = Probe(texts[_GATE_TEXTS:], tokenizer, **common)  # texts the gate does not see
+    items = tokenizer.encode(texts[:_TIMING_BATCH], truncate=-1)
+    timing = [pad_batch(batch, pad_id=pad_id, side=resolved.card.padding_side, type_ids=resolved.arch.token_type_ids)
+              for batch in (items[:1], items)]
     return choose_int8_nodes(fp32, tmp, rank_probe=rank, gate_probe=gate, min_overlap=MIN_OVERLAP,
-                             min_cosine=THRESHOLDS["int8"], calibration=calibration)
+                             min_cosine=THRESHOLDS["int8"], calibration=calibration, forms=forms, timing=timing)
 
 
 def int8_gate(report, choice: Int8Choice):

@@ -14,7 +14,8 @@ import onnx
 
 from toolkit.export.resolve import ResolvedModel
 
-__all__ = ["FUSED_OPS", "compact_embedding_table", "convert_fp16", "fuse_transformer", "fused_counts", "quantize_int8", "time_graphs"]
+__all__ = ["DEFAULT_INT8_FORM", "FUSED_OPS", "INT8_FORMS", "compact_embedding_table", "convert_fp16", "fuse_transformer",
+           "fused_counts", "quantize_int8", "time_graphs"]
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
              "EmbedLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
@@ -176,8 +177,23 @@ def quantizable_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in _INT8_OPS and len(n.input) > 1 and n.input[1] in constants]
 
 
-def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Path:
-    """Dynamic int8: signed per-channel weights on MatMul and the fused Attention (s8 measured faster than u8 here).
+# The forms of dynamic int8 the export chooses between, by measurement on the CPU at hand: each is a GEMM kernel of
+# MLAS with its own speed and rounding. ``weight``: the int8 weights' type; ``reduce_range``: 7-bit weights.
+INT8_FORMS: dict[str, dict] = {
+    # uint8 activations x int8 weights: VNNI's vpdpbusd where the CPU has it; without VNNI, vpmaddubsw adds each
+    # pair of products in 16 bits and saturates (toolkit.cpu.u8s8_saturates)
+    "s8": {"weight": "int8", "reduce_range": False},
+    # the same kernel with weights in [-64, 64]: a pair of products (255 x 64 x 2) cannot pass 32767, so AVX2 does
+    # not saturate, at half the weights' resolution
+    "s8-7bit": {"weight": "int8", "reduce_range": True},
+    # uint8 x uint8 weights: MLAS widens both to 16 bits (vpmaddwd), exact sums at twice the instructions
+    "u8": {"weight": "uint8", "reduce_range": False},
+}
+DEFAULT_INT8_FORM = "s8"
+
+
+def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None, form: str = DEFAULT_INT8_FORM) -> Path:
+    """Dynamic int8: per-channel weights on MatMul and the fused Attention, in one of ``INT8_FORMS``.
 
     ``nodes``: quantize only these (``quantizable_matmuls``' names; None: all); the rest stay fp32. Weights kept as
     external data stay so (a graph past 2 GB). Image towers and vision-language graphs use
@@ -186,11 +202,13 @@ def quantize_int8(src: Path, dst: Path, *, nodes: list[str] | None = None) -> Pa
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    spec = INT8_FORMS[form]
     large = _has_external_data(src)
     logging.disable(logging.WARNING)  # the quantizer warns about pre-processing on every call
     try:
         quantize_dynamic(
-            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(_INT8_OPS),
+            str(src), str(dst), weight_type=QuantType.QInt8 if spec["weight"] == "int8" else QuantType.QUInt8,
+            per_channel=True, reduce_range=spec["reduce_range"], op_types_to_quantize=list(_INT8_OPS),
             nodes_to_quantize=nodes or [], use_external_data_format=large,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
         )

@@ -116,10 +116,14 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         if plan.quantizes_int8 and not resolved.head.image_tower:  # two towers: the image tower's, below
             with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
                 from toolkit.export.int8 import choose_for_model
+                from toolkit.export.optimize import INT8_FORMS
 
-                choice = choose_for_model(fp32, tmp, resolved, tokenizer, pad_id)
+                forms = (options.int8_form,) if options.int8_form else tuple(INT8_FORMS)
+                choice = choose_for_model(fp32, tmp, resolved, tokenizer, pad_id, forms=forms)
             final = choice.path
             optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
+            optimization["int8_form"] = choice.form
+            optimization["int8_forms"] = choice.forms  # each form searched: MatMuls, gate measures, time
             if choice.smoothing is not None:
                 optimization["int8_smoothing"] = choice.smoothing
             from toolkit.cpu import describe

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.errors import ExportError
+from toolkit.errors import ConfigError, ExportError
 from toolkit.settings import ExportOptions, Precision, Target
 
 __all__ = ["PrecisionPlan"]
@@ -52,6 +52,14 @@ class PrecisionPlan:
         if plan.quantizes_int8 and multi_vector:
             raise ExportError("int8 is not offered for late-interaction (ColBERT) artifacts yet: export fp32 (or fp16 "
                               "for cuda)")
+        if options.int8_form is not None:
+            from toolkit.export.optimize import INT8_FORMS
+
+            if options.int8_form not in INT8_FORMS:
+                raise ConfigError(f"--int8-form must be one of: auto, {', '.join(INT8_FORMS)} (got "
+                                  f"'{options.int8_form}')")
+            if not plan.quantizes_int8:
+                raise ConfigError(f"--int8-form applies to --precision int8 only (got --precision {plan.name})")
         if plan.converts_fp16 and target == Target.CPU:
             raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
         return plan

@@ -188,6 +188,12 @@ def test_activation_smoothing_keeps_the_graph_exact_and_int8_records_its_cpu(tmp
                    allow_low_accuracy=True)
     optimization = int8.manifest.optimization
     assert optimization["int8_smoothing"] == 0.7 and optimization["int8_gated_on"] == cpu.describe()
+    from toolkit.export.optimize import INT8_FORMS
+
+    forms = optimization["int8_forms"]  # every form timed with all its MatMuls in int8; the kept one searched
+    assert set(forms) == set(INT8_FORMS) and all(facts["all_int8_ms"] > 0 for facts in forms.values())
+    kept = forms[optimization["int8_form"]]
+    assert kept["matmuls"] == optimization["int8_matmuls"] and kept["ms"] > 0
     caplog.clear()
     Embedder(int8.path, device="cpu")
     assert "int8 accuracy gate ran on" not in caplog.text  # the same CPU: nothing to say

@@ -248,7 +248,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     export_options: dict[str, bool | int | float | str | list[int] | None] = {}
     versions: dict[str, str] = {}
     fused_ops: dict[str, int] = {}
-    optimization: dict[str, float | int | str] = {}  # *_ms timings are numbers
+    # *_ms timings are numbers; int8_forms: per int8 form searched, its facts
+    optimization: dict[str, float | int | str | dict[str, dict[str, float | int | str]]] = {}
     quantization_range: list[float] | None = None  # [lo, hi] of native unit-vector components
     parity: ParityReport
     image: ImageTower | None = None  # two-tower models (CLIP, SigLIP)

@@ -64,6 +64,7 @@ class ExportOptions(msgspec.Struct, frozen=True, kw_only=True):
     trust_remote_code: bool = False
     skip_parity: bool = False
     allow_low_accuracy: bool = False
+    int8_form: str | None = None  # int8: one of export.optimize.INT8_FORMS (None: each measured, the fastest passing)
     optimize: bool = True
     fp16_embedding_table: bool = True  # CPU: store the word-embedding table in fp16 (-22 MiB for MiniLM)
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapters as NAME=DIR (``--adapter``), each picked per request

@@ -30,6 +30,7 @@ def export(
     trust_remote_code: Annotated[bool, typer.Option(help="Run model code from the model's folder / Hub repo")] = False,
     skip_parity: Annotated[bool, typer.Option(help="Skip verification (recorded in the manifest as UNVERIFIED)")] = False,
     allow_low_accuracy: Annotated[bool, typer.Option(help="Write an int8 artifact that misses its accuracy gate")] = False,
+    int8_form: Annotated[str, typer.Option(help="int8: auto (search each form, keep the fastest that passes the gate on this CPU) | s8 (uint8 x int8, VNNI's kernel) | s8-7bit (7-bit weights: AVX2's kernel cannot saturate) | u8 (uint8 x uint8)")] = "auto",
     no_optimize: Annotated[bool, typer.Option("--no-optimize", help="Skip onnxruntime transformer fusions")] = False,
     force: Annotated[bool, typer.Option("--force", help="Export again even where the cache holds this model exported with the same options and toolkit version and code (it is reused by default)")] = False,
     fp32_embedding_table: Annotated[bool, typer.Option("--fp32-embedding-table", help="CPU: keep the word-embedding table in fp32 (default: fp16 lookup, cast to fp32; cosine moves ~1e-7, -22 MiB for MiniLM)")] = False,
@@ -52,6 +53,7 @@ def export(
             matryoshka_dims=int_list(matryoshka_dims, "--matryoshka-dims"), matryoshka_any=matryoshka == "any",
             trust_remote_code=trust_remote_code, skip_parity=skip_parity, allow_low_accuracy=allow_low_accuracy,
             optimize=not no_optimize, fp16_embedding_table=not fp32_embedding_table,
+            int8_form=None if int8_form == "auto" else int8_form,
             adapters=tuple(adapter or ()),
         )
         for text in options.adapters:  # the form first, before any model is read
