@@ -128,12 +128,15 @@ def test_minilm_int8_gate_is_measured_and_enforced(tmp_path, minilm_export):
 
 @pytest.mark.slow
 def test_deep_model_is_judged_against_the_rounding_noise_floor(tmp_path):
-    """12 layers x 768 wide (MPNet, weights at std 0.2, where attention amplifies rounding): PyTorch fp32 itself is
-    ~5e-6 (1 - cos) from float64, so the artifact misses the 0.99999 cosine gate on noise alone (the issue's
-    all-mpnet-base-v2 / embeddinggemma refusal). The gate passes it on the noise floor (artifact ~2e-5 from
-    float64, 4.5x torch's), and refuses a graph whose last LayerNorm is 20% off on half its weights. Torch's own
-    noise in this chaotic model moves between runs (5e-6 to 6e-5 seen: thread counts change summation order),
-    so a 5% LayerNorm error (3e-4 to 5e-4) lands at 7-60x the floor: the gate's resolution is the noise."""
+    """12 layers x 768 wide (MPNet, weights at std 0.21, where attention amplifies rounding): PyTorch fp32 itself is
+    ~3e-5 (1 - cos) from float64, so the artifact misses the 0.99999 cosine gate on noise alone (the issue's
+    all-mpnet-base-v2 / embeddinggemma refusal). The gate passes it on the noise floor, and refuses a graph whose
+    last LayerNorm is 20% off on half its weights. Torch's own noise in this chaotic model moves between runs
+    (thread counts change summation order). At std 0.2 the artifact's miss landed between 1e-5 and 6e-5 and once at
+    9.5e-6, inside the gate, so the premise below failed; at 0.21 (2026-12-07, Intel Xeon, 2 and 1 threads) it
+    missed by 5.3e-5 / 1.6e-4, 1.2-4.2x torch's 3.0e-5, and the LayerNorm error (4.2e-3 / 4.3e-3) stood 140x
+    torch's noise, past the 10x the gate allows; at 0.22 the miss was 1.1e-4 but the error only 39x the noise,
+    and at 0.25 the noise (3e-3) swallowed it."""
     import torch
 
     from toolkit.export.graph import build_module
@@ -142,7 +145,7 @@ def test_deep_model_is_judged_against_the_rounding_noise_floor(tmp_path):
     from toolkit.settings import ExportOptions
 
     deep = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-            "max_position_embeddings": 514, "initializer_range": 0.2}
+            "max_position_embeddings": 514, "initializer_range": 0.21}
     folder = add_sentence_transformers_layout(build_tiny_model("mpnet", tmp_path / "deep", config=deep),
                                               pooling="mean", max_seq_length=128)
     result = _export(str(folder), tmp_path / "deep.onnx")
