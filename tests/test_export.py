@@ -111,7 +111,10 @@ def test_minilm_fp32_keeps_the_fastest_graph_form(minilm_export):
 
 @pytest.mark.slow
 def test_minilm_int8_gate_is_measured_and_enforced(tmp_path, minilm_export):
-    result = _export(None, tmp_path / "int8.onnx", precision="int8", allow_low_accuracy=True)
+    # one form (the VNNI kernel's): choosing among forms costs a real model a minute more; the tiny model's
+    # export below, and tests/test_int8_forms.py, check the choice
+    result = _export(None, tmp_path / "int8.onnx", precision="int8", allow_low_accuracy=True, int8_form="s8")
+    assert result.manifest.optimization["int8_form"] == "s8" and list(result.manifest.optimization["int8_forms"]) == ["s8"]
     parity = result.manifest.parity
     assert parity.retrieval_top10_overlap is not None and 0 < parity.retrieval_top10_overlap <= 1
     assert parity.vs_fp32_min_cosine is not None
