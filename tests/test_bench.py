@@ -92,7 +92,7 @@ def test_bench_takes_a_model_like_serve(tiny_artifact, tiny_st_dir, tmp_path):
     assert result["artifact"] == str(cached) and [(r["engine"], r["batch_size"]) for r in result["rows"]] == [
         ("toolkit", 2)]
 
-    url, _, server = serve_subprocess(tiny_artifact)
+    url, _, server = serve_subprocess(tiny_artifact, "--auto-truncate")  # as server_peers.py serves it
     try:
         for model in ((), (str(tiny_st_dir),)):
             done = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", *model, "--server", url,
@@ -103,6 +103,21 @@ def test_bench_takes_a_model_like_serve(tiny_artifact, tiny_st_dir, tmp_path):
             assert [r["concurrency"] for r in result["rows"]] == [1, 2]
             assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in result["rows"])
             assert ("in_process" in result) == bool(model), result.keys()  # the baseline comes from MODEL
+        # another project's dialect (benchmarks/server_peers.py drives infinity so): OpenAI's plain body on a route
+        # (no truncate_prompt_tokens: --auto-truncate cuts what passes the tiny model's window)
+        import httpx
+
+        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        done = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", "--server", url, "--concurrency", "2",
+                               "--requests", "8", "--route", "/embeddings", "--openai-model", name, "--json", str(out)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(out.read_text())
+        assert result["route"] == "/embeddings" and result["body_fields"] == {"model": name, "encoding_format": "base64"}
+        done = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", "--server", url, "--concurrency", "1",
+                               "--requests", "2", "--route", "/no-such-route"], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert done.returncode == 2 and "answered 404 to the warm-up request" in done.stderr, done.stderr
     finally:
         server.terminate()
         server.communicate(timeout=30)

@@ -62,10 +62,18 @@ class _Connection:
             self.writer = self.reader = None
 
 
+TOOLKIT_BODY = {"encoding_format": "base64", "truncate_prompt_tokens": -1}  # what `toolkit bench --server` sends
+
+
 def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concurrency: tuple[int, ...], requests: int,
-                 inputs_per_request: int, threads: int | None, api_key: str | None = None) -> dict:
+                 inputs_per_request: int, threads: int | None, api_key: str | None = None,
+                 route: str = "/v1/embeddings", body_fields: dict | None = None) -> dict:
     """Bounded load (count and time) against a loopback server: ``clients`` connections, each
     sending its next request when the previous answer is in.
+
+    Each request POSTs ``{"input": [...], **body_fields}`` to ``route``; ``body_fields`` defaults to the
+    toolkit's (``TOOLKIT_BODY``). Another project's server takes OpenAI's plain body, e.g.
+    ``{"model": NAME, "encoding_format": "base64"}``, on its own route (infinity: ``/embeddings``).
 
     ConfigError when the warm-up request or any measured request is not answered 200: a run
     whose requests fail is an error, not a result (a 401 is fast).
@@ -81,8 +89,9 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
     texts = load_corpus(corpus, limit=max(requests * inputs_per_request, 64))
     api_key = api_key or os.environ.get("TOOLKIT_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    fields = TOOLKIT_BODY if body_fields is None else body_fields
     bodies = [json.dumps({"input": [texts[(i * inputs_per_request + j) % len(texts)] for j in range(inputs_per_request)],
-                          "encoding_format": "base64", "truncate_prompt_tokens": -1}).encode() for i in range(requests)]
+                          **fields}).encode() for i in range(requests)]
 
     async def level(clients: int) -> tuple[list[float], int, float, int]:
         deadline = time.monotonic() + 300
@@ -98,7 +107,7 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
                         break
                     start = time.perf_counter()
                     try:
-                        status = await conn.post("/v1/embeddings", bodies[i])
+                        status = await conn.post(route, bodies[i])
                     except (OSError, asyncio.IncompleteReadError, ValueError):
                         status = 0
                         await conn.close()
@@ -111,7 +120,7 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
 
         warm = _Connection(host, port, headers)
         try:
-            status = await warm.post("/v1/embeddings", bodies[0])
+            status = await warm.post(route, bodies[0])
         finally:
             await warm.close()
         if status != 200:
@@ -132,7 +141,8 @@ def bench_server(url: str, *, artifact: Path | None, corpus: Path | None, concur
                      "requests_per_s": len(latencies) / wall, "sentences_per_s": len(latencies) * inputs_per_request / wall,
                      "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
                      "p99_ms": float(np.percentile(ms, 99))})
-    result = {"mode": "server", "url": url, "inputs_per_request": inputs_per_request, "machine": machine_info(), "rows": rows}
+    result = {"mode": "server", "url": url, "route": route, "body_fields": fields, "inputs_per_request": inputs_per_request,
+              "machine": machine_info(), "rows": rows}
     if artifact is not None:
         from toolkit.runtime import Embedder
 

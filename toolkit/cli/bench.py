@@ -38,6 +38,8 @@ def bench(
     concurrency: Annotated[str, typer.Option(help="With --server: client counts")] = "1,8,32",
     requests: Annotated[int, typer.Option(help="With --server: requests per concurrency level")] = 512,
     inputs_per_request: Annotated[int, typer.Option(help="With --server: inputs per request")] = 1,
+    route: Annotated[str, typer.Option(help="With --server: the embeddings route to POST to (infinity: /embeddings)")] = "/v1/embeddings",
+    openai_model: Annotated[str | None, typer.Option(help="With --server: send OpenAI's plain body {input, model: OPENAI_MODEL, encoding_format: base64} instead of the toolkit's (base64, truncate_prompt_tokens -1), for another project's server")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads for both engines [default: the cores available]")] = None,
     offline: Annotated[bool, typer.Option(help="Also time the whole corpus in one call (each engine batching it its own way)")] = True,
     images: Annotated[int, typer.Option(help="Measure the image tower (CLIP / SigLIP) on this many synthetic photos instead of text; --against MODEL_DIR compares with transformers' image processor + get_image_features")] = 0,
@@ -57,7 +59,9 @@ def bench(
             artifact = None if model is None else artifact_for(model, export_options)  # the in-process baseline
             result = bench_mod.bench_server(server, artifact=artifact, corpus=corpus, api_key=api_key,
                                             concurrency=clients, requests=requests,
-                                            inputs_per_request=inputs_per_request, threads=threads)
+                                            inputs_per_request=inputs_per_request, threads=threads, route=route,
+                                            body_fields=None if openai_model is None else
+                                            {"model": openai_model, "encoding_format": "base64"})
         else:
             if model is None:
                 raise ConfigError("give a MODEL to measure (an artifact, a bundled card name, a Hub id or a model "
