@@ -217,3 +217,21 @@ def assert_matrices_close(got, expected, atol: float = 1e-5) -> None:
     for g, e in zip(got, expected):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, atol=atol)
+
+
+def run_on_emulated_avx2(script: str, *args: str):
+    """Run ``script ARGS`` with this Python under QEMU's user-mode emulation of an AMD EPYC Rome (AVX2, FMA; no
+    AVX-512, no VNNI), where onnxruntime's MLAS picks its AVX2 kernels; returns the JSON of its last stdout line.
+    Skips where qemu-x86_64 is missing (``.ci/run`` installs qemu-user)."""
+    import json
+    import platform
+    import shutil
+    import subprocess
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine() != "x86_64":
+        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user): the AVX2 kernel is not checked here")
+    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, script, *args], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

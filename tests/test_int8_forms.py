@@ -4,9 +4,6 @@ and how the export chooses among them by measurement on the CPU at hand (``expor
 from __future__ import annotations
 
 import json
-import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -89,13 +86,11 @@ def test_only_the_8_bit_signed_form_saturates_on_an_emulated_avx2_cpu(forms_fold
     kernels. 7-bit weights and uint8 weights compute there what an exact kernel computes (VNNI's, or the formula),
     the 8-bit signed form does not (vpmaddubsw's 16-bit pair sums saturate): what lets ``s8-7bit`` and ``u8`` keep
     more MatMuls in int8 at the gate on AVX2. ``.ci/run`` installs qemu-user; elsewhere the test skips."""
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None or platform.machine() != "x86_64":
-        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user): the AVX2 kernel is not checked here")
-    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, __file__, str(forms_folder)], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    emulated = {k: np.asarray(v) for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+    from conftest import (
+        run_on_emulated_avx2,  # here: the emulated child runs this file without the suite's imports
+    )
+
+    emulated = {k: np.asarray(v) for k, v in run_on_emulated_avx2(__file__, str(forms_folder)).items()}
     native = {k: np.asarray(v) for k, v in _outputs(forms_folder).items()}
     gap = {form: float(np.abs(emulated[form] - native[form]).max()) for form in INT8_FORMS}
     scale = float(np.abs(native["fp32"]).mean())

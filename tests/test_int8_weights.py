@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,13 +104,11 @@ def test_the_saturating_reference_is_what_onnxruntime_computes_on_an_emulated_av
     """The AVX2 half of the test above on any machine: the same check in a Python run under QEMU's user-mode
     emulation of an AMD EPYC Rome (AVX2, FMA; no AVX-512, no VNNI), where onnxruntime's MLAS picks its AVX2
     u8s8 kernel. ``.ci/run`` installs qemu-user; elsewhere the test skips, saying so."""
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None or platform.machine() != "x86_64":
-        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user): the AVX2 kernel is not checked here")
-    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, __file__, str(tmp_path)], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    from conftest import (
+        run_on_emulated_avx2,  # here: the emulated child runs this file without the suite's imports
+    )
+
+    errors = run_on_emulated_avx2(__file__, str(tmp_path))
     assert errors["saturating"] < 1e-4 and errors["exact"] > 1.0, errors
 
 
