@@ -83,9 +83,13 @@ def open_artifact(path: str | os.PathLike, options: RuntimeOptions | None = None
 
 def _check_int8_kernels(path: Path, manifest) -> None:
     """An int8 artifact gated on a VNNI CPU, served on one without VNNI (or the reverse), runs other int8 kernels
-    than its accuracy gate measured (AVX2's u8s8 kernel saturates 16-bit sums where VNNI's does not): say so."""
+    than its accuracy gate measured (AVX2's u8s8 kernel saturates 16-bit sums where VNNI's does not): say so.
+    Only the ``s8`` form differs: 7-bit and uint8 weights come out the same on both kernels (tests/test_int8_forms.py);
+    artifacts from before the forms are ``s8``."""
     gated = manifest.optimization.get("int8_gated_on")
     if manifest.precision != "int8" or not isinstance(gated, str) or manifest.target != "cpu":
+        return
+    if manifest.optimization.get("int8_form", "s8") != "s8":
         return
     from toolkit.cpu import describe, has_vnni
 

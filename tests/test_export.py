@@ -207,7 +207,10 @@ def test_activation_smoothing_keeps_the_graph_exact_and_int8_records_its_cpu(tmp
     monkeypatch.setattr(cpu, "cpu_info", lambda: other)
     with caplog.at_level("WARNING", logger="toolkit.runtime"):
         Embedder(int8.path, device="cpu")
-    assert "its int8 accuracy gate ran on" in caplog.text and "Another CPU" in caplog.text
+    if optimization["int8_form"] == "s8":  # the form whose sums saturate without VNNI
+        assert "its int8 accuracy gate ran on" in caplog.text and "Another CPU" in caplog.text
+    else:  # 7-bit or uint8 weights: the same on either kernel (tests/test_int8_forms.py)
+        assert "int8 accuracy gate ran on" not in caplog.text
 
 
 def test_int8_that_misses_its_gate_is_refused(tmp_path, monkeypatch):

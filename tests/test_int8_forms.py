@@ -180,6 +180,25 @@ def test_when_no_form_passes_the_first_forms_search_is_returned_for_the_gate_to_
     assert all("matmuls" in facts and "ms" not in facts for facts in choice.forms.values())  # each searched
 
 
+def test_only_the_saturating_form_warns_when_served_on_the_other_kind_of_cpu(monkeypatch, caplog):
+    """An s8 artifact gated on a VNNI CPU and opened on an AVX2 one (or the reverse) was not measured there: a
+    warning. s8-7bit and u8 compute the same on both (the emulated test above): nothing to say. An artifact from
+    before the forms (no int8_form) is s8."""
+    from types import SimpleNamespace
+
+    from toolkit.runtime.artifact import _check_int8_kernels
+
+    here = "Intel Xeon (avx2 avx512_vnni avx512bw avx512f)"
+    monkeypatch.setattr(cpu, "cpu_info", lambda: {"cpu": "An AVX2 CPU", "isa": ["avx2"]})
+    for form, warns in (("s8", True), (None, True), ("s8-7bit", False), ("u8", False)):
+        optimization = {"int8_gated_on": here, **({"int8_form": form} if form else {})}
+        manifest = SimpleNamespace(precision="int8", target="cpu", optimization=optimization)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="toolkit.runtime"):
+            _check_int8_kernels(Path("m.onnx"), manifest)
+        assert ("its int8 accuracy gate ran on" in caplog.text) is warns, (form, caplog.text)
+
+
 def test_the_int8_form_option_is_checked_before_anything_is_loaded():
     from toolkit.errors import ConfigError
     from toolkit.export.precision import PrecisionPlan
