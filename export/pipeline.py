@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 import torch
 
-from toolkit.errors import ExportError
+from toolkit.errors import ConfigError, ExportError
 from toolkit.export.adapters import AdapterExport
 from toolkit.export.graph import build_module
 from toolkit.export.onnx_export import export_graph
@@ -88,6 +88,9 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     with step("Resolving the model card"):
         resolved = resolve_model(model, options)
     plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector)
+    if options.int8_form is not None and (resolved.head.image_tower or resolved.head.vision_language):
+        raise ConfigError("--int8-form applies to text models; image towers and vision-language graphs are "
+                          "quantized in one form (int8 weights, export.int8_weights): leave it out")
     target = Target(options.target)
     out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
     adapter_folders = AdapterExport.check(resolved, plan, options) if options.adapters or resolved.adapters else []

@@ -211,5 +211,19 @@ def test_the_int8_form_option_is_checked_before_anything_is_loaded():
     assert PrecisionPlan.for_export(ExportOptions(precision="int8", int8_form="u8")).quantizes_int8
 
 
+def test_the_int8_form_is_refused_where_int8_has_one_form(tmp_path):
+    """Image towers and vision-language graphs are quantized by export.int8_weights, in one form: naming another
+    is an error before any model is loaded, not an option silently ignored."""
+    from tiny_models import build_tiny_model
+
+    from toolkit.errors import ConfigError
+    from toolkit.export import export_model
+    from toolkit.settings import ExportOptions
+
+    clip = build_tiny_model("clip", tmp_path / "clip")
+    with pytest.raises(ConfigError, match="--int8-form applies to text models"):
+        export_model(str(clip), ExportOptions(output=tmp_path / "c.onnx", precision="int8", int8_form="s8-7bit"))
+
+
 if __name__ == "__main__":  # the emulated-AVX2 test's child: prints each form's output as one JSON line
     print(json.dumps(_outputs(Path(sys.argv[1]))))
