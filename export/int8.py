@@ -198,14 +198,14 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
         vec = probe.vectors(path)
         return neighbour_overlap(vec, ref), float(cosines(vec, ref).min()), path
 
-    def passes(result: tuple[float, float, Path]) -> bool:
-        return result[0] >= min_overlap and result[1] >= min_cosine
+    def passes(overlap: float, cos: float, *_path) -> bool:
+        return overlap >= min_overlap and cos >= min_cosine
 
     order: list[str] | None = None
 
     def search(form: str, full: tuple[float, float, Path]) -> Int8Choice:
         nonlocal order
-        if passes(full) or not nodes:
+        if passes(*full) or not nodes:
             return Int8Choice(full[2], nodes, len(nodes), full[0], full[1], alpha, form)
         if order is None:
             damage = {}
@@ -219,7 +219,7 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
             mid = (lo + hi) // 2
             report(f"trying {mid} of {len(nodes)} MatMuls in int8 ({form})")
             result = measure(order[:mid], gate_probe, reference, form)
-            if passes(result):
+            if passes(*result):
                 best, lo = (mid, result), mid + 1
             else:
                 hi = mid - 1
@@ -244,7 +244,7 @@ def choose_int8_nodes(fp32: Path, tmp: Path, *, rank_probe: Probe, gate_probe: P
             continue
         choice = searched[form] = search(form, fulls[form])
         facts[form].update(choice.summary())
-        if choice.overlap >= min_overlap and choice.min_cosine >= min_cosine:
+        if passes(choice.overlap, choice.min_cosine):
             passing[form] = choice
             if lead is None:
                 lead = choice, time_graphs({form: choice.path}, timing)[form]
@@ -275,10 +275,11 @@ def _better(a: Int8Choice, a_seconds: float, b: Int8Choice, b_seconds: float) ->
 
 
 def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_id: int,
-                     forms: tuple[str, ...] = tuple(INT8_FORMS)) -> Int8Choice:
+                     form: str | None = None) -> Int8Choice:
     """The export's int8 search for a text graph: the gate on 500 corpus texts, the ranking on 200 of them, the
-    smoothing calibrated on 200 texts the gate does not see (``resolved``: the export's ResolvedModel); each of
-    ``forms`` searched, the fastest passing one kept (timed on one corpus text and a batch of 32)."""
+    smoothing calibrated on 200 texts the gate does not see (``resolved``: the export's ResolvedModel); in ``form``
+    (``INT8_FORMS``' name; None: each of them searched, the fastest passing one kept, timed on one corpus text and
+    a batch of 32)."""
     from toolkit.corpus import load_corpus
     from toolkit.export.parity import THRESHOLDS
 
@@ -291,7 +292,8 @@ def choose_for_model(fp32: Path, tmp: Path, resolved, tokenizer: Tokenizer, pad_
     timing = [pad_batch(batch, pad_id=pad_id, side=resolved.card.padding_side, type_ids=resolved.arch.token_type_ids)
               for batch in (items[:1], items)]
     return choose_int8_nodes(fp32, tmp, rank_probe=rank, gate_probe=gate, min_overlap=MIN_OVERLAP,
-                             min_cosine=THRESHOLDS["int8"], calibration=calibration, forms=forms, timing=timing)
+                             min_cosine=THRESHOLDS["int8"], calibration=calibration,
+                             forms=(form,) if form else tuple(INT8_FORMS), timing=timing)
 
 
 def int8_gate(report, choice: Int8Choice):

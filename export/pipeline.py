@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 import torch
 
-from toolkit.errors import ConfigError, ExportError
+from toolkit.errors import ExportError
 from toolkit.export.adapters import AdapterExport
 from toolkit.export.graph import build_module
 from toolkit.export.onnx_export import export_graph
@@ -87,10 +87,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
     torch.manual_seed(0)
     with step("Resolving the model card"):
         resolved = resolve_model(model, options)
-    plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector)
-    if options.int8_form is not None and (resolved.head.image_tower or resolved.head.vision_language):
-        raise ConfigError("--int8-form applies to text models; image towers and vision-language graphs are "
-                          "quantized in one form (int8 weights, export.int8_weights): leave it out")
+    plan = PrecisionPlan.for_export(options, pairs=resolved.head.pairs, multi_vector=resolved.head.multi_vector,
+                                    towers=resolved.head.image_tower or resolved.head.vision_language)
     target = Target(options.target)
     out = Path(options.output) if options.output else default_output(resolved.card.name, plan)
     adapter_folders = AdapterExport.check(resolved, plan, options) if options.adapters or resolved.adapters else []
@@ -119,10 +117,8 @@ def export_model(model: str | None, options: ExportOptions | None = None, *, ste
         if plan.quantizes_int8 and not resolved.head.image_tower:  # two towers: the image tower's, below
             with step("Choosing the MatMuls that run in int8 (accuracy-guided, a few minutes)"):
                 from toolkit.export.int8 import choose_for_model
-                from toolkit.export.optimize import INT8_FORMS
 
-                forms = (options.int8_form,) if options.int8_form else tuple(INT8_FORMS)
-                choice = choose_for_model(fp32, tmp, resolved, tokenizer, pad_id, forms=forms)
+                choice = choose_for_model(fp32, tmp, resolved, tokenizer, pad_id, form=options.int8_form)
             final = choice.path
             optimization["int8_matmuls"] = f"{len(choice.quantized)}/{choice.total}"
             optimization["int8_form"] = choice.form

@@ -41,9 +41,12 @@ class PrecisionPlan:
         raise ValueError(f"precision {value!r} has no plan")
 
     @classmethod
-    def for_export(cls, options: ExportOptions, *, pairs: bool = False, multi_vector: bool = False) -> PrecisionPlan:
+    def for_export(cls, options: ExportOptions, *, pairs: bool = False, multi_vector: bool = False,
+                   towers: bool = False) -> PrecisionPlan:
         """The export's plan; ExportError where the precision does not fit the target or the model (int8 is CPU,
-        fp16 GPU; no int8 cross-encoders: ``pairs``, nor late-interaction artifacts: ``multi_vector``)."""
+        fp16 GPU; no int8 cross-encoders: ``pairs``, nor late-interaction artifacts: ``multi_vector``); ConfigError for
+        an ``int8_form`` that is not one, on another precision, or where int8 has one form (``towers``: an image
+        tower or a vision-language graph)."""
         plan, target = cls.of(options.precision), Target(options.target)
         if plan.quantizes_int8 and target != Target.CPU:
             raise ExportError("int8 artifacts are for --target cpu; use fp16 for cuda / tensorrt")
@@ -60,6 +63,9 @@ class PrecisionPlan:
                                   f"'{options.int8_form}')")
             if not plan.quantizes_int8:
                 raise ConfigError(f"--int8-form applies to --precision int8 only (got --precision {plan.name})")
+            if towers:
+                raise ConfigError("--int8-form applies to text models; image towers and vision-language graphs are "
+                                  "quantized in one form (int8 weights, export.int8_weights): leave it out")
         if plan.converts_fp16 and target == Target.CPU:
             raise ExportError("fp16 artifacts are for --target cuda or tensorrt; the CPU provider runs fp16 slowly")
         return plan

@@ -86,9 +86,8 @@ def test_only_the_8_bit_signed_form_saturates_on_an_emulated_avx2_cpu(forms_fold
     kernels. 7-bit weights and uint8 weights compute there what an exact kernel computes (VNNI's, or the formula),
     the 8-bit signed form does not (vpmaddubsw's 16-bit pair sums saturate): what lets ``s8-7bit`` and ``u8`` keep
     more MatMuls in int8 at the gate on AVX2. ``.ci/run`` installs qemu-user; elsewhere the test skips."""
-    from conftest import (
-        run_on_emulated_avx2,  # here: the emulated child runs this file without the suite's imports
-    )
+    # imported here: the emulated child runs this file without the suite's imports
+    from conftest import run_on_emulated_avx2
 
     emulated = {k: np.asarray(v) for k, v in run_on_emulated_avx2(__file__, str(forms_folder)).items()}
     native = {k: np.asarray(v) for k, v in _outputs(forms_folder).items()}

@@ -104,9 +104,8 @@ def test_the_saturating_reference_is_what_onnxruntime_computes_on_an_emulated_av
     """The AVX2 half of the test above on any machine: the same check in a Python run under QEMU's user-mode
     emulation of an AMD EPYC Rome (AVX2, FMA; no AVX-512, no VNNI), where onnxruntime's MLAS picks its AVX2
     u8s8 kernel. ``.ci/run`` installs qemu-user; elsewhere the test skips, saying so."""
-    from conftest import (
-        run_on_emulated_avx2,  # here: the emulated child runs this file without the suite's imports
-    )
+    # imported here: the emulated child runs this file without the suite's imports
+    from conftest import run_on_emulated_avx2
 
     errors = run_on_emulated_avx2(__file__, str(tmp_path))
     assert errors["saturating"] < 1e-4 and errors["exact"] > 1.0, errors
