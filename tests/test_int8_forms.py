@@ -75,10 +75,14 @@ def test_each_form_writes_its_weights_and_stays_near_fp32(forms_folder):
             elif form == "s8-7bit":
                 assert np.abs(w.astype(int)).max() <= 64  # 7 bits: a pair of products stays under 2^15
     outputs = {k: np.asarray(v) for k, v in _outputs(forms_folder).items()}
+    saturates = cpu.u8s8_saturates(cpu.cpu_info()["isa"])
     for form in INT8_FORMS:
         cos = (outputs[form] * outputs["fp32"]).sum(1) / (np.linalg.norm(outputs[form], axis=1)
                                                          * np.linalg.norm(outputs["fp32"], axis=1))
-        assert cos.min() > 0.999, (form, cos.min())
+        # s8 on a CPU whose kernel saturates (AVX2 without VNNI) loses more: 0.99788 under QEMU's EPYC-Rome, where
+        # the exact kernels give 0.99974 (s8-7bit) and 0.99993 (u8); the int8 gate's own bound is 0.99
+        floor = 0.99 if form == "s8" and saturates else 0.999
+        assert cos.min() > floor, (form, cos.min(), cpu.describe())
 
 
 def test_only_the_8_bit_signed_form_saturates_on_an_emulated_avx2_cpu(forms_folder):
