@@ -14,13 +14,15 @@ its defaults otherwise (batch size 32; ``--pooling-method mean`` for the optimum
 token on 'auto'). Its optimum engine is started from inside the optimum folder as ``--model-id .``: with optimum
 2.x, infinity 0.0.78 hands optimum the ONNX file's full path for a local folder and optimum rejects it.
 
-Threads: ``toolkit serve --threads T``; infinity has no threads option: its torch engine gets OMP_NUM_THREADS=T
+Threads: ``toolkit serve --threads T`` (its default ``--batch-workers``: 2 on a CPU with T >= 2, each batch on T/2
+threads), and once more with ``--batch-workers 1`` (one batch at a time on all T threads: the default before
+batch workers) as toolkit-1-worker; infinity has no threads option: its torch engine gets OMP_NUM_THREADS=T
 (torch's intra-op pool), its optimum engine runs onnxruntime's default (one intra-op thread per physical core, so
 T only where T is the number of cores: 2 on the 2-core VMs of benchmarks/README.md). The CPU seconds each server
 used per second of load are printed beside its figures.
 
 Each round starts each server in turn (one at a time: the load generator shares the cores) on a free loopback
-port: toolkit, infinity-optimum, infinity-torch, waits for readiness (bounded), checks its vectors against the
+port: toolkit, toolkit-1-worker, infinity-optimum, infinity-torch, waits for readiness (bounded), checks its vectors against the
 toolkit's in-process ones (min cosine, 32 texts, encoding_format float), warms it up (64 x 1 text, 8 x 32 texts),
 then drives it with toolkit.bench.server's keep-alive client (the one `toolkit bench --server` uses): 32 clients x
 1 text per request (``--requests``), then 4 clients x 32 texts (``--batched-requests``), and stops it by its pid.
@@ -28,9 +30,10 @@ Every server gets the same body, OpenAI's plain one, on its own route (toolkit /
 /embeddings): ``{"input": [...], "model": NAME, "encoding_format": "base64"}``. Too-long inputs are cut by each
 server: ``toolkit serve --auto-truncate`` and infinity's torch engine at the model's 256 tokens, infinity's optimum
 engine at the config's max_position_embeddings (512 for MiniLM). Before the servers, with none running, each
-round also times the toolkit in-process (``Embedder.embed`` in calls of 32) on the texts each load sent.
+round also times the toolkit in-process (``Embedder.embed`` in calls of 32) on the texts each load sent, with one
+batch worker (T threads) and with two (T/2 threads each); the server is compared with the faster.
 Printed: the CPU, per-round figures, medians (and best) over rounds, and the ratios toolkit / infinity-optimum,
-toolkit / infinity-torch and toolkit server / toolkit in-process.
+toolkit / infinity-torch, toolkit / toolkit-1-worker and toolkit server / toolkit in-process.
 
 The machine may not be ours alone: before each measured part the script waits (bounded) until other processes
 use under 0.15 CPUs, and prints, for every measured span, the CPUs other processes kept busy meanwhile ('foreign',
@@ -61,7 +64,7 @@ from toolkit.corpus import load_corpus
 from toolkit.cpu import describe
 
 READY_S = 180
-SERVERS = ("toolkit", "infinity-optimum", "infinity-torch")
+SERVERS = ("toolkit", "toolkit-1-worker", "infinity-optimum", "infinity-torch")
 LOADS = {"32x1": (32, 1), "4x32": (4, 32)}  # name: (clients, texts per request)
 
 
@@ -240,6 +243,7 @@ def main() -> None:
           flush=True)
 
     emb = Embedder(args.artifact, device="cpu", intra_op_threads=args.threads)
+    emb2 = Embedder(args.artifact, device="cpu", intra_op_threads=args.threads, batch_workers=2)
     model = emb.card.name
     texts = {name: load_corpus(limit=max(args.requests if per == 1 else args.batched_requests * per, 64))
              for name, (_, per) in LOADS.items()}
@@ -253,10 +257,11 @@ def main() -> None:
                 "--host", "127.0.0.1", "--log-level", "warning"]
 
     def make(name: str) -> Server:
-        if name == "toolkit":
+        if name.startswith("toolkit"):
+            one = ["--batch-workers", "1"] if name == "toolkit-1-worker" else []
             return Server(name, [sys.executable, "-m", "toolkit.cli", "serve", str(args.artifact.absolute()),
-                                 "--threads", str(args.threads), "--auto-truncate", "--log-level", "warning"],
-                          "/ready", "/v1/embeddings", logs / "toolkit.log")
+                                 "--threads", str(args.threads), "--auto-truncate", "--log-level", "warning", *one],
+                          "/ready", "/v1/embeddings", logs / f"{name}.log")
         if name == "infinity-optimum":
             return Server(name, [*infinity, "--model-id", ".", "--engine", "optimum", "--pooling-method", "mean"],
                           "/health", "/embeddings", logs / "infinity-optimum.log", cwd=args.optimum_dir.absolute(),
@@ -269,11 +274,15 @@ def main() -> None:
     for r in range(args.rounds):
         wait_quiet()
         measured = {name: in_process(emb, texts[name]) for name in LOADS}
-        this = {"in_process": {k: v[0] for k, v in measured.items()},
-                "in_process_foreign_cpus": {k: v[1] for k, v in measured.items()}}
-        print(f"round {r + 1}: in-process calls of 32: "
-              + ", ".join(f"{v[0]:.1f} texts/s on the {k} texts (foreign {v[1]:.2f} CPUs)" for k, v in measured.items()),
-              flush=True)
+        measured2 = {name: in_process(emb2, texts[name]) for name in LOADS}
+        this = {"in_process_1_worker": {k: v[0] for k, v in measured.items()},
+                "in_process_2_workers": {k: v[0] for k, v in measured2.items()},
+                "in_process": {k: max(measured[k][0], measured2[k][0]) for k in LOADS},
+                "in_process_foreign_cpus": {k: max(measured[k][1], measured2[k][1]) for k in LOADS}}
+        for label, figures in (("1 batch worker", measured), ("2 batch workers", measured2)):
+            print(f"round {r + 1}: in-process calls of 32, {label}: "
+                  + ", ".join(f"{v[0]:.1f} texts/s on the {k} texts (foreign {v[1]:.2f} CPUs)"
+                              for k, v in figures.items()), flush=True)
         for name in engines:
             server = make(name)
             try:
@@ -317,6 +326,8 @@ def main() -> None:
                                                                  for rd in rounds]),
                                         "foreign_cpus_max": max(rd[name][load_name]["foreign_cpus"] for rd in rounds)}
     inproc = {k: med([rd["in_process"][k] for rd in rounds]) for k in LOADS}
+    inproc_by = {workers: {k: med([rd[f"in_process_{workers}"][k] for rd in rounds]) for k in LOADS}
+                 for workers in ("1_worker", "2_workers")}
 
     print(f"\nmedian over {args.rounds} round(s) (best in brackets); {args.requests} requests at 32 x 1, "
           f"{args.batched_requests} at 4 x 32")
@@ -328,8 +339,9 @@ def main() -> None:
         print(f"| {name} | {a['requests_per_s']:.1f} ({a['best']:.1f}) | {a['p50_ms']:.0f} | {a['server_cpus_busy']:.2f} "
               f"| {b['texts_per_s']:.1f} ({b['best']:.1f}) | {b['p50_ms']:.0f} | {b['server_cpus_busy']:.2f} "
               f"| {facts[name]['min_cosine_vs_toolkit']:.7f} |")
-    print(f"| toolkit in-process, calls of 32 | {inproc['32x1']:.1f} texts/s (the 32 x 1 texts) | - | - | "
-          f"{inproc['4x32']:.1f} (the 4 x 32 texts) | - | - | - |")
+    for workers, figures in inproc_by.items():
+        print(f"| toolkit in-process, calls of 32, {workers.replace('_', ' ')} | {figures['32x1']:.1f} texts/s (the "
+              f"32 x 1 texts) | - | - | {figures['4x32']:.1f} (the 4 x 32 texts) | - | - | - |")
     foreign = max([row[k]["foreign_cpus"] for rd in rounds for name, row in rd.items() if name in engines for k in LOADS]
                   + [v for rd in rounds for v in rd["in_process_foreign_cpus"].values()])
     print(f"other processes on the machine: at most {foreign:.2f} CPUs busy during any measured span")
@@ -337,7 +349,7 @@ def main() -> None:
     ratios: dict[str, float] = {}
     for load_name in LOADS:
         key = "requests_per_s" if load_name == "32x1" else "texts_per_s"
-        for peer in engines[1:]:
+        for peer in [e for e in engines if e != "toolkit"]:
             per_round = [rd["toolkit"][load_name][key] / rd[peer][load_name][key] for rd in rounds]
             ratios[f"toolkit/{peer} {load_name}"] = med(per_round)
         per_round = [rd["toolkit"][load_name]["texts_per_s"] / rd["in_process"][load_name] for rd in rounds]
@@ -354,7 +366,8 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "cpu": describe(), "cpu_flags": cpu_flags(), "threads": args.threads, "model": model,
             "requests": {"32x1": args.requests, "4x32": args.batched_requests}, "rounds": rounds,
-            "summary": summary, "in_process_calls_of_32": inproc, "ratios": ratios, "servers": facts}, indent=2) + "\n")
+            "summary": summary, "in_process_calls_of_32": inproc,
+            "in_process_calls_of_32_by_workers": inproc_by, "ratios": ratios, "servers": facts}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """``AsyncEmbedder``: the asyncio face of the runtime, with dynamic batching.
 
 Callers tokenize off the event loop (a thread pool), then enqueue their
-token sequences. One worker thread takes queued inputs by priority (lower
+token sequences. A worker thread takes queued inputs by priority (lower
 first, FIFO within a priority), cuts them into length-sorted token-budget
-batches and runs them. There is no timed wait: while one batch runs, new
-work piles up and forms the next, so an idle server answers at once and a
-busy one batches. The queue is bounded (OverloadedError past it); a
-cancelled caller's inputs are skipped; a failing batch fails only its callers.
+batches and runs them; with ``RuntimeOptions.batch_workers`` above 1, that
+many workers run a take's batches at once (each on its share of the
+onnxruntime threads), and the next take waits until its batches are all
+started. There is no timed wait: while batches run, new work piles up and
+forms the next take, so an idle server answers at once and a busy one
+batches. The queue is bounded (OverloadedError past it); a cancelled
+caller's inputs are skipped; a failing batch fails only its callers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -77,7 +81,7 @@ class _Job:
 
 
 class AsyncEmbedder:
-    """Coalesces concurrent callers into shared batches on one worker thread."""
+    """Coalesces concurrent callers into shared batches on ``batch_workers`` worker threads."""
 
     def __init__(self, embedder: Embedder, *, max_queue: int | None = None,
                  on_batch: Callable[[BatchStats], None] | None = None,
@@ -94,8 +98,13 @@ class AsyncEmbedder:
         self._closed = False
         self._admitted = [0]  # inputs of requests between admission and their answer (shared with the views)
         self.last_error: str | None = None
-        self._worker = threading.Thread(target=self._loop, name="toolkit-batcher", daemon=True)
-        self._worker.start()
+        # batches of the current take not yet started: (graph output key, the take's entries of that key, rows)
+        self._ready: deque[tuple[tuple[str, str, str | None], list[tuple[int, _Job]], list[int]]] = deque()
+        self._done = threading.Lock()  # the jobs' results and counts, written by every worker
+        self._workers = [threading.Thread(target=self._loop, name=f"toolkit-batcher-{n}", daemon=True)
+                         for n in range(embedder.options.batch_workers or 1)]
+        for worker in self._workers:
+            worker.start()
 
     def for_adapter(self, adapter: str | None) -> AsyncEmbedder:
         """A view of this engine whose calls run with LoRA ``adapter`` (None: the base model): the same batcher,
@@ -118,13 +127,14 @@ class AsyncEmbedder:
 
     @property
     def alive(self) -> bool:
-        return self._worker.is_alive() and not self._closed
+        return all(worker.is_alive() for worker in self._workers) and not self._closed
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join(timeout=5)
+        for worker in self._workers:
+            worker.join(timeout=5)
 
     # ---------------------------------------------------------------- callers
     @contextlib.contextmanager
@@ -278,60 +288,72 @@ class AsyncEmbedder:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._heap and not self._closed:
+                while not self._ready and not self._heap and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                taken = self._take()
-            if taken:
-                self._process(taken)
+                if not self._ready:
+                    self._plan(self._take())
+                    if len(self._ready) > 1:
+                        self._cond.notify_all()  # the other workers start this take's other batches
+                if not self._ready:
+                    continue
+                key, entries, batch = self._ready.popleft()
+            self._run(key, entries, batch)
 
-    def _process(self, taken: list[tuple[int, _Job]]) -> None:
+    def _plan(self, taken: list[tuple[int, _Job]]) -> None:
+        """Cut a take into length-sorted batches of one graph output, modality and adapter each, onto the
+        ready queue."""
         now = time.perf_counter()
         for _, job in taken:
             if not job.started:
                 job.started = now
-        # one graph output of one encoder, with one adapter, each
         by_output: dict[tuple[str, str, str | None], list[tuple[int, _Job]]] = {}
         for entry in taken:
             by_output.setdefault((entry[1].modality, entry[1].output, entry[1].adapter), []).append(entry)
         options = self.embedder.options
-        for (modality, output, adapter), entries in by_output.items():
+        for key, entries in by_output.items():
             lengths = [len(job.items[i]) for i, job in entries]
             for batch in plan_batches(lengths, max_batch_tokens=options.max_batch_tokens,
                                       max_batch_size=options.max_batch_size):
-                chosen = [entries[b] for b in batch]
-                started = time.perf_counter()
-                try:
-                    (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality, adapter)
-                except ToolkitError as exc:
-                    self.last_error = exc.message
-                    self._fail(dict.fromkeys(job for _, job in chosen), exc)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - never let the worker die
-                    self.last_error = str(exc)
-                    self._fail(dict.fromkeys(job for _, job in chosen), BackendError(f"inference failed: {exc}"))
-                    continue
-                seconds = time.perf_counter() - started
-                self.last_error = None
-                if self._on_batch is not None:
-                    self._on_batch(BatchStats(len(chosen), len(chosen) * max(lengths[b] for b in batch), seconds))
-                for job in dict.fromkeys(job for _, job in chosen):
-                    job.inference += seconds
-                for row, (index, job) in enumerate(chosen):
-                    if job.failed:
-                        continue
-                    job.results[index] = out[row].copy()
-                    job.remaining -= 1
-                    if job.remaining == 0:
-                        job.loop.call_soon_threadsafe(_resolve, job.future, job.results)
+                self._ready.append((key, entries, batch))
 
-    @staticmethod
-    def _fail(jobs, exc: Exception) -> None:
-        for job in jobs:
-            if not job.failed:
-                job.failed = True
-                job.loop.call_soon_threadsafe(_reject, job.future, exc)
+    def _run(self, key: tuple[str, str, str | None], entries: list[tuple[int, _Job]], batch: list[int]) -> None:
+        modality, output, adapter = key
+        chosen = [entries[b] for b in batch]
+        started = time.perf_counter()
+        try:
+            (out,) = self.embedder.run_batch([job.items[i] for i, job in chosen], [output], modality, adapter)
+        except ToolkitError as exc:
+            self.last_error = exc.message
+            self._fail(dict.fromkeys(job for _, job in chosen), exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - never let a worker die
+            self.last_error = str(exc)
+            self._fail(dict.fromkeys(job for _, job in chosen), BackendError(f"inference failed: {exc}"))
+            return
+        seconds = time.perf_counter() - started
+        self.last_error = None
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(len(chosen), len(chosen) * max(len(job.items[i]) for i, job in chosen),
+                                      seconds))
+        with self._done:
+            for job in dict.fromkeys(job for _, job in chosen):
+                job.inference += seconds
+            for row, (index, job) in enumerate(chosen):
+                if job.failed:
+                    continue
+                job.results[index] = out[row].copy()
+                job.remaining -= 1
+                if job.remaining == 0:
+                    job.loop.call_soon_threadsafe(_resolve, job.future, job.results)
+
+    def _fail(self, jobs, exc: Exception) -> None:
+        with self._done:
+            for job in jobs:
+                if not job.failed:
+                    job.failed = True
+                    job.loop.call_soon_threadsafe(_reject, job.future, exc)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

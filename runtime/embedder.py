@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -141,12 +142,22 @@ class Embedder:
         results: list[np.ndarray | None] = [None] * len(items)
         batches = plan_batches([len(t) for t in items], max_batch_tokens=self.options.max_batch_tokens,
                                max_batch_size=self.options.max_batch_size)
-        for batch in batches:
-            (out,) = self.run_batch([items[i] for i in batch], [output], modality, adapter)
-            for row, index in enumerate(batch):
-                results[index] = out[row]
-            if on_batch is not None:
-                on_batch(len(batch))
+
+        def one(batch: list[int]) -> np.ndarray:
+            return self.run_batch([items[i] for i in batch], [output], modality, adapter)[0]
+
+        workers = min(self.options.batch_workers or 1, len(batches))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="toolkit-batch") if workers > 1 else None
+        try:  # with batch_workers > 1, that many batches at once (onnxruntime runs them without the GIL)
+            outs = pool.map(one, batches) if pool is not None else map(one, batches)
+            for batch, out in zip(batches, outs):
+                for row, index in enumerate(batch):
+                    results[index] = out[row]
+                if on_batch is not None:
+                    on_batch(len(batch))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         return results  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- outputs

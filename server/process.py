@@ -187,8 +187,10 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
     app = create_logged_app(registry, options, metrics)
     scheme = "https" if options.ssl_certfile else "http"
     for name, served in registry.models.items():
-        log.info("serving %s (%s, %s) on %s", name, served.embedder.path.name, served.embedder.device.value,
-                 f"{scheme}://{options.host}:{options.port}")
+        workers, threads = runtime.batch_workers or 1, served.embedder.session.threads
+        log.info("serving %s (%s, %s, %d batch worker%s x %d onnxruntime thread%s) on %s", name,
+                 served.embedder.path.name, served.embedder.device.value, workers, "s"[:workers > 1], threads,
+                 "s"[:threads > 1], f"{scheme}://{options.host}:{options.port}")
     if options.uds_path is not None:
         log.info("also listening on the Unix socket %s", options.uds_path)
     if options.prometheus_port is not None:

@@ -26,7 +26,7 @@ import msgspec
 
 from toolkit.errors import ConfigError
 from toolkit.server.remote_artifacts import is_uri, local_path
-from toolkit.settings import RuntimeOptions, ServerOptions
+from toolkit.settings import Device, RuntimeOptions, ServerOptions
 
 __all__ = ["ScaleOptions", "app", "build_app", "parse_args", "require_ray_serve", "run_ray"]
 
@@ -122,6 +122,22 @@ class _Replica:
         await check_ready(self._app)
 
 
+def replica_runtime(runtime: RuntimeOptions, scale: ScaleOptions) -> RuntimeOptions:
+    """``runtime`` as a replica runs it: onnxruntime's threads default to the replica's CPUs, and its batch workers
+    (None) to `toolkit serve`'s choice on those threads and the replica's device (a GPU when it reserves one)."""
+    if runtime.intra_op_threads is None:
+        runtime = msgspec.structs.replace(runtime, intra_op_threads=max(1, int(scale.replica_cpus)))
+    if runtime.batch_workers is None:
+        from toolkit.runtime.session import default_batch_workers
+
+        device = runtime.device
+        if device == Device.AUTO:
+            device = Device.CUDA if scale.replica_gpus > 0 else Device.CPU
+        runtime = msgspec.structs.replace(runtime,
+                                          batch_workers=default_batch_workers(device, runtime.intra_op_threads))
+    return runtime
+
+
 def build_app(paths: list[str | Path], names: list[str], server: ServerOptions, runtime: RuntimeOptions,
               scale: ScaleOptions):
     """The Ray Serve application: ``serve.run(build_app(...))`` deploys it.
@@ -134,8 +150,7 @@ def build_app(paths: list[str | Path], names: list[str], server: ServerOptions, 
     from ray import serve
 
     scale.check()
-    if runtime.intra_op_threads is None:
-        runtime = msgspec.structs.replace(runtime, intra_op_threads=max(1, int(scale.replica_cpus)))
+    runtime = replica_runtime(runtime, scale)
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_cpus": scale.replica_cpus, "num_gpus": scale.replica_gpus},
@@ -194,7 +209,7 @@ _ARGS = {  # serve run's key=value arguments: (where it goes, how to read it)
     "max_concurrent_requests": ("server", int), "max_client_batch_size": ("server", int),
     "max_request_tokens": ("server", int), "payload_limit": ("server", int), "log_level": ("server", str),
     "json_output": ("server", "bool"), "shutdown_grace_s": ("server", int), "otlp_endpoint": ("server", str),
-    "max_batch_tokens": ("runtime", int), "intra_op_threads": ("runtime", int), "auto_truncate": ("runtime", "bool"),
+    "max_batch_tokens": ("runtime", int), "intra_op_threads": ("runtime", int), "batch_workers": ("runtime", int), "auto_truncate": ("runtime", "bool"),
     "replicas": ("scale", int), "min_replicas": ("scale", int), "max_replicas": ("scale", int),
     "target_ongoing_requests": ("scale", float), "replica_cpus": ("scale", float), "replica_gpus": ("scale", float),
     "upscale_delay_s": ("scale", float), "downscale_delay_s": ("scale", float),
@@ -223,10 +238,13 @@ def parse_args(args: dict[str, Any], *, check_files: bool = True) -> tuple:
     fields: dict[str, dict[str, Any]] = {"server": {}, "runtime": {}, "scale": {}}
     paths = [p.strip() for p in str(args["models"]).split(",") if p.strip()]
     names = [n.strip() for n in str(args.get("served_model_name", "")).split(",") if n.strip()]
+    fields["runtime"]["batch_workers"] = None  # unless given: chosen for the replica's device and threads
     for key, raw in args.items():
         where, kind = _ARGS[key]
         if where in fields:
             fields[where][key] = _read(key, kind, str(raw))
+    if fields["runtime"]["batch_workers"] is not None and fields["runtime"]["batch_workers"] < 1:
+        raise ConfigError(f"batch_workers={fields['runtime']['batch_workers']} is not 1 or more")
     missing = [p for p in paths if not is_uri(p) and not Path(p).is_file()]
     if check_files and missing:
         raise ConfigError(f"no such artifact file: {', '.join(missing)}")

@@ -123,3 +123,31 @@ def test_log_level_warning_prints_no_info(tiny_artifact):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and b"INFO" not in out, out.decode()[-1000:]
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--threads", "2"), "2 batch workers x 1 onnxruntime thread)"),  # the default on a CPU
+    (("--threads", "2", "--batch-workers", "1"), "1 batch worker x 2 onnxruntime threads)"),
+])
+def test_serve_splits_its_threads_among_batch_workers(tiny_artifact, tiny, args, said):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    url, _, proc = _serve(tiny_artifact, *args, "--log-level", "info")
+    texts = [f"text {i} " + "more " * (i % 5) for i in range(16)]
+    try:
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda t: client.post(url + "/v1/embeddings", json={"input": t}), texts))
+        assert all(a.status_code == 200 for a in answers)
+        got = np.array([a.json()["data"][0]["embedding"] for a in answers])
+        np.testing.assert_allclose(got, tiny.embed(texts), atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert said in out.decode(), out.decode()[-1000:]
+
+
+def test_batch_workers_below_one_is_refused(tiny_artifact):
+    done = _cli("serve", str(tiny_artifact), "--batch-workers", "0")
+    assert done.returncode == 2 and "--batch-workers" in done.stderr

@@ -89,6 +89,7 @@ def serve(
     image_url_timeout: Annotated[float, typer.Option("--media-url-timeout", "--image-url-timeout", help="Seconds one image or video fetch may take")] = 10.0,
     max_embed_len: Annotated[int | None, typer.Option(help="Chunked processing (opt-in): embed inputs of up to this many tokens by window-sized chunks, averaged by token count, instead of refusing them [default: off]")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads [default: the cores available]")] = None,
+    batch_workers: Annotated[int | None, typer.Option(min=1, help="Batches run at once, each on --threads / N onnxruntime threads. Two single-thread batches at once outrun one batch on two threads under concurrent load; a lone request runs on its share only (1: lowest latency for one client) [default: 2 on a CPU with 2 or more threads, else 1]")] = None,
     spin: Annotated[bool, typer.Option(help="Let onnxruntime's threads spin between operators (helps one client's latency, costs throughput when the HTTP side needs the cores)")] = False,
     log_level: Annotated[str, typer.Option(help="critical | error | warning | info | debug")] = "info",
     json_output: Annotated[bool, typer.Option("--json-output", envvar=_env("JSON_OUTPUT"), help="Log one JSON object per line (a line per request: request_id, route, status, latency_ms, tokens)")] = False,
@@ -125,6 +126,7 @@ def serve(
     models_per_replica: Annotated[int | None, typer.Option(help="--engine ray: Ray Serve's model multiplexing: each replica opens the models its requests name, at most this many (the least recently used closed first); requests go to replicas that hold their model [default: every model on every replica]")] = None,
 ) -> None:
     """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
+    from toolkit.runtime.session import default_batch_workers
     from toolkit.settings import RuntimeOptions, ServerOptions
 
     with one_line_errors():
@@ -203,6 +205,7 @@ def serve(
         if adapter and len(paths) != 1:
             raise ConfigError("--adapter names a LoRA adapter of one base model: serve one artifact with it")
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
+                                 batch_workers=batch_workers or (default_batch_workers(dev, threads) if engine == "local" else None),
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
                                  default_prompt_name=default_prompt_name, default_prompt=default_prompt,
                                  adapters=tuple(lora_module(text) for text in adapter or []), **matryoshka)
