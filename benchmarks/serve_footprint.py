@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -90,12 +91,14 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--model-dir", help="sentence-transformers model folder [default: the bundled MiniLM]")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--serve-args", default="", help="more `toolkit serve` options, one string: "
+                        "--serve-args='--batch-workers 1'")
     args = parser.parse_args()
     from toolkit.corpus import load_corpus
 
     texts = load_corpus(limit=64)
     toolkit = [str(Path(sys.executable).with_name("toolkit")), "serve", args.artifact, "--port", str(args.port),
-               "--log-level", "warning"]
+               "--log-level", "warning", *shlex.split(args.serve_args)]
     ready, serve_rss = _serve_and_measure(toolkit, f"http://127.0.0.1:{args.port}", "/ready", texts)
     model_dir = args.model_dir
     if model_dir is None:
