@@ -9,7 +9,10 @@ import socket
 import time
 from pathlib import Path
 
+import msgspec
+
 from toolkit.errors import ConfigError
+from toolkit.runtime.session import default_batch_workers
 from toolkit.server.app import create_logged_app, load_models
 from toolkit.server.metrics import Metrics
 from toolkit.server.telemetry import configure_logging
@@ -169,9 +172,14 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
                listener: socket.socket | None = None) -> int:
     """Load, then serve until SIGINT / SIGTERM (in-flight requests finish); returns the exit code.
 
-    ``listener``: a socket from ``bind_listener`` (bound here when not given).
+    ``listener``: a socket from ``bind_listener`` (bound here when not given); ``runtime.batch_workers`` None:
+    ``default_batch_workers`` for the device and threads (as a Ray replica chooses, ``server.ray.replica_runtime``).
     """
     import uvicorn
+
+    if runtime.batch_workers is None:
+        runtime = msgspec.structs.replace(
+            runtime, batch_workers=default_batch_workers(runtime.device, runtime.intra_op_threads))
 
     listener = listener or bind_listener(options.host, options.port)
     sockets = [listener]
@@ -187,7 +195,7 @@ def run_server(paths: list[Path], names: list[str], options: ServerOptions, runt
     app = create_logged_app(registry, options, metrics)
     scheme = "https" if options.ssl_certfile else "http"
     for name, served in registry.models.items():
-        workers, threads = runtime.batch_workers or 1, served.embedder.session.threads
+        workers, threads = runtime.batch_workers, served.embedder.session.threads
         log.info("serving %s (%s, %s, %d batch worker%s x %d onnxruntime thread%s) on %s", name,
                  served.embedder.path.name, served.embedder.device.value, workers, "s"[:workers > 1], threads,
                  "s"[:threads > 1], f"{scheme}://{options.host}:{options.port}")

@@ -126,8 +126,8 @@ def test_log_level_warning_prints_no_info(tiny_artifact):
 
 
 @pytest.mark.parametrize("args, said", [
-    (("--threads", "2"), "2 batch workers x 1 onnxruntime thread)"),  # the default on a CPU
-    (("--threads", "2", "--batch-workers", "1"), "1 batch worker x 2 onnxruntime threads)"),
+    (("--device", "cpu", "--threads", "2"), "2 batch workers x 1 onnxruntime thread)"),  # the default on a CPU
+    (("--device", "cpu", "--threads", "2", "--batch-workers", "1"), "1 batch worker x 2 onnxruntime threads)"),
 ])
 def test_serve_splits_its_threads_among_batch_workers(tiny_artifact, tiny, args, said):
     from concurrent.futures import ThreadPoolExecutor

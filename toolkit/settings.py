@@ -75,7 +75,8 @@ class RuntimeOptions(msgspec.Struct, frozen=True, kw_only=True):
     intra_op_threads: int | None = None  # None: the cores available
     # batches run at once (AsyncEmbedder's workers, Embedder.run's batches); each session then runs
     # intra_op_threads // batch_workers onnxruntime threads (at least 1). None: the server's default for the device
-    # (runtime.session.default_batch_workers: 2 on a CPU with 2+ threads), 1 where nothing resolves it
+    # (runtime.session.default_batch_workers: 2 on a CPU with 2+ threads, chosen by `toolkit serve` and by each Ray
+    # replica), 1 where nothing resolves it
     batch_workers: int | None = 1
     spin: bool = True  # onnxruntime's intra-op threads spin between ops (lower latency; burns CPU others could use)
     graph_optimization: str = "all"  # disable | basic | extended | all

@@ -126,7 +126,6 @@ def serve(
     models_per_replica: Annotated[int | None, typer.Option(help="--engine ray: Ray Serve's model multiplexing: each replica opens the models its requests name, at most this many (the least recently used closed first); requests go to replicas that hold their model [default: every model on every replica]")] = None,
 ) -> None:
     """Serve models over OpenAI /v1/embeddings, Cohere /v2/embed and /v2/rerank, vLLM's and TEI's routes, /metrics."""
-    from toolkit.runtime.session import default_batch_workers
     from toolkit.settings import RuntimeOptions, ServerOptions
 
     with one_line_errors():
@@ -205,7 +204,7 @@ def serve(
         if adapter and len(paths) != 1:
             raise ConfigError("--adapter names a LoRA adapter of one base model: serve one artifact with it")
         runtime = RuntimeOptions(device=dev, max_batch_tokens=max_batch_tokens, intra_op_threads=threads, spin=spin,
-                                 batch_workers=batch_workers or (default_batch_workers(dev, threads) if engine == "local" else None),
+                                 batch_workers=batch_workers,  # None: the server's default for the device
                                  max_embed_len=max_embed_len, auto_truncate=auto_truncate,
                                  default_prompt_name=default_prompt_name, default_prompt=default_prompt,
                                  adapters=tuple(lora_module(text) for text in adapter or []), **matryoshka)
